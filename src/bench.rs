@@ -1,0 +1,190 @@
+//! `scout bench ingest`: DCMTK `storescu` sends the same N instances on one association
+//! to (a) scout's SCP, in this process, fsync-ing every instance, and (b) DCMTK `storescp`,
+//! on the same machine in the same run. Rounds alternate so that neither side gets a
+//! warmer cache; the medians and their ratio are reported, ending with one JSON line.
+
+use crate::config::Config;
+use crate::pipeline;
+use crate::synth::{self, SynthSpec};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("{tool} failed: {detail}")]
+    Tool { tool: &'static str, detail: String },
+}
+
+fn setup(e: impl std::fmt::Display) -> BenchError {
+    BenchError::Setup(e.to_string())
+}
+
+pub struct IngestFigures {
+    pub instances: usize,
+    pub instance_bytes: u64,
+    pub scout_s: f64,
+    pub storescp_s: f64,
+}
+
+fn free_port() -> Result<u16, BenchError> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(setup)?;
+    Ok(l.local_addr().map_err(setup)?.port())
+}
+
+fn storescu(port: u16, called: &str, dir: &Path) -> Result<f64, BenchError> {
+    let t = Instant::now();
+    let out = Command::new("storescu")
+        .env("TCP_NODELAY", "1")
+        .args(["-aet", "BENCH", "-aec", called, "+sd", "-nh"])
+        .arg("127.0.0.1")
+        .arg(port.to_string())
+        .arg(dir)
+        .output()
+        .map_err(|e| BenchError::Tool {
+            tool: "storescu",
+            detail: format!("{e} (is DCMTK installed?)"),
+        })?;
+    let elapsed = t.elapsed().as_secs_f64();
+    if !out.status.success() {
+        return Err(BenchError::Tool {
+            tool: "storescu",
+            detail: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    Ok(elapsed)
+}
+
+fn wait_listening(port: u16, child: &mut Child) -> Result<(), BenchError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(BenchError::Tool {
+                tool: "storescp",
+                detail: format!("exited early: {status}"),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(BenchError::Tool {
+        tool: "storescp",
+        detail: "not listening after 10 s".into(),
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub fn ingest(count: usize, rounds: usize, work: &Path) -> Result<IngestFigures, BenchError> {
+    let rounds = rounds.max(1);
+    let src = work.join("series");
+    let spec = SynthSpec {
+        slices: count,
+        localizer: false,
+        series_description: "BENCH".into(),
+        slice_gap_mm: 0.5,
+        ..SynthSpec::default()
+    };
+    let written = synth::write_series(&src, &spec).map_err(BenchError::Setup)?;
+    let instance_bytes = written
+        .files
+        .first()
+        .and_then(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .unwrap_or(0);
+
+    let mut scout_times = Vec::new();
+    let mut dcmtk_times = Vec::new();
+    for round in 0..rounds {
+        // scout: a fresh spool each round, so every instance is a new file.
+        let data = work.join(format!("scout-{round}"));
+        let mut config = Config::embedded().map_err(setup)?;
+        config.data_dir = data.clone();
+        config.scp.bind = "127.0.0.1".into();
+        config.scp.port = free_port()?;
+        config.spool.min_free_bytes = 0;
+        let ingest = pipeline::start_ingest(&config).map_err(setup)?;
+        let port = ingest.scp.local_addr.port();
+        let series = ingest.series.clone();
+        let drain =
+            std::thread::spawn(move || series.iter().map(|s| s.instance_count()).sum::<usize>());
+        scout_times.push(storescu(port, "SCOUT", &src)?);
+        ingest.scp.stop();
+        let stored = walk_count(&config.spool_dir());
+        drop(ingest.series);
+        let _ = drain;
+        if stored != count {
+            return Err(BenchError::Setup(format!(
+                "scout spooled {stored} of {count} instances"
+            )));
+        }
+
+        // DCMTK storescp, same files, same client.
+        let out = work.join(format!("storescp-{round}"));
+        std::fs::create_dir_all(&out).map_err(setup)?;
+        let port = free_port()?;
+        let mut child = Command::new("storescp")
+            .env("TCP_NODELAY", "1")
+            .args(["-aet", "STORESCP", "-od"])
+            .arg(&out)
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| BenchError::Tool {
+                tool: "storescp",
+                detail: e.to_string(),
+            })?;
+        let timed =
+            wait_listening(port, &mut child).and_then(|()| storescu(port, "STORESCP", &src));
+        let _ = child.kill();
+        let _ = child.wait();
+        dcmtk_times.push(timed?);
+        let stored = walk_count(&out);
+        if stored != count {
+            return Err(BenchError::Setup(format!(
+                "storescp stored {stored} of {count} instances"
+            )));
+        }
+        let _ = std::fs::remove_dir_all(&data);
+        let _ = std::fs::remove_dir_all(&out);
+    }
+    Ok(IngestFigures {
+        instances: count,
+        instance_bytes,
+        scout_s: median(scout_times),
+        storescp_s: median(dcmtk_times),
+    })
+}
+
+fn walk_count(dir: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.filter_map(|e| e.ok())
+        .map(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                if p.file_name().is_some_and(|n| n == ".tmp") {
+                    0
+                } else {
+                    walk_count(&p)
+                }
+            } else {
+                usize::from(
+                    p.extension().is_some_and(|x| x == "dcm")
+                        || p.file_name()
+                            .is_some_and(|n| n.to_string_lossy().starts_with("MR")),
+                )
+            }
+        })
+        .sum()
+}

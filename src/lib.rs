@@ -1,0 +1,18 @@
+//! scout: an edge agent for MR scanners.
+//!
+//! Data flows one way: `scp` receives → `spool` keeps → `series` groups → (features →
+//! adapters → results → send, in later stages). Each module owns one concept; stages
+//! exchange plain data types over bounded `crossbeam` channels.
+
+pub mod bench;
+pub mod config;
+pub mod dimse;
+pub mod geometry;
+pub mod instance;
+pub mod pipeline;
+pub mod scp;
+pub mod scu;
+pub mod series;
+pub mod spool;
+pub mod synth;
+pub mod uid;

@@ -1,0 +1,276 @@
+//! Command line: argument parsing only; the work lives in the library.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use scout::config::Config;
+use scout::geometry::Plane;
+use scout::scu::{self, Outgoing, Peer};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "scout",
+    version,
+    about = "Edge agent for MR scanners: localizers in, landmarks out"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent (Storage SCP, spool, series assembly) until SIGTERM.
+    Serve {
+        /// Configuration file; without it the embedded config/scout.toml is used.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration file and print every problem found.
+    CheckConfig { file: PathBuf },
+    /// Print the embedded default configuration.
+    DefaultConfig,
+    /// C-ECHO a remote AE.
+    Echo {
+        host: String,
+        port: u16,
+        #[command(flatten)]
+        ae: AeArgs,
+    },
+    /// C-STORE DICOM files (or every file under given directories) to a remote AE.
+    Send {
+        host: String,
+        port: u16,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        ae: AeArgs,
+    },
+    /// Write a synthetic MR series (Part-10 files) for trials.
+    Synth {
+        out: PathBuf,
+        #[arg(long, default_value_t = 9)]
+        slices: usize,
+        /// Planes, one stack each: several make a multi-plane localizer.
+        #[arg(long, value_delimiter = ',', default_value = "sagittal")]
+        planes: Vec<PlaneArg>,
+        #[arg(long, default_value_t = 256)]
+        size: u16,
+    },
+    /// Benchmarks, reported as ratios against a reference run in the same process.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// DCMTK storescu → scout vs DCMTK storescu → DCMTK storescp.
+    Ingest {
+        #[arg(long, default_value_t = 500)]
+        count: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Working directory (default: a fresh directory under the system temp dir).
+        #[arg(long)]
+        work: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct AeArgs {
+    /// Our (calling) AE title.
+    #[arg(long, default_value = "SCOUT")]
+    aet: String,
+    /// The remote (called) AE title.
+    #[arg(long, default_value = "ANY-SCP")]
+    aec: String,
+    #[arg(long, default_value_t = 30)]
+    timeout_s: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PlaneArg {
+    Axial,
+    Coronal,
+    Sagittal,
+}
+
+impl From<PlaneArg> for Plane {
+    fn from(p: PlaneArg) -> Plane {
+        match p {
+            PlaneArg::Axial => Plane::Axial,
+            PlaneArg::Coronal => Plane::Coronal,
+            PlaneArg::Sagittal => Plane::Sagittal,
+        }
+    }
+}
+
+fn peer(host: String, port: u16, ae: AeArgs) -> Peer {
+    Peer {
+        host,
+        port,
+        called_ae_title: ae.aec,
+        calling_ae_title: ae.aet,
+        timeout: Duration::from_secs(ae.timeout_s),
+    }
+}
+
+fn collect_files(paths: &[PathBuf], out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for p in paths {
+        if p.is_dir() {
+            let mut children: Vec<PathBuf> = std::fs::read_dir(p)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .collect();
+            children.sort();
+            collect_files(&children, out)?;
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(())
+}
+
+fn load_config(path: Option<&Path>) -> Result<Config, String> {
+    match path {
+        Some(p) => Config::load(p),
+        None => Config::embedded(),
+    }
+    .map_err(|e| e.to_string())
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Cmd::Serve { config } => {
+            let config = load_config(config.as_deref())?;
+            scout::pipeline::serve(&config).map_err(|e| e.to_string())
+        }
+        Cmd::CheckConfig { file } => {
+            load_config(Some(&file))?;
+            println!("{}: ok", file.display());
+            Ok(())
+        }
+        Cmd::DefaultConfig => {
+            print!("{}", scout::config::DEFAULT_CONFIG_TOML);
+            Ok(())
+        }
+        Cmd::Echo { host, port, ae } => {
+            let p = peer(host, port, ae);
+            scu::echo(&p).map_err(|e| e.to_string())?;
+            println!("C-ECHO {p}: success");
+            Ok(())
+        }
+        Cmd::Send {
+            host,
+            port,
+            files,
+            ae,
+        } => {
+            let p = peer(host, port, ae);
+            let mut paths = Vec::new();
+            collect_files(&files, &mut paths).map_err(|e| e.to_string())?;
+            let mut items = Vec::new();
+            for path in &paths {
+                match Outgoing::from_file(path) {
+                    Ok(o) => items.push(o),
+                    Err(e) => eprintln!("skipping {e}"),
+                }
+            }
+            let results = scu::store(&p, &items).map_err(|e| e.to_string())?;
+            let failed = results.iter().filter(|r| r.status != Some(0)).count();
+            for r in results.iter().filter(|r| r.status != Some(0)) {
+                eprintln!(
+                    "{}: {} {}",
+                    r.sop_instance_uid,
+                    r.status
+                        .map(|s| format!("status {s:#06x}"))
+                        .unwrap_or_else(|| "not negotiated".into()),
+                    r.error_comment.as_deref().unwrap_or("")
+                );
+            }
+            println!("C-STORE {p}: {} sent, {failed} failed", results.len());
+            if failed > 0 {
+                Err(format!("{failed} instances were not stored"))
+            } else {
+                Ok(())
+            }
+        }
+        Cmd::Synth {
+            out,
+            slices,
+            planes,
+            size,
+        } => {
+            let spec = scout::synth::SynthSpec {
+                slices,
+                rows: size,
+                columns: size,
+                planes: planes.into_iter().map(Plane::from).collect(),
+                ..Default::default()
+            };
+            let s = scout::synth::write_series(&out, &spec)?;
+            println!(
+                "wrote {} files of series {} to {}",
+                s.files.len(),
+                s.series_instance_uid,
+                out.display()
+            );
+            Ok(())
+        }
+        Cmd::Bench {
+            what:
+                BenchCmd::Ingest {
+                    count,
+                    rounds,
+                    work,
+                },
+        } => {
+            let tmp;
+            let work = match work {
+                Some(w) => w,
+                None => {
+                    tmp = std::env::temp_dir().join(format!("scout-bench-{}", std::process::id()));
+                    tmp
+                }
+            };
+            let f = scout::bench::ingest(count, rounds, &work).map_err(|e| e.to_string());
+            let _ = std::fs::remove_dir_all(&work);
+            let f = f?;
+            let ratio = f.scout_s / f.storescp_s;
+            println!(
+                "ingest of {} instances x {} bytes, storescu on one association, median of {rounds} rounds:",
+                f.instances, f.instance_bytes
+            );
+            println!(
+                "  scout (fsync per instance) {:.3} s  ({:.1} instances/s)",
+                f.scout_s,
+                f.instances as f64 / f.scout_s
+            );
+            println!(
+                "  dcmtk storescp (no fsync)  {:.3} s  ({:.1} instances/s)",
+                f.storescp_s,
+                f.instances as f64 / f.storescp_s
+            );
+            println!("  ratio scout/storescp       {ratio:.3}");
+            println!(
+                "{{\"instances\": {}, \"instance_bytes\": {}, \"scout_s\": {:.4}, \"storescp_s\": {:.4}, \"ratio\": {:.4}}}",
+                f.instances, f.instance_bytes, f.scout_s, f.storescp_s, ratio
+            );
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            eprintln!("scout: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

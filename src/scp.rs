@@ -1,0 +1,629 @@
+//! The Storage SCP: associations, AE checks, presentation contexts, C-ECHO and C-STORE.
+//!
+//! Each association runs on its own thread, up to `max_associations`; past that a request
+//! gets a transient A-ASSOCIATE-RJ (local limit exceeded) so the sender retries. An
+//! instance is answered with success only after the spool has made it durable.
+
+use crate::config::ScpConfig;
+use crate::dimse::{self, status, Command};
+use crate::instance::InstanceMeta;
+use crate::spool::{Received, Spool, StoreOutcome};
+use crossbeam_channel::Sender;
+use dicom_core::Tag;
+use dicom_dictionary_std::tags;
+use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
+use dicom_object::mem::InMemDicomObject;
+use dicom_object::FileMetaTableBuilder;
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+use dicom_ul::association::server::{AccessControl, DefaultNegotiation, ServerAssociationOptions};
+use dicom_ul::association::Association;
+use dicom_ul::pdu::{
+    AbortRQServiceProviderReason, AbortRQSource, AssociationRJ, AssociationRJResult,
+    AssociationRJServiceProviderPresentationReason, AssociationRJServiceUserReason,
+    AssociationRJSource, PDataValue, PDataValueType, PresentationContextResultReason, UserIdentity,
+};
+use dicom_ul::{Pdu, ServerAssociation};
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Implementation Class UID of scout (a UUID-derived 2.25 root) and its version name.
+pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.196713926281735734190311298651428932357";
+pub const IMPLEMENTATION_VERSION_NAME: &str = concat!("SCOUT_", env!("CARGO_PKG_VERSION"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScpError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// Called AE must be ours; calling AE must be on the allow-list when one is configured.
+#[derive(Debug, Clone)]
+struct AeCheck {
+    allowed_calling: Vec<String>,
+}
+
+impl AccessControl for AeCheck {
+    fn check_access(
+        &self,
+        this_ae_title: &str,
+        calling_ae_title: &str,
+        called_ae_title: &str,
+        _user_identity: Option<&UserIdentity>,
+    ) -> Result<(), AssociationRJServiceUserReason> {
+        if called_ae_title.trim() != this_ae_title.trim() {
+            return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
+        }
+        let calling = calling_ae_title.trim();
+        if !self.allowed_calling.is_empty()
+            && !self.allowed_calling.iter().any(|a| a.trim() == calling)
+        {
+            return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
+        }
+        Ok(())
+    }
+}
+
+type Options = ServerAssociationOptions<'static, AeCheck, DefaultNegotiation>;
+
+/// A running SCP; dropping it does not stop it, call [`ScpHandle::stop`].
+pub struct ScpHandle {
+    pub local_addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ScpHandle {
+    /// Stops accepting; associations in flight finish on their own threads.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop.
+        let _ = TcpStream::connect_timeout(&self.local_addr, Duration::from_secs(1));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Binds the configured address and serves in a background thread.
+pub fn start(
+    config: &ScpConfig,
+    spool: Arc<Spool>,
+    received: Sender<Received>,
+) -> Result<ScpHandle, ScpError> {
+    let addr = format!("{}:{}", config.bind, config.port);
+    let listener = TcpListener::bind(&addr).map_err(|source| ScpError::Bind {
+        addr: addr.clone(),
+        source,
+    })?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|source| ScpError::Bind { addr, source })?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let ctx = Arc::new(Context {
+        options: build_options(config),
+        config: config.clone(),
+        spool,
+        received,
+        active: AtomicUsize::new(0),
+    });
+    let stop2 = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("scp-accept".into())
+        .spawn(move || accept_loop(listener, ctx, stop2))
+        .map_err(|source| ScpError::Bind {
+            addr: local_addr.to_string(),
+            source,
+        })?;
+    log::info!(
+        "scp: {} listening on {local_addr} (max {} associations, max PDU {})",
+        config.ae_title,
+        config.max_associations,
+        config.max_pdu_length
+    );
+    Ok(ScpHandle {
+        local_addr,
+        stop,
+        thread: Some(thread),
+    })
+}
+
+struct Context {
+    options: Options,
+    config: ScpConfig,
+    spool: Arc<Spool>,
+    received: Sender<Received>,
+    active: AtomicUsize,
+}
+
+fn build_options(config: &ScpConfig) -> Options {
+    let mut o = ServerAssociationOptions::new()
+        .ae_access_control(AeCheck {
+            allowed_calling: config.allowed_calling_ae_titles.clone(),
+        })
+        .ae_title(config.ae_title.clone())
+        .max_pdu_length(config.max_pdu_length)
+        .read_timeout(config.read_timeout())
+        .write_timeout(config.write_timeout())
+        .with_abstract_syntax(dimse::VERIFICATION_SOP_CLASS);
+    for uid in &config.sop_classes {
+        o = o.with_abstract_syntax(uid.clone());
+    }
+    for ts in &config.transfer_syntaxes {
+        o = o.with_transfer_syntax(ts.clone());
+    }
+    o
+}
+
+fn accept_loop(listener: TcpListener, ctx: Arc<Context>, stop: Arc<AtomicBool>) {
+    for conn in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                log::error!("scp: accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into());
+        let _ = stream.set_nodelay(true);
+        let busy = ctx.active.fetch_add(1, Ordering::SeqCst) >= ctx.config.max_associations;
+        let ctx2 = ctx.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("scp-{peer}"))
+            .spawn(move || {
+                if busy {
+                    reject_busy(stream, &peer, &ctx2.config);
+                } else {
+                    serve_association(stream, &peer, &ctx2);
+                }
+                ctx2.active.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            ctx.active.fetch_sub(1, Ordering::SeqCst);
+            log::error!("scp: cannot start a thread for {e}");
+        }
+    }
+}
+
+/// Reads the A-ASSOCIATE-RQ and answers a transient rejection, so a sender over our
+/// association limit knows to retry later.
+fn reject_busy(mut stream: TcpStream, peer: &str, config: &ScpConfig) {
+    use std::io::Read;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
+    // Consume the request PDU (6-byte header, then its length) before answering.
+    let mut header = [0u8; 6];
+    if stream.read_exact(&mut header).is_ok() {
+        let len = u32::from_be_bytes([header[2], header[3], header[4], header[5]]) as u64;
+        let _ = std::io::copy(
+            &mut (&mut stream).take(len.min(1 << 20)),
+            &mut std::io::sink(),
+        );
+    }
+    let rj = Pdu::AssociationRJ(AssociationRJ {
+        result: AssociationRJResult::Transient,
+        source: AssociationRJSource::ServiceProviderPresentation(
+            AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
+        ),
+    });
+    let mut out = Vec::new();
+    if dicom_ul::write_pdu(&mut out, &rj).is_ok() {
+        let _ = stream.write_all(&out);
+    }
+    log::warn!(
+        "scp: rejected association from {peer}: {} associations already active",
+        config.max_associations
+    );
+}
+
+/// What the association is in the middle of receiving.
+enum State {
+    Idle,
+    /// Command fragments so far (a command set may span PDVs).
+    Command(Vec<u8>),
+    /// A C-STORE command is parsed; data set fragments follow.
+    Data {
+        pc_id: u8,
+        cmd: Command,
+        buf: Vec<u8>,
+        overflow: bool,
+    },
+}
+
+#[derive(Default)]
+struct Counters {
+    stored: usize,
+    failed: usize,
+    echoes: usize,
+    bytes: u64,
+}
+
+fn serve_association(stream: TcpStream, peer: &str, ctx: &Context) {
+    let started = Instant::now();
+    let mut assoc = match ctx.options.establish(stream) {
+        Ok(a) => a,
+        Err(e) => {
+            log::warn!("scp: association from {peer} not established: {e}");
+            return;
+        }
+    };
+    let calling = assoc.peer_ae_title().trim().to_string();
+    let accepted = assoc
+        .presentation_contexts()
+        .iter()
+        .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
+        .count();
+    log::info!(
+        "scp: association from {calling}@{peer} to {}: {accepted}/{} presentation contexts accepted, peer max PDU {}",
+        assoc.called_ae_title().trim(),
+        assoc.presentation_contexts().len(),
+        assoc.requestor_max_pdu_length()
+    );
+    let mut counters = Counters::default();
+    let end = run_association(&mut assoc, &calling, ctx, &mut counters);
+    log::info!(
+        "scp: association from {calling}@{peer} ended ({end}) after {:.2}s: {} stored, {} failed, {} echoes, {} bytes",
+        started.elapsed().as_secs_f64(),
+        counters.stored,
+        counters.failed,
+        counters.echoes,
+        counters.bytes
+    );
+}
+
+fn run_association(
+    assoc: &mut ServerAssociation<TcpStream>,
+    calling: &str,
+    ctx: &Context,
+    counters: &mut Counters,
+) -> &'static str {
+    let mut state = State::Idle;
+    loop {
+        let pdu = match assoc.receive() {
+            Ok(p) => p,
+            Err(e) => {
+                log::warn!("scp: {calling}: receive failed: {e}");
+                return "connection error";
+            }
+        };
+        match pdu {
+            Pdu::PData { data } => {
+                for pdv in data {
+                    match on_pdv(assoc, calling, ctx, counters, state, pdv) {
+                        Ok(s) => state = s,
+                        Err(reason) => {
+                            log::warn!("scp: {calling}: protocol error, aborting: {reason}");
+                            abort(assoc);
+                            return "aborted by us";
+                        }
+                    }
+                }
+            }
+            Pdu::ReleaseRQ => {
+                if !matches!(state, State::Idle) {
+                    log::warn!("scp: {calling}: release requested in the middle of a message");
+                }
+                if let Err(e) = assoc.send(&Pdu::ReleaseRP) {
+                    log::warn!("scp: {calling}: cannot send A-RELEASE-RP: {e}");
+                }
+                return "released";
+            }
+            Pdu::AbortRQ { source } => {
+                log::warn!("scp: {calling}: peer aborted ({source:?})");
+                return "aborted by peer";
+            }
+            other => {
+                log::warn!("scp: {calling}: unexpected {}", other.short_description());
+                abort(assoc);
+                return "aborted by us";
+            }
+        }
+    }
+}
+
+fn abort(assoc: &mut ServerAssociation<TcpStream>) {
+    let _ = assoc.send(&Pdu::AbortRQ {
+        source: AbortRQSource::ServiceProvider(AbortRQServiceProviderReason::UnexpectedPdu),
+    });
+}
+
+fn send_command(
+    assoc: &mut ServerAssociation<TcpStream>,
+    pc_id: u8,
+    data: Vec<u8>,
+) -> Result<(), String> {
+    assoc
+        .send(&Pdu::PData {
+            data: vec![PDataValue {
+                presentation_context_id: pc_id,
+                value_type: PDataValueType::Command,
+                is_last: true,
+                data,
+            }],
+        })
+        .map_err(|e| format!("cannot send response: {e}"))
+}
+
+fn on_pdv(
+    assoc: &mut ServerAssociation<TcpStream>,
+    calling: &str,
+    ctx: &Context,
+    counters: &mut Counters,
+    state: State,
+    mut pdv: PDataValue,
+) -> Result<State, String> {
+    let pc_accepted = assoc.presentation_contexts().iter().any(|pc| {
+        pc.id == pdv.presentation_context_id
+            && pc.reason == PresentationContextResultReason::Acceptance
+    });
+    if !pc_accepted {
+        return Err(format!(
+            "data on presentation context {} which was not accepted",
+            pdv.presentation_context_id
+        ));
+    }
+    match (state, pdv.value_type) {
+        (State::Idle, PDataValueType::Command) if pdv.is_last => {
+            on_command(assoc, ctx, counters, pdv.presentation_context_id, &pdv.data)
+        }
+        // A command set split over several PDVs.
+        (State::Idle, PDataValueType::Command) => Ok(State::Command(pdv.data)),
+        (State::Command(mut buf), PDataValueType::Command) => {
+            buf.append(&mut pdv.data);
+            if pdv.is_last {
+                on_command(assoc, ctx, counters, pdv.presentation_context_id, &buf)
+            } else {
+                Ok(State::Command(buf))
+            }
+        }
+        (
+            State::Data {
+                pc_id,
+                cmd,
+                mut buf,
+                mut overflow,
+            },
+            PDataValueType::Data,
+        ) => {
+            if pc_id != pdv.presentation_context_id {
+                return Err(format!(
+                    "data set fragment on context {} while receiving on {pc_id}",
+                    pdv.presentation_context_id
+                ));
+            }
+            if !overflow && (buf.len() + pdv.data.len()) as u64 > ctx.config.max_instance_bytes {
+                overflow = true;
+                buf = Vec::new();
+            }
+            if !overflow {
+                if buf.is_empty() {
+                    buf = pdv.data;
+                } else {
+                    buf.append(&mut pdv.data);
+                }
+            }
+            if !pdv.is_last {
+                return Ok(State::Data {
+                    pc_id,
+                    cmd,
+                    buf,
+                    overflow,
+                });
+            }
+            let (st, comment) = if overflow {
+                (
+                    status::OUT_OF_RESOURCES,
+                    Some(format!(
+                        "instance larger than {} bytes",
+                        ctx.config.max_instance_bytes
+                    )),
+                )
+            } else {
+                counters.bytes += buf.len() as u64;
+                store(assoc, calling, ctx, pc_id, &cmd, &buf)
+            };
+            if st == status::SUCCESS {
+                counters.stored += 1;
+            } else {
+                counters.failed += 1;
+                log::warn!(
+                    "scp: {calling}: C-STORE of {} answered {st:#06x}: {}",
+                    cmd.affected_sop_instance_uid.as_deref().unwrap_or("?"),
+                    comment.as_deref().unwrap_or("")
+                );
+            }
+            let rsp = dimse::store_rsp(
+                cmd.message_id,
+                cmd.affected_sop_class_uid.as_deref().unwrap_or(""),
+                cmd.affected_sop_instance_uid.as_deref().unwrap_or(""),
+                st,
+                comment.as_deref(),
+            )
+            .map_err(|e| e.to_string())?;
+            send_command(assoc, pc_id, rsp)?;
+            Ok(State::Idle)
+        }
+        (State::Data { .. }, PDataValueType::Command) => {
+            Err("command fragment while a data set was expected".into())
+        }
+        (State::Idle | State::Command(_), PDataValueType::Data) => {
+            Err("data set fragment without a command".into())
+        }
+    }
+}
+
+fn on_command(
+    assoc: &mut ServerAssociation<TcpStream>,
+    ctx: &Context,
+    counters: &mut Counters,
+    pc_id: u8,
+    bytes: &[u8],
+) -> Result<State, String> {
+    let cmd = Command::parse(bytes).map_err(|e| e.to_string())?;
+    match cmd.field {
+        dimse::C_ECHO_RQ => {
+            counters.echoes += 1;
+            send_command(
+                assoc,
+                pc_id,
+                dimse::echo_rsp(cmd.message_id).map_err(|e| e.to_string())?,
+            )?;
+            Ok(State::Idle)
+        }
+        dimse::C_STORE_RQ if cmd.has_data_set => {
+            let capacity = ctx.config.max_instance_bytes.min(1 << 20) as usize;
+            Ok(State::Data {
+                pc_id,
+                cmd,
+                buf: Vec::with_capacity(capacity),
+                overflow: false,
+            })
+        }
+        field if !cmd.has_data_set => {
+            send_command(
+                assoc,
+                pc_id,
+                dimse::unrecognized_rsp(field, cmd.message_id).map_err(|e| e.to_string())?,
+            )?;
+            Ok(State::Idle)
+        }
+        field => Err(format!(
+            "unsupported DIMSE command {field:#06x} with a data set"
+        )),
+    }
+}
+
+/// Validates, spools and hands on one instance; returns the DIMSE status to answer.
+fn store(
+    assoc: &ServerAssociation<TcpStream>,
+    calling: &str,
+    ctx: &Context,
+    pc_id: u8,
+    cmd: &Command,
+    dataset: &[u8],
+) -> (u16, Option<String>) {
+    let Some(pc) = assoc
+        .presentation_contexts()
+        .iter()
+        .find(|pc| pc.id == pc_id)
+    else {
+        return (
+            status::CANNOT_UNDERSTAND,
+            Some("unknown presentation context".into()),
+        );
+    };
+    let (Some(affected_class), Some(affected_instance)) =
+        (&cmd.affected_sop_class_uid, &cmd.affected_sop_instance_uid)
+    else {
+        return (
+            status::CANNOT_UNDERSTAND,
+            Some("C-STORE-RQ without Affected SOP Class/Instance UID".into()),
+        );
+    };
+    if affected_class != pc.abstract_syntax.trim_end_matches('\0')
+        || !ctx.config.sop_classes.contains(affected_class)
+    {
+        return (
+            status::SOP_CLASS_NOT_SUPPORTED,
+            Some(format!(
+                "SOP class {affected_class} not accepted on this context"
+            )),
+        );
+    }
+    let Some(ts) = TransferSyntaxRegistry.get(&pc.transfer_syntax) else {
+        return (
+            status::CANNOT_UNDERSTAND,
+            Some(format!("transfer syntax {} unknown", pc.transfer_syntax)),
+        );
+    };
+    let obj = match InMemDicomObject::read_dataset_with_ts(dataset, ts) {
+        Ok(o) => o,
+        Err(e) => {
+            return (
+                status::CANNOT_UNDERSTAND,
+                Some(format!("data set cannot be parsed: {e}")),
+            )
+        }
+    };
+    let meta = match InstanceMeta::from_object(&obj) {
+        Ok(m) => m,
+        Err(e) => {
+            return (
+                status::DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+                Some(e.to_string()),
+            )
+        }
+    };
+    if &meta.sop_instance_uid != affected_instance || &meta.sop_class_uid != affected_class {
+        return (
+            status::DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+            Some("SOP Class/Instance UID in data set differ from the command".into()),
+        );
+    }
+    if is_image_storage(affected_class) && !has_pixel_data(&obj) {
+        return (
+            status::DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+            Some("image without Pixel Data (truncated?)".into()),
+        );
+    }
+    let file_meta = match FileMetaTableBuilder::new()
+        .media_storage_sop_class_uid(affected_class.as_str())
+        .media_storage_sop_instance_uid(affected_instance.as_str())
+        .transfer_syntax(ts.uid())
+        .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
+        .implementation_version_name(IMPLEMENTATION_VERSION_NAME)
+        .source_application_entity_title(calling)
+        .receiving_application_entity_title(ctx.config.ae_title.as_str())
+        .build()
+    {
+        Ok(m) => m,
+        Err(e) => return (status::CANNOT_UNDERSTAND, Some(format!("file meta: {e}"))),
+    };
+    match ctx.spool.store(&meta, &file_meta, dataset) {
+        Ok((outcome, path)) => {
+            log::debug!("scp: {calling}: {outcome:?} {}", path.display());
+            if outcome != StoreOutcome::DuplicateIgnored {
+                // Blocks when series assembly lags: back-pressure on the sender, never a drop.
+                if ctx.received.send(Received { path, meta }).is_err() {
+                    log::error!("scp: series assembly has stopped; instance stays in the spool for recovery");
+                }
+            }
+            (status::SUCCESS, None)
+        }
+        Err(e) => {
+            if e.is_out_of_resources() {
+                log::warn!("scp: {calling}: {e}");
+            } else {
+                log::error!("scp: {calling}: {e}");
+            }
+            (status::OUT_OF_RESOURCES, Some(e.to_string()))
+        }
+    }
+}
+
+/// Every storage class we accept carries pixel data except the structured reports.
+fn is_image_storage(sop_class: &str) -> bool {
+    !sop_class.starts_with("1.2.840.10008.5.1.4.1.1.88.")
+}
+
+fn has_pixel_data(obj: &InMemDicomObject) -> bool {
+    const PIXEL_TAGS: [Tag; 3] = [
+        tags::PIXEL_DATA,
+        tags::FLOAT_PIXEL_DATA,
+        tags::DOUBLE_FLOAT_PIXEL_DATA,
+    ];
+    PIXEL_TAGS.iter().any(|t| obj.get(*t).is_some())
+}

@@ -1,0 +1,220 @@
+//! Helpers shared by the integration tests: DCMTK and shared-data availability (skipping
+//! loudly, or failing in CI where they must be present), a scout daemon in a child
+//! process, and a comparison of DICOM files.
+#![allow(dead_code)]
+
+use dicom_core::header::Header;
+use dicom_object::{open_file, InMemDicomObject};
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// True when the DCMTK tools are on PATH. Otherwise prints why the test is skipped, or
+/// panics when SCOUT_REQUIRE_DCMTK is set (CI sets it: there a skip would hide a gap).
+pub fn dcmtk(test: &str) -> bool {
+    let ok = Command::new("storescu")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !ok {
+        if std::env::var_os("SCOUT_REQUIRE_DCMTK").is_some() {
+            panic!("{test}: DCMTK (storescu) is required but not installed");
+        }
+        eprintln!("\n*** SKIPPED {test}: DCMTK is not installed (apt-get install dcmtk) ***\n");
+    }
+    ok
+}
+
+/// `../shared/data` beside the repository, when present (see the README's test section).
+pub fn shared_data(test: &str) -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
+    if dir.is_dir() {
+        return Some(dir);
+    }
+    if std::env::var_os("SCOUT_REQUIRE_SHARED").is_some() {
+        panic!("{test}: ../shared/data is required but absent");
+    }
+    eprintln!("\n*** SKIPPED {test}: ../shared/data is absent ***\n");
+    None
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Configuration text: the embedded default with test values substituted.
+pub fn config_text(port: u16, data_dir: &Path, edits: &[(&str, &str)]) -> String {
+    let mut t = scout::config::DEFAULT_CONFIG_TOML
+        .replace(
+            "data_dir = \"scout-data\"",
+            &format!("data_dir = {:?}", data_dir.display().to_string()),
+        )
+        .replace("port = 11112", &format!("port = {port}"))
+        .replace("bind = \"0.0.0.0\"", "bind = \"127.0.0.1\"")
+        .replace("idle_ms = 2000", "idle_ms = 500")
+        .replace("min_free_bytes = 536870912", "min_free_bytes = 0");
+    for (from, to) in edits {
+        assert!(t.contains(from), "config has no {from:?}");
+        t = t.replace(from, to);
+    }
+    t
+}
+
+/// `scout serve` in a child process; killed when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub port: u16,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    pub fn start(config_path: &Path, port: u16) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_scout"))
+            .args(["serve", "--config"])
+            .arg(config_path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start scout");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("scout exited early ({st}): {:?}", log.lock().unwrap());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "scout not listening: {:?}",
+                log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        Daemon { child, port, log }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits for a log line containing every fragment; returns it.
+    pub fn wait_log(&self, fragments: &[&str], timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self
+                .log_lines()
+                .into_iter()
+                .find(|l| fragments.iter().all(|f| l.contains(f)))
+            {
+                return Some(l);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs a DCMTK tool; returns (success, stdout+stderr).
+pub fn dcmtk_run(tool: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(tool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{tool}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Every `.dcm` file under `dir` (spool layout), excluding partial writes.
+pub fn spooled_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    fn walk(d: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(rd) = std::fs::read_dir(d) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "dcm") {
+                out.push(p);
+            }
+        }
+    }
+    walk(dir, &mut out);
+    out.sort();
+    out
+}
+
+pub fn tmp_is_empty(spool: &Path) -> bool {
+    std::fs::read_dir(spool.join(".tmp"))
+        .map(|mut r| r.next().is_none())
+        .unwrap_or(true)
+}
+
+/// Data sets equal element by element (tag, VR and encoded value), file meta ignored.
+pub fn same_dataset(a: &Path, b: &Path) -> Result<(), String> {
+    let oa = open_file(a).map_err(|e| format!("{}: {e}", a.display()))?;
+    let ob = open_file(b).map_err(|e| format!("{}: {e}", b.display()))?;
+    compare(&oa, &ob)
+}
+
+fn compare(a: &InMemDicomObject, b: &InMemDicomObject) -> Result<(), String> {
+    let ta: Vec<_> = a.iter().map(|e| e.tag()).collect();
+    let tb: Vec<_> = b.iter().map(|e| e.tag()).collect();
+    if ta != tb {
+        return Err(format!("different tags: {ta:?} vs {tb:?}"));
+    }
+    for (ea, eb) in a.iter().zip(b.iter()) {
+        if ea.vr() != eb.vr() {
+            return Err(format!("{}: VR {:?} vs {:?}", ea.tag(), ea.vr(), eb.vr()));
+        }
+        match (ea.items(), eb.items()) {
+            (Some(ia), Some(ib)) => {
+                if ia.len() != ib.len() {
+                    return Err(format!("{}: {} vs {} items", ea.tag(), ia.len(), ib.len()));
+                }
+                for (x, y) in ia.iter().zip(ib.iter()) {
+                    compare(x, y)?;
+                }
+            }
+            _ => {
+                // Primitive values and encapsulated pixel fragments alike.
+                if ea.value() != eb.value() {
+                    return Err(format!("{}: values differ", ea.tag()));
+                }
+            }
+        }
+    }
+    Ok(())
+}
