@@ -26,7 +26,10 @@ fn setup(e: impl std::fmt::Display) -> BenchError {
 pub struct IngestFigures {
     pub instances: usize,
     pub instance_bytes: u64,
+    /// scout with its write-ahead journal (the default).
     pub scout_s: f64,
+    /// scout with the journal off: temp file, fsync, rename, directory fsync each.
+    pub scout_direct_s: f64,
     pub storescp_s: f64,
 }
 
@@ -102,29 +105,42 @@ pub fn ingest(count: usize, rounds: usize, work: &Path) -> Result<IngestFigures,
         .unwrap_or(0);
 
     let mut scout_times = Vec::new();
+    let mut direct_times = Vec::new();
     let mut dcmtk_times = Vec::new();
     for round in 0..rounds {
-        // scout: a fresh spool each round, so every instance is a new file.
-        let data = work.join(format!("scout-{round}"));
-        let mut config = Config::embedded().map_err(setup)?;
-        config.data_dir = data.clone();
-        config.scp.bind = "127.0.0.1".into();
-        config.scp.port = free_port()?;
-        config.spool.min_free_bytes = 0;
-        let ingest = pipeline::start_ingest(&config).map_err(setup)?;
-        let port = ingest.scp.local_addr.port();
-        let series = ingest.series.clone();
-        let drain =
-            std::thread::spawn(move || series.iter().map(|s| s.instance_count()).sum::<usize>());
-        scout_times.push(storescu(port, "SCOUT", &src)?);
-        ingest.scp.stop();
-        let stored = walk_count(&config.spool_dir());
-        drop(ingest.series);
-        let _ = drain;
-        if stored != count {
-            return Err(BenchError::Setup(format!(
-                "scout spooled {stored} of {count} instances"
-            )));
+        for journal in [true, false] {
+            // A fresh spool each time, so every instance is a new file.
+            let data = work.join(format!("scout-{round}-{journal}"));
+            let mut config = Config::embedded().map_err(setup)?;
+            config.data_dir = data.clone();
+            config.scp.bind = "127.0.0.1".into();
+            config.scp.port = 0;
+            config.spool.min_free_bytes = 0;
+            if !journal {
+                config.spool.journal_segment_mib = 0;
+            }
+            let ingest = pipeline::start_ingest(&config).map_err(setup)?;
+            let port = ingest.scp.local_addr.port();
+            let series = ingest.series.clone();
+            // Drain completed series so assembly never waits on us.
+            std::thread::spawn(move || series.iter().count());
+            let t = storescu(port, "SCOUT", &src)?;
+            if journal {
+                scout_times.push(t)
+            } else {
+                direct_times.push(t)
+            }
+            ingest.scp.stop();
+            // Let the last files be written before counting them.
+            std::thread::sleep(Duration::from_millis(300));
+            drop(ingest.spool);
+            let stored = walk_count(&config.spool_dir());
+            if stored != count {
+                return Err(BenchError::Setup(format!(
+                    "scout spooled {stored} of {count} instances"
+                )));
+            }
+            let _ = std::fs::remove_dir_all(&data);
         }
 
         // DCMTK storescp, same files, same client.
@@ -154,13 +170,13 @@ pub fn ingest(count: usize, rounds: usize, work: &Path) -> Result<IngestFigures,
                 "storescp stored {stored} of {count} instances"
             )));
         }
-        let _ = std::fs::remove_dir_all(&data);
         let _ = std::fs::remove_dir_all(&out);
     }
     Ok(IngestFigures {
         instances: count,
         instance_bytes,
         scout_s: median(scout_times),
+        scout_direct_s: median(direct_times),
         storescp_s: median(dcmtk_times),
     })
 }

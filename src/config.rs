@@ -69,6 +69,8 @@ pub struct SpoolConfig {
     pub min_free_bytes: u64,
     pub on_duplicate: OnDuplicate,
     pub retention_hours: u64,
+    /// Size of one write-ahead journal segment in MiB; 0 turns the journal off.
+    pub journal_segment_mib: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

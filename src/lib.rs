@@ -9,6 +9,7 @@ pub mod config;
 pub mod dimse;
 pub mod geometry;
 pub mod instance;
+pub mod journal;
 pub mod pipeline;
 pub mod scp;
 pub mod scu;

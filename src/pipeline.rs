@@ -32,6 +32,9 @@ pub enum PipelineError {
 const RECEIVED_QUEUE: usize = 256;
 const SERIES_QUEUE: usize = 16;
 const SWEEP_EVERY: Duration = Duration::from_secs(600);
+/// How often files written after their journal record are synced and journal space
+/// recycled: bounds the work a crash leaves for the next start.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 
 /// The receiving half of the agent: SCP → spool → series.
 pub struct Ingest {
@@ -73,6 +76,21 @@ pub fn start_ingest(config: &Config) -> Result<Ingest, PipelineError> {
                 if feeder.send(r).is_err() {
                     break;
                 }
+            }
+        })
+        .map_err(PipelineError::Thread)?;
+
+    // Holds only a weak reference: the thread ends once the spool is dropped.
+    let checkpointed = Arc::downgrade(&spool);
+    std::thread::Builder::new()
+        .name("checkpoint".into())
+        .spawn(move || loop {
+            std::thread::sleep(CHECKPOINT_EVERY);
+            let Some(spool) = checkpointed.upgrade() else {
+                return;
+            };
+            if let Err(e) = spool.checkpoint() {
+                log::error!("spool: checkpoint failed: {e}");
             }
         })
         .map_err(PipelineError::Thread)?;
@@ -122,5 +140,8 @@ pub fn serve(config: &Config) -> Result<(), PipelineError> {
     }
     log::info!("scout: stopping on signal");
     ingest.scp.stop();
+    if let Err(e) = ingest.spool.checkpoint() {
+        log::error!("spool: final checkpoint failed: {e}");
+    }
     Ok(())
 }

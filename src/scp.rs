@@ -7,7 +7,7 @@
 use crate::config::ScpConfig;
 use crate::dimse::{self, status, Command};
 use crate::instance::InstanceMeta;
-use crate::spool::{Received, Spool, StoreOutcome};
+use crate::spool::{Received, Spool, StoreOutcome, Stored};
 use crossbeam_channel::Sender;
 use dicom_core::Tag;
 use dicom_dictionary_std::tags;
@@ -105,11 +105,24 @@ pub fn start(
         .local_addr()
         .map_err(|source| ScpError::Bind { addr, source })?;
     let stop = Arc::new(AtomicBool::new(false));
+    let (finishing, to_finish) = crossbeam_channel::bounded::<Finishing>(FINISH_QUEUE);
+    let finisher_spool = spool.clone();
+    std::thread::Builder::new()
+        .name("spool-finish".into())
+        .spawn(move || {
+            for f in to_finish {
+                finish(&finisher_spool, &received, f);
+            }
+        })
+        .map_err(|source| ScpError::Bind {
+            addr: local_addr.to_string(),
+            source,
+        })?;
     let ctx = Arc::new(Context {
         options: build_options(config),
         config: config.clone(),
         spool,
-        received,
+        finishing,
         active: AtomicUsize::new(0),
     });
     let stop2 = stop.clone();
@@ -137,9 +150,21 @@ struct Context {
     options: Options,
     config: ScpConfig,
     spool: Arc<Spool>,
-    received: Sender<Received>,
+    /// Acknowledged instances whose files are written by the finisher thread, so the
+    /// association can read the next request meanwhile.
+    finishing: Sender<Finishing>,
     active: AtomicUsize,
 }
+
+struct Finishing {
+    calling: String,
+    stored: Stored,
+    meta: InstanceMeta,
+    dataset: Vec<u8>,
+}
+
+/// Instances acknowledged but not yet finished; a full queue makes associations wait.
+const FINISH_QUEUE: usize = 16;
 
 fn build_options(config: &ScpConfig) -> Options {
     let mut o = ServerAssociationOptions::new()
@@ -423,17 +448,21 @@ fn on_pdv(
                     overflow,
                 });
             }
-            let (st, comment) = if overflow {
-                (
+            let result = if overflow {
+                Err((
                     status::OUT_OF_RESOURCES,
                     Some(format!(
                         "instance larger than {} bytes",
                         ctx.config.max_instance_bytes
                     )),
-                )
+                ))
             } else {
                 counters.bytes += buf.len() as u64;
                 store(assoc, calling, ctx, pc_id, &cmd, &buf)
+            };
+            let (st, comment, durable) = match result {
+                Ok(d) => (status::SUCCESS, None, Some(d)),
+                Err((st, comment)) => (st, comment, None),
             };
             if st == status::SUCCESS {
                 counters.stored += 1;
@@ -452,8 +481,23 @@ fn on_pdv(
                 st,
                 comment.as_deref(),
             )
-            .map_err(|e| e.to_string())?;
-            send_command(assoc, pc_id, rsp)?;
+            .map_err(|e| e.to_string());
+            let sent = rsp.and_then(|rsp| send_command(assoc, pc_id, rsp));
+            // Finished whether or not the answer got through: it is durable either way.
+            if let Some((stored, meta)) = durable {
+                let f = Finishing {
+                    calling: calling.to_string(),
+                    stored,
+                    meta,
+                    dataset: buf,
+                };
+                if ctx.finishing.send(f).is_err() {
+                    log::error!(
+                        "scp: finisher has stopped; instance stays in the journal for recovery"
+                    );
+                }
+            }
+            sent?;
             Ok(State::Idle)
         }
         (State::Data { .. }, PDataValueType::Command) => {
@@ -506,7 +550,11 @@ fn on_command(
     }
 }
 
-/// Validates, spools and hands on one instance; returns the DIMSE status to answer.
+/// A refusal: the DIMSE status to answer and why.
+type Refusal = (u16, Option<String>);
+
+/// Validates one instance and makes it durable; the caller acknowledges it, then
+/// finishes it with [`Spool::finish`] and hands it on.
 fn store(
     assoc: &ServerAssociation<TcpStream>,
     calling: &str,
@@ -514,70 +562,70 @@ fn store(
     pc_id: u8,
     cmd: &Command,
     dataset: &[u8],
-) -> (u16, Option<String>) {
+) -> Result<(Stored, InstanceMeta), Refusal> {
     let Some(pc) = assoc
         .presentation_contexts()
         .iter()
         .find(|pc| pc.id == pc_id)
     else {
-        return (
+        return Err((
             status::CANNOT_UNDERSTAND,
             Some("unknown presentation context".into()),
-        );
+        ));
     };
     let (Some(affected_class), Some(affected_instance)) =
         (&cmd.affected_sop_class_uid, &cmd.affected_sop_instance_uid)
     else {
-        return (
+        return Err((
             status::CANNOT_UNDERSTAND,
             Some("C-STORE-RQ without Affected SOP Class/Instance UID".into()),
-        );
+        ));
     };
     if affected_class != pc.abstract_syntax.trim_end_matches('\0')
         || !ctx.config.sop_classes.contains(affected_class)
     {
-        return (
+        return Err((
             status::SOP_CLASS_NOT_SUPPORTED,
             Some(format!(
                 "SOP class {affected_class} not accepted on this context"
             )),
-        );
+        ));
     }
     let Some(ts) = TransferSyntaxRegistry.get(&pc.transfer_syntax) else {
-        return (
+        return Err((
             status::CANNOT_UNDERSTAND,
             Some(format!("transfer syntax {} unknown", pc.transfer_syntax)),
-        );
+        ));
     };
     let obj = match InMemDicomObject::read_dataset_with_ts(dataset, ts) {
         Ok(o) => o,
         Err(e) => {
-            return (
+            return Err((
                 status::CANNOT_UNDERSTAND,
                 Some(format!("data set cannot be parsed: {e}")),
-            )
+            ))
         }
     };
     let meta = match InstanceMeta::from_object(&obj) {
         Ok(m) => m,
         Err(e) => {
-            return (
+            return Err((
                 status::DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
                 Some(e.to_string()),
-            )
+            ))
         }
     };
     if &meta.sop_instance_uid != affected_instance || &meta.sop_class_uid != affected_class {
-        return (
+        return Err((
             status::DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
             Some("SOP Class/Instance UID in data set differ from the command".into()),
-        );
+        ));
     }
     if is_image_storage(affected_class) && !has_pixel_data(&obj) {
-        return (
+        return Err((
             status::DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
             Some("image without Pixel Data (truncated?)".into()),
-        );
+        ));
     }
     let file_meta = match FileMetaTableBuilder::new()
         .media_storage_sop_class_uid(affected_class.as_str())
@@ -590,27 +638,39 @@ fn store(
         .build()
     {
         Ok(m) => m,
-        Err(e) => return (status::CANNOT_UNDERSTAND, Some(format!("file meta: {e}"))),
+        Err(e) => return Err((status::CANNOT_UNDERSTAND, Some(format!("file meta: {e}")))),
     };
     match ctx.spool.store(&meta, &file_meta, dataset) {
-        Ok((outcome, path)) => {
-            log::debug!("scp: {calling}: {outcome:?} {}", path.display());
-            if outcome != StoreOutcome::DuplicateIgnored {
-                // Blocks when series assembly lags: back-pressure on the sender, never a drop.
-                if ctx.received.send(Received { path, meta }).is_err() {
-                    log::error!("scp: series assembly has stopped; instance stays in the spool for recovery");
-                }
-            }
-            (status::SUCCESS, None)
-        }
+        Ok(stored) => Ok((stored, meta)),
         Err(e) => {
             if e.is_out_of_resources() {
                 log::warn!("scp: {calling}: {e}");
             } else {
                 log::error!("scp: {calling}: {e}");
             }
-            (status::OUT_OF_RESOURCES, Some(e.to_string()))
+            Err((status::OUT_OF_RESOURCES, Some(e.to_string())))
         }
+    }
+}
+
+/// After the acknowledgement: writes a journalled instance's file and hands it on.
+fn finish(spool: &Spool, received: &Sender<Received>, f: Finishing) {
+    let outcome = f.stored.outcome;
+    match spool.finish(f.stored, &f.dataset) {
+        Ok(path) => {
+            log::debug!("scp: {}: {outcome:?} {}", f.calling, path.display());
+            if outcome != StoreOutcome::DuplicateIgnored {
+                // Blocks when series assembly lags: back-pressure on the sender, never a drop.
+                if received.send(Received { path, meta: f.meta }).is_err() {
+                    log::error!("scp: series assembly has stopped; instance stays in the spool for recovery");
+                }
+            }
+        }
+        // Durable in the journal already: the next start writes it and hands it on.
+        Err(e) => log::error!(
+            "scp: {}: acknowledged instance left in the journal: {e}",
+            f.calling
+        ),
     }
 }
 

@@ -1,15 +1,22 @@
 //! The spool: every acknowledged instance as a DICOM Part-10 file, made durable (temp
 //! file, fsync, atomic rename, directory fsync) before the SCP answers success.
 //!
+//! With the journal on (the default), "durable" means one record in the write-ahead
+//! journal (`journal` module); the instance's own file is written right after the
+//! acknowledgement, made durable by the next checkpoint, and rewritten from the journal
+//! after a crash. Instances larger than a journal segment take the direct path.
+//!
 //! Layout: `<root>/<study uid>/<series uid>/<sop instance uid>.dcm`; partial writes live in
-//! `<root>/.tmp/` and are removed at start. A series that downstream stages have finished
+//! `<root>/.tmp/` and are removed at start; the journal lives in `<root>/.journal/`. A series that downstream stages have finished
 //! with carries a `.done` marker; storing into it removes the marker first, so a crash
 //! can never leave a new instance inside a series that looks finished.
 
 use crate::config::{OnDuplicate, SpoolConfig};
 use crate::instance::InstanceMeta;
+use crate::journal::{Journal, Ticket};
 use dicom_dictionary_std::tags;
 use dicom_object::{FileMetaTable, OpenFileOptions};
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -18,6 +25,7 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 const TMP_DIR: &str = ".tmp";
+const JOURNAL_DIR: &str = ".journal";
 const DONE_MARKER: &str = ".done";
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +82,15 @@ pub enum StoreOutcome {
     DuplicateIgnored,
 }
 
+/// An instance that is durable; hand it to [`Spool::finish`] after acknowledging it.
+#[must_use]
+pub struct Stored {
+    pub outcome: StoreOutcome,
+    pub path: PathBuf,
+    /// Journalled, its own file still to write: the ticket and the file meta bytes.
+    pending: Option<(Ticket, Vec<u8>)>,
+}
+
 /// An instance safe on disk, as handed to series assembly.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Received {
@@ -88,6 +105,10 @@ pub struct Spool {
     /// Serialises quota reservations so concurrent associations cannot overshoot.
     quota: Mutex<()>,
     tmp_counter: AtomicU64,
+    journal: Option<Journal>,
+    /// Instances acknowledged whose files are not written yet: (how many, latest size).
+    /// Duplicate detection must see them, or a quick re-send would look new.
+    inflight: Mutex<HashMap<PathBuf, (usize, u64)>>,
 }
 
 impl Spool {
@@ -105,19 +126,51 @@ impl Spool {
             );
             fs::remove_file(&p).map_err(io(&p))?;
         }
+        let mut spool = Spool {
+            root: root.to_path_buf(),
+            config,
+            used: AtomicU64::new(0),
+            quota: Mutex::new(()),
+            tmp_counter: AtomicU64::new(0),
+            journal: None,
+            inflight: Mutex::new(HashMap::new()),
+        };
+        if spool.config.journal_segment_mib > 0 {
+            let dir = root.join(JOURNAL_DIR);
+            let (journal, records) =
+                Journal::open(&dir, spool.config.journal_segment_mib << 20).map_err(io(&dir))?;
+            if !records.is_empty() {
+                log::warn!(
+                    "spool: rewriting {} journalled instances a previous run may not have finished",
+                    records.len()
+                );
+            }
+            for r in records {
+                let target = root.join(&r.path);
+                if r.path
+                    .split('/')
+                    .any(|c| c.is_empty() || c == "." || c == "..")
+                {
+                    log::error!(
+                        "spool: journal record with unsafe path {:?} skipped",
+                        r.path
+                    );
+                    continue;
+                }
+                spool.write_file(&target, &[&r.data], true)?;
+            }
+            journal.reset_all().map_err(io(&dir))?;
+            journal.preallocate(2).map_err(io(&dir))?;
+            spool.journal = Some(journal);
+        }
         let mut used = 0;
         for (_, _, files) in series_dirs(root)? {
             for f in files {
                 used += fs::metadata(&f).map(|m| m.len()).unwrap_or(0);
             }
         }
-        Ok(Spool {
-            root: root.to_path_buf(),
-            config,
-            used: AtomicU64::new(used),
-            quota: Mutex::new(()),
-            tmp_counter: AtomicU64::new(0),
-        })
+        spool.used = AtomicU64::new(used);
+        Ok(spool)
     }
 
     pub fn root(&self) -> &Path {
@@ -137,20 +190,15 @@ impl Spool {
             .join(format!("{}.dcm", meta.sop_instance_uid))
     }
 
-    /// Writes `file_meta` + the data set exactly as received, and returns only once the
-    /// file is durable under its final name.
+    /// Makes `file_meta` + the data set, exactly as received, durable. Acknowledge the
+    /// instance after this returns, then call [`Spool::finish`].
     pub fn store(
         &self,
         meta: &InstanceMeta,
         file_meta: &FileMetaTable,
         dataset: &[u8],
-    ) -> Result<(StoreOutcome, PathBuf), SpoolError> {
+    ) -> Result<Stored, SpoolError> {
         let target = self.instance_path(meta);
-        let existing = fs::metadata(&target).ok().map(|m| m.len());
-        if existing.is_some() && self.config.on_duplicate == OnDuplicate::Ignore {
-            return Ok((StoreOutcome::DuplicateIgnored, target));
-        }
-
         let mut header = Vec::with_capacity(512);
         header.extend_from_slice(&[0u8; 128]);
         header.extend_from_slice(b"DICM");
@@ -158,27 +206,122 @@ impl Spool {
             .write(&mut header)
             .map_err(|e| SpoolError::Meta(e.to_string()))?;
         let size = (header.len() + dataset.len()) as u64;
-        self.reserve(size)?;
 
-        let result = self.write_durable(&target, meta, &header, dataset);
+        // Check and register under one lock, so two copies at once cannot both look new.
+        let existing = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            let existing = inflight
+                .get(&target)
+                .map(|e| e.1)
+                .or_else(|| fs::metadata(&target).ok().map(|m| m.len()));
+            if existing.is_some() && self.config.on_duplicate == OnDuplicate::Ignore {
+                return Ok(Stored {
+                    outcome: StoreOutcome::DuplicateIgnored,
+                    path: target,
+                    pending: None,
+                });
+            }
+            let e = inflight.entry(target.clone()).or_insert((0, 0));
+            *e = (e.0 + 1, size);
+            existing
+        };
+        if let Err(e) = self.reserve(size) {
+            self.settle(&target);
+            return Err(e);
+        }
+        let result = self.make_durable(&target, meta, &header, dataset);
         match (&result, existing) {
-            (Ok(()), Some(old)) => {
+            (Ok(_), Some(old)) => {
                 self.used
                     .fetch_sub(old.min(self.used_bytes()), Ordering::Relaxed);
             }
-            (Ok(()), None) => {}
+            (Ok(_), None) => {}
             (Err(_), _) => {
                 self.used.fetch_sub(size, Ordering::Relaxed);
             }
         }
-        result.map(|()| {
-            let outcome = if existing.is_some() {
-                StoreOutcome::Replaced
-            } else {
-                StoreOutcome::Stored
-            };
-            (outcome, target)
+        let ticket = match result {
+            Ok(t) => t,
+            Err(e) => {
+                self.settle(&target);
+                return Err(e);
+            }
+        };
+        if ticket.is_none() {
+            self.settle(&target); // written directly, nothing in flight
+        }
+        let outcome = if existing.is_some() {
+            StoreOutcome::Replaced
+        } else {
+            StoreOutcome::Stored
+        };
+        Ok(Stored {
+            outcome,
+            path: target,
+            pending: ticket.map(|t| (t, header)),
         })
+    }
+
+    /// One in-flight copy of `target` is written (or was refused).
+    fn settle(&self, target: &Path) {
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = inflight.get_mut(target) {
+            e.0 -= 1;
+            if e.0 == 0 {
+                inflight.remove(target);
+            }
+        }
+    }
+
+    fn make_durable(
+        &self,
+        target: &Path,
+        meta: &InstanceMeta,
+        header: &[u8],
+        dataset: &[u8],
+    ) -> Result<Option<Ticket>, SpoolError> {
+        let series_dir = target.parent().unwrap_or(&self.root);
+        create_dir_durable(series_dir)?;
+        // The series is unfinished again before anything of it is acknowledged.
+        let marker = series_dir.join(DONE_MARKER);
+        if marker.exists() {
+            fs::remove_file(&marker).map_err(io(&marker))?;
+            sync_dir(series_dir)?;
+        }
+        if let Some(journal) = &self.journal {
+            let rel = format!(
+                "{}/{}/{}.dcm",
+                meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid
+            );
+            let dir = self.root.join(JOURNAL_DIR);
+            if let Some(ticket) = journal.append(&rel, &[header, dataset]).map_err(io(&dir))? {
+                return Ok(Some(ticket));
+            }
+        }
+        self.write_file(target, &[header, dataset], true)?;
+        Ok(None)
+    }
+
+    /// Writes the file of a journalled instance (after it was acknowledged) and returns
+    /// its path. On error the journal keeps the record, and the next start rewrites it.
+    pub fn finish(&self, stored: Stored, dataset: &[u8]) -> Result<PathBuf, SpoolError> {
+        if let Some((ticket, header)) = stored.pending {
+            self.write_file(&stored.path, &[&header, dataset], false)?;
+            self.settle(&stored.path);
+            if let Some(j) = &self.journal {
+                j.finished(ticket);
+            }
+        }
+        Ok(stored.path)
+    }
+
+    /// Makes the files written since the last checkpoint durable and recycles journal
+    /// space. Cheap when nothing happened.
+    pub fn checkpoint(&self) -> Result<usize, SpoolError> {
+        match &self.journal {
+            Some(j) => j.checkpoint(&self.root).map_err(io(&self.root)),
+            None => Ok(0),
+        }
     }
 
     fn reserve(&self, size: u64) -> Result<(), SpoolError> {
@@ -203,19 +346,18 @@ impl Spool {
         Ok(())
     }
 
-    fn write_durable(
-        &self,
-        target: &Path,
-        meta: &InstanceMeta,
-        header: &[u8],
-        dataset: &[u8],
-    ) -> Result<(), SpoolError> {
+    /// Temp file, then rename over `target`; with `durable`, fsync the file before and
+    /// the directory after the rename.
+    fn write_file(&self, target: &Path, parts: &[&[u8]], durable: bool) -> Result<(), SpoolError> {
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.root.join(TMP_DIR).join(format!(
-            "{}-{}-{n}.part",
-            std::process::id(),
-            meta.sop_instance_uid
-        ));
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = self
+            .root
+            .join(TMP_DIR)
+            .join(format!("{}-{n}-{name}.part", std::process::id()));
         let written = (|| {
             let file = OpenOptions::new()
                 .write(true)
@@ -223,27 +365,30 @@ impl Spool {
                 .open(&tmp)
                 .map_err(io(&tmp))?;
             let mut w = BufWriter::with_capacity(1 << 16, file);
-            w.write_all(header).map_err(io(&tmp))?;
-            w.write_all(dataset).map_err(io(&tmp))?;
+            for p in parts {
+                w.write_all(p).map_err(io(&tmp))?;
+            }
             let file = w.into_inner().map_err(|e| SpoolError::Io {
                 path: tmp.clone(),
                 source: e.into_error(),
             })?;
-            file.sync_all().map_err(io(&tmp))
+            if durable {
+                file.sync_all().map_err(io(&tmp))?;
+            }
+            Ok(())
         })();
         if let Err(e) = written {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
-        let series_dir = target.parent().unwrap_or(&self.root).to_path_buf();
+        let dir = target.parent().unwrap_or(&self.root);
         let placed = (|| {
-            create_dir_durable(&series_dir)?;
-            let marker = series_dir.join(DONE_MARKER);
-            if marker.exists() {
-                fs::remove_file(&marker).map_err(io(&marker))?;
-            }
+            create_dir_durable(dir)?;
             fs::rename(&tmp, target).map_err(io(target))?;
-            sync_dir(&series_dir)
+            if durable {
+                sync_dir(dir)?;
+            }
+            Ok(())
         })();
         if placed.is_err() {
             let _ = fs::remove_file(&tmp);
@@ -330,7 +475,12 @@ fn series_dirs(root: &Path) -> Result<Vec<(PathBuf, bool, Vec<PathBuf>)>, SpoolE
     let mut out = Vec::new();
     for study in fs::read_dir(root).map_err(io(root))? {
         let study = study.map_err(io(root))?.path();
-        if !study.is_dir() || study.file_name().is_some_and(|n| n == TMP_DIR) {
+        // .tmp, .journal: not studies.
+        if !study.is_dir()
+            || study
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        {
             continue;
         }
         for series in fs::read_dir(&study).map_err(io(&study))? {
@@ -407,6 +557,7 @@ mod tests {
             min_free_bytes: 0,
             on_duplicate: OnDuplicate::Replace,
             retention_hours: 1,
+            journal_segment_mib: 1,
         }
     }
 
@@ -434,8 +585,9 @@ mod tests {
         let spool = Spool::open(&root, config()).unwrap();
         for f in &src.files {
             let (meta, fm, ds) = received_parts(f);
-            let (outcome, path) = spool.store(&meta, &fm, &ds).unwrap();
-            assert_eq!(outcome, StoreOutcome::Stored);
+            let stored = spool.store(&meta, &fm, &ds).unwrap();
+            assert_eq!(stored.outcome, StoreOutcome::Stored);
+            let path = spool.finish(stored, &ds).unwrap();
             assert_eq!(read_meta(&path).unwrap(), meta);
         }
         let total: u64 = series_dirs(&root).unwrap()[0]
@@ -486,12 +638,14 @@ mod tests {
         .unwrap();
         let spool = Spool::open(&tmp.path().join("spool"), config()).unwrap();
         let (m0, f0, d0) = received_parts(&src.files[0]);
-        spool.store(&m0, &f0, &d0).unwrap();
+        let s0 = spool.store(&m0, &f0, &d0).unwrap();
+        spool.finish(s0, &d0).unwrap();
         spool
             .mark_done(&m0.study_instance_uid, &m0.series_instance_uid)
             .unwrap();
         let (m1, f1, d1) = received_parts(&src.files[1]);
-        spool.store(&m1, &f1, &d1).unwrap();
+        let s1 = spool.store(&m1, &f1, &d1).unwrap();
+        spool.finish(s1, &d1).unwrap();
         assert_eq!(
             spool.recover().unwrap().len(),
             2,
@@ -519,9 +673,84 @@ mod tests {
         )
         .unwrap();
         let (m, f, d) = received_parts(&src.files[0]);
-        let err = spool.store(&m, &f, &d).unwrap_err();
+        let Err(err) = spool.store(&m, &f, &d) else {
+            panic!("stored over quota")
+        };
         assert!(err.is_out_of_resources(), "{err}");
         assert_eq!(spool.used_bytes(), 0);
         assert!(spool.recover().unwrap().is_empty());
+    }
+
+    #[test]
+    fn acknowledged_but_unfinished_instances_are_rewritten_at_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = write_series(
+            &tmp.path().join("src"),
+            &SynthSpec {
+                slices: 3,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let root = tmp.path().join("spool");
+        {
+            let spool = Spool::open(&root, config()).unwrap();
+            for f in &src.files {
+                let (m, fm, d) = received_parts(f);
+                // Durable in the journal; the process dies before `finish`.
+                let stored = spool.store(&m, &fm, &d).unwrap();
+                assert!(stored.pending.is_some(), "132 KB fits a 1 MiB segment");
+                std::mem::forget(stored);
+            }
+            assert!(
+                spool.recover().unwrap().is_empty(),
+                "no instance file written yet"
+            );
+        }
+        let spool = Spool::open(&root, config()).unwrap();
+        let recovered = spool.recover().unwrap();
+        assert_eq!(recovered.len(), 3);
+        for f in &src.files {
+            let (m, _, _) = received_parts(f);
+            let path = spool.instance_path(&m);
+            let original = fs::read(f).unwrap();
+            let copy = fs::read(&path).unwrap();
+            // Same data set bytes; the file meta is ours in both.
+            let ds_start = |b: &[u8]| 132 + 12 + le32(&b[140..144]) as usize;
+            assert_eq!(&original[ds_start(&original)..], &copy[ds_start(&copy)..]);
+        }
+        // A third start finds the journal reset: nothing to rewrite.
+        let (_, records) = Journal::open(&root.join(JOURNAL_DIR), 1 << 20).unwrap();
+        assert!(records.is_empty());
+    }
+
+    fn le32(b: &[u8]) -> u32 {
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+
+    #[test]
+    fn without_journal_every_file_is_synced_directly() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = write_series(
+            &tmp.path().join("src"),
+            &SynthSpec {
+                slices: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let spool = Spool::open(
+            &tmp.path().join("spool"),
+            SpoolConfig {
+                journal_segment_mib: 0,
+                ..config()
+            },
+        )
+        .unwrap();
+        let (m, fm, d) = received_parts(&src.files[0]);
+        let stored = spool.store(&m, &fm, &d).unwrap();
+        assert!(stored.pending.is_none());
+        assert!(stored.path.exists(), "written before store returns");
+        assert!(!tmp.path().join("spool").join(JOURNAL_DIR).exists());
     }
 }

@@ -370,6 +370,8 @@ fn malformed_traffic_never_stops_the_scp() {
     assert!(st[0].is_some_and(|s| s & 0xF000 == 0xC000), "{results:?}");
     assert_eq!(st[1], Some(0xA900), "{results:?}");
     assert_eq!(st[2], Some(0), "{results:?}");
+    // Files follow the acknowledgement; the series is handed on once they are written.
+    assert_eq!(next_series(&ingest).instance_count(), 1);
     assert_eq!(
         spooled_files(&config.spool_dir()).len(),
         1,
@@ -440,15 +442,15 @@ fn full_spool_answers_out_of_resources_and_writes_nothing_half() {
         vec![Some(0), Some(0), Some(0xA700), Some(0xA700)],
         "{results:?}"
     );
+    // The acknowledged two form the series (handed on once their files are written).
+    assert_eq!(next_series(&ingest).instance_count(), 2);
     let spooled = spooled_files(&config.spool_dir());
     assert_eq!(spooled.len(), 2);
     for f in &spooled {
         dicom_object::open_file(f).expect("every spooled file is complete");
     }
     assert!(tmp_is_empty(&config.spool_dir()));
-    // Still serving, and the acknowledged two form the series.
     scu::echo(&peer(ingest.scp.local_addr.port(), "SCOUT")).unwrap();
-    assert_eq!(next_series(&ingest).instance_count(), 2);
 }
 
 #[test]
@@ -620,12 +622,16 @@ fn duplicates_replace_or_are_ignored_as_configured() {
         let p = peer(ingest.scp.local_addr.port(), "SCOUT");
         let r = scu::store(&p, &[original.clone(), changed.clone()]).unwrap();
         assert!(r.iter().all(|r| r.status == Some(0)), "{r:?}");
+        // Files are written after the acknowledgement; the series is handed on after.
+        let s = next_series(&ingest);
+        assert_eq!(s.instance_count(), 1, "a duplicate is one instance");
         let files = spooled_files(&config.spool_dir());
         assert_eq!(files.len(), 1);
         let on_disk = Outgoing::from_file(&files[0]).unwrap();
-        assert_eq!(on_disk.dataset, expect.dataset, "{policy:?}");
-        let s = next_series(&ingest);
-        assert_eq!(s.instance_count(), 1, "a duplicate is one instance");
+        assert!(
+            on_disk.dataset == expect.dataset,
+            "{policy:?}: wrong copy kept"
+        );
         assert_eq!(
             ingest.spool.used_bytes(),
             std::fs::metadata(&files[0]).unwrap().len()
@@ -697,6 +703,28 @@ fn kill_9_during_storescu_loses_no_acknowledged_instance() {
         acknowledged.len()
     );
 
+    // Restart: the journal and the spool give back everything acknowledged, and the
+    // series is handed on once, whole.
+    std::fs::write(&cfg, config_text(port, &data, &[])).unwrap();
+    let daemon = Daemon::start(&cfg, port);
+    let prefix = format!("series: {} complete (rev 0): ", written.series_instance_uid);
+    let line = daemon
+        .wait_log(&[&prefix], Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("{:?}", daemon.log_lines()));
+    let count: usize = line
+        .split(&prefix)
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        count >= acknowledged.len(),
+        "{count} emitted, {} acknowledged",
+        acknowledged.len()
+    );
+    assert_eq!(count, spooled_files(&spool).len());
+
     let sop_of = |f: &str| {
         dicom_object::open_file(f)
             .unwrap()
@@ -713,33 +741,6 @@ fn kill_9_during_storescu_loses_no_acknowledged_instance() {
         same_dataset(Path::new(f), &p)
             .unwrap_or_else(|e| panic!("acknowledged {f} lost or damaged: {e}"));
     }
-
-    // Restart: what was acknowledged is recovered and handed on as one series.
-    let on_disk = spooled_files(&spool).len();
-    assert!(on_disk >= acknowledged.len());
-    std::fs::write(&cfg, config_text(port, &data, &[])).unwrap();
-    let daemon = Daemon::start(&cfg, port);
-    assert!(
-        daemon
-            .wait_log(
-                &["recovering", &format!("{on_disk} unfinished")],
-                Duration::from_secs(10)
-            )
-            .is_some(),
-        "{:?}",
-        daemon.log_lines()
-    );
-    let complete = format!(
-        "series: {} complete (rev 0): {on_disk} instances",
-        written.series_instance_uid
-    );
-    assert!(
-        daemon
-            .wait_log(&[&complete], Duration::from_secs(15))
-            .is_some(),
-        "{:?}",
-        daemon.log_lines()
-    );
     assert!(tmp_is_empty(&spool));
 }
 
