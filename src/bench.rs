@@ -204,3 +204,125 @@ fn walk_count(dir: &Path) -> usize {
         })
         .sum()
 }
+
+/// Peak resident set size of this process so far (VmHWM), in MiB.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// Per-slice latencies of one encoder variant in tract.
+#[derive(Debug, serde::Serialize)]
+pub struct EncoderFigures {
+    pub backbone: String,
+    pub load_s: f64,
+    /// Median single-slice latency, intra-op threads = `threads`.
+    pub median_ms: f64,
+    pub min_ms: f64,
+    /// A 9-slice localizer, slices one after the other on `threads` intra-op threads.
+    pub localizer9_intra_op_ms: f64,
+    /// The same 9 slices, one slice per thread on `threads` threads, single-threaded each.
+    pub localizer9_slice_per_thread_ms: f64,
+}
+
+fn time_ms(f: impl FnOnce()) -> f64 {
+    let t = Instant::now();
+    f();
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+/// Times each listed backbone (and the SAM decoder) on `slice`, a normalised image.
+pub fn backbone(
+    manifest: &crate::backbone::Manifest,
+    ids: &[String],
+    slice: &ndarray::Array2<f32>,
+    runs: usize,
+    threads: usize,
+) -> Result<(Vec<EncoderFigures>, f64), BenchError> {
+    use crate::backbone::{set_threads, Backbone};
+    let runs = runs.max(1);
+    let mut out = Vec::new();
+    let mut decoder_ms = f64::NAN;
+    for id in ids {
+        set_threads(threads);
+        let t = Instant::now();
+        let b = Backbone::load(manifest, id).map_err(setup)?;
+        let load_s = t.elapsed().as_secs_f64();
+        let input = b.input_tensor(slice).map_err(setup)?;
+        b.features_of_input(input.clone(), slice.dim())
+            .map_err(setup)?; // warm-up
+        let mut times = Vec::with_capacity(runs);
+        let mut fm = None;
+        for _ in 0..runs {
+            let mut r = None;
+            times.push(time_ms(|| {
+                r = Some(b.features_of_input(input.clone(), slice.dim()))
+            }));
+            fm = Some(
+                r.into_iter()
+                    .next()
+                    .ok_or_else(|| setup("no result"))?
+                    .map_err(setup)?,
+            );
+        }
+        let min_ms = times.iter().copied().fold(f64::INFINITY, f64::min);
+        let median_ms = median(times);
+        let mut err = None;
+        let intra = time_ms(|| {
+            for _ in 0..9 {
+                if let Err(e) = b.features_of_input(input.clone(), slice.dim()) {
+                    err = Some(e);
+                }
+            }
+        });
+        set_threads(1);
+        let per_thread = time_ms(|| {
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            std::thread::scope(|s| {
+                for _ in 0..threads.max(1) {
+                    s.spawn(|| {
+                        while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 9 {
+                            let _ = b.features_of_input(input.clone(), slice.dim());
+                        }
+                    });
+                }
+            })
+        });
+        set_threads(threads);
+        if let Some(e) = err {
+            return Err(setup(e));
+        }
+        if id == &manifest.default_backbone {
+            if let (Ok(sam), Some(fm)) = (crate::sam::Sam::load(manifest, id), fm) {
+                let prompt: Vec<(f32, f32, f32)> = (0..10)
+                    .map(|i| (100.0 + 3.0 * i as f32, 128.0, 1.0))
+                    .collect();
+                let _ = sam.decode_raw(&fm.data, &prompt);
+                let mut t = Vec::new();
+                for _ in 0..runs.max(5) {
+                    t.push(time_ms(|| {
+                        let _ = sam.decode_raw(&fm.data, &prompt);
+                    }));
+                }
+                decoder_ms = median(t);
+            }
+        }
+        out.push(EncoderFigures {
+            backbone: id.clone(),
+            load_s,
+            median_ms,
+            min_ms,
+            localizer9_intra_op_ms: intra,
+            localizer9_slice_per_thread_ms: per_thread,
+        });
+    }
+    Ok((out, decoder_ms))
+}

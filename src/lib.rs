@@ -4,13 +4,16 @@
 //! adapters → results → send, in later stages). Each module owns one concept; stages
 //! exchange plain data types over bounded `crossbeam` channels.
 
+pub mod backbone;
 pub mod bench;
 pub mod config;
 pub mod dimse;
 pub mod geometry;
+pub mod image;
 pub mod instance;
 pub mod journal;
 pub mod pipeline;
+pub mod sam;
 pub mod scp;
 pub mod scu;
 pub mod series;

@@ -67,6 +67,22 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Per-slice latency of each encoder variant (and the SAM decoder) in tract.
+    /// benches/backbone.py runs this and onnxruntime on the same files side by side.
+    Backbone {
+        /// Backbones from the manifest (default: every LiteMedSAM variant).
+        #[arg(long, value_delimiter = ',')]
+        models: Vec<String>,
+        #[arg(long, default_value = "models/models.toml")]
+        manifest: PathBuf,
+        /// DICOM or PNG slice (default: the reference slice in models/testdata).
+        #[arg(long, default_value = "models/testdata/slice.dcm")]
+        slice: PathBuf,
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
     /// DCMTK storescu → scout vs DCMTK storescu → DCMTK storescp.
     Ingest {
         #[arg(long, default_value_t = 500)]
@@ -217,6 +233,49 @@ fn run(cli: Cli) -> Result<(), String> {
                 s.series_instance_uid,
                 out.display()
             );
+            Ok(())
+        }
+        Cmd::Bench {
+            what:
+                BenchCmd::Backbone {
+                    models,
+                    manifest,
+                    slice,
+                    runs,
+                    threads,
+                },
+        } => {
+            let manifest = scout::backbone::Manifest::load(&manifest).map_err(|e| e.to_string())?;
+            let ids = if models.is_empty() {
+                manifest
+                    .backbones
+                    .keys()
+                    .filter(|k| k.starts_with("litemedsam"))
+                    .cloned()
+                    .collect()
+            } else {
+                models
+            };
+            let pixels = scout::image::read_any(&slice).map_err(|e| e.to_string())?;
+            let normalized = scout::image::normalize(&pixels).map_err(|e| e.to_string())?;
+            let (figures, decoder_ms) =
+                scout::bench::backbone(&manifest, &ids, &normalized, runs, threads)
+                    .map_err(|e| e.to_string())?;
+            println!(
+                "tract, {threads} threads, median of {runs} runs on {}:",
+                slice.display()
+            );
+            for f in &figures {
+                println!(
+                    "  {:<18} {:8.1} ms/slice (min {:.1}), load {:.2} s; 9 slices: {:.0} ms intra-op, {:.0} ms one slice per thread",
+                    f.backbone, f.median_ms, f.min_ms, f.load_s, f.localizer9_intra_op_ms, f.localizer9_slice_per_thread_ms
+                );
+            }
+            println!("  SAM decoder, 10 points: {decoder_ms:.1} ms");
+            let peak = scout::bench::peak_rss_mib();
+            println!("  peak RSS {peak:.0} MiB");
+            let json = serde_json::json!({ "tract": figures, "decoder_ms": decoder_ms, "threads": threads, "peak_rss_mib": peak });
+            println!("{json}");
             Ok(())
         }
         Cmd::Bench {

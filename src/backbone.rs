@@ -1,0 +1,368 @@
+//! Foundation features: an ONNX ViT image encoder run by tract turns a normalised slice
+//! into a `C × h × w` feature map, plus the geometry mapping feature cells to pixels.
+//!
+//! Models are described in `models/models.toml` (the manifest): file, SHA-256 (checked at
+//! load), input size, per-channel mean/std and the output layout — a feature map
+//! (LiteMedSAM's encoder) or ViT tokens with CLS/register tokens first (DINOv2). A site's
+//! own DINOv2 export is added by editing the manifest only.
+
+use crate::image::{self, ImageError};
+use ndarray::{Array2, Array3, Array4};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tract_onnx::prelude::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackboneError {
+    #[error("model manifest {path}: {detail}")]
+    Manifest { path: PathBuf, detail: String },
+    #[error("model {id:?} is not in the manifest (known: {known})")]
+    Unknown { id: String, known: String },
+    #[error("{path}: SHA-256 is {actual}, the manifest expects {expected}; the file is damaged or not the one the manifest describes")]
+    Checksum {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("cannot read model {path}: {detail}")]
+    Io { path: PathBuf, detail: String },
+    #[error("model {id}: {detail}")]
+    Model { id: String, detail: String },
+    #[error(transparent)]
+    Image(#[from] ImageError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutputFormat {
+    /// 1 × C × h × w.
+    FeatureMap,
+    /// 1 × (prefix + h·w) × C, patches row-major.
+    Tokens,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackboneEntry {
+    pub file: PathBuf,
+    pub sha256: String,
+    /// Height, width of the model input.
+    pub input_size: [usize; 2],
+    pub format: OutputFormat,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    /// Tokens only: pixels per patch side.
+    pub patch_size: Option<usize>,
+    /// Tokens only: CLS + register tokens before the patches.
+    pub prefix_tokens: Option<usize>,
+    pub source: String,
+    pub license: String,
+    pub quantization: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecoderEntry {
+    pub file: PathBuf,
+    pub sha256: String,
+    pub input_size: [usize; 2],
+    /// The backbone whose embeddings it takes.
+    pub backbone: String,
+    pub source: String,
+    pub license: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub default_backbone: String,
+    pub backbones: BTreeMap<String, BackboneEntry>,
+    #[serde(default)]
+    pub decoders: BTreeMap<String, DecoderEntry>,
+    /// Directory the file paths are relative to (the manifest's own).
+    #[serde(skip)]
+    pub dir: PathBuf,
+}
+
+impl Manifest {
+    pub fn load(path: &Path) -> Result<Manifest, BackboneError> {
+        let err = |detail: String| BackboneError::Manifest {
+            path: path.to_path_buf(),
+            detail,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let mut m: Manifest = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        m.dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        if !m.backbones.contains_key(&m.default_backbone) {
+            return Err(err(format!(
+                "default_backbone {:?} has no [backbones] entry",
+                m.default_backbone
+            )));
+        }
+        for (id, b) in &m.backbones {
+            if b.format == OutputFormat::Tokens
+                && (b.patch_size.is_none() || b.prefix_tokens.is_none())
+            {
+                return Err(err(format!(
+                    "backbone {id}: format \"tokens\" needs patch_size and prefix_tokens"
+                )));
+            }
+            if b.std.iter().any(|s| *s <= 0.0) || b.input_size.contains(&0) {
+                return Err(err(format!(
+                    "backbone {id}: std and input_size must be positive"
+                )));
+            }
+        }
+        Ok(m)
+    }
+
+    pub fn backbone(&self, id: &str) -> Result<&BackboneEntry, BackboneError> {
+        self.backbones
+            .get(id)
+            .ok_or_else(|| BackboneError::Unknown {
+                id: id.to_string(),
+                known: self
+                    .backbones
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+}
+
+/// Reads a model file and checks its SHA-256 against the manifest.
+pub fn read_verified(path: &Path, expected: &str) -> Result<Vec<u8>, BackboneError> {
+    let bytes = std::fs::read(path).map_err(|e| BackboneError::Io {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    let actual = hex(&Sha256::digest(&bytes));
+    if !actual.eq_ignore_ascii_case(expected.trim()) {
+        return Err(BackboneError::Checksum {
+            path: path.to_path_buf(),
+            expected: expected.to_string(),
+            actual,
+        });
+    }
+    Ok(bytes)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Uses `threads` cores for tract's matrix products (process-wide).
+pub fn set_threads(threads: usize) {
+    use tract_linalg::multithread::{set_default_executor, Executor};
+    let executor = if threads <= 1 {
+        Executor::SingleThread
+    } else {
+        Executor::multithread(threads)
+    };
+    set_default_executor(executor);
+}
+
+pub(crate) type Runnable = std::sync::Arc<TypedSimplePlan>;
+
+pub(crate) fn load_onnx(
+    id: &str,
+    bytes: &[u8],
+    inputs: &[(usize, Vec<usize>)],
+) -> Result<Runnable, BackboneError> {
+    let err = |e: TractError| BackboneError::Model {
+        id: id.to_string(),
+        detail: format!("{e:#}"),
+    };
+    let mut model = tract_onnx::onnx()
+        .model_for_read(&mut std::io::Cursor::new(bytes))
+        .map_err(err)?;
+    for (ix, shape) in inputs {
+        model = model
+            .with_input_fact(*ix, f32::fact(shape).into())
+            .map_err(err)?;
+    }
+    model
+        .into_optimized()
+        .map_err(err)?
+        .into_runnable()
+        .map_err(err)
+}
+
+/// Features of one slice: `data` is C × h × w; cell (i, j) covers the image region whose
+/// centre is [`FeatureMap::cell_to_pixel`].
+#[derive(Debug, Clone)]
+pub struct FeatureMap {
+    pub data: Array3<f32>,
+    pub image_rows: usize,
+    pub image_columns: usize,
+}
+
+impl FeatureMap {
+    pub fn channels(&self) -> usize {
+        self.data.dim().0
+    }
+
+    pub fn grid(&self) -> (usize, usize) {
+        let (_, h, w) = self.data.dim();
+        (h, w)
+    }
+
+    /// Image pixel (row, column) at the centre of feature cell (i, j).
+    pub fn cell_to_pixel(&self, i: f64, j: f64) -> (f64, f64) {
+        let (h, w) = self.grid();
+        (
+            (i + 0.5) * self.image_rows as f64 / h as f64 - 0.5,
+            (j + 0.5) * self.image_columns as f64 / w as f64 - 0.5,
+        )
+    }
+
+    /// Feature cell coordinates (fractional) of image pixel (row, column).
+    pub fn pixel_to_cell(&self, row: f64, col: f64) -> (f64, f64) {
+        let (h, w) = self.grid();
+        (
+            (row + 0.5) * h as f64 / self.image_rows as f64 - 0.5,
+            (col + 0.5) * w as f64 / self.image_columns as f64 - 0.5,
+        )
+    }
+
+    /// The feature vector at an image pixel, bilinearly interpolated between cells.
+    pub fn at_pixel(&self, row: f64, col: f64) -> Vec<f32> {
+        let (h, w) = self.grid();
+        let (ci, cj) = self.pixel_to_cell(row, col);
+        let ci = ci.clamp(0.0, (h - 1) as f64);
+        let cj = cj.clamp(0.0, (w - 1) as f64);
+        let (i0, j0) = (ci.floor() as usize, cj.floor() as usize);
+        let (i1, j1) = ((i0 + 1).min(h - 1), (j0 + 1).min(w - 1));
+        let (fi, fj) = ((ci - i0 as f64) as f32, (cj - j0 as f64) as f32);
+        (0..self.channels())
+            .map(|c| {
+                let d = &self.data;
+                let top = d[[c, i0, j0]] * (1.0 - fj) + d[[c, i0, j1]] * fj;
+                let bottom = d[[c, i1, j0]] * (1.0 - fj) + d[[c, i1, j1]] * fj;
+                top * (1.0 - fi) + bottom * fi
+            })
+            .collect()
+    }
+
+    /// Pixel-level features: every channel upsampled to the image size (C × rows × cols).
+    pub fn upsample(&self) -> Array3<f32> {
+        let mut out = Array3::zeros((self.channels(), self.image_rows, self.image_columns));
+        for c in 0..self.channels() {
+            let up = image::resize_bilinear(
+                &self.data.index_axis(ndarray::Axis(0), c).to_owned(),
+                self.image_rows,
+                self.image_columns,
+            );
+            out.index_axis_mut(ndarray::Axis(0), c).assign(&up);
+        }
+        out
+    }
+}
+
+/// A loaded image encoder.
+pub struct Backbone {
+    id: String,
+    entry: BackboneEntry,
+    model: Runnable,
+}
+
+impl Backbone {
+    pub fn load(manifest: &Manifest, id: &str) -> Result<Backbone, BackboneError> {
+        let entry = manifest.backbone(id)?.clone();
+        let bytes = read_verified(&manifest.dir.join(&entry.file), &entry.sha256)?;
+        let [h, w] = entry.input_size;
+        let model = load_onnx(id, &bytes, &[(0, vec![1, 3, h, w])])?;
+        Ok(Backbone {
+            id: id.to_string(),
+            entry,
+            model,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// SHA-256 of the model file: what adapters and feature caches are keyed by.
+    pub fn checksum(&self) -> &str {
+        &self.entry.sha256
+    }
+
+    pub fn entry(&self) -> &BackboneEntry {
+        &self.entry
+    }
+
+    /// The model input for a normalised slice: resized, 3 channels, mean/std applied.
+    pub fn input_tensor(&self, normalized: &Array2<f32>) -> Result<Array4<f32>, BackboneError> {
+        image::validate(normalized)?;
+        let [h, w] = self.entry.input_size;
+        let resized = image::resize_bilinear(normalized, h, w);
+        let (mean, std) = (self.entry.mean, self.entry.std);
+        Ok(Array4::from_shape_fn((1, 3, h, w), |(_, c, y, x)| {
+            (resized[[y, x]] - mean[c]) / std[c]
+        }))
+    }
+
+    /// Features of a slice already normalised to [0, 1] (see `image::normalize`).
+    pub fn features(&self, normalized: &Array2<f32>) -> Result<FeatureMap, BackboneError> {
+        let input = self.input_tensor(normalized)?;
+        self.features_of_input(input, normalized.dim())
+    }
+
+    /// Runs the model on a prepared input tensor (1 × 3 × H × W).
+    pub fn features_of_input(
+        &self,
+        input: Array4<f32>,
+        image_dim: (usize, usize),
+    ) -> Result<FeatureMap, BackboneError> {
+        let err = |detail: String| BackboneError::Model {
+            id: self.id.clone(),
+            detail,
+        };
+        let out = self
+            .model
+            .run(tvec!(Tensor::from(input).into()))
+            .map_err(|e| err(format!("{e:#}")))?;
+        let t = out[0]
+            .to_plain_array_view::<f32>()
+            .map_err(|e| err(format!("{e:#}")))?;
+        let data = match self.entry.format {
+            OutputFormat::FeatureMap => {
+                let s = t.shape();
+                if s.len() != 4 || s[0] != 1 {
+                    return Err(err(format!("expected a 1×C×h×w output, got {s:?}")));
+                }
+                t.to_shape((s[1], s[2], s[3]))
+                    .map_err(|e| err(e.to_string()))?
+                    .to_owned()
+            }
+            OutputFormat::Tokens => {
+                let (patch, prefix) = (
+                    self.entry.patch_size.unwrap_or(1),
+                    self.entry.prefix_tokens.unwrap_or(0),
+                );
+                let (gh, gw) = (
+                    self.entry.input_size[0] / patch,
+                    self.entry.input_size[1] / patch,
+                );
+                let s = t.shape();
+                if s.len() != 3 || s[0] != 1 || s[1] != prefix + gh * gw {
+                    return Err(err(format!(
+                        "expected 1×{}×C tokens, got {s:?}",
+                        prefix + gh * gw
+                    )));
+                }
+                let c = s[2];
+                Array3::from_shape_fn((c, gh, gw), |(k, i, j)| t[[0, prefix + i * gw + j, k]])
+            }
+        };
+        Ok(FeatureMap {
+            data,
+            image_rows: image_dim.0,
+            image_columns: image_dim.1,
+        })
+    }
+}
