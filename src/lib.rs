@@ -4,19 +4,26 @@
 //! adapters → results → send, in later stages). Each module owns one concept; stages
 //! exchange plain data types over bounded `crossbeam` channels.
 
+pub mod adapter;
 pub mod backbone;
 pub mod bench;
 pub mod config;
+pub mod dataset;
 pub mod dimse;
+pub mod eval;
+pub mod features;
 pub mod geometry;
 pub mod image;
 pub mod instance;
 pub mod journal;
 pub mod pipeline;
+pub mod postprocess;
 pub mod sam;
 pub mod scp;
 pub mod scu;
 pub mod series;
 pub mod spool;
 pub mod synth;
+pub mod templates;
+pub mod train;
 pub mod uid;

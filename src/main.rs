@@ -1,6 +1,7 @@
 //! Command line: argument parsing only; the work lives in the library.
 
 use clap::{Parser, Subcommand, ValueEnum};
+use scout::adapter::Method;
 use scout::config::Config;
 use scout::geometry::Plane;
 use scout::scu::{self, Outgoing, Peer};
@@ -58,6 +59,48 @@ enum Cmd {
         #[arg(long, default_value_t = 256)]
         size: u16,
     },
+    /// Train adapters on the first N cases of a data set and save them in one file.
+    Train {
+        /// Data set folder (volume or image layout, see README).
+        dataset: PathBuf,
+        #[arg(long, default_value_t = 5)]
+        templates: usize,
+        #[arg(long, value_enum, default_value_t = Method::Contrastive)]
+        method: Method,
+        /// Region radius around template landmark points, in pixels.
+        #[arg(long, default_value_t = 10.0)]
+        radius: f64,
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+    /// Evaluate a method on a data set with the protocol of EVALUATION.md.
+    Eval {
+        dataset: PathBuf,
+        #[arg(long, default_value_t = 5)]
+        templates: usize,
+        #[arg(long, value_enum, default_value_t = Method::Contrastive)]
+        method: Method,
+        /// One binary adapter per label instead of one multi-label adapter.
+        #[arg(long)]
+        binary: bool,
+        /// Refine structures with SAM's decoder (10 points from each localized region).
+        #[arg(long)]
+        sam: bool,
+        #[arg(long, default_value_t = 10.0)]
+        radius: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Write the JSON report here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write overlay PNGs (prediction vs truth) of each test case here.
+        #[arg(long)]
+        png: Option<PathBuf>,
+        #[command(flatten)]
+        model: ModelArgs,
+    },
     /// Benchmarks, reported as ratios against a reference run in the same process.
     Bench {
         #[command(subcommand)]
@@ -93,6 +136,42 @@ enum BenchCmd {
         #[arg(long)]
         work: Option<PathBuf>,
     },
+}
+
+#[derive(clap::Args)]
+struct ModelArgs {
+    #[arg(long, default_value = "models/models.toml")]
+    manifest: PathBuf,
+    /// Backbone id from the manifest (default: the manifest's default).
+    #[arg(long)]
+    backbone: Option<String>,
+    /// Feature cache directory.
+    #[arg(long, default_value = "scout-data/features")]
+    cache: PathBuf,
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+}
+
+struct Models {
+    manifest: scout::backbone::Manifest,
+    backbone: scout::backbone::Backbone,
+    cache: scout::features::FeatureCache,
+}
+
+fn load_models(m: &ModelArgs) -> Result<Models, String> {
+    scout::backbone::set_threads(m.threads);
+    let manifest = scout::backbone::Manifest::load(&m.manifest).map_err(|e| e.to_string())?;
+    let id = m
+        .backbone
+        .clone()
+        .unwrap_or_else(|| manifest.default_backbone.clone());
+    let backbone = scout::backbone::Backbone::load(&manifest, &id).map_err(|e| e.to_string())?;
+    let cache = scout::features::FeatureCache::new(&m.cache, &backbone);
+    Ok(Models {
+        manifest,
+        backbone,
+        cache,
+    })
 }
 
 #[derive(clap::Args)]
@@ -233,6 +312,68 @@ fn run(cli: Cli) -> Result<(), String> {
                 s.series_instance_uid,
                 out.display()
             );
+            Ok(())
+        }
+        Cmd::Train {
+            dataset,
+            templates,
+            method,
+            radius,
+            out,
+            model,
+        } => {
+            let m = load_models(&model)?;
+            let ds = scout::dataset::Dataset::open(&dataset).map_err(|e| e.to_string())?;
+            let bundle =
+                scout::train::train_dataset(&ds, &m.backbone, &m.cache, templates, method, radius)
+                    .map_err(|e| e.to_string())?;
+            bundle.save(&out).map_err(|e| e.to_string())?;
+            println!("wrote {} ({})", out.display(), bundle.summary());
+            Ok(())
+        }
+        Cmd::Eval {
+            dataset,
+            templates,
+            method,
+            binary,
+            sam,
+            radius,
+            seed,
+            json,
+            png,
+            model,
+        } => {
+            let m = load_models(&model)?;
+            let ds = scout::dataset::Dataset::open(&dataset).map_err(|e| e.to_string())?;
+            let decoder = if sam {
+                Some(
+                    scout::sam::Sam::load(&m.manifest, m.backbone.id())
+                        .map_err(|e| e.to_string())?,
+                )
+            } else {
+                None
+            };
+            let opts = scout::eval::EvalOptions {
+                templates,
+                method,
+                binary,
+                sam,
+                landmark_radius: radius,
+                sam_points: 10,
+                train: scout::adapter::TrainConfig {
+                    seed,
+                    ..Default::default()
+                },
+                png_dir: png,
+            };
+            let report = scout::eval::evaluate(&ds, &m.backbone, &m.cache, decoder.as_ref(), &opts)
+                .map_err(|e| e.to_string())?;
+            print!("{}", scout::eval::table(&report));
+            if let Some(path) = json {
+                let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+                std::fs::write(&path, text + "\n")
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+            }
             Ok(())
         }
         Cmd::Bench {

@@ -34,6 +34,8 @@ pub struct Series {
     pub revision: u32,
     /// One stack per plane present (a 3-plane localizer has three).
     pub stacks: Vec<Stack>,
+    /// From the first instance of this revision to the last.
+    pub arrival_span: Duration,
 }
 
 impl Series {
@@ -48,6 +50,7 @@ impl Series {
 
 struct Pending {
     instances: BTreeMap<String, Received>,
+    first_arrival: Instant,
     last_arrival: Instant,
 }
 
@@ -94,6 +97,7 @@ impl Assembler {
         };
         let p = self.pending.entry(uid.clone()).or_insert_with(|| Pending {
             instances: earlier(),
+            first_arrival: now,
             last_arrival: now,
         });
         p.last_arrival = now;
@@ -184,6 +188,7 @@ impl Assembler {
             is_localizer,
             revision,
             stacks: Vec::new(),
+            arrival_span: p.last_arrival.duration_since(p.first_arrival),
         };
         let mut by_plane: BTreeMap<Plane, Vec<Received>> = BTreeMap::new();
         for r in instances {
@@ -245,11 +250,12 @@ fn log_series(s: &Series) {
         .map(|st| format!("{}×{}", st.plane, st.instances.len()))
         .collect();
     log::info!(
-        "series: {} complete (rev {}): {} instances [{}], modality {}, {:?}{}",
+        "series: {} complete (rev {}): {} instances [{}] received over {:.1} s, modality {}, {:?}{}",
         s.series_instance_uid,
         s.revision,
         s.instance_count(),
         planes.join(", "),
+        s.arrival_span.as_secs_f64(),
         s.modality.as_deref().unwrap_or("?"),
         s.series_description.as_deref().unwrap_or(""),
         if s.is_localizer { ", localizer" } else { "" }

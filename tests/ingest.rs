@@ -809,3 +809,41 @@ fn series_left_by_a_killed_run_is_emitted_after_restart_exactly_once() {
         "{lines:?}"
     );
 }
+
+#[test]
+fn associations_beyond_the_limit_get_a_transient_rejection() {
+    if !dcmtk("associations_beyond_the_limit_get_a_transient_rejection") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (ingest, _) = in_process(tmp.path(), |c| c.scp.max_associations = 1);
+    let port = ingest.scp.local_addr.port();
+    let held = dicom_ul::ClientAssociationOptions::new()
+        .called_ae_title("SCOUT")
+        .with_abstract_syntax("1.2.840.10008.1.1")
+        .establish(("127.0.0.1", port))
+        .unwrap();
+    let (ok, out) = dcmtk_run(
+        "echoscu",
+        &["-aec", "SCOUT", "127.0.0.1", &port.to_string()],
+    );
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("Rejected Transient") && out.contains("Local Limit Exceeded"),
+        "{out}"
+    );
+    held.release().unwrap();
+    // The slot frees once the held association ends.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (ok, out) = dcmtk_run(
+            "echoscu",
+            &["-aec", "SCOUT", "127.0.0.1", &port.to_string()],
+        );
+        if ok {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{out}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,863 @@
+//! Few-shot adapters on foundation features (paper §III): basic (cosine to the template
+//! prototype, fixed threshold 0.5), classification (3-layer feed-forward net, cross-entropy,
+//! balanced background) and contrastive (Siamese shared-weight net on reference/target
+//! pairs, concatenated → softmax). Each is binary or multi-label: one adapter scores every
+//! label it was trained on.
+//!
+//! Adapters work on the backbone's feature grid: a score map per label (values in [0, 1],
+//! 0.5 is the decision threshold for every method) at h × w, which `postprocess` upsamples
+//! to the image. Training is deterministic given the seed.
+
+use crate::backbone::FeatureMap;
+use ndarray::{s, Array1, Array2, Array3, ArrayView2, Axis};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    #[error("no training material: {0}")]
+    NoTraining(String),
+    #[error("adapter file {path}: {detail}")]
+    File { path: String, detail: String },
+    #[error("adapter was trained on backbone {expected} ({expected_sha}), but features come from {actual} ({actual_sha})")]
+    WrongBackbone {
+        expected: String,
+        expected_sha: String,
+        actual: String,
+        actual_sha: String,
+    },
+    #[error("feature maps have {actual} channels, the adapter expects {expected}")]
+    Channels { expected: usize, actual: usize },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    Basic,
+    Classification,
+    Contrastive,
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Method::Basic => "basic",
+            Method::Classification => "classification",
+            Method::Contrastive => "contrastive",
+        })
+    }
+}
+
+/// One template slice: its features and a label per feature cell (0 = background,
+/// 1..=L = the adapter's labels in order).
+pub struct TrainingSlice<'a> {
+    pub features: &'a FeatureMap,
+    pub cells: Array2<u8>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub hidden: usize,
+    pub embedding: usize,
+    pub steps: usize,
+    pub batch: usize,
+    pub learning_rate: f32,
+    pub seed: u64,
+    /// Contrastive: reference cells kept per label for inference.
+    pub references: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            hidden: 128,
+            embedding: 64,
+            steps: 1500,
+            batch: 256,
+            learning_rate: 1e-3,
+            seed: 1,
+            references: 32,
+        }
+    }
+}
+
+/// SplitMix64: small, fast and reproducible everywhere.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+    pub fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    /// Standard normal (Box–Muller).
+    pub fn normal(&mut self) -> f32 {
+        let u1 = self.uniform().max(1e-7);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+    }
+}
+
+/// A fully connected layer: y = x·Wᵀ + b, W is out × in.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Linear {
+    pub w: Array2<f32>,
+    pub b: Array1<f32>,
+}
+
+impl Linear {
+    fn new(inp: usize, out: usize, rng: &mut Rng) -> Linear {
+        // He initialisation for ReLU nets.
+        let scale = (2.0 / inp as f32).sqrt();
+        Linear {
+            w: Array2::from_shape_fn((out, inp), |_| rng.normal() * scale),
+            b: Array1::zeros(out),
+        }
+    }
+    fn forward(&self, x: ArrayView2<f32>) -> Array2<f32> {
+        x.dot(&self.w.t()) + &self.b
+    }
+}
+
+/// Feed-forward net with ReLU between layers (none after the last).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Mlp {
+    pub layers: Vec<Linear>,
+}
+
+/// Inputs of every layer, kept for the backward pass.
+pub struct Trace {
+    inputs: Vec<Array2<f32>>,
+}
+
+/// Gradients of every layer's (W, b).
+pub type Grads = Vec<(Array2<f32>, Array1<f32>)>;
+
+impl Mlp {
+    pub fn new(sizes: &[usize], rng: &mut Rng) -> Mlp {
+        Mlp {
+            layers: sizes
+                .windows(2)
+                .map(|w| Linear::new(w[0], w[1], rng))
+                .collect(),
+        }
+    }
+
+    pub fn forward(&self, x: ArrayView2<f32>) -> Array2<f32> {
+        self.forward_traced(x).0
+    }
+
+    pub fn forward_traced(&self, x: ArrayView2<f32>) -> (Array2<f32>, Trace) {
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut h = x.to_owned();
+        for (i, l) in self.layers.iter().enumerate() {
+            let y = l.forward(h.view());
+            inputs.push(h);
+            h = if i + 1 < self.layers.len() {
+                y.mapv(|v| v.max(0.0))
+            } else {
+                y
+            };
+        }
+        (h, Trace { inputs })
+    }
+
+    /// Backward pass from d(loss)/d(output); returns parameter gradients and d/d(input).
+    pub fn backward(&self, trace: &Trace, grad_out: Array2<f32>) -> (Grads, Array2<f32>) {
+        let mut grads: Grads = Vec::with_capacity(self.layers.len());
+        let mut g = grad_out;
+        for (i, l) in self.layers.iter().enumerate().rev() {
+            let x = &trace.inputs[i];
+            grads.push((g.t().dot(x), g.sum_axis(Axis(0))));
+            let mut gx = g.dot(&l.w);
+            if i > 0 {
+                // ReLU of the previous layer: its output is this layer's input.
+                gx.zip_mut_with(x, |d, v| {
+                    if *v <= 0.0 {
+                        *d = 0.0
+                    }
+                });
+            }
+            g = gx;
+        }
+        grads.reverse();
+        (grads, g)
+    }
+}
+
+/// Adam on a list of layers.
+struct Adam {
+    m: Grads,
+    v: Grads,
+    t: i32,
+    lr: f32,
+}
+
+impl Adam {
+    fn new(layers: &[Linear], lr: f32) -> Adam {
+        let z = || {
+            layers
+                .iter()
+                .map(|l| (Array2::zeros(l.w.dim()), Array1::zeros(l.b.dim())))
+                .collect()
+        };
+        Adam {
+            m: z(),
+            v: z(),
+            t: 0,
+            lr,
+        }
+    }
+    fn step(&mut self, layers: &mut [Linear], grads: &Grads) {
+        let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
+        self.t += 1;
+        let c1 = 1.0 - b1.powi(self.t);
+        let c2 = 1.0 - b2.powi(self.t);
+        for (i, l) in layers.iter_mut().enumerate() {
+            let (gw, gb) = &grads[i];
+            let (mw, mb) = &mut self.m[i];
+            let (vw, vb) = &mut self.v[i];
+            let lr = self.lr;
+            let upd = |p: &mut f32, g: f32, m: &mut f32, v: &mut f32| {
+                *m = b1 * *m + (1.0 - b1) * g;
+                *v = b2 * *v + (1.0 - b2) * g * g;
+                *p -= lr * (*m / c1) / ((*v / c2).sqrt() + eps);
+            };
+            ndarray::Zip::from(&mut l.w)
+                .and(gw)
+                .and(mw)
+                .and(vw)
+                .for_each(|p, g, m, v| upd(p, *g, m, v));
+            ndarray::Zip::from(&mut l.b)
+                .and(gb)
+                .and(mb)
+                .and(vb)
+                .for_each(|p, g, m, v| upd(p, *g, m, v));
+        }
+    }
+}
+
+/// Softmax cross-entropy: mean loss and d(loss)/d(logits).
+pub fn softmax_xent(logits: &Array2<f32>, targets: &[usize]) -> (f32, Array2<f32>) {
+    let n = logits.nrows().max(1);
+    let mut grad = Array2::zeros(logits.dim());
+    let mut loss = 0.0;
+    for (r, (row, &t)) in logits.rows().into_iter().zip(targets).enumerate() {
+        let max = row.fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let exps: Vec<f32> = row.iter().map(|v| (v - max).exp()).collect();
+        let sum: f32 = exps.iter().sum();
+        for (c, e) in exps.iter().enumerate() {
+            let p = e / sum;
+            grad[[r, c]] = (p - if c == t { 1.0 } else { 0.0 }) / n as f32;
+        }
+        loss -= (exps[t] / sum).max(1e-12).ln();
+    }
+    (loss / n as f32, grad)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Model {
+    /// One unit-length prototype per label (mean of unit-length template features).
+    Basic { prototypes: Array2<f32> },
+    /// D → H → H → L+1 (class 0 = background).
+    Classification { net: Mlp },
+    /// Shared D → H → H → E branch; head 2E → L+1 on [reference, target]: class l when
+    /// both are in label l's region, 0 when the target is outside the reference's region
+    /// (for one label: same / different). Per label, the standardised reference features
+    /// used at inference.
+    Contrastive {
+        branch: Mlp,
+        head: Linear,
+        references: Vec<Array2<f32>>,
+    },
+}
+
+/// A trained adapter, as saved in a `.adapter` file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Adapter {
+    pub format: u32,
+    pub method: Method,
+    /// Label names, in score order.
+    pub labels: Vec<String>,
+    pub backbone: String,
+    pub backbone_sha256: String,
+    /// Per-channel standardisation of the features (from the templates).
+    pub feature_mean: Array1<f32>,
+    pub feature_std: Array1<f32>,
+    /// Landmarks: ROI radius (pixels) used to make training regions from points.
+    pub landmark_radius: Option<f64>,
+    /// Free-form provenance: templates, data set, seed, command line.
+    pub provenance: String,
+    pub train: TrainConfig,
+    pub model: Model,
+}
+
+/// Features of all cells of a map as rows (h·w × C), row-major over the grid.
+pub fn cell_rows(fm: &FeatureMap) -> Array2<f32> {
+    let (c, h, w) = fm.data.dim();
+    let mut out = Array2::zeros((h * w, c));
+    for ch in 0..c {
+        for (idx, v) in fm.data.index_axis(Axis(0), ch).iter().enumerate() {
+            out[[idx, ch]] = *v;
+        }
+    }
+    out
+}
+
+fn standardize(rows: &mut Array2<f32>, mean: &Array1<f32>, std: &Array1<f32>) {
+    for mut r in rows.rows_mut() {
+        r -= mean;
+        r /= std;
+    }
+}
+
+fn unit_rows(rows: &Array2<f32>) -> Array2<f32> {
+    let mut out = rows.clone();
+    for mut r in out.rows_mut() {
+        let n = r.dot(&r).sqrt().max(1e-12);
+        r /= n;
+    }
+    out
+}
+
+impl Adapter {
+    /// Trains on template slices. `labels` names labels 1..=L of the cell maps.
+    pub fn train(
+        method: Method,
+        labels: Vec<String>,
+        slices: &[TrainingSlice],
+        config: TrainConfig,
+        backbone: (&str, &str),
+    ) -> Result<Adapter, AdapterError> {
+        let n_labels = labels.len();
+        if n_labels == 0 || slices.is_empty() {
+            return Err(AdapterError::NoTraining(
+                "no labels or no template slices".into(),
+            ));
+        }
+        let channels = slices[0].features.channels();
+        // All cells, with their labels.
+        let mut rows: Vec<Array2<f32>> = Vec::new();
+        let mut cell_labels: Vec<u8> = Vec::new();
+        for s in slices {
+            if s.features.channels() != channels {
+                return Err(AdapterError::Channels {
+                    expected: channels,
+                    actual: s.features.channels(),
+                });
+            }
+            rows.push(cell_rows(s.features));
+            cell_labels.extend(s.cells.iter().copied());
+        }
+        let views: Vec<ArrayView2<f32>> = rows.iter().map(|r| r.view()).collect();
+        let all = ndarray::concatenate(Axis(0), &views)
+            .map_err(|e| AdapterError::NoTraining(e.to_string()))?;
+        if all.nrows() != cell_labels.len() {
+            return Err(AdapterError::NoTraining(
+                "cell label maps do not match the feature grids".into(),
+            ));
+        }
+        let by_label: Vec<Vec<usize>> = (0..=n_labels)
+            .map(|l| {
+                (0..cell_labels.len())
+                    .filter(|&i| cell_labels[i] as usize == l)
+                    .collect()
+            })
+            .collect();
+        for (l, name) in labels.iter().enumerate() {
+            if by_label[l + 1].is_empty() {
+                return Err(AdapterError::NoTraining(format!(
+                    "label {name} has no template cell"
+                )));
+            }
+        }
+        let feature_mean = all
+            .mean_axis(Axis(0))
+            .unwrap_or_else(|| Array1::zeros(channels));
+        let feature_std = all.std_axis(Axis(0), 0.0).mapv(|s| s.max(1e-6));
+        let mut rng = Rng::new(config.seed);
+        let model = match method {
+            Method::Basic => {
+                let unit = unit_rows(&all);
+                let mut protos = Array2::zeros((n_labels, channels));
+                for l in 0..n_labels {
+                    let idx = &by_label[l + 1];
+                    let mut p = Array1::<f32>::zeros(channels);
+                    for &i in idx {
+                        p += &unit.row(i);
+                    }
+                    let n = p.dot(&p).sqrt().max(1e-12);
+                    protos.row_mut(l).assign(&(p / n));
+                }
+                Model::Basic { prototypes: protos }
+            }
+            Method::Classification => {
+                let mut x = all.clone();
+                standardize(&mut x, &feature_mean, &feature_std);
+                let net = train_classifier(&x, &by_label, &config, &mut rng);
+                Model::Classification { net }
+            }
+            Method::Contrastive => {
+                let mut x = all.clone();
+                standardize(&mut x, &feature_mean, &feature_std);
+                let (branch, head) = train_siamese(&x, &by_label, &config, &mut rng);
+                let references = (1..=n_labels)
+                    .map(|l| {
+                        let idx = &by_label[l];
+                        let k = config.references.min(idx.len()).max(1);
+                        let picks: Vec<usize> = (0..k).map(|_| idx[rng.below(idx.len())]).collect();
+                        x.select(Axis(0), &picks)
+                    })
+                    .collect();
+                Model::Contrastive {
+                    branch,
+                    head,
+                    references,
+                }
+            }
+        };
+        Ok(Adapter {
+            format: 1,
+            method,
+            labels,
+            backbone: backbone.0.to_string(),
+            backbone_sha256: backbone.1.to_string(),
+            feature_mean,
+            feature_std,
+            landmark_radius: None,
+            provenance: String::new(),
+            train: config,
+            model,
+        })
+    }
+
+    /// Checks that features come from the backbone this adapter was trained on.
+    pub fn check_backbone(&self, id: &str, sha256: &str) -> Result<(), AdapterError> {
+        if !self.backbone_sha256.eq_ignore_ascii_case(sha256) {
+            return Err(AdapterError::WrongBackbone {
+                expected: self.backbone.clone(),
+                expected_sha: self.backbone_sha256.clone(),
+                actual: id.to_string(),
+                actual_sha: sha256.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Score maps (L × h × w) in [0, 1]; ≥ 0.5 means "this label".
+    pub fn scores(&self, fm: &FeatureMap) -> Result<Array3<f32>, AdapterError> {
+        let (c, h, w) = fm.data.dim();
+        if c != self.feature_mean.len() {
+            return Err(AdapterError::Channels {
+                expected: self.feature_mean.len(),
+                actual: c,
+            });
+        }
+        let n = self.labels.len();
+        let rows = cell_rows(fm);
+        let scores: Array2<f32> = match &self.model {
+            Model::Basic { prototypes } => unit_rows(&rows).dot(&prototypes.t()),
+            Model::Classification { net } => {
+                let mut x = rows;
+                standardize(&mut x, &self.feature_mean, &self.feature_std);
+                let logits = net.forward(x.view());
+                let mut p = Array2::zeros((h * w, n));
+                for (r, row) in logits.rows().into_iter().enumerate() {
+                    let max = row.fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                    let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
+                    for l in 0..n {
+                        p[[r, l]] = (row[l + 1] - max).exp() / sum;
+                    }
+                }
+                p
+            }
+            Model::Contrastive {
+                branch,
+                head,
+                references,
+            } => {
+                let mut x = rows;
+                standardize(&mut x, &self.feature_mean, &self.feature_std);
+                let e = head.w.ncols() / 2;
+                // The head is linear in [e_ref, e_tgt]: split it into its two halves.
+                let target_terms =
+                    branch.forward(x.view()).dot(&head.w.slice(s![.., e..]).t()) + &head.b;
+                let classes = target_terms.ncols();
+                let mut p = Array2::zeros((h * w, n));
+                let mut logits = vec![0f32; classes];
+                for (l, refs) in references.iter().enumerate() {
+                    let ref_terms = branch
+                        .forward(refs.view())
+                        .dot(&head.w.slice(s![.., ..e]).t());
+                    for (r, tt) in target_terms.rows().into_iter().enumerate() {
+                        let mut acc = 0.0;
+                        for rt in ref_terms.rows() {
+                            for (k, z) in logits.iter_mut().enumerate() {
+                                *z = rt[k] + tt[k];
+                            }
+                            let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                            let sum: f32 = logits.iter().map(|z| (z - max).exp()).sum();
+                            acc += (logits[l + 1] - max).exp() / sum;
+                        }
+                        p[[r, l]] = acc / ref_terms.nrows() as f32;
+                    }
+                }
+                p
+            }
+        };
+        Ok(Array3::from_shape_fn((n, h, w), |(l, i, j)| {
+            scores[[i * w + j, l]]
+        }))
+    }
+
+    pub fn save(&self, path: &std::path::Path) -> Result<(), AdapterError> {
+        let err = |d: String| AdapterError::File {
+            path: path.display().to_string(),
+            detail: d,
+        };
+        let text = serde_json::to_string(self).map_err(|e| err(e.to_string()))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+        }
+        let tmp = path.with_extension("adapter.tmp");
+        std::fs::write(&tmp, text).map_err(|e| err(e.to_string()))?;
+        std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))
+    }
+
+    pub fn load(path: &std::path::Path) -> Result<Adapter, AdapterError> {
+        let err = |d: String| AdapterError::File {
+            path: path.display().to_string(),
+            detail: d,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let a: Adapter = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+        if a.format != 1 {
+            return Err(err(format!(
+                "format {} is not supported (this build reads 1)",
+                a.format
+            )));
+        }
+        Ok(a)
+    }
+}
+
+/// Balanced minibatches: every batch draws half its rows from label cells (labels taken in
+/// turn) and half from background.
+fn train_classifier(
+    x: &Array2<f32>,
+    by_label: &[Vec<usize>],
+    cfg: &TrainConfig,
+    rng: &mut Rng,
+) -> Mlp {
+    let n_labels = by_label.len() - 1;
+    let mut net = Mlp::new(&[x.ncols(), cfg.hidden, cfg.hidden, n_labels + 1], rng);
+    let mut adam = Adam::new(&net.layers, cfg.learning_rate);
+    let background = &by_label[0];
+    for _ in 0..cfg.steps {
+        let mut picks = Vec::with_capacity(cfg.batch);
+        let mut targets = Vec::with_capacity(cfg.batch);
+        for b in 0..cfg.batch {
+            let class = if b % 2 == 0 || background.is_empty() {
+                1 + (b / 2) % n_labels
+            } else {
+                0
+            };
+            let pool = &by_label[class];
+            picks.push(pool[rng.below(pool.len())]);
+            targets.push(class);
+        }
+        let xb = x.select(Axis(0), &picks);
+        let (out, trace) = net.forward_traced(xb.view());
+        let (_, g) = softmax_xent(&out, &targets);
+        let (grads, _) = net.backward(&trace, g);
+        adam.step(&mut net.layers, &grads);
+    }
+    net
+}
+
+/// Pairs per batch: half positive (both cells in the same label's region), half negative
+/// (one in the region, one anywhere outside it), labels taken in turn.
+fn train_siamese(
+    x: &Array2<f32>,
+    by_label: &[Vec<usize>],
+    cfg: &TrainConfig,
+    rng: &mut Rng,
+) -> (Mlp, Linear) {
+    let n_labels = by_label.len() - 1;
+    let mut branch = Mlp::new(&[x.ncols(), cfg.hidden, cfg.hidden, cfg.embedding], rng);
+    let mut head = Linear::new(2 * cfg.embedding, n_labels + 1, rng);
+    let mut adam_branch = Adam::new(&branch.layers, cfg.learning_rate);
+    let mut adam_head = Adam::new(std::slice::from_ref(&head), cfg.learning_rate);
+    let total = x.nrows();
+    for _ in 0..cfg.steps {
+        let mut a = Vec::with_capacity(cfg.batch);
+        let mut b = Vec::with_capacity(cfg.batch);
+        let mut t = Vec::with_capacity(cfg.batch);
+        for k in 0..cfg.batch {
+            let l = 1 + (k / 2) % n_labels;
+            let region = &by_label[l];
+            a.push(region[rng.below(region.len())]);
+            if k % 2 == 0 {
+                b.push(region[rng.below(region.len())]);
+                t.push(l);
+            } else {
+                // Outside this label's region. Half of the negatives come from the other
+                // labels' regions: drawn from everywhere they would be rare, and the net
+                // would only learn "not background" instead of which region is which.
+                let c = if n_labels > 1 && rng.below(2) == 1 {
+                    let other = 1 + (l + rng.below(n_labels - 1)) % n_labels;
+                    by_label[other][rng.below(by_label[other].len())]
+                } else {
+                    let mut c = rng.below(total);
+                    for _ in 0..64 {
+                        if region.binary_search(&c).is_err() {
+                            break;
+                        }
+                        c = rng.below(total);
+                    }
+                    c
+                };
+                b.push(c);
+                t.push(0);
+            }
+        }
+        let (ea, ta) = branch.forward_traced(x.select(Axis(0), &a).view());
+        let (eb, tb) = branch.forward_traced(x.select(Axis(0), &b).view());
+        let z = ndarray::concatenate(Axis(1), &[ea.view(), eb.view()]).expect("same rows");
+        let logits = head.forward(z.view());
+        let (_, g) = softmax_xent(&logits, &t);
+        let gw = g.t().dot(&z);
+        let gb = g.sum_axis(Axis(0));
+        let gz = g.dot(&head.w);
+        let e = cfg.embedding;
+        // Shared weights: the two branches' gradients add up.
+        let (mut ga, _) = branch.backward(&ta, gz.slice(s![.., ..e]).to_owned());
+        let (gb2, _) = branch.backward(&tb, gz.slice(s![.., e..]).to_owned());
+        for (acc, add) in ga.iter_mut().zip(gb2) {
+            acc.0 += &add.0;
+            acc.1 += &add.1;
+        }
+        adam_branch.step(&mut branch.layers, &ga);
+        adam_head.step(std::slice::from_mut(&mut head), &vec![(gw, gb)]);
+    }
+    (branch, head)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Finite differences agree with backpropagation through the MLP and the loss.
+    #[test]
+    fn gradient_check() {
+        let mut rng = Rng::new(7);
+        let net = Mlp::new(&[5, 7, 6, 3], &mut rng);
+        let x = Array2::from_shape_fn((4, 5), |_| rng.normal());
+        let targets = [0usize, 2, 1, 2];
+        let loss = |n: &Mlp| softmax_xent(&n.forward(x.view()), &targets).0 as f64;
+        let (out, trace) = net.forward_traced(x.view());
+        let (_, g) = softmax_xent(&out, &targets);
+        let (grads, _) = net.backward(&trace, g);
+        let eps = 1e-3f32;
+        let mut worst = 0f64;
+        for (l, (gw, gb)) in grads.iter().enumerate() {
+            for idx in [(0, 0), (1, 2), (2, 1)] {
+                let mut p = net.clone();
+                p.layers[l].w[idx] += eps;
+                let mut m = net.clone();
+                m.layers[l].w[idx] -= eps;
+                let numeric = (loss(&p) - loss(&m)) / (2.0 * eps as f64);
+                let analytic = gw[idx] as f64;
+                worst = worst
+                    .max((numeric - analytic).abs() / (numeric.abs() + analytic.abs()).max(1e-4));
+            }
+            let mut p = net.clone();
+            p.layers[l].b[1] += eps;
+            let mut m = net.clone();
+            m.layers[l].b[1] -= eps;
+            let numeric = (loss(&p) - loss(&m)) / (2.0 * eps as f64);
+            let analytic = gb[1] as f64;
+            worst =
+                worst.max((numeric - analytic).abs() / (numeric.abs() + analytic.abs()).max(1e-4));
+        }
+        assert!(worst < 2e-2, "relative gradient error {worst}");
+    }
+
+    #[test]
+    fn rng_is_reproducible() {
+        let a: Vec<u64> = {
+            let mut r = Rng::new(3);
+            (0..5).map(|_| r.next_u64()).collect()
+        };
+        let b: Vec<u64> = {
+            let mut r = Rng::new(3);
+            (0..5).map(|_| r.next_u64()).collect()
+        };
+        assert_eq!(a, b);
+    }
+}
+
+#[cfg(test)]
+mod synthetic {
+    //! Adapters on synthetic feature maps with known regions: two labelled blobs whose
+    //! features differ from the background, and slices without them.
+    use super::*;
+    use crate::postprocess;
+
+    const C: usize = 12;
+    const G: usize = 24;
+
+    /// Feature map with label 1 at `a` and label 2 at `b` (cell centres, radius 3 cells),
+    /// noisy features per class. Returns the map and its cell labels.
+    fn slice(
+        a: Option<(usize, usize)>,
+        b: Option<(usize, usize)>,
+        rng: &mut Rng,
+    ) -> (FeatureMap, Array2<u8>) {
+        let cells = Array2::from_shape_fn((G, G), |(i, j)| {
+            let near = |p: Option<(usize, usize)>| {
+                p.is_some_and(|(r, c)| (i as f64 - r as f64).hypot(j as f64 - c as f64) <= 3.0)
+            };
+            if near(a) {
+                1
+            } else if near(b) {
+                2
+            } else {
+                0
+            }
+        });
+        let data = Array3::from_shape_fn((C, G, G), |(ch, i, j)| {
+            let class = cells[[i, j]] as usize;
+            // Each class is strong on its own channels, plus a smooth gradient shared by all.
+            let base = if ch % 3 == class { 1.0 } else { 0.0 };
+            base + 0.005 * (i + j) as f32 + 0.15 * rng.normal()
+        });
+        (
+            FeatureMap {
+                data,
+                image_rows: G * 4,
+                image_columns: G * 4,
+            },
+            cells,
+        )
+    }
+
+    fn check(method: Method) {
+        let mut rng = Rng::new(11);
+        let templates: Vec<(FeatureMap, Array2<u8>)> = vec![
+            slice(Some((6, 6)), Some((16, 17)), &mut rng),
+            slice(Some((8, 15)), Some((17, 5)), &mut rng),
+            slice(None, None, &mut rng),
+        ];
+        let training: Vec<TrainingSlice> = templates
+            .iter()
+            .map(|(f, c)| TrainingSlice {
+                features: f,
+                cells: c.clone(),
+            })
+            .collect();
+        let config = TrainConfig {
+            steps: 300,
+            ..TrainConfig::default()
+        };
+        let adapter = Adapter::train(
+            method,
+            vec!["A".into(), "B".into()],
+            &training,
+            config,
+            ("synthetic", "0"),
+        )
+        .unwrap();
+
+        // A new slice with both blobs elsewhere: both found, near their centres (in pixels:
+        // 4 per cell, centre of cell i at 4i + 1.5).
+        let (fm, _) = slice(Some((12, 5)), Some((5, 18)), &mut rng);
+        let raw = adapter.scores(&fm).unwrap();
+        let up = postprocess::upsample_scores(&raw, G * 4, G * 4);
+        let f = postprocess::findings(&up);
+        for (l, (r, c)) in [(0, (12.0, 5.0)), (1, (5.0, 18.0))] {
+            let found = f[l]
+                .as_ref()
+                .unwrap_or_else(|| panic!("{method}: label {l} not found"));
+            let expect = (4.0 * r + 1.5, 4.0 * c + 1.5);
+            let err = (found.point.0 - expect.0).hypot(found.point.1 - expect.1);
+            assert!(
+                err < 6.0,
+                "{method}: label {l} at {:?}, expected {expect:?}",
+                found.point
+            );
+        }
+        // An empty slice: nothing is invented.
+        let (empty, _) = slice(None, None, &mut rng);
+        let up = postprocess::upsample_scores(&adapter.scores(&empty).unwrap(), G * 4, G * 4);
+        assert!(
+            postprocess::findings(&up).iter().all(|f| f.is_none()),
+            "{method}: found something on an empty slice"
+        );
+
+        // Saved and loaded, it scores the same.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.adapter");
+        adapter.save(&path).unwrap();
+        let back = Adapter::load(&path).unwrap();
+        assert_eq!(back.scores(&fm).unwrap(), adapter.scores(&fm).unwrap());
+        assert!(back.check_backbone("other", "1").is_err());
+    }
+
+    #[test]
+    fn basic_adapter() {
+        check(Method::Basic);
+    }
+
+    #[test]
+    fn classification_adapter() {
+        check(Method::Classification);
+    }
+
+    #[test]
+    fn contrastive_adapter() {
+        check(Method::Contrastive);
+    }
+
+    #[test]
+    fn training_is_deterministic() {
+        let mut rng = Rng::new(5);
+        let (f, c) = slice(Some((6, 6)), Some((15, 15)), &mut rng);
+        let t = [TrainingSlice {
+            features: &f,
+            cells: c,
+        }];
+        let cfg = TrainConfig {
+            steps: 50,
+            ..TrainConfig::default()
+        };
+        let a = Adapter::train(
+            Method::Contrastive,
+            vec!["A".into(), "B".into()],
+            &t,
+            cfg.clone(),
+            ("s", "0"),
+        )
+        .unwrap();
+        let b = Adapter::train(
+            Method::Contrastive,
+            vec!["A".into(), "B".into()],
+            &t,
+            cfg,
+            ("s", "0"),
+        )
+        .unwrap();
+        assert_eq!(a.scores(&f).unwrap(), b.scores(&f).unwrap());
+    }
+}

@@ -1,0 +1,712 @@
+//! The evaluation protocol of `EVALUATION.md`: the first N cases (sorted) are templates,
+//! every other case is a test case; volumes are read as 9-slice sagittal stacks; landmark
+//! accuracy within 10 pixels (3D from the stack, and the 2D localizer variant on slice k*),
+//! IoU per structure, false positives on empty slices, timings. Works on any folder with
+//! one of the two layouts.
+
+use crate::adapter::{Adapter, AdapterError, Method, TrainConfig, TrainingSlice};
+use crate::backbone::{Backbone, BackboneError, FeatureMap};
+use crate::dataset::{Case, Dataset, DatasetError, Layout};
+use crate::features::FeatureCache;
+use crate::postprocess::{self, Finding};
+use crate::sam::{Point, PointLabel, Sam};
+use crate::templates::{self, Task};
+use ndarray::{Array2, Array3};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+pub const HIT_DISTANCE: f64 = 10.0;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    #[error(transparent)]
+    Backbone(#[from] BackboneError),
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    pub templates: usize,
+    pub method: Method,
+    /// One binary adapter per label instead of one multi-label adapter.
+    pub binary: bool,
+    pub sam: bool,
+    pub landmark_radius: f64,
+    pub sam_points: usize,
+    pub train: TrainConfig,
+    pub png_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LandmarkStats {
+    pub accuracy: f64,
+    pub median_error: Option<f64>,
+    pub p90_error: Option<f64>,
+    pub absent: usize,
+    pub cases: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SegStats {
+    pub iou: f64,
+    pub cases: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timing {
+    pub encoder_ms_per_slice: Option<f64>,
+    pub train_s: f64,
+    pub adapter_ms_per_slice: f64,
+    pub sam_ms_per_call: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub dataset: String,
+    pub method: String,
+    pub binary: bool,
+    pub sam: bool,
+    pub backbone: String,
+    pub templates: Vec<String>,
+    pub test_cases: usize,
+    pub landmark_radius: f64,
+    pub landmarks: BTreeMap<String, LandmarkStats>,
+    pub landmarks_2d: BTreeMap<String, LandmarkStats>,
+    pub segmentation: BTreeMap<String, SegStats>,
+    pub empty_slice_fp_rate: BTreeMap<String, f64>,
+    pub timing: Timing,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let idx = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    Some(sorted[idx.min(sorted.len() - 1)])
+}
+
+fn landmark_stats(errors: &[Option<f64>]) -> LandmarkStats {
+    let mut found: Vec<f64> = errors.iter().flatten().copied().collect();
+    found.sort_by(f64::total_cmp);
+    let hits = found.iter().filter(|e| **e <= HIT_DISTANCE).count();
+    LandmarkStats {
+        accuracy: if errors.is_empty() {
+            0.0
+        } else {
+            hits as f64 / errors.len() as f64
+        },
+        median_error: percentile(&found, 50.0),
+        p90_error: percentile(&found, 90.0),
+        absent: errors.len() - found.len(),
+        cases: errors.len(),
+    }
+}
+
+/// Adapters for one task: one multi-label, or one binary per label.
+struct Trained {
+    adapters: Vec<Adapter>,
+}
+
+impl Trained {
+    fn scores(&self, fm: &FeatureMap) -> Result<Array3<f32>, AdapterError> {
+        if self.adapters.len() == 1 {
+            return self.adapters[0].scores(fm);
+        }
+        let parts: Result<Vec<Array3<f32>>, _> =
+            self.adapters.iter().map(|a| a.scores(fm)).collect();
+        let parts = parts?;
+        let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+        ndarray::concatenate(ndarray::Axis(0), &views)
+            .map_err(|e| AdapterError::NoTraining(e.to_string()))
+    }
+}
+
+/// Trains adapters for `task` on the template cases' slices.
+pub fn train_task(
+    task: &Task,
+    method: Method,
+    binary: bool,
+    templates: &[(&Case, Vec<FeatureMap>)],
+    config: &TrainConfig,
+    backbone: (&str, &str),
+) -> Result<Vec<Adapter>, AdapterError> {
+    let names = task.label_names();
+    let mut material: Vec<(Array2<u8>, &FeatureMap)> = Vec::new();
+    for (case, fms) in templates {
+        for (i, fm) in fms.iter().enumerate() {
+            if let Some(regions) = templates::slice_regions(task, case, i) {
+                material.push((templates::cell_labels(&regions, fm), fm));
+            }
+        }
+    }
+    let groups: Vec<Vec<usize>> = if binary {
+        (0..names.len()).map(|l| vec![l]).collect()
+    } else {
+        vec![(0..names.len()).collect()]
+    };
+    let mut out = Vec::new();
+    for group in groups {
+        let slices: Vec<TrainingSlice> = material
+            .iter()
+            .map(|(cells, fm)| TrainingSlice {
+                features: fm,
+                cells: cells.mapv(|v| {
+                    group
+                        .iter()
+                        .position(|&l| l + 1 == v as usize)
+                        .map_or(0, |p| (p + 1) as u8)
+                }),
+            })
+            .collect();
+        let labels = group.iter().map(|&l| names[l].clone()).collect();
+        let mut a = Adapter::train(method, labels, &slices, config.clone(), backbone)?;
+        if let Task::Landmarks { radius, .. } = task {
+            a.landmark_radius = Some(*radius);
+        }
+        out.push(a);
+    }
+    Ok(out)
+}
+
+/// SAM refinement of one finding: `n` positive points drawn (seeded) from its mask.
+pub fn refine_with_sam(
+    sam: &Sam,
+    fm: &FeatureMap,
+    finding: &Finding,
+    n: usize,
+    seed: u64,
+) -> Result<Array2<bool>, BackboneError> {
+    let pixels: Vec<(usize, usize)> = finding
+        .mask
+        .indexed_iter()
+        .filter(|(_, v)| **v)
+        .map(|(p, _)| p)
+        .collect();
+    let mut rng = crate::adapter::Rng::new(seed);
+    let points: Vec<Point> = (0..n.min(pixels.len()).max(1))
+        .map(|_| {
+            let (r, c) = pixels[rng.below(pixels.len())];
+            Point {
+                row: r as f64,
+                column: c as f64,
+                label: PointLabel::Foreground,
+            }
+        })
+        .collect();
+    Ok(sam.mask(fm, &points)?.mask)
+}
+
+struct Progress {
+    bar: indicatif::ProgressBar,
+}
+
+impl Progress {
+    fn new(len: u64, what: &str) -> Progress {
+        let bar = indicatif::ProgressBar::new(len);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:>12} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_message(what.to_string());
+        Progress { bar }
+    }
+}
+
+pub fn evaluate(
+    dataset: &Dataset,
+    backbone: &Backbone,
+    cache: &FeatureCache,
+    sam: Option<&Sam>,
+    opts: &EvalOptions,
+) -> Result<Report, EvalError> {
+    let n_templates = opts.templates.max(1);
+    if dataset.cases.len() <= n_templates {
+        return Err(EvalError::Setup(format!(
+            "{} cases: none left to test with {n_templates} templates",
+            dataset.cases.len()
+        )));
+    }
+    if opts.sam && sam.is_none() {
+        return Err(EvalError::Setup(
+            "--sam needs a SAM decoder for this backbone in the manifest".into(),
+        ));
+    }
+    // Load every case and its features (cached on disk).
+    let progress = Progress::new(dataset.cases.len() as u64, "features");
+    let mut encoder_ms = Vec::new();
+    let mut cases: Vec<(Case, Vec<FeatureMap>)> = Vec::new();
+    for name in &dataset.cases {
+        let case = dataset.load_case(name)?;
+        let mut fms = Vec::new();
+        for s in &case.slices {
+            let t = Instant::now();
+            let (fm, computed) = cache.features(backbone, &s.pixels)?;
+            if computed {
+                encoder_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            fms.push(fm);
+        }
+        cases.push((case, fms));
+        progress.bar.inc(1);
+    }
+    progress.bar.finish_and_clear();
+
+    let (templ, tests) = cases.split_at(n_templates);
+    let templ_refs: Vec<(&Case, Vec<FeatureMap>)> =
+        templ.iter().map(|(c, f)| (c, f.clone())).collect();
+    let bb = (backbone.id(), backbone.checksum());
+    let mut timing = Timing {
+        encoder_ms_per_slice: (!encoder_ms.is_empty())
+            .then(|| encoder_ms.iter().sum::<f64>() / encoder_ms.len() as f64),
+        ..Timing::default()
+    };
+    let mut report = Report {
+        dataset: dataset
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        method: opts.method.to_string(),
+        binary: opts.binary,
+        sam: opts.sam,
+        backbone: backbone.id().to_string(),
+        templates: templ.iter().map(|(c, _)| c.name.clone()).collect(),
+        test_cases: tests.len(),
+        landmark_radius: opts.landmark_radius,
+        landmarks: BTreeMap::new(),
+        landmarks_2d: BTreeMap::new(),
+        segmentation: BTreeMap::new(),
+        empty_slice_fp_rate: BTreeMap::new(),
+        timing: Timing::default(),
+    };
+    let mut adapter_ms = Vec::new();
+    let mut sam_ms = Vec::new();
+    let mut overlays: BTreeMap<String, Overlay> = BTreeMap::new();
+
+    // Landmarks.
+    if !dataset.landmark_names.is_empty() {
+        let task = Task::Landmarks {
+            names: dataset.landmark_names.clone(),
+            radius: opts.landmark_radius,
+        };
+        let t = Instant::now();
+        let trained = Trained {
+            adapters: train_task(
+                &task,
+                opts.method,
+                opts.binary,
+                &templ_refs,
+                &opts.train,
+                bb,
+            )?,
+        };
+        timing.train_s += t.elapsed().as_secs_f64();
+        let names = &dataset.landmark_names;
+        let mut errors3: Vec<Vec<Option<f64>>> = vec![Vec::new(); names.len()];
+        let mut errors2: Vec<Vec<Option<f64>>> = vec![Vec::new(); names.len()];
+        let progress = Progress::new(tests.len() as u64, "landmarks");
+        for (case, fms) in tests {
+            let mut per_slice: Vec<Vec<Option<Finding>>> = Vec::new();
+            for (s, fm) in case.slices.iter().zip(fms) {
+                let t = Instant::now();
+                let scores = trained.scores(fm)?;
+                let (rows, cols) = s.pixels.dim();
+                let up = postprocess::upsample_scores(&scores, rows, cols);
+                per_slice.push(postprocess::findings(&up));
+                adapter_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            let center = &per_slice[case.center];
+            for (l, name) in names.iter().enumerate() {
+                let Some(truth) = case.landmarks.get(name) else {
+                    continue;
+                };
+                match dataset.layout {
+                    Layout::Image => {
+                        let e = center[l].as_ref().map(|f| {
+                            ((f.point.0 - truth.row).powi(2) + (f.point.1 - truth.column).powi(2))
+                                .sqrt()
+                        });
+                        errors3[l].push(e);
+                    }
+                    Layout::Volume => {
+                        let stack: Vec<(f64, Option<&Finding>)> = case
+                            .slices
+                            .iter()
+                            .zip(&per_slice)
+                            .map(|(s, f)| (s.k.unwrap_or(0) as f64, f[l].as_ref()))
+                            .collect();
+                        let p = postprocess::landmark_3d(&stack);
+                        let tk = truth.k.unwrap_or(0.0);
+                        errors3[l].push(p.map(|(r, c, k)| {
+                            ((r - truth.row).powi(2)
+                                + (c - truth.column).powi(2)
+                                + (k - tk).powi(2))
+                            .sqrt()
+                        }));
+                        // 2D localizer variant: slice k*, truth = centroid of label l+1 there.
+                        if let Some(gt) = case.slices[case.center]
+                            .labels
+                            .as_ref()
+                            .and_then(|lab| centroid(lab, (l + 1) as u8))
+                        {
+                            let e = center[l].as_ref().map(|f| {
+                                ((f.point.0 - gt.0).powi(2) + (f.point.1 - gt.1).powi(2)).sqrt()
+                            });
+                            errors2[l].push(e);
+                        }
+                    }
+                }
+            }
+            overlays.entry(case.name.clone()).or_default().landmarks = names
+                .iter()
+                .enumerate()
+                .map(|(l, n)| {
+                    (
+                        center[l].as_ref().map(|f| f.point),
+                        case.landmarks
+                            .get(n)
+                            .filter(|t| {
+                                t.k.is_none_or(|k| {
+                                    (k - case.slices[case.center].k.unwrap_or(0) as f64).abs() < 3.0
+                                })
+                            })
+                            .map(|t| (t.row, t.column)),
+                    )
+                })
+                .collect();
+            progress.bar.inc(1);
+        }
+        progress.bar.finish_and_clear();
+        for (l, name) in names.iter().enumerate() {
+            report
+                .landmarks
+                .insert(name.clone(), landmark_stats(&errors3[l]));
+            if dataset.layout == Layout::Volume && !errors2[l].is_empty() {
+                report
+                    .landmarks_2d
+                    .insert(name.clone(), landmark_stats(&errors2[l]));
+            }
+        }
+    }
+
+    // Structures, from the label values of the template label maps.
+    let mut values: Vec<u8> = templ
+        .iter()
+        .flat_map(|(c, _)| {
+            c.slices
+                .iter()
+                .filter_map(|s| s.labels.as_ref())
+                .flat_map(|l| l.iter().copied())
+        })
+        .filter(|v| *v > 0)
+        .collect();
+    values.sort_unstable();
+    values.dedup();
+    if !values.is_empty() {
+        let task = Task::Structures {
+            values: values.clone(),
+        };
+        let t = Instant::now();
+        let trained = Trained {
+            adapters: train_task(
+                &task,
+                opts.method,
+                opts.binary,
+                &templ_refs,
+                &opts.train,
+                bb,
+            )?,
+        };
+        timing.train_s += t.elapsed().as_secs_f64();
+        let mut ious: Vec<Vec<f64>> = vec![Vec::new(); values.len()];
+        let mut empty = vec![(0usize, 0usize); values.len()];
+        let progress = Progress::new(tests.len() as u64, "structures");
+        for (ci, (case, fms)) in tests.iter().enumerate() {
+            let mut inter = vec![0usize; values.len()];
+            let mut union = vec![0usize; values.len()];
+            for (si, (s, fm)) in case.slices.iter().zip(fms).enumerate() {
+                let Some(gt) = s.labels.as_ref() else {
+                    continue;
+                };
+                let t = Instant::now();
+                let scores = trained.scores(fm)?;
+                let (rows, cols) = s.pixels.dim();
+                let found =
+                    postprocess::findings(&postprocess::upsample_scores(&scores, rows, cols));
+                adapter_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+                let mut pred_masks: Vec<Option<Array2<bool>>> = Vec::with_capacity(values.len());
+                for (l, f) in found.iter().enumerate() {
+                    let mask = match (f, opts.sam, sam) {
+                        (Some(f), true, Some(sam)) => {
+                            let t = Instant::now();
+                            let seed = opts.train.seed
+                                ^ ((ci as u64) << 32)
+                                ^ ((si as u64) << 8)
+                                ^ l as u64;
+                            let m = refine_with_sam(sam, fm, f, opts.sam_points, seed)?;
+                            sam_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+                            Some(m)
+                        }
+                        (Some(f), _, _) => Some(f.mask.clone()),
+                        (None, _, _) => None,
+                    };
+                    pred_masks.push(mask);
+                }
+                for (l, v) in values.iter().enumerate() {
+                    let gt_l = gt.mapv(|x| x == *v);
+                    let n_gt = gt_l.iter().filter(|x| **x).count();
+                    if let Some(m) = &pred_masks[l] {
+                        inter[l] += m
+                            .iter()
+                            .zip(gt_l.iter())
+                            .filter(|(a, b)| **a && **b)
+                            .count();
+                        union[l] += m
+                            .iter()
+                            .zip(gt_l.iter())
+                            .filter(|(a, b)| **a || **b)
+                            .count();
+                    } else {
+                        union[l] += n_gt;
+                    }
+                    if n_gt == 0 && dataset.layout == Layout::Volume {
+                        empty[l].0 += 1;
+                        empty[l].1 += usize::from(pred_masks[l].is_some());
+                    }
+                }
+                if si == case.center {
+                    let o = overlays.entry(case.name.clone()).or_default();
+                    o.predicted = Some(pred_masks.iter().enumerate().fold(
+                        Array2::zeros((rows, cols)),
+                        |mut acc: Array2<u8>, (l, m)| {
+                            if let Some(m) = m {
+                                acc.zip_mut_with(m, |a, b| {
+                                    if *b {
+                                        *a = (l + 1) as u8
+                                    }
+                                });
+                            }
+                            acc
+                        },
+                    ));
+                    o.truth = Some(gt.mapv(|x| {
+                        values
+                            .iter()
+                            .position(|v| *v == x)
+                            .map_or(0, |i| (i + 1) as u8)
+                    }));
+                }
+            }
+            for l in 0..values.len() {
+                if union[l] > 0 {
+                    ious[l].push(inter[l] as f64 / union[l] as f64);
+                }
+            }
+            progress.bar.inc(1);
+        }
+        progress.bar.finish_and_clear();
+        for (l, v) in values.iter().enumerate() {
+            let n = ious[l].len();
+            let iou = if n == 0 {
+                0.0
+            } else {
+                100.0 * ious[l].iter().sum::<f64>() / n as f64
+            };
+            report
+                .segmentation
+                .insert(v.to_string(), SegStats { iou, cases: n });
+            if dataset.layout == Layout::Volume && empty[l].0 > 0 {
+                report
+                    .empty_slice_fp_rate
+                    .insert(v.to_string(), empty[l].1 as f64 / empty[l].0 as f64);
+            }
+        }
+    }
+    timing.adapter_ms_per_slice = if adapter_ms.is_empty() {
+        0.0
+    } else {
+        adapter_ms.iter().sum::<f64>() / adapter_ms.len() as f64
+    };
+    timing.sam_ms_per_call =
+        (!sam_ms.is_empty()).then(|| sam_ms.iter().sum::<f64>() / sam_ms.len() as f64);
+    report.timing = timing;
+
+    if let Some(dir) = &opts.png_dir {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| EvalError::Setup(format!("{}: {e}", dir.display())))?;
+        for (case, _) in tests {
+            if let Some(o) = overlays.get(&case.name) {
+                let path = dir.join(format!("{}_{}.png", case.name, opts.method));
+                o.write(&case.slices[case.center].pixels, &path)
+                    .map_err(EvalError::Setup)?;
+            }
+        }
+    }
+    Ok(report)
+}
+
+fn centroid(labels: &Array2<u8>, value: u8) -> Option<(f64, f64)> {
+    let (mut n, mut r, mut c) = (0.0, 0.0, 0.0);
+    for ((i, j), v) in labels.indexed_iter() {
+        if *v == value {
+            n += 1.0;
+            r += i as f64;
+            c += j as f64;
+        }
+    }
+    (n > 0.0).then(|| (r / n, c / n))
+}
+
+/// (row, column) in image pixels.
+type Pixel = (f64, f64);
+
+/// What an overlay PNG shows for the localizer slice of a test case.
+#[derive(Default)]
+struct Overlay {
+    /// Per landmark: (predicted, truth) points.
+    landmarks: Vec<(Option<Pixel>, Option<Pixel>)>,
+    predicted: Option<Array2<u8>>,
+    truth: Option<Array2<u8>>,
+}
+
+impl Overlay {
+    /// Grey image; truth outlines in green, predicted regions tinted red; landmarks as
+    /// crosses (green truth, red prediction, joined by a yellow line).
+    fn write(&self, pixels: &Array2<f32>, path: &std::path::Path) -> Result<(), String> {
+        let norm = crate::image::normalize(pixels).map_err(|e| e.to_string())?;
+        let (rows, cols) = norm.dim();
+        let mut img = ::image::RgbImage::new(cols as u32, rows as u32);
+        for ((r, c), v) in norm.indexed_iter() {
+            let g = (v * 255.0) as u8;
+            img.put_pixel(c as u32, r as u32, ::image::Rgb([g, g, g]));
+        }
+        if let Some(p) = &self.predicted {
+            for ((r, c), v) in p.indexed_iter() {
+                if *v > 0 {
+                    let px = img.get_pixel_mut(c as u32, r as u32);
+                    px.0 = [
+                        px.0[0].saturating_add(90),
+                        (px.0[1] as f32 * 0.6) as u8,
+                        (px.0[2] as f32 * 0.6) as u8,
+                    ];
+                }
+            }
+        }
+        if let Some(t) = &self.truth {
+            for ((r, c), v) in t.indexed_iter() {
+                let edge = *v > 0
+                    && [(0i64, 1i64), (1, 0), (0, -1), (-1, 0)]
+                        .iter()
+                        .any(|(dr, dc)| {
+                            let (nr, nc) = (r as i64 + dr, c as i64 + dc);
+                            nr < 0
+                                || nc < 0
+                                || nr >= rows as i64
+                                || nc >= cols as i64
+                                || t[[nr as usize, nc as usize]] != *v
+                        });
+                if edge {
+                    img.put_pixel(c as u32, r as u32, ::image::Rgb([0, 255, 0]));
+                }
+            }
+        }
+        let mut put = |r: f64, c: f64, colour: [u8; 3]| {
+            let (r, c) = (r.round() as i64, c.round() as i64);
+            if r >= 0 && c >= 0 && r < rows as i64 && c < cols as i64 {
+                img.put_pixel(c as u32, r as u32, ::image::Rgb(colour));
+            }
+        };
+        for (pred, truth) in &self.landmarks {
+            if let (Some(p), Some(t)) = (pred, truth) {
+                for s in 0..=20 {
+                    let f = s as f64 / 20.0;
+                    put(p.0 + (t.0 - p.0) * f, p.1 + (t.1 - p.1) * f, [255, 255, 0]);
+                }
+            }
+            for (pt, colour) in [(truth, [0, 255, 0]), (pred, [255, 0, 0])] {
+                if let Some((r, c)) = pt {
+                    for d in -4..=4 {
+                        put(r + d as f64, *c, colour);
+                        put(*r, c + d as f64, colour);
+                    }
+                }
+            }
+        }
+        img.save(path)
+            .map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+/// The human-readable table of a report.
+pub fn table(r: &Report) -> String {
+    let mut out = format!(
+        "{} — {}{}{}, backbone {}, templates {}, {} test cases, landmark radius {} px\n",
+        r.dataset,
+        r.method,
+        if r.binary {
+            " (binary)"
+        } else {
+            " (multi-label)"
+        },
+        if r.sam { " + SAM" } else { "" },
+        r.backbone,
+        r.templates.join(","),
+        r.test_cases,
+        r.landmark_radius
+    );
+    let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+    for (title, m) in [
+        ("landmarks", &r.landmarks),
+        ("landmarks 2D (slice k*)", &r.landmarks_2d),
+    ] {
+        if m.is_empty() {
+            continue;
+        }
+        out += &format!(
+            "  {title:<26} {:>8} {:>8} {:>8} {:>7}\n",
+            "acc@10", "median", "p90", "absent"
+        );
+        for (n, s) in m {
+            out += &format!(
+                "    {n:<24} {:>8.2} {:>8} {:>8} {:>4}/{}\n",
+                s.accuracy,
+                fmt(s.median_error),
+                fmt(s.p90_error),
+                s.absent,
+                s.cases
+            );
+        }
+    }
+    if !r.segmentation.is_empty() {
+        out += &format!(
+            "  {:<26} {:>8} {:>12}\n",
+            "structures (label)", "IoU", "empty FP"
+        );
+        for (n, s) in &r.segmentation {
+            let fp = r
+                .empty_slice_fp_rate
+                .get(n)
+                .map_or("-".to_string(), |v| format!("{v:.2}"));
+            out += &format!("    {n:<24} {:>8.1} {:>12}\n", s.iou, fp);
+        }
+    }
+    out += &format!(
+        "  timing: encoder {} ms/slice, training {:.1} s, adapter {:.1} ms/slice{}\n",
+        fmt(r.timing.encoder_ms_per_slice),
+        r.timing.train_s,
+        r.timing.adapter_ms_per_slice,
+        r.timing
+            .sam_ms_per_call
+            .map_or(String::new(), |v| format!(", SAM {v:.0} ms/call"))
+    );
+    out
+}

@@ -1,0 +1,207 @@
+//! From score maps to findings: upsample the per-label scores to the image, label each
+//! pixel with its best label when that score reaches 0.5, keep per label the connected
+//! component (8-neighbour) with the largest score mass, drop specks, and place the
+//! landmark at the score-weighted centroid of that component. A label with no component
+//! is absent — never invented.
+
+use crate::image::resize_bilinear;
+use ndarray::{Array2, Array3, Axis};
+
+/// Components smaller than this many pixels are stray pixels, not findings.
+pub const MIN_COMPONENT_PIXELS: usize = 12;
+pub const THRESHOLD: f32 = 0.5;
+
+/// One label's finding in one slice.
+#[derive(Debug, Clone)]
+pub struct Finding {
+    /// Index of the label in the adapter (0-based).
+    pub label: usize,
+    pub mask: Array2<bool>,
+    /// Sum of scores over the component: how much evidence it carries.
+    pub mass: f64,
+    /// Score-weighted centroid (row, column) in image pixels.
+    pub point: (f64, f64),
+    /// Mean score inside the component.
+    pub confidence: f64,
+}
+
+/// Per-label scores at image resolution (L × rows × cols).
+pub fn upsample_scores(scores: &Array3<f32>, rows: usize, cols: usize) -> Array3<f32> {
+    let n = scores.dim().0;
+    let mut out = Array3::zeros((n, rows, cols));
+    for l in 0..n {
+        let up = resize_bilinear(&scores.index_axis(Axis(0), l).to_owned(), rows, cols);
+        out.index_axis_mut(Axis(0), l).assign(&up);
+    }
+    out
+}
+
+/// 0 = background, l + 1 = label l: the best label per pixel if its score ≥ 0.5.
+pub fn label_map(scores: &Array3<f32>) -> Array2<u8> {
+    let (n, rows, cols) = scores.dim();
+    Array2::from_shape_fn((rows, cols), |(r, c)| {
+        let mut best = 0u8;
+        let mut best_score = THRESHOLD;
+        for l in 0..n {
+            let s = scores[[l, r, c]];
+            if s >= best_score {
+                best_score = s;
+                best = (l + 1) as u8;
+            }
+        }
+        best
+    })
+}
+
+/// Connected components (8-neighbour) of a binary mask, as pixel lists.
+pub fn components(mask: &Array2<bool>) -> Vec<Vec<(usize, usize)>> {
+    let (rows, cols) = mask.dim();
+    let mut seen = Array2::from_elem((rows, cols), false);
+    let mut out = Vec::new();
+    for r0 in 0..rows {
+        for c0 in 0..cols {
+            if !mask[[r0, c0]] || seen[[r0, c0]] {
+                continue;
+            }
+            let mut comp = Vec::new();
+            let mut stack = vec![(r0, c0)];
+            seen[[r0, c0]] = true;
+            while let Some((r, c)) = stack.pop() {
+                comp.push((r, c));
+                for dr in -1i64..=1 {
+                    for dc in -1i64..=1 {
+                        let (nr, nc) = (r as i64 + dr, c as i64 + dc);
+                        if nr < 0 || nc < 0 || nr >= rows as i64 || nc >= cols as i64 {
+                            continue;
+                        }
+                        let (nr, nc) = (nr as usize, nc as usize);
+                        if mask[[nr, nc]] && !seen[[nr, nc]] {
+                            seen[[nr, nc]] = true;
+                            stack.push((nr, nc));
+                        }
+                    }
+                }
+            }
+            out.push(comp);
+        }
+    }
+    out
+}
+
+/// The finding of each label (None = absent) in a slice, from scores at image resolution.
+pub fn findings(scores: &Array3<f32>) -> Vec<Option<Finding>> {
+    let (n, rows, cols) = scores.dim();
+    let labels = label_map(scores);
+    (0..n)
+        .map(|l| {
+            let mask = labels.mapv(|v| v as usize == l + 1);
+            let best = components(&mask)
+                .into_iter()
+                .filter(|c| c.len() >= MIN_COMPONENT_PIXELS)
+                .map(|c| {
+                    let mass: f64 = c.iter().map(|&(r, cc)| scores[[l, r, cc]] as f64).sum();
+                    (mass, c)
+                })
+                .max_by(|a, b| a.0.total_cmp(&b.0))?;
+            let (mass, pixels) = best;
+            let mut m = Array2::from_elem((rows, cols), false);
+            let (mut sr, mut sc) = (0.0, 0.0);
+            for &(r, c) in &pixels {
+                m[[r, c]] = true;
+                let w = scores[[l, r, c]] as f64;
+                sr += w * r as f64;
+                sc += w * c as f64;
+            }
+            Some(Finding {
+                label: l,
+                mask: m,
+                mass,
+                point: (sr / mass, sc / mass),
+                confidence: mass / pixels.len() as f64,
+            })
+        })
+        .collect()
+}
+
+/// A 3D landmark from a stack of slices: the slices whose finding carries at least half
+/// the mass of the strongest one vote, weighted by mass, for (row, column, k).
+pub fn landmark_3d(per_slice: &[(f64, Option<&Finding>)]) -> Option<(f64, f64, f64)> {
+    let max = per_slice
+        .iter()
+        .filter_map(|(_, f)| f.map(|f| f.mass))
+        .fold(0.0, f64::max);
+    if max <= 0.0 {
+        return None;
+    }
+    let (mut w, mut r, mut c, mut k) = (0.0, 0.0, 0.0, 0.0);
+    for (slice_k, f) in per_slice {
+        if let Some(f) = f.filter(|f| f.mass >= 0.5 * max) {
+            w += f.mass;
+            r += f.mass * f.point.0;
+            c += f.mass * f.point.1;
+            k += f.mass * slice_k;
+        }
+    }
+    Some((r / w, c / w, k / w))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_strongest_component_and_drops_specks() {
+        let mut s = Array3::<f32>::zeros((2, 40, 40));
+        // Label 0: a big blob (rows 5..15, cols 5..15) and a smaller one.
+        for r in 5..15 {
+            for c in 5..15 {
+                s[[0, r, c]] = 0.9;
+            }
+        }
+        for r in 30..34 {
+            for c in 30..34 {
+                s[[0, r, c]] = 0.95;
+            }
+        }
+        // Label 1: only a 2×2 speck.
+        for r in 20..22 {
+            for c in 20..22 {
+                s[[1, r, c]] = 0.99;
+            }
+        }
+        let f = findings(&s);
+        let f0 = f[0].as_ref().expect("label 0 found");
+        assert_eq!(f0.mask.iter().filter(|v| **v).count(), 100);
+        assert!((f0.point.0 - 9.5).abs() < 1e-9 && (f0.point.1 - 9.5).abs() < 1e-9);
+        assert!(f[1].is_none(), "a speck is not a finding");
+    }
+
+    #[test]
+    fn below_threshold_is_absent() {
+        let s = Array3::<f32>::from_elem((1, 10, 10), 0.49);
+        assert!(findings(&s)[0].is_none());
+    }
+
+    #[test]
+    fn landmark_3d_weights_strong_slices() {
+        let mk = |mass: f64, r: f64| Finding {
+            label: 0,
+            mask: Array2::from_elem((1, 1), true),
+            mass,
+            point: (r, 0.0),
+            confidence: 1.0,
+        };
+        let a = mk(10.0, 100.0);
+        let b = mk(10.0, 110.0);
+        let weak = mk(1.0, 0.0);
+        let p = landmark_3d(&[
+            (5.0, Some(&a)),
+            (10.0, Some(&b)),
+            (15.0, Some(&weak)),
+            (20.0, None),
+        ])
+        .unwrap();
+        assert_eq!(p, (105.0, 0.0, 7.5));
+        assert!(landmark_3d(&[(1.0, None)]).is_none());
+    }
+}

@@ -1,0 +1,148 @@
+//! `scout train`: adapters for every task a data set carries (landmarks from its CSV,
+//! structures from its label maps), trained on its first N cases and saved together in
+//! one `.adapter` file with their provenance.
+
+use crate::adapter::{Adapter, AdapterError, Method, TrainConfig};
+use crate::backbone::{Backbone, FeatureMap};
+use crate::dataset::{Case, Dataset};
+use crate::eval::{train_task, EvalError};
+use crate::features::FeatureCache;
+use crate::templates::Task;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The content of a `.adapter` file: one adapter per task, same backbone.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Bundle {
+    pub format: u32,
+    pub tasks: Vec<(Task, Adapter)>,
+    pub provenance: String,
+}
+
+impl Bundle {
+    pub fn summary(&self) -> String {
+        self.tasks
+            .iter()
+            .map(|(t, a)| {
+                let kind = if matches!(t, Task::Landmarks { .. }) {
+                    "landmarks"
+                } else {
+                    "structures"
+                };
+                format!("{} {kind} [{}]", a.method, a.labels.join(","))
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    pub fn save(&self, path: &Path) -> Result<(), AdapterError> {
+        let err = |d: String| AdapterError::File {
+            path: path.display().to_string(),
+            detail: d,
+        };
+        let text = serde_json::to_string(self).map_err(|e| err(e.to_string()))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+        }
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).map_err(|e| err(e.to_string()))?;
+        std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))
+    }
+
+    /// Loads a bundle and checks that it was made for `backbone`.
+    pub fn load(path: &Path, backbone: &Backbone) -> Result<Bundle, AdapterError> {
+        let err = |d: String| AdapterError::File {
+            path: path.display().to_string(),
+            detail: d,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let b: Bundle = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+        if b.format != 1 {
+            return Err(err(format!(
+                "format {} is not supported (this build reads 1)",
+                b.format
+            )));
+        }
+        for (_, a) in &b.tasks {
+            a.check_backbone(backbone.id(), backbone.checksum())?;
+        }
+        Ok(b)
+    }
+}
+
+pub fn train_dataset(
+    ds: &Dataset,
+    backbone: &Backbone,
+    cache: &FeatureCache,
+    n_templates: usize,
+    method: Method,
+    radius: f64,
+) -> Result<Bundle, EvalError> {
+    let names: Vec<&String> = ds.cases.iter().take(n_templates.max(1)).collect();
+    let mut templates: Vec<(Case, Vec<FeatureMap>)> = Vec::new();
+    for n in &names {
+        let case = ds.load_case(n)?;
+        let fms = case
+            .slices
+            .iter()
+            .map(|s| cache.features(backbone, &s.pixels).map(|(f, _)| f))
+            .collect::<Result<Vec<_>, _>>()?;
+        templates.push((case, fms));
+    }
+    let refs: Vec<(&Case, Vec<FeatureMap>)> =
+        templates.iter().map(|(c, f)| (c, f.clone())).collect();
+    let config = TrainConfig::default();
+    let bb = (backbone.id(), backbone.checksum());
+    let mut tasks = Vec::new();
+    if !ds.landmark_names.is_empty() {
+        let task = Task::Landmarks {
+            names: ds.landmark_names.clone(),
+            radius,
+        };
+        for a in train_task(&task, method, false, &refs, &config, bb)? {
+            tasks.push((task.clone(), a));
+        }
+    }
+    let mut values: Vec<u8> = templates
+        .iter()
+        .flat_map(|(c, _)| {
+            c.slices
+                .iter()
+                .filter_map(|s| s.labels.as_ref())
+                .flat_map(|l| l.iter().copied())
+        })
+        .filter(|v| *v > 0)
+        .collect();
+    values.sort_unstable();
+    values.dedup();
+    if !values.is_empty() {
+        let task = Task::Structures { values };
+        for a in train_task(&task, method, false, &refs, &config, bb)? {
+            tasks.push((task.clone(), a));
+        }
+    }
+    if tasks.is_empty() {
+        return Err(EvalError::Setup(
+            "the data set has neither landmarks nor label maps".into(),
+        ));
+    }
+    let provenance = format!(
+        "scout {} train {} --templates {} --method {method} --radius {radius}: templates {}",
+        env!("CARGO_PKG_VERSION"),
+        ds.dir.display(),
+        n_templates,
+        names
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    for (_, a) in tasks.iter_mut() {
+        a.provenance = provenance.clone();
+    }
+    Ok(Bundle {
+        format: 1,
+        tasks,
+        provenance,
+    })
+}
