@@ -2,7 +2,7 @@
 //! slices: volume data sets (`*_image.nii.gz`, `*_labels.nii.gz`, `landmarks.csv` with
 //! `case,landmark,i,j,k`) become 9 sagittal slices k* + 5m (m = −4..4, clipped); image data
 //! sets (`images/*.png`, `labels/*.png`, `landmarks.csv` with `case,landmark,x,y`) one slice
-//! each. Labels or landmarks may be missing; landmark names are whatever the CSV says.
+//! each (`images/*.dcm` DICOM slices work too). Labels or landmarks may be missing; landmark names are whatever the CSV says.
 
 use crate::image::{self, ImageError};
 use ndarray::Array2;
@@ -99,7 +99,11 @@ impl Dataset {
             let imgs = std::fs::read_dir(dir.join("images"))
                 .map_err(|e| read_err(&dir.join("images"), e))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x.eq_ignore_ascii_case("png")))
+                .filter(|p| {
+                    p.extension().is_some_and(|x| {
+                        x.eq_ignore_ascii_case("png") || x.eq_ignore_ascii_case("dcm")
+                    })
+                })
                 .filter_map(|p| p.file_stem()?.to_str().map(String::from))
                 .collect();
             (Layout::Image, imgs)
@@ -122,8 +126,14 @@ impl Dataset {
         let landmarks = self.landmarks.get(name).cloned().unwrap_or_default();
         match self.layout {
             Layout::Image => {
-                let img = self.dir.join("images").join(format!("{name}.png"));
-                let pixels = image::read_png(&img)?;
+                // PNG or DICOM images; labels are PNG label maps of the same size.
+                let png = self.dir.join("images").join(format!("{name}.png"));
+                let img = if png.exists() {
+                    png
+                } else {
+                    self.dir.join("images").join(format!("{name}.dcm"))
+                };
+                let pixels = image::read_any(&img)?;
                 let lab = self.dir.join("labels").join(format!("{name}.png"));
                 let labels = if lab.exists() {
                     Some(read_label_png(&lab)?)

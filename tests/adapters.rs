@@ -173,6 +173,16 @@ fn dataset_reader_rejects_what_it_cannot_read() {
         "a data set without labels/ is fine"
     );
     assert_eq!(case.slices[0].pixels, Array2::<f32>::zeros((8, 8)));
+    // DICOM slices are images too.
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/testdata/slice.dcm"),
+        tmp.path().join("images/b.dcm"),
+    )
+    .unwrap();
+    let ds = Dataset::open(tmp.path()).unwrap();
+    assert_eq!(ds.cases, ["a", "b"]);
+    let b = ds.load_case("b").unwrap();
+    assert!(b.slices[0].pixels.iter().any(|v| *v > 0.0));
 }
 
 /// The paper's claim on the shared spine MR data: contrastive beats basic on landmarks.
@@ -198,4 +208,33 @@ fn contrastive_beats_basic_on_spine_landmarks() {
         contrastive > basic + 0.2,
         "contrastive {contrastive:.2} vs basic {basic:.2}"
     );
+}
+
+/// The shipped adapters: listed with their SHA-256 and provenance in
+/// models/adapters/adapters.toml, and loadable against the default backbone.
+#[test]
+fn shipped_adapters_match_their_manifest_and_backbone() {
+    use sha2::Digest;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/adapters");
+    let manifest: toml::Table =
+        toml::from_str(&std::fs::read_to_string(dir.join("adapters.toml")).unwrap()).unwrap();
+    let adapters = manifest["adapters"].as_table().unwrap();
+    assert!(adapters.contains_key("spine") && adapters.contains_key("chest"));
+    for (name, entry) in adapters {
+        let file = dir.join(entry["file"].as_str().unwrap());
+        let bytes = std::fs::read(&file).unwrap();
+        let sha: String = sha2::Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(
+            sha,
+            entry["sha256"].as_str().unwrap(),
+            "{name}: {} changed",
+            file.display()
+        );
+        assert!(!entry["provenance"].as_str().unwrap().is_empty());
+        let bundle = scout::train::Bundle::load(&file, backbone()).unwrap();
+        assert_eq!(bundle.tasks.len(), 2, "{name}: landmarks and structures");
+    }
 }
