@@ -399,18 +399,7 @@ pub fn evaluate(
     }
 
     // Structures, from the label values of the template label maps.
-    let mut values: Vec<u8> = templ
-        .iter()
-        .flat_map(|(c, _)| {
-            c.slices
-                .iter()
-                .filter_map(|s| s.labels.as_ref())
-                .flat_map(|l| l.iter().copied())
-        })
-        .filter(|v| *v > 0)
-        .collect();
-    values.sort_unstable();
-    values.dedup();
+    let values = templates::structure_values(templ.iter().map(|(c, _)| c));
     if !values.is_empty() {
         let task = Task::Structures {
             values: values.clone(),

@@ -97,3 +97,20 @@ pub fn cell_labels(regions: &Array2<u8>, fm: &FeatureMap) -> Array2<u8> {
         regions[[r, c]]
     })
 }
+
+/// Label values (other than 0) present in the label maps of some cases, sorted.
+pub fn structure_values<'a>(cases: impl IntoIterator<Item = &'a Case>) -> Vec<u8> {
+    let mut values: Vec<u8> = cases
+        .into_iter()
+        .flat_map(|c| {
+            c.slices
+                .iter()
+                .filter_map(|s| s.labels.as_ref())
+                .flat_map(|l| l.iter().copied())
+        })
+        .filter(|v| *v > 0)
+        .collect();
+    values.sort_unstable();
+    values.dedup();
+    values
+}

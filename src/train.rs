@@ -103,18 +103,7 @@ pub fn train_dataset(
             tasks.push((task.clone(), a));
         }
     }
-    let mut values: Vec<u8> = templates
-        .iter()
-        .flat_map(|(c, _)| {
-            c.slices
-                .iter()
-                .filter_map(|s| s.labels.as_ref())
-                .flat_map(|l| l.iter().copied())
-        })
-        .filter(|v| *v > 0)
-        .collect();
-    values.sort_unstable();
-    values.dedup();
+    let values = crate::templates::structure_values(templates.iter().map(|(c, _)| c));
     if !values.is_empty() {
         let task = Task::Structures { values };
         for a in train_task(&task, method, false, &refs, &config, bb)? {
