@@ -288,6 +288,12 @@ pub fn evaluate(
         empty_slice_fp_rate: BTreeMap::new(),
         timing: Timing::default(),
     };
+    let train_timed = |task: &Task, timing: &mut Timing| -> Result<Trained, AdapterError> {
+        let t = Instant::now();
+        let adapters = train_task(task, opts.method, opts.binary, &templ_refs, &opts.train, bb)?;
+        timing.train_s += t.elapsed().as_secs_f64();
+        Ok(Trained { adapters })
+    };
     let mut adapter_ms = Vec::new();
     let mut sam_ms = Vec::new();
     let mut overlays: BTreeMap<String, Overlay> = BTreeMap::new();
@@ -298,18 +304,7 @@ pub fn evaluate(
             names: dataset.landmark_names.clone(),
             radius: opts.landmark_radius,
         };
-        let t = Instant::now();
-        let trained = Trained {
-            adapters: train_task(
-                &task,
-                opts.method,
-                opts.binary,
-                &templ_refs,
-                &opts.train,
-                bb,
-            )?,
-        };
-        timing.train_s += t.elapsed().as_secs_f64();
+        let trained = train_timed(&task, &mut timing)?;
         let names = &dataset.landmark_names;
         let mut errors3: Vec<Vec<Option<f64>>> = vec![Vec::new(); names.len()];
         let mut errors2: Vec<Vec<Option<f64>>> = vec![Vec::new(); names.len()];
@@ -404,18 +399,7 @@ pub fn evaluate(
         let task = Task::Structures {
             values: values.clone(),
         };
-        let t = Instant::now();
-        let trained = Trained {
-            adapters: train_task(
-                &task,
-                opts.method,
-                opts.binary,
-                &templ_refs,
-                &opts.train,
-                bb,
-            )?,
-        };
-        timing.train_s += t.elapsed().as_secs_f64();
+        let trained = train_timed(&task, &mut timing)?;
         let mut ious: Vec<Vec<f64>> = vec![Vec::new(); values.len()];
         let mut empty = vec![(0usize, 0usize); values.len()];
         let progress = Progress::new(tests.len() as u64, "structures");

@@ -653,8 +653,14 @@ mod tests {
         );
     }
 
-    #[test]
-    fn quota_is_checked_before_writing() {
+    /// A spool opened with `config` and one synthetic instance, split as received.
+    fn one_instance(
+        config: SpoolConfig,
+    ) -> (
+        tempfile::TempDir,
+        Spool,
+        (InstanceMeta, FileMetaTable, Vec<u8>),
+    ) {
         let tmp = tempfile::tempdir().unwrap();
         let src = write_series(
             &tmp.path().join("src"),
@@ -664,15 +670,17 @@ mod tests {
             },
         )
         .unwrap();
-        let spool = Spool::open(
-            &tmp.path().join("spool"),
-            SpoolConfig {
-                max_bytes: 1000,
-                ..config()
-            },
-        )
-        .unwrap();
-        let (m, f, d) = received_parts(&src.files[0]);
+        let spool = Spool::open(&tmp.path().join("spool"), config).unwrap();
+        let parts = received_parts(&src.files[0]);
+        (tmp, spool, parts)
+    }
+
+    #[test]
+    fn quota_is_checked_before_writing() {
+        let (_tmp, spool, (m, f, d)) = one_instance(SpoolConfig {
+            max_bytes: 1000,
+            ..config()
+        });
         let Err(err) = spool.store(&m, &f, &d) else {
             panic!("stored over quota")
         };
@@ -730,24 +738,10 @@ mod tests {
 
     #[test]
     fn without_journal_every_file_is_synced_directly() {
-        let tmp = tempfile::tempdir().unwrap();
-        let src = write_series(
-            &tmp.path().join("src"),
-            &SynthSpec {
-                slices: 1,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let spool = Spool::open(
-            &tmp.path().join("spool"),
-            SpoolConfig {
-                journal_segment_mib: 0,
-                ..config()
-            },
-        )
-        .unwrap();
-        let (m, fm, d) = received_parts(&src.files[0]);
+        let (tmp, spool, (m, fm, d)) = one_instance(SpoolConfig {
+            journal_segment_mib: 0,
+            ..config()
+        });
         let stored = spool.store(&m, &fm, &d).unwrap();
         assert!(stored.pending.is_none());
         assert!(stored.path.exists(), "written before store returns");
