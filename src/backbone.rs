@@ -165,6 +165,32 @@ pub fn set_threads(threads: usize) {
     set_default_executor(executor);
 }
 
+/// Where models run: the CPU (default), or an NVIDIA GPU through tract's CUDA backend
+/// in a build with the `cuda` feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    Cpu,
+    Cuda,
+}
+
+static BACKEND: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Chooses the backend for models loaded from now on (process-wide).
+pub fn set_backend(backend: Backend) {
+    BACKEND.store(
+        backend == Backend::Cuda,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+fn backend() -> Backend {
+    if BACKEND.load(std::sync::atomic::Ordering::Relaxed) {
+        Backend::Cuda
+    } else {
+        Backend::Cpu
+    }
+}
+
 pub(crate) type Runnable = std::sync::Arc<TypedSimplePlan>;
 
 pub(crate) fn load_onnx(
@@ -184,11 +210,23 @@ pub(crate) fn load_onnx(
             .with_input_fact(*ix, f32::fact(shape).into())
             .map_err(err)?;
     }
-    model
-        .into_optimized()
-        .map_err(err)?
-        .into_runnable()
-        .map_err(err)
+    #[allow(unused_mut)]
+    let mut typed = model.into_optimized().map_err(err)?;
+    if backend() == Backend::Cuda {
+        #[cfg(feature = "cuda")]
+        {
+            use tract_core::transform::ModelTransform;
+            tract_cuda::CudaTransform
+                .transform(&mut typed)
+                .map_err(err)?;
+        }
+        #[cfg(not(feature = "cuda"))]
+        return Err(BackboneError::Model {
+            id: id.to_string(),
+            detail: "the CUDA backend was asked for, but this build has no `cuda` feature".into(),
+        });
+    }
+    typed.into_runnable().map_err(err)
 }
 
 /// Features of one slice: `data` is C × h × w; cell (i, j) covers the image region whose
@@ -364,5 +402,25 @@ impl Backbone {
             image_rows: image_dim.0,
             image_columns: image_dim.1,
         })
+    }
+}
+
+#[cfg(all(test, not(feature = "cuda")))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cuda_without_the_feature_is_a_clear_error() {
+        let manifest =
+            Manifest::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/models.toml"))
+                .unwrap();
+        set_backend(Backend::Cuda);
+        let r = Backbone::load(&manifest, "tiny-dinov2-test");
+        set_backend(Backend::Cpu);
+        let Err(e) = r else {
+            panic!("loaded for CUDA without the feature")
+        };
+        assert!(e.to_string().contains("`cuda` feature"), "{e}");
+        assert!(Backbone::load(&manifest, "tiny-dinov2-test").is_ok());
     }
 }

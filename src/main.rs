@@ -150,6 +150,9 @@ struct ModelArgs {
     cache: PathBuf,
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Where the models run; `cuda` needs a build with `--features cuda` and an NVIDIA GPU.
+    #[arg(long, value_enum, default_value_t = scout::backbone::Backend::Cpu)]
+    device: scout::backbone::Backend,
 }
 
 struct Models {
@@ -160,6 +163,7 @@ struct Models {
 
 fn load_models(m: &ModelArgs) -> Result<Models, String> {
     scout::backbone::set_threads(m.threads);
+    scout::backbone::set_backend(m.device);
     let manifest = scout::backbone::Manifest::load(&m.manifest).map_err(|e| e.to_string())?;
     let id = m
         .backbone

@@ -24,9 +24,17 @@ fn read_f32(name: &str) -> Vec<f32> {
         .collect()
 }
 
+/// SCOUT_TEST_BACKEND=cuda runs these parity tests on the GPU (a `--features cuda` build).
+fn choose_backend() {
+    if std::env::var("SCOUT_TEST_BACKEND").is_ok_and(|b| b == "cuda") {
+        scout::backbone::set_backend(scout::backbone::Backend::Cuda);
+    }
+}
+
 fn litemedsam() -> &'static Backbone {
     static B: OnceLock<Backbone> = OnceLock::new();
     B.get_or_init(|| {
+        choose_backend();
         scout::backbone::set_threads(2);
         Backbone::load(&manifest(), "litemedsam").expect("load encoder")
     })
@@ -76,6 +84,7 @@ fn encoder_matches_onnxruntime() {
 #[test]
 fn decoder_matches_onnxruntime_and_takes_any_number_of_points() {
     let b = litemedsam();
+    choose_backend();
     let sam = Sam::load(&manifest(), "litemedsam").unwrap();
     assert_eq!(sam.backbone(), "litemedsam");
     let fm = b.features(&slice_input()).unwrap();
@@ -110,6 +119,7 @@ fn decoder_matches_onnxruntime_and_takes_any_number_of_points() {
 
 #[test]
 fn tiny_dinov2_tokens_become_a_feature_map() {
+    choose_backend();
     let m = manifest();
     let b = Backbone::load(&m, "tiny-dinov2-test").unwrap();
     let small = Array2::from_shape_vec((56, 56), read_f32("tiny_dinov2_input.f32")).unwrap();
