@@ -442,6 +442,68 @@ impl Adapter {
         })
     }
 
+    /// Checks that the stored weights fit together, so that a damaged or hand-edited
+    /// adapter file is refused at load instead of failing inside a matrix product.
+    pub fn validate(&self) -> Result<(), String> {
+        let c = self.feature_mean.len();
+        let n = self.labels.len();
+        if n == 0 || c == 0 || self.feature_std.len() != c {
+            return Err(format!(
+                "{n} labels, {c} feature means, {} stds",
+                self.feature_std.len()
+            ));
+        }
+        let chain = |net: &Mlp, inp: usize| -> Result<usize, String> {
+            let mut width = inp;
+            for (i, l) in net.layers.iter().enumerate() {
+                if l.w.ncols() != width || l.b.len() != l.w.nrows() {
+                    return Err(format!(
+                        "layer {i} is {:?} with {} biases after width {width}",
+                        l.w.dim(),
+                        l.b.len()
+                    ));
+                }
+                width = l.w.nrows();
+            }
+            Ok(width)
+        };
+        match &self.model {
+            Model::Basic { prototypes } if prototypes.dim() != (n, c) => Err(format!(
+                "prototypes {:?}, expected ({n}, {c})",
+                prototypes.dim()
+            )),
+            Model::Basic { .. } => Ok(()),
+            Model::Classification { net } => match chain(net, c)? {
+                out if out == n + 1 => Ok(()),
+                out => Err(format!(
+                    "classifier gives {out} classes, expected {}",
+                    n + 1
+                )),
+            },
+            Model::Contrastive {
+                branch,
+                head,
+                references,
+            } => {
+                let e = chain(branch, c)?;
+                if head.w.dim() != (n + 1, 2 * e) || head.b.len() != n + 1 {
+                    return Err(format!(
+                        "head {:?}, expected ({}, {})",
+                        head.w.dim(),
+                        n + 1,
+                        2 * e
+                    ));
+                }
+                if references.len() != n
+                    || references.iter().any(|r| r.ncols() != c || r.nrows() == 0)
+                {
+                    return Err("reference features do not match the labels or channels".into());
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Checks that features come from the backbone this adapter was trained on.
     pub fn check_backbone(&self, id: &str, sha256: &str) -> Result<(), AdapterError> {
         if !self.backbone_sha256.eq_ignore_ascii_case(sha256) {

@@ -133,7 +133,7 @@ pub fn train_task(
     task: &Task,
     method: Method,
     binary: bool,
-    templates: &[(&Case, Vec<FeatureMap>)],
+    templates: &[(Case, Vec<FeatureMap>)],
     config: &TrainConfig,
     backbone: (&str, &str),
 ) -> Result<Vec<Adapter>, AdapterError> {
@@ -261,8 +261,6 @@ pub fn evaluate(
     progress.bar.finish_and_clear();
 
     let (templ, tests) = cases.split_at(n_templates);
-    let templ_refs: Vec<(&Case, Vec<FeatureMap>)> =
-        templ.iter().map(|(c, f)| (c, f.clone())).collect();
     let bb = (backbone.id(), backbone.checksum());
     let mut timing = Timing {
         encoder_ms_per_slice: (!encoder_ms.is_empty())
@@ -290,7 +288,7 @@ pub fn evaluate(
     };
     let train_timed = |task: &Task, timing: &mut Timing| -> Result<Trained, AdapterError> {
         let t = Instant::now();
-        let adapters = train_task(task, opts.method, opts.binary, &templ_refs, &opts.train, bb)?;
+        let adapters = train_task(task, opts.method, opts.binary, templ, &opts.train, bb)?;
         timing.train_s += t.elapsed().as_secs_f64();
         Ok(Trained { adapters })
     };

@@ -64,6 +64,8 @@ impl Bundle {
             )));
         }
         for (_, a) in &b.tasks {
+            a.validate()
+                .map_err(|d| err(format!("adapter {}: {d}", a.labels.join(","))))?;
             a.check_backbone(backbone.id(), backbone.checksum())?;
         }
         Ok(b)
@@ -89,8 +91,6 @@ pub fn train_dataset(
             .collect::<Result<Vec<_>, _>>()?;
         templates.push((case, fms));
     }
-    let refs: Vec<(&Case, Vec<FeatureMap>)> =
-        templates.iter().map(|(c, f)| (c, f.clone())).collect();
     let config = TrainConfig::default();
     let bb = (backbone.id(), backbone.checksum());
     let mut tasks = Vec::new();
@@ -99,14 +99,14 @@ pub fn train_dataset(
             names: ds.landmark_names.clone(),
             radius,
         };
-        for a in train_task(&task, method, false, &refs, &config, bb)? {
+        for a in train_task(&task, method, false, &templates, &config, bb)? {
             tasks.push((task.clone(), a));
         }
     }
     let values = crate::templates::structure_values(templates.iter().map(|(c, _)| c));
     if !values.is_empty() {
         let task = Task::Structures { values };
-        for a in train_task(&task, method, false, &refs, &config, bb)? {
+        for a in train_task(&task, method, false, &templates, &config, bb)? {
             tasks.push((task.clone(), a));
         }
     }
