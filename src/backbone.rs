@@ -150,7 +150,7 @@ pub fn read_verified(path: &Path, expected: &str) -> Result<Vec<u8>, BackboneErr
     Ok(bytes)
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

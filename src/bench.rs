@@ -330,3 +330,197 @@ pub fn backbone(
     }
     Ok((out, decoder_ms))
 }
+
+/// `scout bench e2e` figures: seconds from the last image acknowledged by the agent to
+/// the SR received at the destination.
+#[derive(Debug, serde::Serialize)]
+pub struct E2eFigures {
+    pub slices: String,
+    pub images: usize,
+    pub gap_ms: u64,
+    pub paced_s: f64,
+    pub burst_s: f64,
+    pub paced_runs: Vec<f64>,
+    pub burst_runs: Vec<f64>,
+    /// Peak resident memory of the agent process (VmHWM).
+    pub peak_rss_mb: f64,
+}
+
+/// Runs the agent (`scout serve`, a child process on the embedded configuration with
+/// `slices` and a destination in this process) and a scanner simulation in this process.
+/// The series is a localizer-like stack: slices of `case` when given, else the phantom.
+pub fn e2e(
+    work: &Path,
+    rounds: usize,
+    gap: Duration,
+    slices: crate::rules::Slices,
+    case: Option<&crate::dataset::Case>,
+) -> Result<E2eFigures, BenchError> {
+    use crate::scu::{self, Outgoing, Peer};
+    std::fs::create_dir_all(work).map_err(setup)?;
+    if !Path::new("models/models.toml").is_file() {
+        return Err(BenchError::Setup(
+            "run from the repository root (the embedded configuration reads models/)".into(),
+        ));
+    }
+    // The destination: scout's own SCP, timing each arrival as soon as it is stored.
+    let mut dest_cfg = Config::embedded().map_err(setup)?;
+    dest_cfg.data_dir = work.join("destination");
+    dest_cfg.scp.ae_title = "DEST".into();
+    dest_cfg.scp.bind = "127.0.0.1".into();
+    dest_cfg.scp.port = 0;
+    dest_cfg.spool.min_free_bytes = 0;
+    dest_cfg.spool.journal_segment_mib = 4;
+    let (arrived_tx, arrived) = crossbeam_channel::unbounded::<(Instant, String)>();
+    let tap: pipeline::InstanceTap = Box::new(move |r| {
+        let _ = arrived_tx.send((Instant::now(), r.meta.sop_class_uid.clone()));
+    });
+    let dest = pipeline::start_ingest_with(&dest_cfg, Some(tap)).map_err(setup)?;
+    let drain = dest.series.clone();
+    std::thread::spawn(move || drain.iter().count());
+
+    let port = free_port()?;
+    let slices_name = match slices {
+        crate::rules::Slices::Center => "center",
+        crate::rules::Slices::All => "all",
+    };
+    let text = crate::config::DEFAULT_CONFIG_TOML
+        .replace(
+            "data_dir = \"scout-data\"",
+            &format!("data_dir = {:?}", work.join("agent").display().to_string()),
+        )
+        .replace("port = 11112", &format!("port = {port}"))
+        .replace("bind = \"0.0.0.0\"", "bind = \"127.0.0.1\"")
+        .replace("min_free_bytes = 536870912", "min_free_bytes = 0")
+        .replace("slices = \"center\"", &format!("slices = \"{slices_name}\""))
+        .replace("destinations = []", "destinations = [\"bench\"]")
+        .replace(
+            "# Where results are sent (C-STORE).",
+            &format!(
+                "[[destinations]]\nname = \"bench\"\nae_title = \"DEST\"\nhost = \"127.0.0.1\"\nport = {}\n\n#",
+                dest.scp.local_addr.port()
+            ),
+        );
+    let cfg_path = work.join("agent.toml");
+    std::fs::write(&cfg_path, text).map_err(setup)?;
+    let log = std::fs::File::create(work.join("agent.log")).map_err(setup)?;
+    let exe = std::env::current_exe().map_err(setup)?;
+    let mut agent = Command::new(exe)
+        .args(["serve", "--config"])
+        .arg(&cfg_path)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(setup)?;
+    let result = (|| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline || agent.try_wait().ok().flatten().is_some() {
+                return Err(BenchError::Setup(format!(
+                    "agent did not start; see {}",
+                    work.join("agent.log").display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let peer = Peer {
+            host: "127.0.0.1".into(),
+            port,
+            called_ae_title: "SCOUT".into(),
+            calling_ae_title: "SCANNER".into(),
+            timeout: Duration::from_secs(30),
+        };
+        let spec = match case {
+            Some(c) => {
+                let (rows, cols) = c.slices[0].pixels.dim();
+                SynthSpec {
+                    slices: c.slices.len(),
+                    rows: rows as u16,
+                    columns: cols as u16,
+                    images: c
+                        .slices
+                        .iter()
+                        .map(|s| s.pixels.mapv(|v| v.clamp(0.0, 65535.0) as u16))
+                        .collect(),
+                    images_in_acquisition: true,
+                    ..SynthSpec::default()
+                }
+            }
+            None => SynthSpec {
+                images_in_acquisition: true,
+                ..SynthSpec::default()
+            },
+        };
+        let mut paced = Vec::new();
+        let mut burst = Vec::new();
+        // Round 0 is a warm-up burst (first inference allocates).
+        for round in 0..=rounds {
+            for (is_paced, times) in [(false, &mut burst), (true, &mut paced)] {
+                if round == 0 && is_paced {
+                    continue;
+                }
+                let series =
+                    synth::write_series(&work.join(format!("series-{round}-{is_paced}")), &spec)
+                        .map_err(BenchError::Setup)?;
+                let items: Vec<Outgoing> = series
+                    .files
+                    .iter()
+                    .map(|f| Outgoing::from_file(f))
+                    .collect::<Result<_, _>>()
+                    .map_err(setup)?;
+                while arrived.try_recv().is_ok() {}
+                let (results, last_ack) =
+                    scu::store_paced(&peer, &items, if is_paced { gap } else { Duration::ZERO })
+                        .map_err(setup)?;
+                if results.iter().any(|r| r.status != Some(0)) {
+                    return Err(BenchError::Setup(format!(
+                        "agent refused images: {results:?}"
+                    )));
+                }
+                let sr_at = loop {
+                    let (t, class) =
+                        arrived
+                            .recv_timeout(Duration::from_secs(120))
+                            .map_err(|_| {
+                                BenchError::Setup(format!(
+                                    "no SR within 120 s; see {}",
+                                    work.join("agent.log").display()
+                                ))
+                            })?;
+                    if class == crate::sr::COMPREHENSIVE_3D_SR {
+                        break t;
+                    }
+                };
+                if round > 0 {
+                    times.push(sr_at.saturating_duration_since(last_ack).as_secs_f64());
+                }
+                // Let the SEG follow before the next series starts.
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+        let rss = std::fs::read_to_string(format!("/proc/{}/status", agent.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
+            .map_or(f64::NAN, |kb| kb / 1024.0);
+        Ok(E2eFigures {
+            slices: slices_name.into(),
+            images: spec.slices,
+            gap_ms: gap.as_millis() as u64,
+            paced_s: median(paced.clone()),
+            burst_s: median(burst.clone()),
+            paced_runs: paced,
+            burst_runs: burst,
+            peak_rss_mb: rss,
+        })
+    })();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    dest.scp.stop();
+    result
+}

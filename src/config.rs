@@ -3,6 +3,7 @@
 //! The default configuration is `config/scout.toml`, compiled in, so `scout serve` with no
 //! file runs on exactly what the repository documents.
 
+use crate::rules::{Destination, Rule};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -36,6 +37,36 @@ pub struct Config {
     pub scp: ScpConfig,
     pub spool: SpoolConfig,
     pub series: SeriesConfig,
+    pub models: ModelsConfig,
+    pub outbox: OutboxConfig,
+    #[serde(default)]
+    pub destinations: Vec<Destination>,
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelsConfig {
+    /// `models.toml` of the backbones (relative paths: to the working directory).
+    pub manifest: PathBuf,
+    /// Backbone id in the manifest; empty: the manifest's default.
+    #[serde(default)]
+    pub backbone: String,
+    /// Threads for the encoder; 0 = one per core.
+    #[serde(default)]
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxConfig {
+    /// First wait after a failed send; doubles per failure up to `retry_max_s`.
+    pub retry_initial_s: u64,
+    pub retry_max_s: u64,
+    /// A result the peer refused this many times (a failure status, not a connection
+    /// problem) is moved to `outbox/<destination>/failed/` and reported.
+    pub max_refusals: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -132,6 +163,14 @@ impl Config {
         self.data_dir.join("spool")
     }
 
+    pub fn outbox_dir(&self) -> PathBuf {
+        self.data_dir.join("outbox")
+    }
+
+    pub fn results_dir(&self) -> PathBuf {
+        self.data_dir.join("results")
+    }
+
     /// Every problem at once, so an operator fixes the file in one go.
     fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
@@ -190,6 +229,14 @@ impl Config {
         if self.series.idle_ms == 0 {
             p.push("series.idle_ms must be positive".into());
         }
+        if self.outbox.retry_initial_s == 0 || self.outbox.retry_max_s < self.outbox.retry_initial_s
+        {
+            p.push("outbox: need 1 <= retry_initial_s <= retry_max_s".into());
+        }
+        if self.outbox.max_refusals == 0 {
+            p.push("outbox.max_refusals must be at least 1".into());
+        }
+        p.extend(crate::rules::problems(&self.rules, &self.destinations));
         p
     }
 }

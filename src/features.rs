@@ -103,3 +103,144 @@ impl FeatureCache {
         Ok((fm, true))
     }
 }
+
+/// Features of spooled instances for the running agent, computed once per instance:
+/// a prefetch worker fills it while a series arrives, and the analysis takes what is
+/// ready, waits for what is being computed and computes the rest itself.
+pub struct FeatureStore {
+    backbone: std::sync::Arc<Backbone>,
+    slots: std::sync::Mutex<Slots>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct Slots {
+    map: std::collections::HashMap<String, Slot>,
+    /// Insertion order, to bound memory if series are abandoned.
+    order: std::collections::VecDeque<String>,
+    /// Instances whose series was analysed: a prefetch job still queued for one is stale.
+    finished: std::collections::HashSet<String>,
+    finished_order: std::collections::VecDeque<String>,
+}
+
+enum Slot {
+    Running,
+    Ready(std::sync::Arc<FeatureMap>),
+}
+
+/// Feature maps kept at most (a LiteMedSAM map is 4 MiB): a few localizers' worth.
+const KEEP: usize = 48;
+
+impl FeatureStore {
+    pub fn new(backbone: std::sync::Arc<Backbone>) -> FeatureStore {
+        FeatureStore {
+            backbone,
+            slots: std::sync::Mutex::new(Slots::default()),
+            changed: std::sync::Condvar::new(),
+        }
+    }
+
+    pub fn backbone(&self) -> &Backbone {
+        &self.backbone
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
+        // A panic elsewhere must not stop the agent: the map stays consistent per entry.
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Features of the instance `uid` stored at `path`.
+    pub fn get(&self, uid: &str, path: &Path) -> Result<std::sync::Arc<FeatureMap>, BackboneError> {
+        let mut slots = self.lock();
+        loop {
+            match slots.map.get(uid) {
+                Some(Slot::Ready(fm)) => return Ok(fm.clone()),
+                Some(Slot::Running) => {
+                    slots = self.changed.wait(slots).unwrap_or_else(|p| p.into_inner());
+                }
+                None => break,
+            }
+        }
+        slots.map.insert(uid.to_string(), Slot::Running);
+        drop(slots);
+        let result = crate::image::read_dicom(path)
+            .map_err(BackboneError::from)
+            .and_then(|px| crate::image::normalize(&px).map_err(BackboneError::from))
+            .and_then(|n| self.backbone.features(&n));
+        let mut slots = self.lock();
+        let out = match result {
+            Ok(fm) => {
+                let fm = std::sync::Arc::new(fm);
+                slots.map.insert(uid.to_string(), Slot::Ready(fm.clone()));
+                slots.order.push_back(uid.to_string());
+                while slots.order.len() > KEEP {
+                    if let Some(old) = slots.order.pop_front() {
+                        slots.map.remove(&old);
+                    }
+                }
+                Ok(fm)
+            }
+            Err(e) => {
+                slots.map.remove(uid);
+                Err(e)
+            }
+        };
+        self.changed.notify_all();
+        out
+    }
+
+    /// Drops the features of instances whose series has been analysed.
+    pub fn forget<'a>(&self, uids: impl IntoIterator<Item = &'a str>) {
+        let mut slots = self.lock();
+        for uid in uids {
+            if matches!(slots.map.get(uid), Some(Slot::Ready(_))) {
+                slots.map.remove(uid);
+                slots.order.retain(|u| u != uid);
+            }
+            if slots.finished.insert(uid.to_string()) {
+                slots.finished_order.push_back(uid.to_string());
+            }
+        }
+        while slots.finished_order.len() > 4096 {
+            if let Some(old) = slots.finished_order.pop_front() {
+                slots.finished.remove(&old);
+            }
+        }
+    }
+
+    /// Computes features ahead of the analysis unless they are no longer needed.
+    pub fn prefetch(&self, uid: &str, path: &Path) -> Result<(), BackboneError> {
+        if self.lock().finished.contains(uid) {
+            return Ok(());
+        }
+        self.get(uid, path).map(|_| ())
+    }
+
+    /// How many feature maps are held (for tests and metrics).
+    pub fn len(&self) -> usize {
+        self.lock().map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Computes features of instances sent to it until the channel closes. A failure is only
+/// logged: the analysis computes the instance again and reports the error with its series.
+pub fn prefetch(
+    store: std::sync::Arc<FeatureStore>,
+    jobs: crossbeam_channel::Receiver<crate::spool::Received>,
+) {
+    for r in jobs.iter() {
+        let t = std::time::Instant::now();
+        match store.prefetch(&r.meta.sop_instance_uid, &r.path) {
+            Ok(_) => log::debug!(
+                "features: {} ready in {:.0} ms",
+                r.meta.sop_instance_uid,
+                t.elapsed().as_secs_f64() * 1000.0
+            ),
+            Err(e) => log::warn!("features: {}: {e}", r.meta.sop_instance_uid),
+        }
+    }
+}

@@ -88,6 +88,21 @@ impl SliceGeometry {
         Some(dot(self.normal()?, self.position?))
     }
 
+    /// The inverse of `pixel_to_patient` for a point on (or projected onto) the slice
+    /// plane: (row, column) of its foot point.
+    pub fn patient_to_pixel(&self, p: [f64; 3]) -> Option<(f64, f64)> {
+        let o = self.orientation?;
+        let pos = self.position?;
+        let [dr, dc] = self.pixel_spacing?;
+        if dr <= 0.0 || dc <= 0.0 {
+            return None;
+        }
+        let d = [p[0] - pos[0], p[1] - pos[1], p[2] - pos[2]];
+        let column = dot(d, [o[0], o[1], o[2]]) / dc;
+        let row = dot(d, [o[3], o[4], o[5]]) / dr;
+        Some((row, column))
+    }
+
     /// Patient coordinates (mm) of the centre of pixel (row, column), PS3.3 C.7.6.2.1.1.
     pub fn pixel_to_patient(&self, row: f64, column: f64) -> Option<[f64; 3]> {
         let o = self.orientation?;

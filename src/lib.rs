@@ -5,10 +5,12 @@
 //! exchange plain data types over bounded `crossbeam` channels.
 
 pub mod adapter;
+pub mod analysis;
 pub mod backbone;
 pub mod bench;
 pub mod config;
 pub mod dataset;
+pub mod derived;
 pub mod dimse;
 pub mod eval;
 pub mod features;
@@ -16,13 +18,18 @@ pub mod geometry;
 pub mod image;
 pub mod instance;
 pub mod journal;
+pub mod outbox;
 pub mod pipeline;
 pub mod postprocess;
+pub mod results;
+pub mod rules;
 pub mod sam;
 pub mod scp;
 pub mod scu;
+pub mod seg;
 pub mod series;
 pub mod spool;
+pub mod sr;
 pub mod synth;
 pub mod templates;
 pub mod train;

@@ -126,6 +126,25 @@ enum BenchCmd {
         #[arg(long, default_value_t = 2)]
         threads: usize,
     },
+    /// Whole agent: last image acknowledged → SR at the destination, for a 9-slice
+    /// localizer sent at scanner pace and all at once; peak RSS of the agent.
+    /// Run from the repository root (the agent reads models/).
+    E2e {
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Pause between images in the paced case (ms).
+        #[arg(long, default_value_t = 300)]
+        gap_ms: u64,
+        /// Slices the rules analyse (overrides the configuration's "center").
+        #[arg(long, value_enum, default_value_t = SlicesArg::Center)]
+        slices: SlicesArg,
+        /// A volume data set (e.g. ../shared/data/spine-mr): its 6th case's 9-slice
+        /// stack is the series; default: the synthetic phantom.
+        #[arg(long)]
+        dataset: Option<PathBuf>,
+        #[arg(long)]
+        work: Option<PathBuf>,
+    },
     /// DCMTK storescu → scout vs DCMTK storescu → DCMTK storescp.
     Ingest {
         #[arg(long, default_value_t = 500)]
@@ -136,6 +155,12 @@ enum BenchCmd {
         #[arg(long)]
         work: Option<PathBuf>,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SlicesArg {
+    Center,
+    All,
 }
 
 #[derive(clap::Args)]
@@ -247,7 +272,9 @@ fn run(cli: Cli) -> Result<(), String> {
             scout::pipeline::serve(&config).map_err(|e| e.to_string())
         }
         Cmd::CheckConfig { file } => {
-            load_config(Some(&file))?;
+            let config = load_config(Some(&file))?;
+            // Models and adapters too: missing files, checksums, uncoded labels.
+            scout::analysis::Engine::load(&config).map_err(|e| e.to_string())?;
             println!("{}: ok", file.display());
             Ok(())
         }
@@ -421,6 +448,71 @@ fn run(cli: Cli) -> Result<(), String> {
             println!("  peak RSS {peak:.0} MiB");
             let json = serde_json::json!({ "tract": figures, "decoder_ms": decoder_ms, "threads": threads, "peak_rss_mib": peak });
             println!("{json}");
+            Ok(())
+        }
+        Cmd::Bench {
+            what:
+                BenchCmd::E2e {
+                    rounds,
+                    gap_ms,
+                    slices,
+                    dataset,
+                    work,
+                },
+        } => {
+            let work = work.unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("scout-bench-e2e-{}", std::process::id()))
+            });
+            let case = match &dataset {
+                Some(d) => {
+                    let ds = scout::dataset::Dataset::open(d).map_err(|e| e.to_string())?;
+                    let name = ds
+                        .cases
+                        .get(5)
+                        .ok_or("the data set has fewer than 6 cases")?
+                        .clone();
+                    Some(ds.load_case(&name).map_err(|e| e.to_string())?)
+                }
+                None => None,
+            };
+            let slices = match slices {
+                SlicesArg::Center => scout::rules::Slices::Center,
+                SlicesArg::All => scout::rules::Slices::All,
+            };
+            let f = scout::bench::e2e(
+                &work,
+                rounds,
+                Duration::from_millis(gap_ms),
+                slices,
+                case.as_ref(),
+            )
+            .map_err(|e| e.to_string());
+            let _ = std::fs::remove_dir_all(&work);
+            let f = f?;
+            println!(
+                "end to end, {} images, slices = {}, median of {rounds} (last image acknowledged → SR stored at the destination):",
+                f.images, f.slices
+            );
+            println!(
+                "  paced ({} ms apart)  {:.2} s  {:?}",
+                f.gap_ms, f.paced_s, f.paced_runs
+            );
+            println!(
+                "  burst               {:.2} s  {:?}",
+                f.burst_s, f.burst_runs
+            );
+            println!("  agent peak RSS      {:.0} MiB", f.peak_rss_mb);
+            println!(
+                "{}",
+                serde_json::json!({
+                    "paced_s": f.paced_s,
+                    "burst_s": f.burst_s,
+                    "peak_rss_mb": f.peak_rss_mb,
+                    "slices": f.slices,
+                    "images": f.images,
+                    "gap_ms": f.gap_ms,
+                })
+            );
             Ok(())
         }
         Cmd::Bench {

@@ -126,23 +126,30 @@ pub fn findings(scores: &Array3<f32>) -> Vec<Option<Finding>> {
 /// A 3D landmark from a stack of slices: the slices whose finding carries at least half
 /// the mass of the strongest one vote, weighted by mass, for (row, column, k).
 pub fn landmark_3d(per_slice: &[(f64, Option<&Finding>)]) -> Option<(f64, f64, f64)> {
-    let max = per_slice
+    let candidates: Vec<(f64, [f64; 3])> = per_slice
         .iter()
-        .filter_map(|(_, f)| f.map(|f| f.mass))
-        .fold(0.0, f64::max);
+        .filter_map(|(k, f)| f.map(|f| (f.mass, [f.point.0, f.point.1, *k])))
+        .collect();
+    vote(&candidates).map(|p| (p[0], p[1], p[2]))
+}
+
+/// Mass-weighted mean of the points whose mass is at least half the largest: weak
+/// findings on neighbouring slices do not pull the point away. Any 3D coordinates
+/// (row, column, slice) or patient millimetres.
+pub fn vote(candidates: &[(f64, [f64; 3])]) -> Option<[f64; 3]> {
+    let max = candidates.iter().map(|c| c.0).fold(0.0, f64::max);
     if max <= 0.0 {
         return None;
     }
-    let (mut w, mut r, mut c, mut k) = (0.0, 0.0, 0.0, 0.0);
-    for (slice_k, f) in per_slice {
-        if let Some(f) = f.filter(|f| f.mass >= 0.5 * max) {
-            w += f.mass;
-            r += f.mass * f.point.0;
-            c += f.mass * f.point.1;
-            k += f.mass * slice_k;
+    let mut w = 0.0;
+    let mut acc = [0.0; 3];
+    for (mass, p) in candidates.iter().filter(|c| c.0 >= 0.5 * max) {
+        w += mass;
+        for i in 0..3 {
+            acc[i] += mass * p[i];
         }
     }
-    Some((r / w, c / w, k / w))
+    Some(acc.map(|v| v / w))
 }
 
 #[cfg(test)]

@@ -184,6 +184,16 @@ pub struct StoreResult {
 
 /// Sends every instance on one association, each in its own transfer syntax.
 pub fn store(peer: &Peer, items: &[Outgoing]) -> Result<Vec<StoreResult>, ScuError> {
+    store_paced(peer, items, Duration::ZERO).map(|(r, _)| r)
+}
+
+/// `store` with a pause of `gap` before every instance but the first, like a scanner
+/// sending images as they are reconstructed. Also returns when the last response came.
+pub fn store_paced(
+    peer: &Peer,
+    items: &[Outgoing],
+    gap: Duration,
+) -> Result<(Vec<StoreResult>, std::time::Instant), ScuError> {
     let mut contexts: Vec<(String, String)> = Vec::new();
     for it in items {
         let key = (it.sop_class_uid.clone(), it.transfer_syntax_uid.clone());
@@ -202,7 +212,11 @@ pub fn store(peer: &Peer, items: &[Outgoing]) -> Result<Vec<StoreResult>, ScuErr
     }
     let mut assoc = connect(peer, opts)?;
     let mut results = Vec::with_capacity(items.len());
+    let mut last = std::time::Instant::now();
     for (i, it) in items.iter().enumerate() {
+        if i > 0 && !gap.is_zero() {
+            std::thread::sleep(gap);
+        }
         let pc_id = assoc
             .presentation_contexts()
             .iter()
@@ -238,6 +252,7 @@ pub fn store(peer: &Peer, items: &[Outgoing]) -> Result<Vec<StoreResult>, ScuErr
                 rsp.message_id
             )));
         }
+        last = std::time::Instant::now();
         results.push(StoreResult {
             sop_instance_uid: it.sop_instance_uid.clone(),
             status: rsp.status,
@@ -245,5 +260,5 @@ pub fn store(peer: &Peer, items: &[Outgoing]) -> Result<Vec<StoreResult>, ScuErr
         });
     }
     let _ = assoc.release();
-    Ok(results)
+    Ok((results, last))
 }

@@ -23,6 +23,8 @@ pub struct SynthSpec {
     /// Write Images in Acquisition (0020,1002) = total instance count.
     pub images_in_acquisition: bool,
     pub slice_gap_mm: f64,
+    /// Pixel values per slice (rows × columns each, one plane); empty: the phantom.
+    pub images: Vec<ndarray::Array2<u16>>,
 }
 
 impl Default for SynthSpec {
@@ -36,6 +38,7 @@ impl Default for SynthSpec {
             series_description: "SYNTH LOCALIZER".into(),
             images_in_acquisition: false,
             slice_gap_mm: 5.0,
+            images: Vec::new(),
         }
     }
 }
@@ -81,6 +84,14 @@ fn ds(v: &[f64]) -> PrimitiveValue {
 
 /// Writes one series (Explicit VR Little Endian Part-10 files) into `dir`.
 pub fn write_series(dir: &Path, spec: &SynthSpec) -> Result<SynthSeries, String> {
+    if spec
+        .images
+        .iter()
+        .any(|i| i.dim() != (spec.rows as usize, spec.columns as usize))
+        || (!spec.images.is_empty() && (spec.images.len() != spec.slices || spec.planes.len() != 1))
+    {
+        return Err("images must be one rows × columns array per slice of one plane".into());
+    }
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let study = new_uid();
     let series = new_uid();
@@ -229,7 +240,10 @@ pub fn write_series(dir: &Path, spec: &SynthSpec) -> Result<SynthSeries, String>
                 DataElement::new(
                     tags::PIXEL_DATA,
                     VR::OW,
-                    PrimitiveValue::from(phantom(spec.rows, spec.columns, k)),
+                    PrimitiveValue::from(match spec.images.get(k) {
+                        Some(img) => img.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                        None => phantom(spec.rows, spec.columns, k),
+                    }),
                 ),
             ]);
             if spec.images_in_acquisition {

@@ -64,11 +64,139 @@ pub fn config_text(port: u16, data_dir: &Path, edits: &[(&str, &str)]) -> String
         .replace("min_free_bytes = 536870912", "min_free_bytes = 0")
         // Small journal segments: every test opens its own spool.
         .replace("journal_segment_mib = 32", "journal_segment_mib = 4");
+    // Ingest tests run without task rules: no models to load, no analysis competing
+    // for the CPU; `agent_config` keeps them.
+    if let Some(i) = t.find("\n[[rules]]") {
+        t.truncate(i + 1);
+    }
     for (from, to) in edits {
         assert!(t.contains(from), "config has no {from:?}");
         t = t.replace(from, to);
     }
     t
+}
+
+/// The full agent: the default rules with absolute model paths, every rule sending to a
+/// destination "dest" on `dest_port`.
+pub fn agent_config(port: u16, data_dir: &Path, dest_port: u16, edits: &[(&str, &str)]) -> String {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut t = config_text(port, data_dir, &[])
+        + &scout::config::DEFAULT_CONFIG_TOML[scout::config::DEFAULT_CONFIG_TOML
+            .find("\n[[rules]]")
+            .expect("default config has rules")
+            + 1..];
+    t = t
+        .replace("manifest = \"models/", &format!("manifest = \"{root}/models/"))
+        .replace("adapter = \"models/", &format!("adapter = \"{root}/models/"))
+        .replace("destinations = []", "destinations = [\"dest\"]")
+        .replace(
+            "# Where results are sent (C-STORE).",
+            &format!(
+                "[[destinations]]\nname = \"dest\"\nae_title = \"DEST\"\nhost = \"127.0.0.1\"\nport = {dest_port}\ntimeout_s = 5\n\n#"
+            ),
+        )
+        .replace("retry_initial_s = 2", "retry_initial_s = 1")
+        .replace("retry_max_s = 300", "retry_max_s = 2");
+    for (from, to) in edits {
+        assert!(t.contains(from), "config has no {from:?}");
+        t = t.replace(from, to);
+    }
+    t
+}
+
+/// True when dicom3tools' dciodvfy is on PATH; skips loudly or panics like `dcmtk`.
+pub fn dicom3tools(test: &str) -> bool {
+    let ok = Command::new("which")
+        .arg("dciodvfy")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        if std::env::var_os("SCOUT_REQUIRE_DCMTK").is_some() {
+            panic!("{test}: dicom3tools (dciodvfy) is required but not installed");
+        }
+        eprintln!("\n*** SKIPPED {test}: dicom3tools is not installed (apt-get install dicom3tools) ***\n");
+    }
+    ok
+}
+
+/// `dciodvfy` on a file: the lines that report errors (empty = valid).
+pub fn dciodvfy_errors(file: &Path) -> Vec<String> {
+    let out = Command::new("dciodvfy")
+        .arg(file)
+        .output()
+        .expect("run dciodvfy");
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .chain(String::from_utf8_lossy(&out.stdout).lines())
+        .filter(|l| l.contains("Error"))
+        .map(String::from)
+        .collect()
+}
+
+/// DCMTK `storescp` writing every received instance under a unique file name (so a
+/// duplicate delivery shows as a second file); killed when dropped.
+pub struct Storescp {
+    child: Child,
+    pub port: u16,
+    pub dir: PathBuf,
+}
+
+impl Storescp {
+    pub fn start(port: u16, dir: &Path) -> Storescp {
+        std::fs::create_dir_all(dir).unwrap();
+        let child = Command::new("storescp")
+            .args(["-aet", "DEST", "+uf", "-od"])
+            .arg(dir)
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start storescp");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "storescp not listening");
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        Storescp {
+            child,
+            port,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Received files whose name starts with `prefix` ("SR3" = Comprehensive 3D SR,
+    /// "SG" = Segmentation).
+    pub fn received(&self, prefix: &str) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .map(|r| r.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        v.retain(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(prefix) && !n.ends_with(".tmp"))
+        });
+        v.sort();
+        v
+    }
+
+    pub fn wait_for(&self, prefix: &str, count: usize, timeout: Duration) -> Vec<PathBuf> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.received(prefix);
+            if v.len() >= count || Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Storescp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// `scout serve` in a child process; killed when dropped.

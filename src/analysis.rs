@@ -1,0 +1,384 @@
+//! The adapters stage of the agent: loads the backbone and each rule's adapter bundle
+//! once, and turns a completed series into one `SeriesResult` per matching rule.
+//! Features come from the shared `FeatureStore`, so slices computed while the series
+//! arrived are not computed again.
+
+use crate::adapter::AdapterError;
+use crate::backbone::{self, Backbone, BackboneError, Manifest};
+use crate::config::Config;
+use crate::features::FeatureStore;
+use crate::instance::InstanceMeta;
+use crate::postprocess;
+use crate::results::{Landmark, LandmarkPoint, SeriesResult, SourceImage, StackResult, Structure};
+use crate::rules::{Candidate, Rule, Slices};
+use crate::series::{Series, Stack};
+use crate::templates::Task;
+use crate::train::Bundle;
+use sha2::{Digest, Sha256};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AnalysisError {
+    #[error(transparent)]
+    Backbone(#[from] BackboneError),
+    #[error("rule {rule}: adapter {path}: {source}")]
+    Adapter {
+        rule: String,
+        path: PathBuf,
+        source: Box<AdapterError>,
+    },
+    #[error("rule {rule}: {detail}")]
+    Rule { rule: String, detail: String },
+    #[error("rule {rule}: instance {sop_instance_uid}: {source}")]
+    Instance {
+        rule: String,
+        sop_instance_uid: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+struct LoadedRule {
+    rule: Rule,
+    bundle: Bundle,
+    /// First 16 hex digits of the bundle file's SHA-256: which adapter made a result.
+    bundle_sha: String,
+}
+
+pub struct Engine {
+    store: Arc<FeatureStore>,
+    rules: Vec<LoadedRule>,
+    localizer_patterns: Vec<String>,
+}
+
+impl Engine {
+    /// Loads models and adapters for the configured rules; None when there are no rules.
+    /// Every adapter label must have its code in the rule, so no result goes out uncoded.
+    pub fn load(config: &Config) -> Result<Option<Engine>, AnalysisError> {
+        if config.rules.is_empty() {
+            return Ok(None);
+        }
+        let manifest = Manifest::load(&config.models.manifest)?;
+        let id = if config.models.backbone.is_empty() {
+            manifest.default_backbone.clone()
+        } else {
+            config.models.backbone.clone()
+        };
+        let threads = match config.models.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        backbone::set_threads(threads);
+        let bb = Backbone::load(&manifest, &id)?;
+        let mut rules = Vec::new();
+        for rule in &config.rules {
+            let err = |detail: String| AnalysisError::Rule {
+                rule: rule.name.clone(),
+                detail,
+            };
+            let bundle =
+                Bundle::load(&rule.adapter, &bb).map_err(|source| AnalysisError::Adapter {
+                    rule: rule.name.clone(),
+                    path: rule.adapter.clone(),
+                    source: Box::new(source),
+                })?;
+            let bytes = std::fs::read(&rule.adapter)
+                .map_err(|e| err(format!("{}: {e}", rule.adapter.display())))?;
+            let mut missing = Vec::new();
+            for (task, _) in &bundle.tasks {
+                match task {
+                    Task::Landmarks { names, .. } => missing.extend(
+                        names
+                            .iter()
+                            .filter(|n| !rule.landmarks.contains_key(*n))
+                            .map(|n| format!("landmarks.{n}")),
+                    ),
+                    Task::Structures { values } => missing.extend(
+                        values
+                            .iter()
+                            .filter(|v| !rule.structures.contains_key(&v.to_string()))
+                            .map(|v| format!("structures.{v}")),
+                    ),
+                }
+            }
+            if !missing.is_empty() {
+                return Err(err(format!(
+                    "the adapter has labels without a code in the rule: {}",
+                    missing.join(", ")
+                )));
+            }
+            log::info!(
+                "rule {}: adapter {} ({})",
+                rule.name,
+                rule.adapter.display(),
+                bundle.summary()
+            );
+            rules.push(LoadedRule {
+                rule: rule.clone(),
+                bundle,
+                bundle_sha: backbone::hex(&Sha256::digest(&bytes))[..16].to_string(),
+            });
+        }
+        log::info!(
+            "analysis: backbone {id}, {threads} threads, {} rules",
+            rules.len()
+        );
+        Ok(Some(Engine {
+            store: Arc::new(FeatureStore::new(Arc::new(bb))),
+            rules,
+            localizer_patterns: config.series.localizer_patterns.clone(),
+        }))
+    }
+
+    pub fn store(&self) -> &Arc<FeatureStore> {
+        &self.store
+    }
+
+    /// Whether features of this instance should be computed as soon as it arrives: a
+    /// rule that analyses every slice could match its series.
+    pub fn wants_prefetch(&self, meta: &InstanceMeta) -> bool {
+        if !is_image(&meta.sop_class_uid) {
+            return false;
+        }
+        let c = Candidate::of_instance(meta, &self.localizer_patterns);
+        self.rules
+            .iter()
+            .any(|r| r.rule.slices == Slices::All && r.rule.criteria.matches(&c))
+    }
+
+    /// Whether some rule analyses every slice (only those gain from prefetching).
+    pub fn has_streaming_rules(&self) -> bool {
+        self.rules.iter().any(|r| r.rule.slices == Slices::All)
+    }
+
+    /// Names of the rules whose criteria match some stack of the series.
+    pub fn matching_rules(&self, series: &Series) -> Vec<&str> {
+        self.rules
+            .iter()
+            .filter(|r| !matching_stacks(&r.rule, series).is_empty())
+            .map(|r| r.rule.name.as_str())
+            .collect()
+    }
+
+    /// One result per matching rule. Features of the series are released afterwards.
+    pub fn analyze(&self, series: &Series) -> Vec<Result<SeriesResult, AnalysisError>> {
+        let out = self
+            .rules
+            .iter()
+            .filter_map(|r| {
+                let stacks = matching_stacks(&r.rule, series);
+                (!stacks.is_empty()).then(|| self.analyze_rule(r, series, &stacks))
+            })
+            .collect();
+        self.store
+            .forget(series.instances().map(|r| r.meta.sop_instance_uid.as_str()));
+        out
+    }
+
+    fn analyze_rule(
+        &self,
+        lr: &LoadedRule,
+        series: &Series,
+        stacks: &[&Stack],
+    ) -> Result<SeriesResult, AnalysisError> {
+        let rule = &lr.rule;
+        let mut uids: Vec<&str> = stacks
+            .iter()
+            .flat_map(|s| s.instances.iter().map(|r| r.meta.sop_instance_uid.as_str()))
+            .collect();
+        uids.sort_unstable();
+        let mut h = Sha256::new();
+        h.update(rule.name.as_bytes());
+        for u in &uids {
+            h.update(b"\n");
+            h.update(u.as_bytes());
+        }
+        let key = backbone::hex(&h.finalize())[..32].to_string();
+
+        // Per landmark name: (mass, patient point, stack, image, confidence, FoR).
+        let mut candidates: Vec<(String, Vec<Candidate3d>)> = Vec::new();
+        let mut stack_results = Vec::new();
+        for (si, stack) in stacks.iter().enumerate() {
+            let images: Vec<SourceImage> = stack
+                .instances
+                .iter()
+                .map(|r| SourceImage {
+                    sop_class_uid: r.meta.sop_class_uid.clone(),
+                    sop_instance_uid: r.meta.sop_instance_uid.clone(),
+                    geometry: r.meta.geometry.clone(),
+                    path: r.path.clone(),
+                })
+                .collect();
+            let analysed: Vec<usize> = match rule.slices {
+                Slices::Center => vec![images.len() / 2],
+                Slices::All => (0..images.len()).collect(),
+            };
+            let mut structures: Vec<Structure> = Vec::new();
+            for &ii in &analysed {
+                let img = &images[ii];
+                let inst_err =
+                    |source: Box<dyn std::error::Error + Send + Sync>| AnalysisError::Instance {
+                        rule: rule.name.clone(),
+                        sop_instance_uid: img.sop_instance_uid.clone(),
+                        source,
+                    };
+                let fm = self
+                    .store
+                    .get(&img.sop_instance_uid, &img.path)
+                    .map_err(|e| inst_err(Box::new(e)))?;
+                for (task, adapter) in &lr.bundle.tasks {
+                    let scores = adapter.scores(&fm).map_err(|e| inst_err(Box::new(e)))?;
+                    let up = postprocess::upsample_scores(&scores, fm.image_rows, fm.image_columns);
+                    let found = postprocess::findings(&up);
+                    match task {
+                        Task::Landmarks { names, .. } => {
+                            for (name, f) in names.iter().zip(&found) {
+                                let Some(f) = f else { continue };
+                                let (Some(p), Some(frame)) = (
+                                    img.geometry.pixel_to_patient(f.point.0, f.point.1),
+                                    img.geometry.frame_of_reference_uid.clone(),
+                                ) else {
+                                    log::warn!(
+                                        "rule {}: {} has no usable geometry or frame of reference; landmark {name} not placed",
+                                        rule.name,
+                                        img.sop_instance_uid
+                                    );
+                                    continue;
+                                };
+                                let c = Candidate3d {
+                                    mass: f.mass,
+                                    patient: p,
+                                    stack: si,
+                                    image: ii,
+                                    confidence: f.confidence,
+                                    frame,
+                                };
+                                match candidates.iter_mut().find(|(n, _)| n == name) {
+                                    Some((_, v)) => v.push(c),
+                                    None => candidates.push((name.clone(), vec![c])),
+                                }
+                            }
+                        }
+                        Task::Structures { values } => {
+                            for (&value, f) in values.iter().zip(found) {
+                                let Some(f) = f else { continue };
+                                let Some(code) = rule.structures.get(&value.to_string()) else {
+                                    continue;
+                                };
+                                match structures.iter_mut().find(|s| s.value == value) {
+                                    Some(s) => s.masks.push((ii, f.mask)),
+                                    None => structures.push(Structure {
+                                        value,
+                                        code: code.clone(),
+                                        masks: vec![(ii, f.mask)],
+                                    }),
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            structures.sort_by_key(|s| s.value);
+            stack_results.push(StackResult {
+                plane: stack.plane,
+                images,
+                analysed,
+                structures,
+            });
+        }
+
+        let mut landmarks = Vec::new();
+        for (task, _) in &lr.bundle.tasks {
+            let Task::Landmarks { names, .. } = task else {
+                continue;
+            };
+            for name in names {
+                let Some(code) = rule.landmarks.get(name) else {
+                    continue;
+                };
+                let found = candidates
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .and_then(|(_, c)| place(c, &stack_results));
+                landmarks.push(Landmark {
+                    name: name.clone(),
+                    code: code.clone(),
+                    found,
+                });
+            }
+        }
+        Ok(SeriesResult {
+            rule: rule.name.clone(),
+            key,
+            study_instance_uid: series.study_instance_uid.clone(),
+            series_instance_uid: series.series_instance_uid.clone(),
+            algorithm_name: format!("scout {}", rule.name),
+            algorithm_version: format!(
+                "scout {} adapter {}",
+                env!("CARGO_PKG_VERSION"),
+                lr.bundle_sha
+            ),
+            landmarks,
+            stacks: stack_results,
+        })
+    }
+}
+
+struct Candidate3d {
+    mass: f64,
+    patient: [f64; 3],
+    stack: usize,
+    image: usize,
+    confidence: f64,
+    frame: String,
+}
+
+/// Votes the candidates of one landmark (in the frame of reference of the strongest) and
+/// projects the point onto the image with the strongest evidence.
+fn place(cands: &[Candidate3d], stacks: &[StackResult]) -> Option<LandmarkPoint> {
+    let best = cands.iter().max_by(|a, b| a.mass.total_cmp(&b.mass))?;
+    let same_frame: Vec<(f64, [f64; 3])> = cands
+        .iter()
+        .filter(|c| c.frame == best.frame)
+        .map(|c| (c.mass, c.patient))
+        .collect();
+    let p = postprocess::vote(&same_frame)?;
+    let img = &stacks[best.stack].images[best.image];
+    let (row, column) = img.geometry.patient_to_pixel(p)?;
+    Some(LandmarkPoint {
+        patient_mm: p,
+        frame_of_reference_uid: best.frame.clone(),
+        sop_instance_uid: img.sop_instance_uid.clone(),
+        row,
+        column,
+        confidence: best.confidence,
+        stack: best.stack,
+    })
+}
+
+/// Structured reports, segmentations (scout's own results among them, when a PACS
+/// forwards them back) and other non-image objects are never analysed.
+fn is_image(sop_class_uid: &str) -> bool {
+    !(sop_class_uid.starts_with("1.2.840.10008.5.1.4.1.1.88.")
+        || sop_class_uid.starts_with("1.2.840.10008.5.1.4.1.1.66")
+        || sop_class_uid.starts_with("1.2.840.10008.5.1.4.1.1.104.")
+        || sop_class_uid.starts_with("1.2.840.10008.5.1.4.1.1.11."))
+}
+
+fn matching_stacks<'a>(rule: &Rule, series: &'a Series) -> Vec<&'a Stack> {
+    series
+        .stacks
+        .iter()
+        .filter(|st| st.instances.iter().all(|r| is_image(&r.meta.sop_class_uid)))
+        .filter(|st| {
+            rule.criteria.matches(&Candidate {
+                modality: series.modality.as_deref(),
+                is_localizer: series.is_localizer,
+                series_description: series.series_description.as_deref(),
+                protocol_name: series.protocol_name.as_deref(),
+                body_part_examined: series.body_part_examined.as_deref(),
+                plane: st.plane,
+            })
+        })
+        .collect()
+}

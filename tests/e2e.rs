@@ -1,0 +1,417 @@
+//! The whole agent against real peers: `scout serve` in a child process, DCMTK `storescu`
+//! as the scanner and DCMTK `storescp` as the destination; every object that arrives is
+//! checked with dicom3tools' `dciodvfy` and DCMTK's `dsrdump`.
+
+mod common;
+
+use common::*;
+use dicom_core::Tag;
+use dicom_dictionary_std::tags;
+use dicom_object::{open_file, InMemDicomObject};
+use scout::geometry::SliceGeometry;
+use scout::synth::{self, SynthSeries, SynthSpec};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+fn text(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
+    obj.get(tag)?
+        .to_str()
+        .ok()
+        .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
+}
+
+fn items(obj: &InMemDicomObject, tag: Tag) -> Vec<InMemDicomObject> {
+    obj.get(tag)
+        .and_then(|e| e.items())
+        .map(|i| i.to_vec())
+        .unwrap_or_default()
+}
+
+fn concept(item: &InMemDicomObject) -> Option<String> {
+    items(item, tags::CONCEPT_NAME_CODE_SEQUENCE)
+        .first()
+        .and_then(|c| text(c, tags::CODE_MEANING))
+}
+
+/// Per Tracking Identifier: the SCOORD3D point, or None when reported absent.
+fn sr_landmarks(sr: &InMemDicomObject) -> BTreeMap<String, Option<[f64; 3]>> {
+    let mut out = BTreeMap::new();
+    let content = items(sr, tags::CONTENT_SEQUENCE);
+    let measurements = content
+        .iter()
+        .find(|i| concept(i).as_deref() == Some("Imaging Measurements"))
+        .expect("Imaging Measurements container");
+    for group in items(measurements, tags::CONTENT_SEQUENCE) {
+        assert_eq!(concept(&group).as_deref(), Some("Measurement Group"));
+        let children = items(&group, tags::CONTENT_SEQUENCE);
+        let name = children
+            .iter()
+            .find(|c| concept(c).as_deref() == Some("Tracking Identifier"))
+            .and_then(|c| text(c, tags::TEXT_VALUE))
+            .expect("tracking identifier");
+        let point = children
+            .iter()
+            .find(|c| text(c, tags::VALUE_TYPE).as_deref() == Some("SCOORD3D"))
+            .map(|c| {
+                assert_eq!(text(c, tags::GRAPHIC_TYPE).as_deref(), Some("POINT"));
+                let v: Vec<f32> = c
+                    .get(tags::GRAPHIC_DATA)
+                    .unwrap()
+                    .to_multi_float32()
+                    .unwrap();
+                [v[0] as f64, v[1] as f64, v[2] as f64]
+            });
+        if point.is_none() {
+            assert!(
+                children
+                    .iter()
+                    .any(|c| concept(c).as_deref() == Some("Finding")),
+                "{name}: neither a point nor a Finding = Absent"
+            );
+        }
+        out.insert(name, point);
+    }
+    out
+}
+
+fn geometry_of(files: &[PathBuf], sop: &str) -> SliceGeometry {
+    files
+        .iter()
+        .map(|f| scout::spool::read_meta(f).unwrap())
+        .find(|m| m.sop_instance_uid == sop)
+        .unwrap_or_else(|| panic!("no source image {sop}"))
+        .geometry
+}
+
+struct Run {
+    _tmp: tempfile::TempDir,
+    data: PathBuf,
+    cfg: PathBuf,
+    port: u16,
+    dest_port: u16,
+    out: PathBuf,
+}
+
+fn setup(edits: &[(&str, &str)]) -> Run {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let (port, dest_port) = (free_port(), free_port());
+    let cfg = tmp.path().join("scout.toml");
+    std::fs::write(&cfg, agent_config(port, &data, dest_port, edits)).unwrap();
+    let out = tmp.path().join("received");
+    Run {
+        data,
+        cfg,
+        port,
+        dest_port,
+        out,
+        _tmp: tmp,
+    }
+}
+
+fn storescu(port: u16, files: &[PathBuf]) {
+    let mut args = vec![
+        "-aec".to_string(),
+        "SCOUT".into(),
+        "127.0.0.1".into(),
+        port.to_string(),
+    ];
+    args.extend(files.iter().map(|f| f.display().to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, text) = dcmtk_run("storescu", &args);
+    assert!(ok, "storescu failed: {text}");
+}
+
+fn write_series(dir: &Path, spec: SynthSpec) -> SynthSeries {
+    synth::write_series(dir, &spec).unwrap()
+}
+
+/// Checks an SR that arrived: valid per dciodvfy, rendered by dsrdump, patient and
+/// study of the source, and every point equal to the sidecar's and on its pixel.
+fn check_sr(
+    sr_file: &Path,
+    sidecar: &Path,
+    source: &SynthSeries,
+) -> BTreeMap<String, Option<[f64; 3]>> {
+    let errors = dciodvfy_errors(sr_file);
+    assert!(errors.is_empty(), "dciodvfy: {errors:#?}");
+    let (ok, dump) = dcmtk_run("dsrdump", &[sr_file.to_str().unwrap()]);
+    assert!(
+        ok && dump.contains("Imaging Measurement Report"),
+        "dsrdump: {dump}"
+    );
+    let sr = open_file(sr_file).unwrap();
+    assert_eq!(
+        text(&sr, tags::SOP_CLASS_UID).as_deref(),
+        Some("1.2.840.10008.5.1.4.1.1.88.34")
+    );
+    assert_eq!(text(&sr, tags::PATIENT_ID).as_deref(), Some("SYNTH-0001"));
+    assert_eq!(
+        text(&sr, tags::STUDY_INSTANCE_UID).as_deref(),
+        Some(source.study_instance_uid.as_str())
+    );
+    assert_ne!(
+        text(&sr, tags::SERIES_INSTANCE_UID).as_deref(),
+        Some(source.series_instance_uid.as_str()),
+        "the SR is a new series"
+    );
+    let points = sr_landmarks(&sr);
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(sidecar).unwrap()).unwrap();
+    let listed = json["landmarks"].as_array().unwrap();
+    assert_eq!(listed.len(), points.len());
+    for l in listed {
+        let name = l["name"].as_str().unwrap();
+        let sr_point = points[name];
+        match (&l["found"], sr_point) {
+            (serde_json::Value::Null, None) => {}
+            (found, Some(p)) if found.is_object() => {
+                let mm: Vec<f64> = found["patient_mm"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap())
+                    .collect();
+                for i in 0..3 {
+                    assert!(
+                        (mm[i] - p[i]).abs() < 1e-3,
+                        "{name}: SR {p:?} vs JSON {mm:?}"
+                    );
+                }
+                let g = geometry_of(&source.files, found["sop_instance_uid"].as_str().unwrap());
+                let back = g
+                    .pixel_to_patient(
+                        found["row"].as_f64().unwrap(),
+                        found["column"].as_f64().unwrap(),
+                    )
+                    .unwrap();
+                for i in 0..3 {
+                    assert!(
+                        (back[i] - p[i]).abs() < 1e-3,
+                        "{name}: pixel maps to {back:?}, SR says {p:?}"
+                    );
+                }
+            }
+            (found, p) => panic!("{name}: JSON {found} but SR {p:?}"),
+        }
+    }
+    points
+}
+
+fn check_seg(seg_file: &Path, source: &SynthSeries) {
+    let errors = dciodvfy_errors(seg_file);
+    assert!(errors.is_empty(), "dciodvfy: {errors:#?}");
+    let seg = open_file(seg_file).unwrap();
+    assert_eq!(text(&seg, tags::MODALITY).as_deref(), Some("SEG"));
+    let frames: usize = text(&seg, tags::NUMBER_OF_FRAMES).unwrap().parse().unwrap();
+    let segments = items(&seg, tags::SEGMENT_SEQUENCE).len();
+    assert!(frames >= 1 && segments >= 1);
+    let rows = seg.get(tags::ROWS).unwrap().to_int::<usize>().unwrap();
+    let cols = seg.get(tags::COLUMNS).unwrap().to_int::<usize>().unwrap();
+    let bytes = seg.get(tags::PIXEL_DATA).unwrap().to_bytes().unwrap();
+    assert_eq!(
+        bytes.len(),
+        (frames * rows * cols).div_ceil(8).next_multiple_of(2)
+    );
+    let referenced: Vec<String> = items(&seg, tags::REFERENCED_SERIES_SEQUENCE)
+        .iter()
+        .flat_map(|s| items(s, tags::REFERENCED_INSTANCE_SEQUENCE))
+        .filter_map(|i| text(&i, tags::REFERENCED_SOP_INSTANCE_UID))
+        .collect();
+    assert_eq!(referenced.len(), source.files.len());
+}
+
+fn sidecar(data: &Path, s: &SynthSeries, rule: &str) -> PathBuf {
+    data.join("results")
+        .join(&s.study_instance_uid)
+        .join(&s.series_instance_uid)
+        .join(format!("{rule}.json"))
+}
+
+#[test]
+fn localizer_in_sr_and_seg_out_valid_and_on_the_right_pixels() {
+    let t = "localizer_in_sr_and_seg_out_valid_and_on_the_right_pixels";
+    if !dcmtk(t) || !dicom3tools(t) {
+        return;
+    }
+    let run = setup(&[]);
+    let dest = Storescp::start(run.dest_port, &run.out);
+    let _agent = Daemon::start(&run.cfg, run.port);
+    let series = write_series(
+        &run.data.with_file_name("series"),
+        SynthSpec {
+            images_in_acquisition: true,
+            ..SynthSpec::default()
+        },
+    );
+    storescu(run.port, &series.files);
+    let srs = dest.wait_for("SR3", 1, Duration::from_secs(60));
+    assert_eq!(srs.len(), 1, "one SR expected: {srs:?}");
+    let segs = dest.wait_for("SG", 1, Duration::from_secs(10));
+    let points = check_sr(&srs[0], &sidecar(&run.data, &series, "spine"), &series);
+    assert_eq!(points.len(), 5, "L1..L5 each reported, found or absent");
+    for s in &segs {
+        check_seg(s, &series);
+    }
+    // The chest rule (coronal) did not match this sagittal series.
+    assert!(!sidecar(&run.data, &series, "chest").exists());
+}
+
+#[test]
+fn real_spine_localizer_landmarks_land_on_the_vertebrae() {
+    let t = "real_spine_localizer_landmarks_land_on_the_vertebrae";
+    let Some(shared) = shared_data(t) else { return };
+    if !dcmtk(t) || !dicom3tools(t) {
+        return;
+    }
+    // s06 is not one of the adapter's templates (s01–s05).
+    let ds = scout::dataset::Dataset::open(&shared.join("spine-mr")).unwrap();
+    let case = ds.load_case("s06").unwrap();
+    let (rows, cols) = case.slices[0].pixels.dim();
+    let run = setup(&[]);
+    let dest = Storescp::start(run.dest_port, &run.out);
+    let _agent = Daemon::start(&run.cfg, run.port);
+    let series = write_series(
+        &run.data.with_file_name("series"),
+        SynthSpec {
+            slices: case.slices.len(),
+            rows: rows as u16,
+            columns: cols as u16,
+            images_in_acquisition: true,
+            images: case
+                .slices
+                .iter()
+                .map(|s| s.pixels.mapv(|v| v.clamp(0.0, 65535.0) as u16))
+                .collect(),
+            ..SynthSpec::default()
+        },
+    );
+    storescu(run.port, &series.files);
+    let srs = dest.wait_for("SR3", 1, Duration::from_secs(60));
+    assert_eq!(srs.len(), 1);
+    let points = check_sr(&srs[0], &sidecar(&run.data, &series, "spine"), &series);
+    for s in dest.wait_for("SG", 1, Duration::from_secs(10)) {
+        check_seg(&s, &series);
+    }
+    // Back to pixels of the centre slice (k*), against the centroid of each vertebral
+    // body there: the agent's output must agree with `scout eval`'s 2D variant.
+    let centre = scout::spool::read_meta(&series.files[case.center])
+        .unwrap()
+        .geometry;
+    let labels = case.slices[case.center].labels.as_ref().unwrap();
+    let mut report = Vec::new();
+    let mut hits = 0;
+    for (l, name) in ["L1", "L2", "L3", "L4", "L5"].iter().enumerate() {
+        let mask: Vec<(usize, usize)> = labels
+            .indexed_iter()
+            .filter(|(_, v)| **v as usize == l + 1)
+            .map(|(p, _)| p)
+            .collect();
+        let n = mask.len() as f64;
+        let truth = (
+            mask.iter().map(|p| p.0 as f64).sum::<f64>() / n,
+            mask.iter().map(|p| p.1 as f64).sum::<f64>() / n,
+        );
+        let err = points[*name].map(|p| {
+            let (r, c) = centre.patient_to_pixel(p).unwrap();
+            ((r - truth.0).powi(2) + (c - truth.1).powi(2)).sqrt()
+        });
+        hits += usize::from(err.is_some_and(|e| e <= 10.0));
+        report.push(format!("{name}: {err:?}"));
+    }
+    eprintln!("s06 through the agent: {}", report.join(", "));
+    assert!(
+        hits >= 3,
+        "fewer than 3 of 5 vertebrae within 10 px: {report:?}"
+    );
+}
+
+#[test]
+fn destination_down_then_up_and_kill_9_deliver_each_series_exactly_once() {
+    let t = "destination_down_then_up_and_kill_9_deliver_each_series_exactly_once";
+    if !dcmtk(t) || !dicom3tools(t) {
+        return;
+    }
+    let run = setup(&[(
+        "outputs = [\"sr\", \"seg\", \"json\"]",
+        "outputs = [\"sr\", \"json\"]",
+    )]);
+    let mut agent = Daemon::start(&run.cfg, run.port);
+    // 1. Destination down: the result waits in the outbox, retried.
+    let first = write_series(
+        &run.data.with_file_name("first"),
+        SynthSpec {
+            images_in_acquisition: true,
+            ..SynthSpec::default()
+        },
+    );
+    storescu(run.port, &first.files);
+    assert!(
+        agent
+            .wait_log(&["send: dest", "next try"], Duration::from_secs(60))
+            .is_some(),
+        "no retry logged: {:#?}",
+        agent.log_lines()
+    );
+    // 2. A second series, killed right after it was acknowledged (before or during its
+    //    analysis): nothing was queued for it yet.
+    let second = write_series(
+        &run.data.with_file_name("second"),
+        SynthSpec {
+            images_in_acquisition: true,
+            series_description: "SPINE LOCALIZER 2".into(),
+            ..SynthSpec::default()
+        },
+    );
+    storescu(run.port, &second.files);
+    agent.kill9();
+    // 3. Destination up, agent restarted: both SRs arrive, once each.
+    let dest = Storescp::start(run.dest_port, &run.out);
+    let agent = Daemon::start(&run.cfg, run.port);
+    let srs = dest.wait_for("SR3", 2, Duration::from_secs(90));
+    assert_eq!(srs.len(), 2, "{:#?}", agent.log_lines());
+    let series_of = |f: &PathBuf| {
+        let sr = open_file(f).unwrap();
+        items(&sr, tags::CURRENT_REQUESTED_PROCEDURE_EVIDENCE_SEQUENCE)
+            .iter()
+            .flat_map(|s| items(s, tags::REFERENCED_SERIES_SEQUENCE))
+            .filter_map(|s| text(&s, tags::SERIES_INSTANCE_UID))
+            .next()
+            .unwrap()
+    };
+    let mut got: Vec<String> = srs.iter().map(series_of).collect();
+    got.sort();
+    let mut want = vec![
+        first.series_instance_uid.clone(),
+        second.series_instance_uid.clone(),
+    ];
+    want.sort();
+    assert_eq!(got, want);
+    // 4. Clean stop, then one more start: nothing is delivered again.
+    let pid = agent.child.id();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut agent = agent;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(st) = agent.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(std::time::Instant::now() < deadline, "no exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "exit status {exit}");
+    assert!(agent
+        .wait_log(&["scout: stopped"], Duration::from_secs(1))
+        .is_some());
+    let _agent = Daemon::start(&run.cfg, run.port);
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        dest.received("SR3").len(),
+        2,
+        "delivered again after restart"
+    );
+}
