@@ -415,3 +415,73 @@ fn destination_down_then_up_and_kill_9_deliver_each_series_exactly_once() {
         "delivered again after restart"
     );
 }
+
+#[test]
+fn refusing_destination_is_retried_then_the_result_is_parked() {
+    // The destination is scout's own SCP with a spool that can hold nothing: every
+    // C-STORE is answered 0xA700 (Out of Resources).
+    let tmp = tempfile::tempdir().unwrap();
+    let mut dest_cfg = scout::config::Config::embedded().unwrap();
+    dest_cfg.data_dir = tmp.path().join("dest");
+    dest_cfg.scp.ae_title = "DEST".into();
+    dest_cfg.scp.bind = "127.0.0.1".into();
+    dest_cfg.scp.port = 0;
+    dest_cfg.spool.max_bytes = 1;
+    dest_cfg.spool.min_free_bytes = 0;
+    dest_cfg.spool.journal_segment_mib = 0;
+    let dest = scout::pipeline::start_ingest(&dest_cfg).unwrap();
+
+    let series = write_series(
+        &tmp.path().join("src"),
+        SynthSpec {
+            slices: 1,
+            ..SynthSpec::default()
+        },
+    );
+    let outbox =
+        std::sync::Arc::new(scout::outbox::Outbox::open(&tmp.path().join("outbox")).unwrap());
+    assert!(outbox
+        .put(
+            "dest",
+            "x.sr.dcm",
+            &std::fs::read(&series.files[0]).unwrap()
+        )
+        .unwrap());
+    let destination: scout::rules::Destination = toml::from_str(&format!(
+        "name = \"dest\"\nae_title = \"DEST\"\nhost = \"127.0.0.1\"\nport = {}",
+        dest.scp.local_addr.port()
+    ))
+    .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (_wake_tx, wake) = crossbeam_channel::bounded(1);
+    let sender = {
+        let (outbox, stop) = (outbox.clone(), stop.clone());
+        std::thread::spawn(move || {
+            scout::outbox::run_sender(
+                outbox,
+                vec![destination],
+                "SCOUT".into(),
+                scout::config::OutboxConfig {
+                    retry_initial_s: 1,
+                    retry_max_s: 1,
+                    max_refusals: 2,
+                },
+                wake,
+                stop,
+            )
+        })
+    };
+    let parked = tmp.path().join("outbox/dest/failed/x.sr.dcm");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !parked.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not parked after 2 refusals"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(outbox.pending("dest").is_empty());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    sender.join().unwrap();
+    dest.scp.stop();
+}
