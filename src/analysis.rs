@@ -30,12 +30,63 @@ pub enum AnalysisError {
     },
     #[error("rule {rule}: {detail}")]
     Rule { rule: String, detail: String },
+    #[error("rules cannot be loaded:\n  - {}", .0.join("\n  - "))]
+    Rules(Vec<String>),
     #[error("rule {rule}: instance {sop_instance_uid}: {source}")]
     Instance {
         rule: String,
         sop_instance_uid: String,
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+}
+
+/// A rule's adapter bundle, checked against the backbone and the rule's codes.
+fn load_rule(rule: &Rule, bb: &Backbone) -> Result<LoadedRule, AnalysisError> {
+    let err = |detail: String| AnalysisError::Rule {
+        rule: rule.name.clone(),
+        detail,
+    };
+    let bundle = Bundle::load(&rule.adapter, bb).map_err(|source| AnalysisError::Adapter {
+        rule: rule.name.clone(),
+        path: rule.adapter.clone(),
+        source: Box::new(source),
+    })?;
+    let bytes = std::fs::read(&rule.adapter)
+        .map_err(|e| err(format!("{}: {e}", rule.adapter.display())))?;
+    let mut missing = Vec::new();
+    for (task, _) in &bundle.tasks {
+        match task {
+            Task::Landmarks { names, .. } => missing.extend(
+                names
+                    .iter()
+                    .filter(|n| !rule.landmarks.contains_key(*n))
+                    .map(|n| format!("landmarks.{n}")),
+            ),
+            Task::Structures { values } => missing.extend(
+                values
+                    .iter()
+                    .filter(|v| !rule.structures.contains_key(&v.to_string()))
+                    .map(|v| format!("structures.{v}")),
+            ),
+        }
+    }
+    if !missing.is_empty() {
+        return Err(err(format!(
+            "the adapter has labels without a code in the rule: {}",
+            missing.join(", ")
+        )));
+    }
+    log::info!(
+        "rule {}: adapter {} ({})",
+        rule.name,
+        rule.adapter.display(),
+        bundle.summary()
+    );
+    Ok(LoadedRule {
+        rule: rule.clone(),
+        bundle,
+        bundle_sha: backbone::hex(&Sha256::digest(&bytes))[..16].to_string(),
+    })
 }
 
 struct LoadedRule {
@@ -71,53 +122,15 @@ impl Engine {
         backbone::set_threads(threads);
         let bb = Backbone::load(&manifest, &id)?;
         let mut rules = Vec::new();
+        let mut problems = Vec::new();
         for rule in &config.rules {
-            let err = |detail: String| AnalysisError::Rule {
-                rule: rule.name.clone(),
-                detail,
-            };
-            let bundle =
-                Bundle::load(&rule.adapter, &bb).map_err(|source| AnalysisError::Adapter {
-                    rule: rule.name.clone(),
-                    path: rule.adapter.clone(),
-                    source: Box::new(source),
-                })?;
-            let bytes = std::fs::read(&rule.adapter)
-                .map_err(|e| err(format!("{}: {e}", rule.adapter.display())))?;
-            let mut missing = Vec::new();
-            for (task, _) in &bundle.tasks {
-                match task {
-                    Task::Landmarks { names, .. } => missing.extend(
-                        names
-                            .iter()
-                            .filter(|n| !rule.landmarks.contains_key(*n))
-                            .map(|n| format!("landmarks.{n}")),
-                    ),
-                    Task::Structures { values } => missing.extend(
-                        values
-                            .iter()
-                            .filter(|v| !rule.structures.contains_key(&v.to_string()))
-                            .map(|v| format!("structures.{v}")),
-                    ),
-                }
+            match load_rule(rule, &bb) {
+                Ok(r) => rules.push(r),
+                Err(e) => problems.push(e.to_string()),
             }
-            if !missing.is_empty() {
-                return Err(err(format!(
-                    "the adapter has labels without a code in the rule: {}",
-                    missing.join(", ")
-                )));
-            }
-            log::info!(
-                "rule {}: adapter {} ({})",
-                rule.name,
-                rule.adapter.display(),
-                bundle.summary()
-            );
-            rules.push(LoadedRule {
-                rule: rule.clone(),
-                bundle,
-                bundle_sha: backbone::hex(&Sha256::digest(&bytes))[..16].to_string(),
-            });
+        }
+        if !problems.is_empty() {
+            return Err(AnalysisError::Rules(problems));
         }
         log::info!(
             "analysis: backbone {id}, {threads} threads, {} rules",

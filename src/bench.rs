@@ -391,6 +391,7 @@ pub fn e2e(
         )
         .replace("port = 11112", &format!("port = {port}"))
         .replace("bind = \"0.0.0.0\"", "bind = \"127.0.0.1\"")
+        .replace("bind = \"127.0.0.1:9112\"", "bind = \"\"")
         .replace("min_free_bytes = 536870912", "min_free_bytes = 0")
         .replace("slices = \"center\"", &format!("slices = \"{slices_name}\""))
         .replace("destinations = []", "destinations = [\"bench\"]")

@@ -39,6 +39,7 @@ pub struct Config {
     pub series: SeriesConfig,
     pub models: ModelsConfig,
     pub outbox: OutboxConfig,
+    pub health: HealthConfig,
     #[serde(default)]
     pub destinations: Vec<Destination>,
     #[serde(default)]
@@ -56,6 +57,13 @@ pub struct ModelsConfig {
     /// Threads for the encoder; 0 = one per core.
     #[serde(default)]
     pub threads: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Address of the `/healthz` and `/metrics` HTTP endpoint; empty: off.
+    pub bind: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -142,20 +150,64 @@ impl Config {
         Self::from_toml(&text, &path.display().to_string())
     }
 
-    /// Parses and validates; `origin` names the source in error messages.
+    /// Parses and validates; `origin` names the source in error messages. Every problem
+    /// is reported at once, with its line: a key the schema rejects (unknown, wrong type)
+    /// is set aside and parsing goes on, then the values are checked.
     pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            origin: origin.to_string(),
-            source: Box::new(e),
-        })?;
-        let problems = config.problems();
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError::Invalid {
+        let mut work = text.to_string();
+        let mut problems = Vec::new();
+        let mut parsed = None;
+        for _ in 0..MAX_PARSE_PROBLEMS {
+            let e = match toml::from_str::<Config>(&work) {
+                Ok(c) => {
+                    parsed = Some(c);
+                    break;
+                }
+                Err(e) => e,
+            };
+            let Some(span) = e.span().filter(|s| s.start < work.len()) else {
+                problems.push(e.message().trim().to_string());
+                break;
+            };
+            let start = work[..span.start].rfind('\n').map_or(0, |i| i + 1);
+            let end = work[span.start..]
+                .find('\n')
+                .map_or(work.len(), |i| span.start + i);
+            let line = work[..start].matches('\n').count() + 1;
+            problems.push(format!("line {line}: {}", e.message().trim()));
+            // Only a `key = value` line can be set aside without changing what the rest
+            // of the file means: an unknown key is dropped, a known one gets the default.
+            let l = work[start..end].trim_start();
+            if l.is_empty() || l.starts_with('[') || !l.contains('=') {
+                break;
+            }
+            let stand_in = if e.message().contains("unknown field") {
+                String::new()
+            } else {
+                match default_line(&work, line) {
+                    Some(d) => d.to_string(),
+                    None => break,
+                }
+            };
+            work.replace_range(start..end, &stand_in);
+        }
+        if let Some(config) = &parsed {
+            problems.extend(
+                config
+                    .problems()
+                    .into_iter()
+                    .map(|p| match locate(text, &p) {
+                        Some(line) => format!("line {line}: {p}"),
+                        None => p,
+                    }),
+            );
+        }
+        match parsed {
+            Some(config) if problems.is_empty() => Ok(config),
+            _ => Err(ConfigError::Invalid {
                 origin: origin.to_string(),
                 problems,
-            })
+            }),
         }
     }
 
@@ -236,9 +288,100 @@ impl Config {
         if self.outbox.max_refusals == 0 {
             p.push("outbox.max_refusals must be at least 1".into());
         }
+        if !self.health.bind.is_empty() && self.health.bind.parse::<std::net::SocketAddr>().is_err()
+        {
+            p.push(format!(
+                "health.bind: {:?} is not an address:port",
+                self.health.bind
+            ));
+        }
         p.extend(crate::rules::problems(&self.rules, &self.destinations));
         p
     }
+}
+
+const MAX_PARSE_PROBLEMS: usize = 50;
+
+/// Every `key = value` line and table header of a TOML text with its key path; array
+/// tables get their element index ("rules#1").
+fn key_paths(text: &str) -> Vec<(usize, Vec<String>)> {
+    let mut arrays: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut table: Vec<String> = Vec::new();
+    let mut out = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let l = raw.trim();
+        if l.starts_with('#') {
+            continue;
+        }
+        let full = if let Some(h) = l.strip_prefix("[[").and_then(|x| x.split("]]").next()) {
+            let n = arrays.entry(h.trim().to_string()).or_insert(0);
+            table = vec![format!("{}#{n}", h.trim())];
+            *n += 1;
+            table.clone()
+        } else if let Some(h) = l.strip_prefix('[').and_then(|x| x.split(']').next()) {
+            table = h
+                .split('.')
+                .map(|s| s.trim().to_string())
+                .enumerate()
+                .map(|(j, s)| match arrays.get(&s) {
+                    Some(n) if j == 0 => format!("{s}#{}", n - 1),
+                    _ => s,
+                })
+                .collect();
+            table.clone()
+        } else if let Some((k, _)) = l.split_once('=') {
+            let mut f = table.clone();
+            f.push(k.trim().trim_matches('"').to_string());
+            f
+        } else {
+            continue;
+        };
+        out.push((i + 1, full));
+    }
+    out
+}
+
+/// The line of the key a problem is about ("scp.ae_title: …", "rules[1] (chest).landmarks.X: …").
+fn locate(text: &str, problem: &str) -> Option<usize> {
+    let mut path = String::new();
+    let mut depth = 0;
+    for ch in problem.replace(" (", "(").chars() {
+        match ch {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ':' | ' ' if depth == 0 => break,
+            c if depth == 0 => path.push(c),
+            _ => {}
+        }
+    }
+    let want: Vec<String> = path
+        .split('.')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.replace('[', "#").replace(']', ""))
+        .collect();
+    let mut best: Option<(usize, usize)> = None;
+    for (line, full) in key_paths(text) {
+        let n = full.len();
+        if n <= want.len() && full[..] == want[..n] && best.is_none_or(|(m, _)| n > m) {
+            best = Some((n, line));
+        }
+    }
+    best.map(|(_, line)| line)
+}
+
+/// The embedded default's line for the same key (array index ignored), to stand in for
+/// a value of the wrong type so that the rest of the file can still be checked.
+fn default_line(text: &str, line: usize) -> Option<&'static str> {
+    let strip = |p: &[String]| -> Vec<String> {
+        p.iter()
+            .map(|s| s.split('#').next().unwrap_or(s).to_string())
+            .collect()
+    };
+    let path = strip(&key_paths(text).into_iter().find(|(l, _)| *l == line)?.1);
+    let (l, _) = key_paths(DEFAULT_CONFIG_TOML)
+        .into_iter()
+        .find(|(_, p)| strip(p) == path)?;
+    DEFAULT_CONFIG_TOML.lines().nth(l - 1)
 }
 
 /// AE titles are 1–16 characters of the default repertoire, no backslash, not all spaces.
@@ -304,6 +447,39 @@ mod tests {
         assert!(err.contains("scp.ae_title"), "{err}");
         assert!(err.contains("max_associations"), "{err}");
         assert!(err.contains("1.2.x"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_wrong_types_and_bad_values_are_all_reported_with_their_lines() {
+        let text = DEFAULT_CONFIG_TOML
+            .replace("[spool]", "[spool]\nmax_bytez = 3")
+            .replace("idle_ms = 2000", "idle_ms = \"soon\"")
+            .replace("max_refusals = 10", "max_refusals = 0")
+            .replace(
+                "L3 = { scheme = \"SCT\", value = \"36470004\"",
+                "L3 = { scheme = \"\", value = \"36470004\"",
+            )
+            .replace("destinations = []", "destinations = [\"nowhere\"]");
+        let line_of = |needle: &str| {
+            text.lines()
+                .position(|l| l.starts_with(needle))
+                .map(|i| format!("line {}:", i + 1))
+                .unwrap()
+        };
+        let err = Config::from_toml(&text, "test").unwrap_err().to_string();
+        for (needle, what) in [
+            ("max_bytez", "max_bytez"),
+            ("idle_ms = \"soon\"", "invalid type"),
+            ("max_refusals = 0", "max_refusals"),
+            ("L3 = {", "landmarks.L3.scheme"),
+            ("destinations = [\"nowhere\"]", "nowhere"),
+        ] {
+            let line = line_of(needle);
+            assert!(
+                err.lines().any(|l| l.contains(&line) && l.contains(what)),
+                "{what} not reported at {line}:\n{err}"
+            );
+        }
     }
 
     #[test]

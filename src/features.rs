@@ -163,6 +163,7 @@ impl FeatureStore {
         }
         slots.map.insert(uid.to_string(), Slot::Running);
         drop(slots);
+        let started = std::time::Instant::now();
         let result = crate::image::read_dicom(path)
             .map_err(BackboneError::from)
             .and_then(|px| crate::image::normalize(&px).map_err(BackboneError::from))
@@ -170,6 +171,9 @@ impl FeatureStore {
         let mut slots = self.lock();
         let out = match result {
             Ok(fm) => {
+                crate::metrics::METRICS
+                    .encoder_seconds
+                    .observe(started.elapsed());
                 let fm = std::sync::Arc::new(fm);
                 slots.map.insert(uid.to_string(), Slot::Ready(fm.clone()));
                 slots.order.push_back(uid.to_string());

@@ -18,6 +18,8 @@ pub mod geometry;
 pub mod image;
 pub mod instance;
 pub mod journal;
+pub mod metrics;
+pub mod notify;
 pub mod outbox;
 pub mod pipeline;
 pub mod postprocess;

@@ -263,6 +263,7 @@ pub fn run_sender(
                 };
             } else {
                 s.failures += 1;
+                crate::metrics::inc(&crate::metrics::METRICS.send_failures);
                 s.next_try = Instant::now() + s.wait;
                 log::warn!(
                     "send: {}: {} results waiting; next try in {} s",
@@ -325,6 +326,10 @@ fn send_batch(
     for ((r, item), path) in results.iter().zip(&items).zip(&paths) {
         match r.status {
             Some(s) if is_success(s) => {
+                crate::metrics::inc(&crate::metrics::METRICS.results_sent);
+                crate::metrics::METRICS
+                    .last_send_unix
+                    .store(unix_now(), Ordering::Relaxed);
                 if let Err(e) = outbox.delivered(&d.name, path) {
                     log::error!("send: {}: delivered but cannot record it: {e}", d.name);
                 }
@@ -345,6 +350,7 @@ fn send_batch(
                 };
                 if *n >= max_refusals {
                     refusals.remove(path);
+                    crate::metrics::inc(&crate::metrics::METRICS.results_parked);
                     match outbox.park(&d.name, path) {
                         Ok(to) => log::error!(
                             "send: {} refused {} {max_refusals} times ({what}{}); moved to {}",

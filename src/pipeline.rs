@@ -182,6 +182,21 @@ pub fn serve(config: &Config) -> Result<(), PipelineError> {
         _ => None,
     };
     let ingest = start_ingest_with(config, tap)?;
+    if !config.health.bind.is_empty() {
+        let depth_outbox = outbox.clone();
+        let destinations = config.destinations.clone();
+        let probe = Arc::new(crate::metrics::Probe {
+            spool_dir: config.spool_dir(),
+            models_loaded: engine.is_some(),
+            rules: config.rules.len(),
+            outbox_depth: Box::new(move || depth_outbox.depth(&destinations)),
+            started_unix: crate::metrics::unix_now(),
+        });
+        // Monitoring must not keep DICOM from being served: a taken port is only logged.
+        if let Err(e) = crate::metrics::serve(&config.health.bind, probe) {
+            log::error!("{e}; continuing without it");
+        }
+    }
 
     let (wake_tx, wake_rx) = bounded::<()>(1);
     let sender = {
@@ -230,8 +245,27 @@ pub fn serve(config: &Config) -> Result<(), PipelineError> {
             .map_err(PipelineError::Thread)?
     };
 
+    crate::notify::notify(&format!(
+        "READY=1\nSTATUS=listening on port {}, {} rules",
+        ingest.scp.local_addr.port(),
+        config.rules.len()
+    ));
+    let watchdog = crate::notify::watchdog_interval();
+    let mut last_pet = Instant::now();
     let mut last_sweep: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) {
+        // The watchdog is petted only while the stages are alive: a dead analysis or
+        // sender thread lets systemd restart the agent instead of it sitting there mute.
+        if let Some(every) = watchdog {
+            if last_pet.elapsed() >= every {
+                if analysis.is_finished() || sender.is_finished() {
+                    log::error!("scout: a pipeline stage has stopped; not petting the watchdog");
+                } else {
+                    crate::notify::notify("WATCHDOG=1");
+                }
+                last_pet = Instant::now();
+            }
+        }
         if last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY) {
             match ingest.spool.sweep() {
                 Ok(0) => {}
@@ -242,6 +276,7 @@ pub fn serve(config: &Config) -> Result<(), PipelineError> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    crate::notify::notify("STOPPING=1");
     log::info!("scout: stopping on signal: no new associations; finishing the series in analysis");
     ingest.scp.stop();
     if let Err(e) = ingest.spool.checkpoint() {
@@ -262,9 +297,14 @@ pub fn serve(config: &Config) -> Result<(), PipelineError> {
 fn analyze_and_publish(engine: &Engine, config: &Config, outbox: &Outbox, s: &Series) -> bool {
     let t = Instant::now();
     let mut finished = true;
-    for result in engine.analyze(s) {
+    let results = engine.analyze(s);
+    crate::metrics::METRICS
+        .analysis_seconds
+        .observe(t.elapsed());
+    for result in results {
         match result {
             Ok(r) => {
+                crate::metrics::inc(&crate::metrics::METRICS.series_analysed);
                 let found = r.landmarks.iter().filter(|l| l.found.is_some()).count();
                 match publish(&r, config, outbox) {
                     Ok(queued) => log::info!(
@@ -281,7 +321,10 @@ fn analyze_and_publish(engine: &Engine, config: &Config, outbox: &Outbox, s: &Se
                     }
                 }
             }
-            Err(e) => log::error!("series {}: {e}", s.series_instance_uid),
+            Err(e) => {
+                crate::metrics::inc(&crate::metrics::METRICS.analysis_errors);
+                log::error!("series {}: {e}", s.series_instance_uid)
+            }
         }
     }
     finished

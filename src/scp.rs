@@ -248,6 +248,7 @@ fn reject_busy(mut stream: TcpStream, peer: &str, config: &ScpConfig) {
     if dicom_ul::write_pdu(&mut out, &rj).is_ok() {
         let _ = stream.write_all(&out);
     }
+    crate::metrics::inc(&crate::metrics::METRICS.associations_rejected);
     log::warn!(
         "scp: rejected association from {peer}: {} associations already active",
         config.max_associations
@@ -281,10 +282,12 @@ fn serve_association(stream: TcpStream, peer: &str, ctx: &Context) {
     let mut assoc = match ctx.options.establish(stream) {
         Ok(a) => a,
         Err(e) => {
+            crate::metrics::inc(&crate::metrics::METRICS.associations_rejected);
             log::warn!("scp: association from {peer} not established: {e}");
             return;
         }
     };
+    crate::metrics::inc(&crate::metrics::METRICS.associations);
     let calling = assoc.peer_ae_title().trim().to_string();
     let accepted = assoc
         .presentation_contexts()
@@ -466,8 +469,10 @@ fn on_pdv(
             };
             if st == status::SUCCESS {
                 counters.stored += 1;
+                crate::metrics::inc(&crate::metrics::METRICS.instances_received);
             } else {
                 counters.failed += 1;
+                crate::metrics::inc(&crate::metrics::METRICS.instances_rejected);
                 log::warn!(
                     "scp: {calling}: C-STORE of {} answered {st:#06x}: {}",
                     cmd.affected_sop_instance_uid.as_deref().unwrap_or("?"),
@@ -520,6 +525,7 @@ fn on_command(
     match cmd.field {
         dimse::C_ECHO_RQ => {
             counters.echoes += 1;
+            crate::metrics::inc(&crate::metrics::METRICS.echoes);
             send_command(
                 assoc,
                 pc_id,

@@ -233,6 +233,7 @@ pub fn run(config: SeriesConfig, input: Receiver<Received>, output: Sender<Serie
         }
         for s in asm.take_complete(Instant::now()) {
             log_series(&s);
+            crate::metrics::inc(&crate::metrics::METRICS.series_completed);
             if output.send(s).is_err() {
                 log::error!(
                     "series: next stage has stopped; series stay in the spool for recovery"

@@ -61,6 +61,7 @@ pub fn config_text(port: u16, data_dir: &Path, edits: &[(&str, &str)]) -> String
         .replace("port = 11112", &format!("port = {port}"))
         .replace("bind = \"0.0.0.0\"", "bind = \"127.0.0.1\"")
         .replace("idle_ms = 2000", "idle_ms = 500")
+        .replace("bind = \"127.0.0.1:9112\"", "bind = \"\"")
         .replace("min_free_bytes = 536870912", "min_free_bytes = 0")
         // Small journal segments: every test opens its own spool.
         .replace("journal_segment_mib = 32", "journal_segment_mib = 4");
