@@ -13,7 +13,9 @@ TARGET=aarch64-unknown-linux-gnu
 
 missing=()
 command -v aarch64-linux-gnu-gcc >/dev/null || missing+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
-command -v qemu-aarch64 >/dev/null || missing+=(qemu-user)
+if [ "${1:-build}" = test ]; then
+  command -v qemu-aarch64 >/dev/null || missing+=(qemu-user)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
   $sudo apt-get update -qq

@@ -92,6 +92,21 @@ pub struct ScpConfig {
     pub max_instance_bytes: u64,
     pub sop_classes: Vec<String>,
     pub transfer_syntaxes: Vec<String>,
+    /// DICOM over TLS (PS3.15 B.1, BCP 195) on `port` instead of plain TCP.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM: our certificate, then any intermediates.
+    pub certificate: PathBuf,
+    /// PEM: the private key (PKCS#8, PKCS#1 or SEC1).
+    pub private_key: PathBuf,
+    /// PEM CA certificates; when set, peers must present a certificate they signed.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

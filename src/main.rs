@@ -273,6 +273,9 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Cmd::CheckConfig { file } => {
             let config = load_config(Some(&file))?;
+            if let Some(tls) = &config.scp.tls {
+                scout::scp::tls_server_config(tls).map_err(|e| e.to_string())?;
+            }
             // Models and adapters too: missing files, checksums, uncoded labels.
             scout::analysis::Engine::load(&config).map_err(|e| e.to_string())?;
             println!("{}: ok", file.display());

@@ -40,6 +40,47 @@ pub enum ScpError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+/// The rustls server configuration from PEM files (ring provider, TLS 1.2 and 1.3).
+pub fn tls_server_config(tls: &crate::config::TlsConfig) -> Result<rustls::ServerConfig, ScpError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let e = |what: &std::path::Path, d: String| ScpError::Tls(format!("{}: {d}", what.display()));
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.certificate)
+        .map_err(|x| e(&tls.certificate, x.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|x| e(&tls.certificate, x.to_string()))?;
+    if certs.is_empty() {
+        return Err(e(&tls.certificate, "no certificate in the file".into()));
+    }
+    let key = PrivateKeyDer::from_pem_file(&tls.private_key)
+        .map_err(|x| e(&tls.private_key, x.to_string()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|x| ScpError::Tls(x.to_string()))?;
+    let builder = match &tls.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca).map_err(|x| e(ca, x.to_string()))? {
+                roots
+                    .add(c.map_err(|x| e(ca, x.to_string()))?)
+                    .map_err(|x| e(ca, x.to_string()))?;
+            }
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                    .build()
+                    .map_err(|x| e(ca, x.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    builder
+        .with_single_cert(certs, key)
+        .map_err(|x| e(&tls.certificate, x.to_string()))
 }
 
 /// Called AE must be ours; calling AE must be on the allow-list when one is configured.
@@ -70,6 +111,10 @@ impl AccessControl for AeCheck {
 }
 
 type Options = ServerAssociationOptions<'static, AeCheck, DefaultNegotiation>;
+
+/// A transport an association runs on: plain TCP or TLS over TCP.
+trait Stream: std::io::Read + std::io::Write + dicom_ul::association::CloseSocket {}
+impl<T: std::io::Read + std::io::Write + dicom_ul::association::CloseSocket> Stream for T {}
 
 /// A running SCP; dropping it does not stop it, call [`ScpHandle::stop`].
 pub struct ScpHandle {
@@ -118,8 +163,14 @@ pub fn start(
             addr: local_addr.to_string(),
             source,
         })?;
+    let mut options = build_options(config);
+    let tls = config.tls.is_some();
+    if let Some(t) = &config.tls {
+        options = options.tls_config(tls_server_config(t)?);
+    }
     let ctx = Arc::new(Context {
-        options: build_options(config),
+        tls,
+        options,
         config: config.clone(),
         spool,
         finishing,
@@ -134,8 +185,9 @@ pub fn start(
             source,
         })?;
     log::info!(
-        "scp: {} listening on {local_addr} (max {} associations, max PDU {})",
+        "scp: {} listening on {local_addr}{} (max {} associations, max PDU {})",
         config.ae_title,
+        if tls { " with TLS" } else { "" },
         config.max_associations,
         config.max_pdu_length
     );
@@ -147,6 +199,8 @@ pub fn start(
 }
 
 struct Context {
+    /// Associations are TLS-protected (`options` holds the rustls configuration).
+    tls: bool,
     options: Options,
     config: ScpConfig,
     spool: Arc<Spool>,
@@ -226,6 +280,12 @@ fn accept_loop(listener: TcpListener, ctx: Arc<Context>, stop: Arc<AtomicBool>) 
 /// Reads the A-ASSOCIATE-RQ and answers a transient rejection, so a sender over our
 /// association limit knows to retry later.
 fn reject_busy(mut stream: TcpStream, peer: &str, config: &ScpConfig) {
+    if config.tls.is_some() {
+        // No TLS session to carry an A-ASSOCIATE-RJ: closing makes the peer retry.
+        crate::metrics::inc(&crate::metrics::METRICS.associations_rejected);
+        log::warn!("scp: closed connection from {peer}: {} associations already active", config.max_associations);
+        return;
+    }
     use std::io::Read;
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
@@ -279,14 +339,29 @@ struct Counters {
 
 fn serve_association(stream: TcpStream, peer: &str, ctx: &Context) {
     let started = Instant::now();
-    let mut assoc = match ctx.options.establish(stream) {
-        Ok(a) => a,
-        Err(e) => {
-            crate::metrics::inc(&crate::metrics::METRICS.associations_rejected);
-            log::warn!("scp: association from {peer} not established: {e}");
-            return;
-        }
+    let refused = |e: &dyn std::fmt::Display| {
+        crate::metrics::inc(&crate::metrics::METRICS.associations_rejected);
+        log::warn!("scp: association from {peer} not established: {e}");
     };
+    if ctx.tls {
+        match ctx.options.establish_tls(stream) {
+            Ok(a) => serve_established(a, peer, ctx, started),
+            Err(e) => refused(&e),
+        }
+    } else {
+        match ctx.options.establish(stream) {
+            Ok(a) => serve_established(a, peer, ctx, started),
+            Err(e) => refused(&e),
+        }
+    }
+}
+
+fn serve_established<S: Stream>(
+    mut assoc: ServerAssociation<S>,
+    peer: &str,
+    ctx: &Context,
+    started: Instant,
+) {
     crate::metrics::inc(&crate::metrics::METRICS.associations);
     let calling = assoc.peer_ae_title().trim().to_string();
     let accepted = assoc
@@ -312,8 +387,8 @@ fn serve_association(stream: TcpStream, peer: &str, ctx: &Context) {
     );
 }
 
-fn run_association(
-    assoc: &mut ServerAssociation<TcpStream>,
+fn run_association<S: Stream>(
+    assoc: &mut ServerAssociation<S>,
     calling: &str,
     ctx: &Context,
     counters: &mut Counters,
@@ -362,14 +437,14 @@ fn run_association(
     }
 }
 
-fn abort(assoc: &mut ServerAssociation<TcpStream>) {
+fn abort<S: Stream>(assoc: &mut ServerAssociation<S>) {
     let _ = assoc.send(&Pdu::AbortRQ {
         source: AbortRQSource::ServiceProvider(AbortRQServiceProviderReason::UnexpectedPdu),
     });
 }
 
-fn send_command(
-    assoc: &mut ServerAssociation<TcpStream>,
+fn send_command<S: Stream>(
+    assoc: &mut ServerAssociation<S>,
     pc_id: u8,
     data: Vec<u8>,
 ) -> Result<(), String> {
@@ -385,8 +460,8 @@ fn send_command(
         .map_err(|e| format!("cannot send response: {e}"))
 }
 
-fn on_pdv(
-    assoc: &mut ServerAssociation<TcpStream>,
+fn on_pdv<S: Stream>(
+    assoc: &mut ServerAssociation<S>,
     calling: &str,
     ctx: &Context,
     counters: &mut Counters,
@@ -514,8 +589,8 @@ fn on_pdv(
     }
 }
 
-fn on_command(
-    assoc: &mut ServerAssociation<TcpStream>,
+fn on_command<S: Stream>(
+    assoc: &mut ServerAssociation<S>,
     ctx: &Context,
     counters: &mut Counters,
     pc_id: u8,
@@ -561,8 +636,8 @@ type Refusal = (u16, Option<String>);
 
 /// Validates one instance and makes it durable; the caller acknowledges it, then
 /// finishes it with [`Spool::finish`] and hands it on.
-fn store(
-    assoc: &ServerAssociation<TcpStream>,
+fn store<S: Stream>(
+    assoc: &ServerAssociation<S>,
     calling: &str,
     ctx: &Context,
     pc_id: u8,

@@ -325,3 +325,71 @@ fn systemd_unit_verifies_and_the_daemon_speaks_sd_notify() {
     }
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn tls_associations_with_dcmtk_storescu() {
+    let t = "tls_associations_with_dcmtk_storescu";
+    if !dcmtk(t) {
+        return;
+    }
+    let tls = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tls");
+    let f = |n: &str| tls.join(n).display().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let data = tmp.path().join("data");
+    let block = format!(
+        "[scp.tls]\ncertificate = {:?}\nprivate_key = {:?}\nclient_ca = {:?}\n\n[spool]",
+        f("server.pem"),
+        f("server.key"),
+        f("ca.pem")
+    );
+    let cfg = tmp.path().join("scout.toml");
+    std::fs::write(&cfg, config_text(port, &data, &[("\n[spool]", &format!("\n{block}"))])).unwrap();
+    let agent = Daemon::start(&cfg, port);
+    let series = scout::synth::write_series(
+        &tmp.path().join("series"),
+        &scout::synth::SynthSpec { slices: 3, ..Default::default() },
+    )
+    .unwrap();
+    let file = series.files[0].display().to_string();
+    let p = port.to_string();
+    // Mutual TLS, as a scanner with its own certificate would connect.
+    let (ok, out) = dcmtk_run(
+        "storescu",
+        &["+tls", &f("client.key"), &f("client.pem"), "+cf", &f("ca.pem"), "-aec", "SCOUT", "localhost", &p, &file],
+    );
+    assert!(ok, "storescu +tls: {out}\n{:#?}", agent.log_lines());
+    // Plain TCP to the TLS port, and TLS without a client certificate: refused.
+    let (ok, _) = dcmtk_run("storescu", &["-aec", "SCOUT", "localhost", &p, &file]);
+    assert!(!ok, "plain association accepted on the TLS port");
+    let (ok, _) = dcmtk_run("storescu", &["+tla", "+cf", &f("ca.pem"), "-aec", "SCOUT", "localhost", &p, &file]);
+    assert!(!ok, "TLS without a client certificate accepted");
+    // Still serving: the other two files arrive over TLS, and C-ECHO works.
+    let mut args: Vec<String> = ["+tls", &f("client.key"), &f("client.pem"), "+cf", &f("ca.pem"), "-aec", "SCOUT", "localhost", &p]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(series.files[1..].iter().map(|x| x.display().to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, out) = dcmtk_run("storescu", &args);
+    assert!(ok, "{out}");
+    let (ok, out) = dcmtk_run(
+        "echoscu",
+        &["+tls", &f("client.key"), &f("client.pem"), "+cf", &f("ca.pem"), "-aec", "SCOUT", "localhost", &p],
+    );
+    assert!(ok, "{out}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while spooled_files(&data.join("spool")).len() < 3 {
+        assert!(Instant::now() < deadline, "{:#?}", agent.log_lines());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for f in spooled_files(&data.join("spool")) {
+        let name = f.file_name().unwrap().to_str().unwrap().trim_end_matches(".dcm").to_string();
+        let src = series
+            .files
+            .iter()
+            .find(|s| scout::spool::read_meta(s).unwrap().sop_instance_uid == name)
+            .expect("spooled file is one of ours");
+        same_dataset(src, &f).unwrap();
+    }
+}
