@@ -64,6 +64,28 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Contrastive: reference cells kept per label for inference.
     pub references: usize,
+    /// Context appended to every cell's features (none in adapters trained before).
+    #[serde(default)]
+    pub context: Context,
+}
+
+/// Context appended to each cell's feature vector, so that an adapter sees where a cell
+/// is and what surrounds it, not only what it looks like: a vertebral body looks like its
+/// neighbours, its surroundings and position tell which one it is.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Context {
+    /// Window sizes (in cells, odd) of box-averaged features appended per cell.
+    pub pools: Vec<usize>,
+    /// The mean feature over the whole slice.
+    pub global: bool,
+    /// The cell's position in the image (row, column in 0..1).
+    pub position: bool,
+}
+
+impl Context {
+    pub fn is_empty(&self) -> bool {
+        self.pools.is_empty() && !self.global && !self.position
+    }
 }
 
 impl Default for TrainConfig {
@@ -76,6 +98,7 @@ impl Default for TrainConfig {
             learning_rate: 1e-3,
             seed: 1,
             references: 32,
+            context: Context::default(),
         }
     }
 }
@@ -315,6 +338,68 @@ pub fn cell_rows(fm: &FeatureMap) -> Array2<f32> {
     out
 }
 
+/// `cell_rows` with the context columns of `ctx` appended: C per pool window, C for the
+/// global mean, 2 for the position.
+pub fn context_rows(fm: &FeatureMap, ctx: &Context) -> Array2<f32> {
+    let base = cell_rows(fm);
+    if ctx.is_empty() {
+        return base;
+    }
+    let (c, h, w) = fm.data.dim();
+    let mut parts = vec![base];
+    for &k in &ctx.pools {
+        let r = (k / 2) as i64;
+        let mut pooled = Array2::<f32>::zeros((h * w, c));
+        for ch in 0..c {
+            // Summed-area table of this channel: each window mean in O(1).
+            let plane = fm.data.index_axis(Axis(0), ch);
+            let mut sat = vec![0f64; (h + 1) * (w + 1)];
+            for y in 0..h {
+                let mut row = 0f64;
+                for x in 0..w {
+                    row += plane[[y, x]] as f64;
+                    sat[(y + 1) * (w + 1) + x + 1] = sat[y * (w + 1) + x + 1] + row;
+                }
+            }
+            for y in 0..h {
+                let (y0, y1) = (
+                    (y as i64 - r).max(0) as usize,
+                    ((y as i64 + r + 1) as usize).min(h),
+                );
+                for x in 0..w {
+                    let (x0, x1) = (
+                        (x as i64 - r).max(0) as usize,
+                        ((x as i64 + r + 1) as usize).min(w),
+                    );
+                    let s =
+                        sat[y1 * (w + 1) + x1] - sat[y0 * (w + 1) + x1] - sat[y1 * (w + 1) + x0]
+                            + sat[y0 * (w + 1) + x0];
+                    pooled[[y * w + x, ch]] = (s / ((y1 - y0) * (x1 - x0)) as f64) as f32;
+                }
+            }
+        }
+        parts.push(pooled);
+    }
+    if ctx.global {
+        let mean = parts[0]
+            .mean_axis(Axis(0))
+            .unwrap_or_else(|| Array1::zeros(c));
+        parts.push(Array2::from_shape_fn((h * w, c), |(_, ch)| mean[ch]));
+    }
+    if ctx.position {
+        parts.push(Array2::from_shape_fn((h * w, 2), |(i, j)| {
+            let (y, x) = (i / w, i % w);
+            if j == 0 {
+                (y as f32 + 0.5) / h as f32
+            } else {
+                (x as f32 + 0.5) / w as f32
+            }
+        }));
+    }
+    let views: Vec<ArrayView2<f32>> = parts.iter().map(|p| p.view()).collect();
+    ndarray::concatenate(Axis(1), &views).unwrap_or_else(|_| parts[0].clone())
+}
+
 fn standardize(rows: &mut Array2<f32>, mean: &Array1<f32>, std: &Array1<f32>) {
     for mut r in rows.rows_mut() {
         r -= mean;
@@ -346,23 +431,24 @@ impl Adapter {
                 "no labels or no template slices".into(),
             ));
         }
-        let channels = slices[0].features.channels();
+        let base_channels = slices[0].features.channels();
         // All cells, with their labels.
         let mut rows: Vec<Array2<f32>> = Vec::new();
         let mut cell_labels: Vec<u8> = Vec::new();
         for s in slices {
-            if s.features.channels() != channels {
+            if s.features.channels() != base_channels {
                 return Err(AdapterError::Channels {
-                    expected: channels,
+                    expected: base_channels,
                     actual: s.features.channels(),
                 });
             }
-            rows.push(cell_rows(s.features));
+            rows.push(context_rows(s.features, &config.context));
             cell_labels.extend(s.cells.iter().copied());
         }
         let views: Vec<ArrayView2<f32>> = rows.iter().map(|r| r.view()).collect();
         let all = ndarray::concatenate(Axis(0), &views)
             .map_err(|e| AdapterError::NoTraining(e.to_string()))?;
+        let channels = all.ncols();
         if all.nrows() != cell_labels.len() {
             return Err(AdapterError::NoTraining(
                 "cell label maps do not match the feature grids".into(),
@@ -519,15 +605,15 @@ impl Adapter {
 
     /// Score maps (L × h × w) in [0, 1]; ≥ 0.5 means "this label".
     pub fn scores(&self, fm: &FeatureMap) -> Result<Array3<f32>, AdapterError> {
-        let (c, h, w) = fm.data.dim();
-        if c != self.feature_mean.len() {
+        let (_, h, w) = fm.data.dim();
+        let rows = context_rows(fm, &self.train.context);
+        if rows.ncols() != self.feature_mean.len() {
             return Err(AdapterError::Channels {
                 expected: self.feature_mean.len(),
-                actual: c,
+                actual: rows.ncols(),
             });
         }
         let n = self.labels.len();
-        let rows = cell_rows(fm);
         let scores: Array2<f32> = match &self.model {
             Model::Basic { prototypes } => unit_rows(&rows).dot(&prototypes.t()),
             Model::Classification { net } => {

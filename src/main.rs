@@ -73,6 +73,8 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
         #[command(flatten)]
+        context: ContextArgs,
+        #[command(flatten)]
         model: ModelArgs,
     },
     /// Evaluate a method on a data set with the protocol of EVALUATION.md.
@@ -98,6 +100,8 @@ enum Cmd {
         /// Write overlay PNGs (prediction vs truth) of each test case here.
         #[arg(long)]
         png: Option<PathBuf>,
+        #[command(flatten)]
+        context: ContextArgs,
         #[command(flatten)]
         model: ModelArgs,
     },
@@ -161,6 +165,30 @@ enum BenchCmd {
 enum SlicesArg {
     Center,
     All,
+}
+
+/// Context appended to each cell's features (adapters remember it).
+#[derive(clap::Args)]
+struct ContextArgs {
+    /// Box-averaged features over these windows (cells), e.g. 3,9.
+    #[arg(long, value_delimiter = ',')]
+    pools: Vec<usize>,
+    /// The slice's mean feature.
+    #[arg(long)]
+    global_context: bool,
+    /// The cell's position in the image.
+    #[arg(long)]
+    position: bool,
+}
+
+impl From<ContextArgs> for scout::adapter::Context {
+    fn from(a: ContextArgs) -> Self {
+        scout::adapter::Context {
+            pools: a.pools,
+            global: a.global_context,
+            position: a.position,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -354,13 +382,25 @@ fn run(cli: Cli) -> Result<(), String> {
             method,
             radius,
             out,
+            context,
             model,
         } => {
             let m = load_models(&model)?;
             let ds = scout::dataset::Dataset::open(&dataset).map_err(|e| e.to_string())?;
-            let bundle =
-                scout::train::train_dataset(&ds, &m.backbone, &m.cache, templates, method, radius)
-                    .map_err(|e| e.to_string())?;
+            let config = scout::adapter::TrainConfig {
+                context: context.into(),
+                ..Default::default()
+            };
+            let bundle = scout::train::train_dataset(
+                &ds,
+                &m.backbone,
+                &m.cache,
+                templates,
+                method,
+                radius,
+                &config,
+            )
+            .map_err(|e| e.to_string())?;
             bundle.save(&out).map_err(|e| e.to_string())?;
             println!("wrote {} ({})", out.display(), bundle.summary());
             Ok(())
@@ -375,6 +415,7 @@ fn run(cli: Cli) -> Result<(), String> {
             seed,
             json,
             png,
+            context,
             model,
         } => {
             let m = load_models(&model)?;
@@ -396,6 +437,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 sam_points: 10,
                 train: scout::adapter::TrainConfig {
                     seed,
+                    context: context.into(),
                     ..Default::default()
                 },
                 png_dir: png,

@@ -71,10 +71,12 @@ pub fn tls_server_config(tls: &crate::config::TlsConfig) -> Result<rustls::Serve
                     .add(c.map_err(|x| e(ca, x.to_string()))?)
                     .map_err(|x| e(ca, x.to_string()))?;
             }
-            let verifier =
-                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                    .build()
-                    .map_err(|x| e(ca, x.to_string()))?;
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|x| e(ca, x.to_string()))?;
             builder.with_client_cert_verifier(verifier)
         }
     };
@@ -283,7 +285,10 @@ fn reject_busy(mut stream: TcpStream, peer: &str, config: &ScpConfig) {
     if config.tls.is_some() {
         // No TLS session to carry an A-ASSOCIATE-RJ: closing makes the peer retry.
         crate::metrics::inc(&crate::metrics::METRICS.associations_rejected);
-        log::warn!("scp: closed connection from {peer}: {} associations already active", config.max_associations);
+        log::warn!(
+            "scp: closed connection from {peer}: {} associations already active",
+            config.max_associations
+        );
         return;
     }
     use std::io::Read;

@@ -79,6 +79,7 @@ pub fn train_dataset(
     n_templates: usize,
     method: Method,
     radius: f64,
+    config: &TrainConfig,
 ) -> Result<Bundle, EvalError> {
     let names: Vec<&String> = ds.cases.iter().take(n_templates.max(1)).collect();
     let mut templates: Vec<(Case, Vec<FeatureMap>)> = Vec::new();
@@ -91,7 +92,6 @@ pub fn train_dataset(
             .collect::<Result<Vec<_>, _>>()?;
         templates.push((case, fms));
     }
-    let config = TrainConfig::default();
     let bb = (backbone.id(), backbone.checksum());
     let mut tasks = Vec::new();
     if !ds.landmark_names.is_empty() {
@@ -99,14 +99,14 @@ pub fn train_dataset(
             names: ds.landmark_names.clone(),
             radius,
         };
-        for a in train_task(&task, method, false, &templates, &config, bb)? {
+        for a in train_task(&task, method, false, &templates, config, bb)? {
             tasks.push((task.clone(), a));
         }
     }
     let values = crate::templates::structure_values(templates.iter().map(|(c, _)| c));
     if !values.is_empty() {
         let task = Task::Structures { values };
-        for a in train_task(&task, method, false, &templates, &config, bb)? {
+        for a in train_task(&task, method, false, &templates, config, bb)? {
             tasks.push((task.clone(), a));
         }
     }

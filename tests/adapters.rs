@@ -111,9 +111,16 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
     let tmp = tempfile::tempdir().unwrap();
     synthetic_image_dataset(&tmp.path().join("ds"), 3);
     let ds = Dataset::open(&tmp.path().join("ds")).unwrap();
-    let bundle =
-        scout::train::train_dataset(&ds, backbone(), &cache(), 2, Method::Classification, 10.0)
-            .unwrap();
+    let bundle = scout::train::train_dataset(
+        &ds,
+        backbone(),
+        &cache(),
+        2,
+        Method::Classification,
+        10.0,
+        &Default::default(),
+    )
+    .unwrap();
     assert_eq!(bundle.tasks.len(), 2, "landmarks and structures");
     assert!(
         bundle.provenance.contains("case00,case01"),

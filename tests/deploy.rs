@@ -344,11 +344,18 @@ fn tls_associations_with_dcmtk_storescu() {
         f("ca.pem")
     );
     let cfg = tmp.path().join("scout.toml");
-    std::fs::write(&cfg, config_text(port, &data, &[("\n[spool]", &format!("\n{block}"))])).unwrap();
+    std::fs::write(
+        &cfg,
+        config_text(port, &data, &[("\n[spool]", &format!("\n{block}"))]),
+    )
+    .unwrap();
     let agent = Daemon::start(&cfg, port);
     let series = scout::synth::write_series(
         &tmp.path().join("series"),
-        &scout::synth::SynthSpec { slices: 3, ..Default::default() },
+        &scout::synth::SynthSpec {
+            slices: 3,
+            ..Default::default()
+        },
     )
     .unwrap();
     let file = series.files[0].display().to_string();
@@ -356,26 +363,69 @@ fn tls_associations_with_dcmtk_storescu() {
     // Mutual TLS, as a scanner with its own certificate would connect.
     let (ok, out) = dcmtk_run(
         "storescu",
-        &["+tls", &f("client.key"), &f("client.pem"), "+cf", &f("ca.pem"), "-aec", "SCOUT", "localhost", &p, &file],
+        &[
+            "+tls",
+            &f("client.key"),
+            &f("client.pem"),
+            "+cf",
+            &f("ca.pem"),
+            "-aec",
+            "SCOUT",
+            "localhost",
+            &p,
+            &file,
+        ],
     );
     assert!(ok, "storescu +tls: {out}\n{:#?}", agent.log_lines());
     // Plain TCP to the TLS port, and TLS without a client certificate: refused.
     let (ok, _) = dcmtk_run("storescu", &["-aec", "SCOUT", "localhost", &p, &file]);
     assert!(!ok, "plain association accepted on the TLS port");
-    let (ok, _) = dcmtk_run("storescu", &["+tla", "+cf", &f("ca.pem"), "-aec", "SCOUT", "localhost", &p, &file]);
+    let (ok, _) = dcmtk_run(
+        "storescu",
+        &[
+            "+tla",
+            "+cf",
+            &f("ca.pem"),
+            "-aec",
+            "SCOUT",
+            "localhost",
+            &p,
+            &file,
+        ],
+    );
     assert!(!ok, "TLS without a client certificate accepted");
     // Still serving: the other two files arrive over TLS, and C-ECHO works.
-    let mut args: Vec<String> = ["+tls", &f("client.key"), &f("client.pem"), "+cf", &f("ca.pem"), "-aec", "SCOUT", "localhost", &p]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut args: Vec<String> = [
+        "+tls",
+        &f("client.key"),
+        &f("client.pem"),
+        "+cf",
+        &f("ca.pem"),
+        "-aec",
+        "SCOUT",
+        "localhost",
+        &p,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     args.extend(series.files[1..].iter().map(|x| x.display().to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (ok, out) = dcmtk_run("storescu", &args);
     assert!(ok, "{out}");
     let (ok, out) = dcmtk_run(
         "echoscu",
-        &["+tls", &f("client.key"), &f("client.pem"), "+cf", &f("ca.pem"), "-aec", "SCOUT", "localhost", &p],
+        &[
+            "+tls",
+            &f("client.key"),
+            &f("client.pem"),
+            "+cf",
+            &f("ca.pem"),
+            "-aec",
+            "SCOUT",
+            "localhost",
+            &p,
+        ],
     );
     assert!(ok, "{out}");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -384,7 +434,13 @@ fn tls_associations_with_dcmtk_storescu() {
         std::thread::sleep(Duration::from_millis(50));
     }
     for f in spooled_files(&data.join("spool")) {
-        let name = f.file_name().unwrap().to_str().unwrap().trim_end_matches(".dcm").to_string();
+        let name = f
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .trim_end_matches(".dcm")
+            .to_string();
         let src = series
             .files
             .iter()
