@@ -67,6 +67,10 @@ pub struct TrainConfig {
     /// Context appended to every cell's features (none in adapters trained before).
     #[serde(default)]
     pub context: Context,
+    /// Landmarks: learn the templates' landmark layout and choose regions consistent
+    /// with it (`postprocess::shaped_findings`).
+    #[serde(default)]
+    pub shape: bool,
 }
 
 /// Context appended to each cell's feature vector, so that an adapter sees where a cell
@@ -99,6 +103,7 @@ impl Default for TrainConfig {
             seed: 1,
             references: 32,
             context: Context::default(),
+            shape: false,
         }
     }
 }
@@ -324,6 +329,9 @@ pub struct Adapter {
     pub provenance: String,
     pub train: TrainConfig,
     pub model: Model,
+    /// Landmark layout of the templates, when trained with `shape`.
+    #[serde(default)]
+    pub shape: Option<crate::postprocess::ShapeModel>,
 }
 
 /// Features of all cells of a map as rows (h·w × C), row-major over the grid.
@@ -347,38 +355,39 @@ pub fn context_rows(fm: &FeatureMap, ctx: &Context) -> Array2<f32> {
     }
     let (c, h, w) = fm.data.dim();
     let mut parts = vec![base];
-    for &k in &ctx.pools {
-        let r = (k / 2) as i64;
-        let mut pooled = Array2::<f32>::zeros((h * w, c));
-        for ch in 0..c {
-            // Summed-area table of this channel: each window mean in O(1).
-            let plane = fm.data.index_axis(Axis(0), ch);
-            let mut sat = vec![0f64; (h + 1) * (w + 1)];
-            for y in 0..h {
-                let mut row = 0f64;
-                for x in 0..w {
-                    row += plane[[y, x]] as f64;
-                    sat[(y + 1) * (w + 1) + x + 1] = sat[y * (w + 1) + x + 1] + row;
-                }
-            }
-            for y in 0..h {
-                let (y0, y1) = (
-                    (y as i64 - r).max(0) as usize,
-                    ((y as i64 + r + 1) as usize).min(h),
-                );
-                for x in 0..w {
-                    let (x0, x1) = (
-                        (x as i64 - r).max(0) as usize,
-                        ((x as i64 + r + 1) as usize).min(w),
-                    );
-                    let s =
-                        sat[y1 * (w + 1) + x1] - sat[y0 * (w + 1) + x1] - sat[y1 * (w + 1) + x0]
-                            + sat[y0 * (w + 1) + x0];
-                    pooled[[y * w + x, ch]] = (s / ((y1 - y0) * (x1 - x0)) as f64) as f32;
-                }
+    if !ctx.pools.is_empty() {
+        // Summed-area table over the grid, all channels at once (rows of C values), so
+        // each window mean is four row operations.
+        let base = &parts[0];
+        let stride = w + 1;
+        let mut sat = Array2::<f32>::zeros(((h + 1) * stride, c));
+        for y in 0..h {
+            let mut run = Array1::<f32>::zeros(c);
+            for x in 0..w {
+                run += &base.row(y * w + x);
+                let above = sat.row(y * stride + x + 1).to_owned();
+                sat.row_mut((y + 1) * stride + x + 1)
+                    .assign(&(&above + &run));
             }
         }
-        parts.push(pooled);
+        for &k in &ctx.pools {
+            let r = k / 2;
+            let mut pooled = Array2::<f32>::zeros((h * w, c));
+            for y in 0..h {
+                let (y0, y1) = (y.saturating_sub(r), (y + r + 1).min(h));
+                for x in 0..w {
+                    let (x0, x1) = (x.saturating_sub(r), (x + r + 1).min(w));
+                    let area = ((y1 - y0) * (x1 - x0)) as f32;
+                    let mut out = pooled.row_mut(y * w + x);
+                    out.assign(&sat.row(y1 * stride + x1));
+                    out -= &sat.row(y0 * stride + x1);
+                    out -= &sat.row(y1 * stride + x0);
+                    out += &sat.row(y0 * stride + x0);
+                    out /= area;
+                }
+            }
+            parts.push(pooled);
+        }
     }
     if ctx.global {
         let mean = parts[0]
@@ -525,6 +534,7 @@ impl Adapter {
             provenance: String::new(),
             train: config,
             model,
+            shape: None,
         })
     }
 

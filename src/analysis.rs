@@ -242,7 +242,10 @@ impl Engine {
                 for (task, adapter) in &lr.bundle.tasks {
                     let scores = adapter.scores(&fm).map_err(|e| inst_err(Box::new(e)))?;
                     let up = postprocess::upsample_scores(&scores, fm.image_rows, fm.image_columns);
-                    let found = postprocess::findings(&up);
+                    let found = match &adapter.shape {
+                        Some(shape) => postprocess::shaped_findings(&up, shape),
+                        None => postprocess::findings(&up),
+                    };
                     match task {
                         Task::Landmarks { names, .. } => {
                             for (name, f) in names.iter().zip(&found) {

@@ -42,6 +42,8 @@ pub struct EvalOptions {
     pub sam_points: usize,
     pub train: TrainConfig,
     pub png_dir: Option<PathBuf>,
+    /// Templates are cases `template_offset..template_offset + templates` (folds).
+    pub template_offset: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -167,8 +169,21 @@ pub fn train_task(
             .collect();
         let labels = group.iter().map(|&l| names[l].clone()).collect();
         let mut a = Adapter::train(method, labels, &slices, config.clone(), backbone)?;
-        if let Task::Landmarks { radius, .. } = task {
+        if let Task::Landmarks { radius, names } = task {
             a.landmark_radius = Some(*radius);
+            if config.shape {
+                // The layout in the localizer slice k* of each template.
+                let points: Vec<Vec<Option<(f64, f64)>>> = templates
+                    .iter()
+                    .map(|(case, _)| {
+                        names
+                            .iter()
+                            .map(|n| case.landmarks.get(n).map(|t| (t.row, t.column)))
+                            .collect()
+                    })
+                    .collect();
+                a.shape = crate::postprocess::ShapeModel::fit(&points);
+            }
         }
         out.push(a);
     }
@@ -229,7 +244,7 @@ pub fn evaluate(
     opts: &EvalOptions,
 ) -> Result<Report, EvalError> {
     let n_templates = opts.templates.max(1);
-    if dataset.cases.len() <= n_templates {
+    if dataset.cases.len() <= n_templates + opts.template_offset {
         return Err(EvalError::Setup(format!(
             "{} cases: none left to test with {n_templates} templates",
             dataset.cases.len()
@@ -260,6 +275,9 @@ pub fn evaluate(
     }
     progress.bar.finish_and_clear();
 
+    // Templates first; the test cases are all the others.
+    let mut cases = cases;
+    cases.rotate_left(opts.template_offset);
     let (templ, tests) = cases.split_at(n_templates);
     let bb = (backbone.id(), backbone.checksum());
     let mut timing = Timing {
@@ -314,7 +332,12 @@ pub fn evaluate(
                 let scores = trained.scores(fm)?;
                 let (rows, cols) = s.pixels.dim();
                 let up = postprocess::upsample_scores(&scores, rows, cols);
-                per_slice.push(postprocess::findings(&up));
+                per_slice.push(
+                    match trained.adapters.first().and_then(|a| a.shape.as_ref()) {
+                        Some(shape) => postprocess::shaped_findings(&up, shape),
+                        None => postprocess::findings(&up),
+                    },
+                );
                 adapter_ms.push(t.elapsed().as_secs_f64() * 1000.0);
             }
             let center = &per_slice[case.center];
@@ -679,5 +702,64 @@ pub fn table(r: &Report) -> String {
             .sam_ms_per_call
             .map_or(String::new(), |v| format!(", SAM {v:.0} ms/call"))
     );
+    out
+}
+
+/// Mean and worst fold per landmark (accuracy) and structure (IoU), for `--folds`.
+pub fn folds_table(reports: &[Report]) -> String {
+    let mut out = format!(
+        "{} folds (templates {}):\n  {:<28} {:>10} {:>10}\n",
+        reports.len(),
+        reports
+            .iter()
+            .map(|r| r.templates.join(","))
+            .collect::<Vec<_>>()
+            .join(" | "),
+        "",
+        "mean",
+        "worst"
+    );
+    let mut line = |name: String, values: Vec<f64>, worst_is_min: bool| {
+        if values.is_empty() {
+            return;
+        }
+        let mean = values.iter().sum::<f64>() / values.len() as f64;
+        let worst = if worst_is_min {
+            values.iter().cloned().fold(f64::INFINITY, f64::min)
+        } else {
+            values.iter().cloned().fold(f64::NEG_INFINITY, f64::max)
+        };
+        out.push_str(&format!("  {name:<28} {mean:>10.2} {worst:>10.2}\n"));
+    };
+    let first = &reports[0];
+    for (title, pick) in [("acc@10", 0usize), ("acc@10 2D (slice k*)", 1usize)] {
+        let names: Vec<&String> = if pick == 0 {
+            first.landmarks.keys().collect()
+        } else {
+            first.landmarks_2d.keys().collect()
+        };
+        for n in names {
+            let v: Vec<f64> = reports
+                .iter()
+                .filter_map(|r| {
+                    if pick == 0 {
+                        r.landmarks.get(n)
+                    } else {
+                        r.landmarks_2d.get(n)
+                    }
+                })
+                .map(|s| s.accuracy)
+                .collect();
+            line(format!("{title} {n}"), v, true);
+        }
+    }
+    for n in first.segmentation.keys() {
+        let v: Vec<f64> = reports
+            .iter()
+            .filter_map(|r| r.segmentation.get(n))
+            .map(|s| s.iou)
+            .collect();
+        line(format!("IoU {n}"), v, true);
+    }
     out
 }

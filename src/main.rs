@@ -97,6 +97,10 @@ enum Cmd {
         /// Write the JSON report here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Robustness: K disjoint template sets (cases 1–N, N+1–2N, …), each tested on
+        /// every other case; reports mean and worst fold.
+        #[arg(long, default_value_t = 1)]
+        folds: usize,
         /// Write overlay PNGs (prediction vs truth) of each test case here.
         #[arg(long)]
         png: Option<PathBuf>,
@@ -179,6 +183,9 @@ struct ContextArgs {
     /// The cell's position in the image.
     #[arg(long)]
     position: bool,
+    /// Landmarks: choose regions that fit the templates' landmark layout.
+    #[arg(long)]
+    shape: bool,
 }
 
 impl From<ContextArgs> for scout::adapter::Context {
@@ -388,6 +395,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let m = load_models(&model)?;
             let ds = scout::dataset::Dataset::open(&dataset).map_err(|e| e.to_string())?;
             let config = scout::adapter::TrainConfig {
+                shape: context.shape,
                 context: context.into(),
                 ..Default::default()
             };
@@ -414,6 +422,7 @@ fn run(cli: Cli) -> Result<(), String> {
             radius,
             seed,
             json,
+            folds,
             png,
             context,
             model,
@@ -428,25 +437,44 @@ fn run(cli: Cli) -> Result<(), String> {
             } else {
                 None
             };
-            let opts = scout::eval::EvalOptions {
-                templates,
-                method,
-                binary,
-                sam,
-                landmark_radius: radius,
-                sam_points: 10,
-                train: scout::adapter::TrainConfig {
-                    seed,
-                    context: context.into(),
-                    ..Default::default()
-                },
-                png_dir: png,
-            };
-            let report = scout::eval::evaluate(&ds, &m.backbone, &m.cache, decoder.as_ref(), &opts)
-                .map_err(|e| e.to_string())?;
-            print!("{}", scout::eval::table(&report));
+            let mut reports = Vec::new();
+            for fold in 0..folds.max(1) {
+                let opts = scout::eval::EvalOptions {
+                    templates,
+                    method,
+                    binary,
+                    sam,
+                    landmark_radius: radius,
+                    sam_points: 10,
+                    train: scout::adapter::TrainConfig {
+                        seed,
+                        shape: context.shape,
+                        context: scout::adapter::Context {
+                            pools: context.pools.clone(),
+                            global: context.global_context,
+                            position: context.position,
+                        },
+                        ..Default::default()
+                    },
+                    png_dir: png.clone(),
+                    template_offset: fold * templates.max(1),
+                };
+                let report =
+                    scout::eval::evaluate(&ds, &m.backbone, &m.cache, decoder.as_ref(), &opts)
+                        .map_err(|e| e.to_string())?;
+                print!("{}", scout::eval::table(&report));
+                reports.push(report);
+            }
+            if reports.len() > 1 {
+                print!("{}", scout::eval::folds_table(&reports));
+            }
             if let Some(path) = json {
-                let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+                let text = if reports.len() == 1 {
+                    serde_json::to_string_pretty(&reports[0])
+                } else {
+                    serde_json::to_string_pretty(&reports)
+                }
+                .map_err(|e| e.to_string())?;
                 std::fs::write(&path, text + "\n")
                     .map_err(|e| format!("{}: {e}", path.display()))?;
             }

@@ -157,6 +157,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_landmark_layout_overrides_a_stronger_but_misplaced_region() {
+        // Landmarks A above B, 20 rows apart. B's score has its strongest region right
+        // next to A (a look-alike) and a weaker one where the layout puts it.
+        let mut s = Array3::<f32>::zeros((2, 80, 40));
+        let blob = |s: &mut Array3<f32>, l: usize, r0: usize, v: f32| {
+            for r in r0..r0 + 6 {
+                for c in 17..23 {
+                    s[[l, r, c]] = v;
+                }
+            }
+        };
+        blob(&mut s, 0, 10, 0.9);
+        blob(&mut s, 1, 2, 0.95); // look-alike, 8 rows above A
+        blob(&mut s, 1, 30, 0.6); // the real B
+        let plain = findings(&s);
+        assert!(
+            plain[1].as_ref().unwrap().point.0 < 10.0,
+            "arg-max takes the look-alike"
+        );
+        let shape = ShapeModel::fit(&[
+            vec![Some((12.0, 20.0)), Some((32.0, 20.0))],
+            vec![Some((14.0, 20.0)), Some((33.0, 20.0))],
+        ])
+        .unwrap();
+        let shaped = shaped_findings(&s, &shape);
+        let b = shaped[1].as_ref().unwrap().point;
+        assert!((b.0 - 32.5).abs() < 1.0, "{b:?}");
+        assert!((shaped[0].as_ref().unwrap().point.0 - 12.5).abs() < 1.0);
+    }
+
+    #[test]
     fn keeps_the_strongest_component_and_drops_specks() {
         let mut s = Array3::<f32>::zeros((2, 40, 40));
         // Label 0: a big blob (rows 5..15, cols 5..15) and a smaller one.
@@ -211,4 +242,152 @@ mod tests {
         assert_eq!(p, (105.0, 0.0, 7.5));
         assert!(landmark_3d(&[(1.0, None)]).is_none());
     }
+}
+
+/// How landmarks sit relative to each other in the templates: per ordered pair (i, j)
+/// the mean and spread of the offset from i to j, in image pixels (row, column). Pixels,
+/// not millimetres: the templates and the images it is applied to must share a pixel
+/// scale (true of the shipped data sets; a caveat for localizers of other resolutions).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ShapeModel {
+    pub mean: Vec<Vec<[f64; 2]>>,
+    pub std: Vec<Vec<[f64; 2]>>,
+}
+
+/// Candidate regions kept per landmark, and the score threshold that makes them: lower
+/// than `THRESHOLD`, so that a landmark whose region lost the arg-max to a neighbour
+/// still has it as a candidate.
+const SHAPE_CANDIDATES: usize = 4;
+const SHAPE_THRESHOLD: f32 = 0.25;
+/// Log-plausibility of leaving a landmark out: as unlikely as a 4.5 σ displacement.
+const ABSENT_COST: f64 = 10.0;
+
+impl ShapeModel {
+    /// From the landmark points of the templates (one Vec per template, one entry per
+    /// landmark). None when fewer than two templates have a landmark pair.
+    pub fn fit(points: &[Vec<Option<(f64, f64)>>]) -> Option<ShapeModel> {
+        let n = points.first()?.len();
+        let mut mean = vec![vec![[0.0; 2]; n]; n];
+        // A spread of 0 marks a pair the templates do not show (JSON has no infinity).
+        let mut std = vec![vec![[0.0; 2]; n]; n];
+        let mut any = false;
+        for i in 0..n {
+            for j in 0..n {
+                let offs: Vec<[f64; 2]> = points
+                    .iter()
+                    .filter_map(|t| Some((t.get(i).copied()??, t.get(j).copied()??)))
+                    .map(|(a, b)| [b.0 - a.0, b.1 - a.1])
+                    .collect();
+                if i == j || offs.len() < 2 {
+                    continue;
+                }
+                any = true;
+                for d in 0..2 {
+                    let m = offs.iter().map(|o| o[d]).sum::<f64>() / offs.len() as f64;
+                    let v = offs.iter().map(|o| (o[d] - m).powi(2)).sum::<f64>()
+                        / (offs.len() - 1) as f64;
+                    mean[i][j][d] = m;
+                    // Few templates under-estimate the spread: floor it by a share of
+                    // the distance, so that another patient's proportions still fit.
+                    let dist = (mean[i][j][0].powi(2) + mean[i][j][1].powi(2)).sqrt();
+                    std[i][j][d] = v.sqrt().max(0.15 * dist + 3.0);
+                }
+            }
+        }
+        any.then_some(ShapeModel { mean, std })
+    }
+
+    /// −log plausibility of points i and j at offset `d` (0 when the pair is unknown).
+    fn cost(&self, i: usize, j: usize, a: (f64, f64), b: (f64, f64)) -> f64 {
+        let (m, s) = (self.mean[i][j], self.std[i][j]);
+        if s[0] <= 0.0 || s[1] <= 0.0 {
+            return 0.0;
+        }
+        let d = [b.0 - a.0, b.1 - a.1];
+        0.5 * (((d[0] - m[0]) / s[0]).powi(2) + ((d[1] - m[1]) / s[1]).powi(2))
+    }
+}
+
+/// Like `findings`, but chooses each landmark among several candidate regions so that
+/// the whole set is plausible (pictorial structures, exhaustive over the small sets):
+/// maximises Σ ln(mass) − Σ pair costs, a landmark left out costing `ABSENT_COST`.
+pub fn shaped_findings(scores: &Array3<f32>, shape: &ShapeModel) -> Vec<Option<Finding>> {
+    let (n, rows, cols) = scores.dim();
+    if shape.mean.len() != n {
+        return findings(scores);
+    }
+    let cands: Vec<Vec<Finding>> = (0..n)
+        .map(|l| {
+            let plane = scores.index_axis(Axis(0), l);
+            let mask = plane.mapv(|s| s >= SHAPE_THRESHOLD);
+            let mut found: Vec<Finding> = components(&mask)
+                .into_iter()
+                .filter(|c| c.len() >= MIN_COMPONENT_PIXELS)
+                .map(|c| {
+                    let mass: f64 = c.iter().map(|&(r, cc)| plane[[r, cc]] as f64).sum();
+                    let mut m = Array2::from_elem((rows, cols), false);
+                    let (mut sr, mut sc) = (0.0, 0.0);
+                    for &(r, cc) in &c {
+                        m[[r, cc]] = true;
+                        let w = plane[[r, cc]] as f64;
+                        sr += w * r as f64;
+                        sc += w * cc as f64;
+                    }
+                    Finding {
+                        label: l,
+                        mask: m,
+                        mass,
+                        point: (sr / mass, sc / mass),
+                        confidence: mass / c.len() as f64,
+                    }
+                })
+                .collect();
+            found.sort_by(|a, b| b.mass.total_cmp(&a.mass));
+            found.truncate(SHAPE_CANDIDATES);
+            found
+        })
+        .collect();
+    // choice[l] = candidate index, or cands[l].len() for "absent".
+    let mut choice = vec![0usize; n];
+    let mut best: Option<(f64, Vec<usize>)> = None;
+    loop {
+        let mut total = 0.0;
+        for l in 0..n {
+            total += match cands[l].get(choice[l]) {
+                Some(c) => c.mass.max(1.0).ln(),
+                None => -ABSENT_COST,
+            };
+        }
+        for i in 0..n {
+            for j in (i + 1)..n {
+                if let (Some(a), Some(b)) = (cands[i].get(choice[i]), cands[j].get(choice[j])) {
+                    total -= shape.cost(i, j, a.point, b.point);
+                }
+            }
+        }
+        if best.as_ref().is_none_or(|(s, _)| total > *s) {
+            best = Some((total, choice.clone()));
+        }
+        // Next combination (odometer).
+        let mut l = 0;
+        while l < n {
+            choice[l] += 1;
+            if choice[l] <= cands[l].len() {
+                break;
+            }
+            choice[l] = 0;
+            l += 1;
+        }
+        if l == n {
+            break;
+        }
+    }
+    let picked = best.map(|b| b.1).unwrap_or_default();
+    let mut cands = cands;
+    (0..n)
+        .map(|l| {
+            let k = *picked.get(l)?;
+            (k < cands[l].len()).then(|| cands[l].swap_remove(k))
+        })
+        .collect()
 }

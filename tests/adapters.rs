@@ -42,6 +42,7 @@ fn options(method: Method) -> EvalOptions {
             ..TrainConfig::default()
         },
         png_dir: None,
+        template_offset: 0,
     }
 }
 
@@ -244,4 +245,42 @@ fn shipped_adapters_match_their_manifest_and_backbone() {
         let bundle = scout::train::Bundle::load(&file, backbone()).unwrap();
         assert_eq!(bundle.tasks.len(), 2, "{name}: landmarks and structures");
     }
+}
+
+/// Issue #7: the templates' landmark layout (pictorial structures over candidate regions)
+/// plus context features fix most off-by-one-vertebra misses of the plain adapter.
+#[test]
+fn shape_and_context_raise_spine_landmark_accuracy() {
+    let Some(shared) = common::shared_data("shape_and_context_raise_spine_landmark_accuracy")
+    else {
+        return;
+    };
+    let ds = Dataset::open(&shared.join("spine-mr")).unwrap();
+    let run = |shape: bool, context: scout::adapter::Context| {
+        let opts = EvalOptions {
+            templates: 5,
+            train: TrainConfig {
+                shape,
+                context,
+                ..TrainConfig::default()
+            },
+            ..options(Method::Contrastive)
+        };
+        let r = evaluate(&ds, backbone(), &cache(), None, &opts).unwrap();
+        eprint!("{}", scout::eval::table(&r));
+        r.landmarks.values().map(|s| s.accuracy).sum::<f64>() / r.landmarks.len() as f64
+    };
+    let plain = run(false, Default::default());
+    let best = run(
+        true,
+        scout::adapter::Context {
+            pools: vec![3, 9],
+            global: false,
+            position: true,
+        },
+    );
+    assert!(
+        best >= 0.85 && best > plain + 0.1,
+        "plain {plain:.2}, shape+context {best:.2}"
+    );
 }
