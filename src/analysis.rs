@@ -235,10 +235,12 @@ impl Engine {
                         sop_instance_uid: img.sop_instance_uid.clone(),
                         source,
                     };
+                let t = std::time::Instant::now();
                 let fm = self
                     .store
                     .get(&img.sop_instance_uid, &img.path)
                     .map_err(|e| inst_err(Box::new(e)))?;
+                let t_features = t.elapsed();
                 for (task, adapter) in &lr.bundle.tasks {
                     let scores = adapter.scores(&fm).map_err(|e| inst_err(Box::new(e)))?;
                     let up = postprocess::upsample_scores(&scores, fm.image_rows, fm.image_columns);
@@ -293,6 +295,13 @@ impl Engine {
                         }
                     }
                 }
+                log::debug!(
+                    "rule {}: {}: features {:.0} ms, adapters {:.0} ms",
+                    rule.name,
+                    img.sop_instance_uid,
+                    t_features.as_secs_f64() * 1000.0,
+                    (t.elapsed() - t_features).as_secs_f64() * 1000.0
+                );
             }
             structures.sort_by_key(|s| s.value);
             stack_results.push(StackResult {

@@ -211,7 +211,12 @@ fn walk_count(dir: &Path) -> usize {
 
 /// Peak resident set size of this process so far (VmHWM), in MiB.
 pub fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
+    vm_hwm_mib("self")
+}
+
+/// VmHWM of `/proc/<pid>/status` in MiB (NaN where /proc is not there).
+fn vm_hwm_mib(pid: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
@@ -409,7 +414,10 @@ pub fn e2e(
     let mut agent = Command::new(exe)
         .args(["serve", "--config"])
         .arg(&cfg_path)
-        .env("RUST_LOG", "info")
+        .env(
+            "RUST_LOG",
+            std::env::var("SCOUT_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -500,15 +508,7 @@ pub fn e2e(
                 std::thread::sleep(Duration::from_millis(500));
             }
         }
-        let rss = std::fs::read_to_string(format!("/proc/{}/status", agent.id()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmHWM:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|kb| kb.parse::<f64>().ok())
-            })
-            .map_or(f64::NAN, |kb| kb / 1024.0);
+        let rss = vm_hwm_mib(&agent.id().to_string());
         Ok(E2eFigures {
             slices: slices_name.into(),
             images: spec.slices,

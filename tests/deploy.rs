@@ -81,17 +81,7 @@ fn healthz_and_metrics_scraped_while_traffic_flows() {
         .unwrap();
         files.extend(s.files);
     }
-    let sender = std::thread::spawn(move || {
-        let mut args = vec![
-            "-aec".to_string(),
-            "SCOUT".into(),
-            "127.0.0.1".into(),
-            port.to_string(),
-        ];
-        args.extend(files.iter().map(|f| f.display().to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        dcmtk_run("storescu", &args)
-    });
+    let sender = std::thread::spawn(move || dcmtk_to_scout("storescu", &[], port, &files));
     let mut scrapes = 0;
     let deadline = Instant::now() + Duration::from_secs(90);
     let text = loop {
@@ -358,75 +348,20 @@ fn tls_associations_with_dcmtk_storescu() {
         },
     )
     .unwrap();
-    let file = series.files[0].display().to_string();
-    let p = port.to_string();
+    let (key, cert, ca) = (f("client.key"), f("client.pem"), f("ca.pem"));
+    let mutual = ["+tls", key.as_str(), cert.as_str(), "+cf", ca.as_str()];
     // Mutual TLS, as a scanner with its own certificate would connect.
-    let (ok, out) = dcmtk_run(
-        "storescu",
-        &[
-            "+tls",
-            &f("client.key"),
-            &f("client.pem"),
-            "+cf",
-            &f("ca.pem"),
-            "-aec",
-            "SCOUT",
-            "localhost",
-            &p,
-            &file,
-        ],
-    );
+    let (ok, out) = dcmtk_to_scout("storescu", &mutual, port, &series.files[..1]);
     assert!(ok, "storescu +tls: {out}\n{:#?}", agent.log_lines());
     // Plain TCP to the TLS port, and TLS without a client certificate: refused.
-    let (ok, _) = dcmtk_run("storescu", &["-aec", "SCOUT", "localhost", &p, &file]);
+    let (ok, _) = dcmtk_to_scout("storescu", &[], port, &series.files[..1]);
     assert!(!ok, "plain association accepted on the TLS port");
-    let (ok, _) = dcmtk_run(
-        "storescu",
-        &[
-            "+tla",
-            "+cf",
-            &f("ca.pem"),
-            "-aec",
-            "SCOUT",
-            "localhost",
-            &p,
-            &file,
-        ],
-    );
+    let (ok, _) = dcmtk_to_scout("storescu", &["+tla", "+cf", &ca], port, &series.files[..1]);
     assert!(!ok, "TLS without a client certificate accepted");
     // Still serving: the other two files arrive over TLS, and C-ECHO works.
-    let mut args: Vec<String> = [
-        "+tls",
-        &f("client.key"),
-        &f("client.pem"),
-        "+cf",
-        &f("ca.pem"),
-        "-aec",
-        "SCOUT",
-        "localhost",
-        &p,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(series.files[1..].iter().map(|x| x.display().to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (ok, out) = dcmtk_run("storescu", &args);
+    let (ok, out) = dcmtk_to_scout("storescu", &mutual, port, &series.files[1..]);
     assert!(ok, "{out}");
-    let (ok, out) = dcmtk_run(
-        "echoscu",
-        &[
-            "+tls",
-            &f("client.key"),
-            &f("client.pem"),
-            "+cf",
-            &f("ca.pem"),
-            "-aec",
-            "SCOUT",
-            "localhost",
-            &p,
-        ],
-    );
+    let (ok, out) = dcmtk_to_scout("echoscu", &mutual, port, &[]);
     assert!(ok, "{out}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while spooled_files(&data.join("spool")).len() < 3 {

@@ -111,20 +111,25 @@ fn setup(edits: &[(&str, &str)]) -> Run {
 }
 
 fn storescu(port: u16, files: &[PathBuf]) {
-    let mut args = vec![
-        "-aec".to_string(),
-        "SCOUT".into(),
-        "127.0.0.1".into(),
-        port.to_string(),
-    ];
-    args.extend(files.iter().map(|f| f.display().to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (ok, text) = dcmtk_run("storescu", &args);
+    let (ok, text) = dcmtk_to_scout("storescu", &[], port, files);
     assert!(ok, "storescu failed: {text}");
 }
 
 fn write_series(dir: &Path, spec: SynthSpec) -> SynthSeries {
     synth::write_series(dir, &spec).unwrap()
+}
+
+/// The synthetic 9-slice sagittal localizer (Body Part SPINE: the spine rule matches),
+/// complete as soon as its 9 images are in.
+fn localizer(dir: &Path, description: &str) -> SynthSeries {
+    write_series(
+        dir,
+        SynthSpec {
+            images_in_acquisition: true,
+            series_description: description.into(),
+            ..SynthSpec::default()
+        },
+    )
 }
 
 /// Checks an SR that arrived: valid per dciodvfy, rendered by dsrdump, patient and
@@ -237,13 +242,7 @@ fn localizer_in_sr_and_seg_out_valid_and_on_the_right_pixels() {
     let run = setup(&[]);
     let dest = Storescp::start(run.dest_port, &run.out);
     let _agent = Daemon::start(&run.cfg, run.port);
-    let series = write_series(
-        &run.data.with_file_name("series"),
-        SynthSpec {
-            images_in_acquisition: true,
-            ..SynthSpec::default()
-        },
-    );
+    let series = localizer(&run.data.with_file_name("series"), "SYNTH LOCALIZER");
     storescu(run.port, &series.files);
     let srs = dest.wait_for("SR3", 1, Duration::from_secs(60));
     assert_eq!(srs.len(), 1, "one SR expected: {srs:?}");
@@ -338,13 +337,7 @@ fn destination_down_then_up_and_kill_9_deliver_each_series_exactly_once() {
     )]);
     let mut agent = Daemon::start(&run.cfg, run.port);
     // 1. Destination down: the result waits in the outbox, retried.
-    let first = write_series(
-        &run.data.with_file_name("first"),
-        SynthSpec {
-            images_in_acquisition: true,
-            ..SynthSpec::default()
-        },
-    );
+    let first = localizer(&run.data.with_file_name("first"), "SYNTH LOCALIZER");
     storescu(run.port, &first.files);
     assert!(
         agent
@@ -355,14 +348,7 @@ fn destination_down_then_up_and_kill_9_deliver_each_series_exactly_once() {
     );
     // 2. A second series, killed right after it was acknowledged (before or during its
     //    analysis): nothing was queued for it yet.
-    let second = write_series(
-        &run.data.with_file_name("second"),
-        SynthSpec {
-            images_in_acquisition: true,
-            series_description: "SPINE LOCALIZER 2".into(),
-            ..SynthSpec::default()
-        },
-    );
+    let second = localizer(&run.data.with_file_name("second"), "SPINE LOCALIZER 2");
     storescu(run.port, &second.files);
     agent.kill9();
     // 3. Destination up, agent restarted: both SRs arrive, once each.

@@ -288,6 +288,26 @@ pub fn dcmtk_run(tool: &str, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// A DCMTK tool (`storescu`, `echoscu`) towards scout at 127.0.0.1:`port`, called AE
+/// SCOUT, with `options` before and `files` after the address.
+pub fn dcmtk_to_scout(
+    tool: &str,
+    options: &[&str],
+    port: u16,
+    files: &[PathBuf],
+) -> (bool, String) {
+    let mut args: Vec<String> = options.iter().map(|s| s.to_string()).collect();
+    args.extend([
+        "-aec".into(),
+        "SCOUT".into(),
+        "127.0.0.1".into(),
+        port.to_string(),
+    ]);
+    args.extend(files.iter().map(|f| f.display().to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    dcmtk_run(tool, &args)
+}
+
 /// Every `.dcm` file under `dir` (spool layout), excluding partial writes.
 pub fn spooled_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
