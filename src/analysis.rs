@@ -164,15 +164,6 @@ impl Engine {
         self.rules.iter().any(|r| r.rule.slices == Slices::All)
     }
 
-    /// Names of the rules whose criteria match some stack of the series.
-    pub fn matching_rules(&self, series: &Series) -> Vec<&str> {
-        self.rules
-            .iter()
-            .filter(|r| !matching_stacks(&r.rule, series).is_empty())
-            .map(|r| r.rule.name.as_str())
-            .collect()
-    }
-
     /// One result per matching rule. Features of the series are released afterwards.
     pub fn analyze(&self, series: &Series) -> Vec<Result<SeriesResult, AnalysisError>> {
         let out = self

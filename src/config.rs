@@ -18,11 +18,6 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("configuration {origin}: {source}")]
-    Parse {
-        origin: String,
-        source: Box<toml::de::Error>,
-    },
     #[error("configuration {origin} is invalid:\n  - {}", problems.join("\n  - "))]
     Invalid {
         origin: String,

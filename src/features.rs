@@ -219,15 +219,6 @@ impl FeatureStore {
         }
         self.get(uid, path).map(|_| ())
     }
-
-    /// How many feature maps are held (for tests and metrics).
-    pub fn len(&self) -> usize {
-        self.lock().map.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Computes features of instances sent to it until the channel closes. A failure is only
