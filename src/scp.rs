@@ -320,6 +320,105 @@ fn reject_busy(mut stream: TcpStream, peer: &str, config: &ScpConfig) {
     );
 }
 
+/// Why a connection was closed before dicom-ul saw it.
+#[derive(Debug, thiserror::Error)]
+enum Opening {
+    #[error("closed before any request")]
+    Closed,
+    #[error("no complete request within {0:?}")]
+    TimedOut(Duration),
+    #[error("TLS record on this plain DICOM port (configure [scp.tls] or connect without TLS)")]
+    TlsOnPlainPort,
+    #[error("not a TLS client on this TLS port")]
+    PlainOnTlsPort,
+    #[error("{0}")]
+    Io(std::io::Error),
+}
+
+/// Waits, without consuming anything, until the connection's opening bytes are there:
+/// the first byte of an A-ASSOCIATE-RQ, or the whole TLS ClientHello in TLS mode.
+///
+/// dicom-ul 0.10.1 with `sync-tls` spins forever at full CPU when a connection ends too
+/// early: on a plain port it re-checks the bytes read so far for a TLS ClientHello and
+/// keeps asking an exhausted buffer for more; on a TLS port its acceptor keeps reading a
+/// closed socket. One port scan or TCP health check would pin a core and hold an
+/// association slot for good, so such connections never reach it.
+fn await_opening(stream: &TcpStream, tls: bool, timeout: Duration) -> Result<(), Opening> {
+    let timeout = timeout.max(Duration::from_secs(1));
+    let _ = stream.set_read_timeout(Some(timeout));
+    let deadline = Instant::now() + timeout;
+    let mut buf = vec![0u8; if tls { 1 << 16 } else { 1 }];
+    loop {
+        let n = match stream.peek(&mut buf) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(Opening::TimedOut(timeout))
+            }
+            Err(e) => return Err(Opening::Io(e)),
+        };
+        if n == 0 {
+            return Err(Opening::Closed);
+        }
+        if !tls {
+            // Any TLS record type (PDU types are 0x01–0x07) would reach the spinning check.
+            return match buf[0] {
+                0x14..=0x17 => Err(Opening::TlsOnPlainPort),
+                _ => Ok(()),
+            };
+        }
+        match client_hello_complete(&buf[..n]) {
+            None => return Err(Opening::PlainOnTlsPort),
+            Some(true) => return Ok(()),
+            Some(false) if n == buf.len() => return Ok(()),
+            Some(false) => {}
+        }
+        // Part of a ClientHello: peek returns at once while any byte is unread, so wait
+        // for the rest instead of spinning.
+        if Instant::now() >= deadline {
+            return Err(Opening::TimedOut(timeout));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// None when `bytes` do not start like a TLS handshake record; otherwise whether they
+/// hold a whole handshake message (the ClientHello), which may span several records.
+fn client_hello_complete(bytes: &[u8]) -> Option<bool> {
+    const HANDSHAKE: u8 = 0x16;
+    match bytes {
+        [] => return Some(false),
+        [t, ..] if *t != HANDSHAKE => return None,
+        [_, major, ..] if *major != 0x03 => return None,
+        _ => {}
+    }
+    let mut payload = Vec::new();
+    let mut at = 0;
+    while bytes.len() >= at + 5 {
+        if bytes[at] != HANDSHAKE {
+            return None;
+        }
+        let len = u16::from_be_bytes([bytes[at + 3], bytes[at + 4]]) as usize;
+        let end = (at + 5 + len).min(bytes.len());
+        payload.extend_from_slice(&bytes[at + 5..end]);
+        if payload.len() >= 4 {
+            let message = u32::from_be_bytes([0, payload[1], payload[2], payload[3]]) as usize;
+            if payload.len() >= 4 + message {
+                return Some(true);
+            }
+        }
+        if end < at + 5 + len {
+            break;
+        }
+        at = end;
+    }
+    Some(false)
+}
+
 /// What the association is in the middle of receiving.
 enum State {
     Idle,
@@ -348,6 +447,15 @@ fn serve_association(stream: TcpStream, peer: &str, ctx: &Context) {
         crate::metrics::inc(&crate::metrics::METRICS.associations_rejected);
         log::warn!("scp: association from {peer} not established: {e}");
     };
+    match await_opening(&stream, ctx.tls, ctx.config.read_timeout()) {
+        Ok(()) => {}
+        Err(Opening::Closed) => {
+            // Port scanners and TCP health checks: nothing to answer.
+            log::debug!("scp: connection from {peer} closed before any request");
+            return;
+        }
+        Err(e) => return refused(&e),
+    }
     if ctx.tls {
         match ctx.options.establish_tls(stream) {
             Ok(a) => serve_established(a, peer, ctx, started),
@@ -772,4 +880,33 @@ fn has_pixel_data(obj: &InMemDicomObject) -> bool {
         tags::DOUBLE_FLOAT_PIXEL_DATA,
     ];
     PIXEL_TAGS.iter().any(|t| obj.get(*t).is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::client_hello_complete;
+
+    #[test]
+    fn client_hello_detection() {
+        // A-ASSOCIATE-RQ header: not TLS.
+        assert_eq!(client_hello_complete(&[0x01, 0x00, 0, 0, 0, 0xcd]), None);
+        assert_eq!(client_hello_complete(&[0x16, 0x01]), None);
+        assert_eq!(client_hello_complete(&[]), Some(false));
+        assert_eq!(client_hello_complete(&[0x16]), Some(false));
+        assert_eq!(client_hello_complete(&[0x16, 0x03, 0x01]), Some(false));
+        // One record holding a 6-byte handshake message.
+        let hello = [
+            0x16, 0x03, 0x01, 0x00, 0x0a, 0x01, 0x00, 0x00, 0x06, 1, 2, 3, 4, 5, 6,
+        ];
+        assert_eq!(client_hello_complete(&hello), Some(true));
+        assert_eq!(client_hello_complete(&hello[..14]), Some(false));
+        // The same message split over two records.
+        let split = [
+            0x16, 0x03, 0x01, 0x00, 0x06, 0x01, 0x00, 0x00, 0x06, 1, 2, //
+            0x16, 0x03, 0x01, 0x00, 0x04, 3, 4, 5, 6,
+        ];
+        assert_eq!(client_hello_complete(&split), Some(true));
+        assert_eq!(client_hello_complete(&split[..18]), Some(false));
+        assert_eq!(client_hello_complete(&split[..11]), Some(false));
+    }
 }

@@ -340,6 +340,17 @@ fn tls_associations_with_dcmtk_storescu() {
     )
     .unwrap();
     let agent = Daemon::start(&cfg, port);
+    // Health-check probes and a client giving up mid-ClientHello: dicom-ul alone would
+    // spin on each (see scp::await_opening); the idle agent must stay idle.
+    for opening in [&[][..], &[], &[0x16, 0x03, 0x01, 0x00]] {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(opening).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let before = agent.cpu_seconds();
+    std::thread::sleep(Duration::from_secs(1));
+    let busy = agent.cpu_seconds() - before;
+    assert!(busy < 0.3, "idle agent used {busy:.2} s of CPU in 1 s");
     let series = scout::synth::write_series(
         &tmp.path().join("series"),
         &scout::synth::SynthSpec {

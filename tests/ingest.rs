@@ -847,3 +847,30 @@ fn associations_beyond_the_limit_get_a_transient_rejection() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Port scans, TCP health checks and TLS clients on the plain port end before any PDU.
+/// dicom-ul 0.10.1 spins forever on such connections (see scp::await_opening); each one
+/// would hold an association slot, so with a limit of 2 the scanner would be locked out.
+#[test]
+fn early_closes_and_tls_on_the_plain_port_hold_no_association_slot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ingest, _) = in_process(tmp.path(), |c| c.scp.max_associations = 2);
+    let port = ingest.scp.local_addr.port();
+    for opening in [&[][..], &[], &[], &[0x16, 0x03, 0x01], &[0x17]] {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(opening).unwrap();
+        drop(s);
+    }
+    let p = peer(port, "SCOUT");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    for _ in 0..3 {
+        // Each closed connection's thread ends on its own; give them a moment.
+        while let Err(e) = scu::echo(&p) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "association slots still held by closed connections: {e}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

@@ -208,6 +208,17 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// CPU time (user + system) the daemon has used so far, in seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .expect("daemon /proc stat");
+        // Fields after the parenthesised command name; utime and stime are 14 and 15.
+        let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+        ticks / 100.0
+    }
+
     pub fn start(config_path: &Path, port: u16) -> Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_scout"))
             .args(["serve", "--config"])
