@@ -9,7 +9,7 @@
 //! to the image. Training is deterministic given the seed.
 
 use crate::backbone::FeatureMap;
-use ndarray::{s, Array1, Array2, Array3, ArrayView2, Axis};
+use ndarray::{s, Array1, Array2, Array3, ArrayView2, Axis, ShapeBuilder};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -154,7 +154,13 @@ impl Linear {
         }
     }
     fn forward(&self, x: ArrayView2<f32>) -> Array2<f32> {
-        x.dot(&self.w.t()) + &self.b
+        let mut y = x.dot(&self.w.t());
+        // Column by column: broadcasting `+ &b` goes element by element (~5 ms per
+        // slice) when y is column-major, as it is for context rows.
+        for (mut col, &b) in y.columns_mut().into_iter().zip(&self.b) {
+            col += b;
+        }
+        y
     }
 }
 
@@ -183,7 +189,16 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: ArrayView2<f32>) -> Array2<f32> {
-        self.forward_traced(x).0
+        let mut layers = self.layers.iter();
+        let Some(first) = layers.next() else {
+            return x.to_owned();
+        };
+        let mut h = first.forward(x);
+        for l in layers {
+            h.mapv_inplace(|v| v.max(0.0));
+            h = l.forward(h.view());
+        }
+        h
     }
 
     pub fn forward_traced(&self, x: ArrayView2<f32>) -> (Array2<f32>, Trace) {
@@ -334,85 +349,115 @@ pub struct Adapter {
     pub shape: Option<crate::postprocess::ShapeModel>,
 }
 
-/// Features of all cells of a map as rows (h·w × C), row-major over the grid.
-pub fn cell_rows(fm: &FeatureMap) -> Array2<f32> {
+/// Features of all cells as rows (h·w × columns, cells row-major over the grid): the
+/// cell's C features, then per pool window the C features box-averaged over the window
+/// (clipped at the border), C for the slice mean, 2 for the position (row, column in 0..1).
+///
+/// Built channel plane by channel plane into a column-major array: every column is one
+/// contiguous plane, so pooling is two running sums per plane (the row-wise version cost
+/// ~150 ms per slice); matrix products take either memory order.
+pub fn context_rows(fm: &FeatureMap, ctx: &Context) -> Array2<f32> {
     let (c, h, w) = fm.data.dim();
-    let mut out = Array2::zeros((h * w, c));
-    for ch in 0..c {
-        for (idx, v) in fm.data.index_axis(Axis(0), ch).iter().enumerate() {
-            out[[idx, ch]] = *v;
+    let cells = h * w;
+    let groups = 1 + ctx.pools.len() + usize::from(ctx.global);
+    let ncols = c * groups + if ctx.position { 2 } else { 0 };
+    let mut data = vec![0f32; cells * ncols];
+    let column = |k: usize| k * cells..(k + 1) * cells;
+    let mut row_sums = vec![0f32; cells];
+    let standard = fm.data.as_standard_layout();
+    let planes = standard.as_slice().unwrap_or(&[]);
+    for (ch, plane) in planes.chunks_exact(cells.max(1)).enumerate() {
+        let (own, rest) = data.split_at_mut(c * cells);
+        own[column(ch)].copy_from_slice(plane);
+        for (p, &k) in ctx.pools.iter().enumerate() {
+            let dst = column(p * c + ch);
+            box_mean(plane, h, w, k / 2, &mut row_sums, &mut rest[dst]);
         }
+        if ctx.global {
+            let mean = plane.iter().map(|&v| v as f64).sum::<f64>() / cells as f64;
+            rest[column(ctx.pools.len() * c + ch)].fill(mean as f32);
+        }
+    }
+    if ctx.position {
+        for i in 0..cells {
+            let (y, x) = (i / w, i % w);
+            data[(ncols - 2) * cells + i] = (y as f32 + 0.5) / h as f32;
+            data[(ncols - 1) * cells + i] = (x as f32 + 0.5) / w as f32;
+        }
+    }
+    Array2::from_shape_vec((cells, ncols).f(), data).expect("cells × columns values")
+}
+
+/// Mean over the (2r+1)² window around each cell of an h×w plane, the window clipped at
+/// the border: window sums along each row, then along each column (a column's running
+/// sum advances a whole row of cells at a time, which vectorises).
+fn box_mean(plane: &[f32], h: usize, w: usize, r: usize, row_sums: &mut [f32], out: &mut [f32]) {
+    let span = |i: usize, n: usize| (i.saturating_sub(r), (i + r + 1).min(n));
+    for (src, dst) in plane.chunks_exact(w).zip(row_sums.chunks_exact_mut(w)) {
+        let mut sum: f32 = src[..r.min(w)].iter().sum();
+        for (x, d) in dst.iter_mut().enumerate() {
+            let (x0, x1) = span(x, w);
+            if x + r < w {
+                sum += src[x + r];
+            }
+            if x > r {
+                sum -= src[x - r - 1];
+            }
+            *d = sum / (x1 - x0) as f32;
+        }
+    }
+    let mut sum = vec![0f32; w];
+    for y in 0..r.min(h) {
+        for (s, v) in sum.iter_mut().zip(&row_sums[y * w..(y + 1) * w]) {
+            *s += v;
+        }
+    }
+    for y in 0..h {
+        let (y0, y1) = span(y, h);
+        if y + r < h {
+            for (s, v) in sum.iter_mut().zip(&row_sums[(y + r) * w..(y + r + 1) * w]) {
+                *s += v;
+            }
+        }
+        if y > r {
+            for (s, v) in sum.iter_mut().zip(&row_sums[(y - r - 1) * w..(y - r) * w]) {
+                *s -= v;
+            }
+        }
+        let n = (y1 - y0) as f32;
+        for (o, s) in out[y * w..(y + 1) * w].iter_mut().zip(&sum) {
+            *o = s / n;
+        }
+    }
+}
+
+/// exp of every value minus its row's maximum.
+fn exp_rows(x: &Array2<f32>) -> Array2<f32> {
+    let mut out = x.clone();
+    for mut row in out.rows_mut() {
+        let max = row.fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        row.mapv_inplace(|v| (v - max).exp());
     }
     out
 }
 
-/// `cell_rows` with the context columns of `ctx` appended: C per pool window, C for the
-/// global mean, 2 for the position.
-pub fn context_rows(fm: &FeatureMap, ctx: &Context) -> Array2<f32> {
-    let base = cell_rows(fm);
-    if ctx.is_empty() {
-        return base;
-    }
-    let (c, h, w) = fm.data.dim();
-    let mut parts = vec![base];
-    if !ctx.pools.is_empty() {
-        // Summed-area table over the grid, all channels at once (rows of C values), so
-        // each window mean is four row operations.
-        let base = &parts[0];
-        let stride = w + 1;
-        let mut sat = Array2::<f32>::zeros(((h + 1) * stride, c));
-        for y in 0..h {
-            let mut run = Array1::<f32>::zeros(c);
-            for x in 0..w {
-                run += &base.row(y * w + x);
-                let above = sat.row(y * stride + x + 1).to_owned();
-                sat.row_mut((y + 1) * stride + x + 1)
-                    .assign(&(&above + &run));
-            }
-        }
-        for &k in &ctx.pools {
-            let r = k / 2;
-            let mut pooled = Array2::<f32>::zeros((h * w, c));
-            for y in 0..h {
-                let (y0, y1) = (y.saturating_sub(r), (y + r + 1).min(h));
-                for x in 0..w {
-                    let (x0, x1) = (x.saturating_sub(r), (x + r + 1).min(w));
-                    let area = ((y1 - y0) * (x1 - x0)) as f32;
-                    let mut out = pooled.row_mut(y * w + x);
-                    out.assign(&sat.row(y1 * stride + x1));
-                    out -= &sat.row(y0 * stride + x1);
-                    out -= &sat.row(y1 * stride + x0);
-                    out += &sat.row(y0 * stride + x0);
-                    out /= area;
-                }
-            }
-            parts.push(pooled);
-        }
-    }
-    if ctx.global {
-        let mean = parts[0]
-            .mean_axis(Axis(0))
-            .unwrap_or_else(|| Array1::zeros(c));
-        parts.push(Array2::from_shape_fn((h * w, c), |(_, ch)| mean[ch]));
-    }
-    if ctx.position {
-        parts.push(Array2::from_shape_fn((h * w, 2), |(i, j)| {
-            let (y, x) = (i / w, i % w);
-            if j == 0 {
-                (y as f32 + 0.5) / h as f32
-            } else {
-                (x as f32 + 0.5) / w as f32
-            }
-        }));
-    }
-    let views: Vec<ArrayView2<f32>> = parts.iter().map(|p| p.view()).collect();
-    ndarray::concatenate(Axis(1), &views).unwrap_or_else(|_| parts[0].clone())
+/// softmax(a + b)[i], computed directly.
+fn softmax_at(a: ndarray::ArrayView1<f32>, b: ndarray::ArrayView1<f32>, i: usize) -> f32 {
+    let max = a
+        .iter()
+        .zip(b.iter())
+        .fold(f32::NEG_INFINITY, |m, (x, y)| m.max(x + y));
+    let sum: f32 = a
+        .iter()
+        .zip(b.iter())
+        .map(|(x, y)| (x + y - max).exp())
+        .sum();
+    (a[i] + b[i] - max).exp() / sum
 }
 
 fn standardize(rows: &mut Array2<f32>, mean: &Array1<f32>, std: &Array1<f32>) {
-    for mut r in rows.rows_mut() {
-        r -= mean;
-        r /= std;
+    for ((mut col, m), s) in rows.columns_mut().into_iter().zip(mean).zip(std) {
+        col.mapv_inplace(|v| (v - m) / s);
     }
 }
 
@@ -651,24 +696,31 @@ impl Adapter {
                 // The head is linear in [e_ref, e_tgt]: split it into its two halves.
                 let target_terms =
                     branch.forward(x.view()).dot(&head.w.slice(s![.., e..]).t()) + &head.b;
-                let classes = target_terms.ncols();
+                // p(label | ref, target) = softmax(ref_terms + target_terms)[label + 1],
+                // averaged over the label's references. exp(a + b) = exp(a)·exp(b), so
+                // the softmax denominators of all (target, reference) pairs are one
+                // matrix product of row-wise exponentials (each row shifted by its own
+                // maximum; the shifts cancel in the ratio).
+                let target_exp = exp_rows(&target_terms);
                 let mut p = Array2::zeros((h * w, n));
-                let mut logits = vec![0f32; classes];
                 for (l, refs) in references.iter().enumerate() {
                     let ref_terms = branch
                         .forward(refs.view())
                         .dot(&head.w.slice(s![.., ..e]).t());
-                    for (r, tt) in target_terms.rows().into_iter().enumerate() {
+                    let ref_exp = exp_rows(&ref_terms);
+                    let denominators = target_exp.dot(&ref_exp.t());
+                    let n_refs = ref_terms.nrows().max(1) as f32;
+                    for (r, dens) in denominators.rows().into_iter().enumerate() {
                         let mut acc = 0.0;
-                        for rt in ref_terms.rows() {
-                            for (k, z) in logits.iter_mut().enumerate() {
-                                *z = rt[k] + tt[k];
-                            }
-                            let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                            let sum: f32 = logits.iter().map(|z| (z - max).exp()).sum();
-                            acc += (logits[l + 1] - max).exp() / sum;
+                        for (k, &den) in dens.iter().enumerate() {
+                            acc += if den > 1e-30 {
+                                target_exp[[r, l + 1]] * ref_exp[[k, l + 1]] / den
+                            } else {
+                                // Both rows' mass far from each other: no shortcut.
+                                softmax_at(target_terms.row(r), ref_terms.row(k), l + 1)
+                            };
                         }
-                        p[[r, l]] = acc / ref_terms.nrows() as f32;
+                        p[[r, l]] = acc / n_refs;
                     }
                 }
                 p
@@ -785,6 +837,49 @@ fn train_siamese(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Context columns equal their definitions computed cell by cell.
+    #[test]
+    fn context_rows_match_direct_definitions() {
+        let mut rng = Rng::new(3);
+        let (c, h, w) = (3, 7, 10);
+        let fm = FeatureMap {
+            data: Array3::from_shape_fn((c, h, w), |_| rng.normal()),
+            image_rows: 28,
+            image_columns: 40,
+        };
+        let ctx = Context {
+            pools: vec![3, 5],
+            global: true,
+            position: true,
+        };
+        let rows = context_rows(&fm, &ctx);
+        assert_eq!(rows.dim(), (h * w, c * 4 + 2));
+        for y in 0..h {
+            for x in 0..w {
+                let row = rows.row(y * w + x);
+                for ch in 0..c {
+                    assert_eq!(row[ch], fm.data[[ch, y, x]]);
+                    for (p, k) in [3usize, 5].into_iter().enumerate() {
+                        let r = k / 2;
+                        let (mut sum, mut n) = (0.0f64, 0);
+                        for yy in y.saturating_sub(r)..(y + r + 1).min(h) {
+                            for xx in x.saturating_sub(r)..(x + r + 1).min(w) {
+                                sum += fm.data[[ch, yy, xx]] as f64;
+                                n += 1;
+                            }
+                        }
+                        let got = row[(1 + p) * c + ch] as f64;
+                        assert!((got - sum / n as f64).abs() < 1e-5, "pool {k} at {y},{x}");
+                    }
+                    let mean = fm.data.index_axis(Axis(0), ch).mean().unwrap();
+                    assert!((row[3 * c + ch] - mean).abs() < 1e-5);
+                }
+                assert_eq!(row[4 * c], (y as f32 + 0.5) / h as f32);
+                assert_eq!(row[4 * c + 1], (x as f32 + 0.5) / w as f32);
+            }
+        }
+    }
 
     /// Finite differences agree with backpropagation through the MLP and the loss.
     #[test]
@@ -939,6 +1034,38 @@ mod synthetic {
             serde_json::from_str(&serde_json::to_string(&adapter).unwrap()).unwrap();
         assert_eq!(back.scores(&fm).unwrap(), adapter.scores(&fm).unwrap());
         assert!(back.check_backbone("other", "1").is_err());
+
+        // The contrastive shortcut (softmax denominators as one matrix product) equals
+        // the definition: the mean over references of softmax(ref + target)[label].
+        if let Model::Contrastive {
+            branch,
+            head,
+            references,
+        } = &adapter.model
+        {
+            let mut x = context_rows(&fm, &adapter.train.context);
+            standardize(&mut x, &adapter.feature_mean, &adapter.feature_std);
+            let e = head.w.ncols() / 2;
+            let tt = branch.forward(x.view()).dot(&head.w.slice(s![.., e..]).t()) + &head.b;
+            for (l, refs) in references.iter().enumerate() {
+                let rt = branch
+                    .forward(refs.view())
+                    .dot(&head.w.slice(s![.., ..e]).t());
+                for cell in [0, 77, G * G - 1] {
+                    let direct = rt
+                        .rows()
+                        .into_iter()
+                        .map(|r| softmax_at(tt.row(cell), r, l + 1))
+                        .sum::<f32>()
+                        / rt.nrows() as f32;
+                    let got = raw[[l, cell / G, cell % G]];
+                    assert!(
+                        (got - direct).abs() < 1e-5,
+                        "label {l} cell {cell}: {got} vs {direct}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use crate::backbone::{Backbone, BackboneError, FeatureMap};
 use crate::dataset::{Case, Dataset, DatasetError, Layout};
 use crate::features::FeatureCache;
 use crate::postprocess::{self, Finding};
-use crate::sam::{Point, PointLabel, Sam};
+use crate::sam::{Point, PointLabel, Sam, SamMask};
 use crate::templates::{self, Task};
 use ndarray::{Array2, Array3};
 use serde::Serialize;
@@ -37,13 +37,35 @@ pub struct EvalOptions {
     pub method: Method,
     /// One binary adapter per label instead of one multi-label adapter.
     pub binary: bool,
-    pub sam: bool,
+    /// Refine structures with SAM's decoder.
+    pub sam: Option<SamRefine>,
     pub landmark_radius: f64,
-    pub sam_points: usize,
     pub train: TrainConfig,
     pub png_dir: Option<PathBuf>,
     /// Templates are cases `template_offset..template_offset + templates` (folds).
     pub template_offset: usize,
+}
+
+/// How SAM is prompted from a localized region, and when its mask replaces the region.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct SamRefine {
+    pub prompt: SamPrompt,
+    /// Positive points drawn from the region (`Points`).
+    pub points: usize,
+    /// Keep SAM's mask only if its own predicted IoU reaches this...
+    pub min_predicted_iou: f32,
+    /// ...and its IoU with the adapter's region reaches this; otherwise keep the region.
+    pub min_agreement: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+pub enum SamPrompt {
+    /// Positive points drawn at random from the region.
+    Points,
+    /// The region's bounding box (LiteMedSAM was trained with boxes).
+    Box,
+    /// The bounding box and the region's score-weighted centre as a positive point.
+    BoxCenter,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -67,6 +89,8 @@ pub struct Timing {
     pub train_s: f64,
     pub adapter_ms_per_slice: f64,
     pub sam_ms_per_call: Option<f64>,
+    /// Share of SAM masks that passed the acceptance checks.
+    pub sam_accepted: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -74,7 +98,7 @@ pub struct Report {
     pub dataset: String,
     pub method: String,
     pub binary: bool,
-    pub sam: bool,
+    pub sam: Option<SamRefine>,
     pub backbone: String,
     pub templates: Vec<String>,
     pub test_cases: usize,
@@ -190,32 +214,72 @@ pub fn train_task(
     Ok(out)
 }
 
-/// SAM refinement of one finding: `n` positive points drawn (seeded) from its mask.
+/// SAM's mask for one finding, prompted as `how` says (points drawn with `seed`).
 pub fn refine_with_sam(
     sam: &Sam,
     fm: &FeatureMap,
     finding: &Finding,
-    n: usize,
+    how: &SamRefine,
     seed: u64,
-) -> Result<Array2<bool>, BackboneError> {
+) -> Result<SamMask, BackboneError> {
     let pixels: Vec<(usize, usize)> = finding
         .mask
         .indexed_iter()
         .filter(|(_, v)| **v)
         .map(|(p, _)| p)
         .collect();
-    let mut rng = crate::adapter::Rng::new(seed);
-    let points: Vec<Point> = (0..n.min(pixels.len()).max(1))
-        .map(|_| {
-            let (r, c) = pixels[rng.below(pixels.len())];
-            Point {
-                row: r as f64,
-                column: c as f64,
-                label: PointLabel::Foreground,
+    let point = |(row, column): (f64, f64), label| Point { row, column, label };
+    let mut prompts = Vec::new();
+    match how.prompt {
+        SamPrompt::Points => {
+            let mut rng = crate::adapter::Rng::new(seed);
+            for _ in 0..how.points.min(pixels.len()).max(1) {
+                let (r, c) = pixels
+                    .get(rng.below(pixels.len().max(1)))
+                    .copied()
+                    .unwrap_or((finding.point.0 as usize, finding.point.1 as usize));
+                prompts.push(point((r as f64, c as f64), PointLabel::Foreground));
             }
-        })
-        .collect();
-    Ok(sam.mask(fm, &points)?.mask)
+        }
+        SamPrompt::Box | SamPrompt::BoxCenter => {
+            if how.prompt == SamPrompt::BoxCenter {
+                prompts.push(point(finding.point, PointLabel::Foreground));
+            }
+            // Points first, then the box corners, as SAM's ONNX decoder expects.
+            let (rows, cols) = finding.mask.dim();
+            let (mut r0, mut c0, mut r1, mut c1) = (rows, cols, 0, 0);
+            for &(r, c) in &pixels {
+                (r0, c0, r1, c1) = (r0.min(r), c0.min(c), r1.max(r), c1.max(c));
+            }
+            // A margin of 5 % of the box, as a box drawn by hand would have.
+            let (mr, mc) = (
+                (r1 - r0.min(r1)) as f64 * 0.05,
+                (c1 - c0.min(c1)) as f64 * 0.05,
+            );
+            let top_left = ((r0 as f64 - mr).max(0.0), (c0 as f64 - mc).max(0.0));
+            let bottom_right = (
+                (r1 as f64 + mr).min(rows as f64 - 1.0),
+                (c1 as f64 + mc).min(cols as f64 - 1.0),
+            );
+            prompts.push(point(top_left, PointLabel::BoxTopLeft));
+            prompts.push(point(bottom_right, PointLabel::BoxBottomRight));
+        }
+    }
+    sam.mask(fm, &prompts)
+}
+
+/// Intersection over union of two masks (1 when both are empty).
+fn mask_iou(a: &Array2<bool>, b: &Array2<bool>) -> f64 {
+    let (mut inter, mut union) = (0usize, 0usize);
+    for (x, y) in a.iter().zip(b.iter()) {
+        inter += usize::from(*x && *y);
+        union += usize::from(*x || *y);
+    }
+    if union == 0 {
+        1.0
+    } else {
+        inter as f64 / union as f64
+    }
 }
 
 struct Progress {
@@ -250,7 +314,7 @@ pub fn evaluate(
             dataset.cases.len()
         )));
     }
-    if opts.sam && sam.is_none() {
+    if opts.sam.is_some() && sam.is_none() {
         return Err(EvalError::Setup(
             "--sam needs a SAM decoder for this backbone in the manifest".into(),
         ));
@@ -312,6 +376,7 @@ pub fn evaluate(
     };
     let mut adapter_ms = Vec::new();
     let mut sam_ms = Vec::new();
+    let mut sam_accepted: Vec<bool> = Vec::new();
     let mut overlays: BTreeMap<String, Overlay> = BTreeMap::new();
 
     // Landmarks.
@@ -439,16 +504,19 @@ pub fn evaluate(
                 adapter_ms.push(t.elapsed().as_secs_f64() * 1000.0);
                 let mut pred_masks: Vec<Option<Array2<bool>>> = Vec::with_capacity(values.len());
                 for (l, f) in found.iter().enumerate() {
-                    let mask = match (f, opts.sam, sam) {
-                        (Some(f), true, Some(sam)) => {
+                    let mask = match (f, &opts.sam, sam) {
+                        (Some(f), Some(how), Some(sam)) => {
                             let t = Instant::now();
                             let seed = opts.train.seed
                                 ^ ((ci as u64) << 32)
                                 ^ ((si as u64) << 8)
                                 ^ l as u64;
-                            let m = refine_with_sam(sam, fm, f, opts.sam_points, seed)?;
+                            let m = refine_with_sam(sam, fm, f, how, seed)?;
                             sam_ms.push(t.elapsed().as_secs_f64() * 1000.0);
-                            Some(m)
+                            let accept = m.predicted_iou >= how.min_predicted_iou
+                                && mask_iou(&m.mask, &f.mask) >= how.min_agreement;
+                            sam_accepted.push(accept);
+                            Some(if accept { m.mask } else { f.mask.clone() })
                         }
                         (Some(f), _, _) => Some(f.mask.clone()),
                         (None, _, _) => None,
@@ -532,6 +600,8 @@ pub fn evaluate(
     };
     timing.sam_ms_per_call =
         (!sam_ms.is_empty()).then(|| sam_ms.iter().sum::<f64>() / sam_ms.len() as f64);
+    timing.sam_accepted = (!sam_accepted.is_empty())
+        .then(|| sam_accepted.iter().filter(|a| **a).count() as f64 / sam_accepted.len() as f64);
     report.timing = timing;
 
     if let Some(dir) = &opts.png_dir {
@@ -651,7 +721,13 @@ pub fn table(r: &Report) -> String {
         } else {
             " (multi-label)"
         },
-        if r.sam { " + SAM" } else { "" },
+        match &r.sam {
+            None => String::new(),
+            Some(h) => format!(
+                " + SAM ({:?} prompt, accepted at predicted IoU ≥ {} and agreement ≥ {})",
+                h.prompt, h.min_predicted_iou, h.min_agreement
+            ),
+        },
         r.backbone,
         r.templates.join(","),
         r.test_cases,
@@ -698,9 +774,10 @@ pub fn table(r: &Report) -> String {
         fmt(r.timing.encoder_ms_per_slice),
         r.timing.train_s,
         r.timing.adapter_ms_per_slice,
-        r.timing
-            .sam_ms_per_call
-            .map_or(String::new(), |v| format!(", SAM {v:.0} ms/call"))
+        r.timing.sam_ms_per_call.map_or(String::new(), |v| format!(
+            ", SAM {v:.0} ms/call, {:.0} % of its masks kept",
+            100.0 * r.timing.sam_accepted.unwrap_or(0.0)
+        ))
     );
     out
 }

@@ -1,8 +1,9 @@
 //! scout: an edge agent for MR scanners.
 //!
-//! Data flows one way: `scp` receives → `spool` keeps → `series` groups → (features →
-//! adapters → results → send, in later stages). Each module owns one concept; stages
-//! exchange plain data types over bounded `crossbeam` channels.
+//! Data flows one way: `scp` receives → `spool` keeps → `series` groups → `features`
+//! (`backbone`) → `adapter`s (`analysis`, `postprocess`) → `results` (`sr`, `seg`) →
+//! `outbox` sends. Each module owns one concept; stages exchange plain data types over
+//! bounded `crossbeam` channels.
 
 pub mod adapter;
 pub mod analysis;

@@ -34,9 +34,8 @@ fn options(method: Method) -> EvalOptions {
         templates: 3,
         method,
         binary: false,
-        sam: false,
+        sam: None,
         landmark_radius: 10.0,
-        sam_points: 10,
         train: TrainConfig {
             steps: 600,
             ..TrainConfig::default()

@@ -117,6 +117,56 @@ fn decoder_matches_onnxruntime_and_takes_any_number_of_points() {
     assert_eq!(m.mask.dim(), (512, 384));
 }
 
+/// SAM prompted with a region's bounding box answers inside that box. The image is not
+/// square and the box is off-centre, so a box mapped with rows and columns swapped, or
+/// to the wrong frame, would put the mask elsewhere.
+#[test]
+fn sam_box_prompt_stays_in_the_box() {
+    use scout::eval::{refine_with_sam, SamPrompt, SamRefine};
+    let b = litemedsam();
+    choose_backend();
+    let sam = Sam::load(&manifest(), "litemedsam").unwrap();
+    let fm = scout::backbone::FeatureMap {
+        image_rows: 512,
+        image_columns: 384,
+        ..b.features(&slice_input()).unwrap()
+    };
+    let (r0, r1, c0, c1) = (200, 330, 60, 200);
+    let region = Array2::from_shape_fn((512, 384), |(r, c)| {
+        (r0..=r1).contains(&r) && (c0..=c1).contains(&c)
+    });
+    let finding = scout::postprocess::Finding {
+        label: 0,
+        point: ((r0 + r1) as f64 / 2.0, (c0 + c1) as f64 / 2.0),
+        mask: region.clone(),
+        mass: 1.0,
+        confidence: 1.0,
+    };
+    let how = SamRefine {
+        prompt: SamPrompt::Box,
+        points: 0,
+        min_predicted_iou: 0.0,
+        min_agreement: 0.0,
+    };
+    let m = refine_with_sam(&sam, &fm, &finding, &how, 1).unwrap();
+    let total = m.mask.iter().filter(|v| **v).count();
+    // The box prompt carries a 5 % margin.
+    let inside = m
+        .mask
+        .indexed_iter()
+        .filter(|((r, c), v)| **v && (193..=337).contains(r) && (53..=207).contains(c))
+        .count();
+    eprintln!(
+        "box prompt: {total} pixels, {inside} inside the box, predicted IoU {}",
+        m.predicted_iou
+    );
+    assert!(total >= 500, "{total} pixels");
+    assert!(
+        inside as f64 >= 0.9 * total as f64,
+        "{inside} of {total} inside"
+    );
+}
+
 #[test]
 fn tiny_dinov2_tokens_become_a_feature_map() {
     choose_backend();

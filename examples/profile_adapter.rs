@@ -1,0 +1,62 @@
+//! Where an adapter's time per slice goes:
+//! `cargo run --release --example profile_adapter -- models/adapters/spine.adapter FEATURES.fm`
+//! (a feature map from the cache, e.g. scout-data/features/<model>/<hash>.fm).
+use scout::adapter::context_rows;
+use scout::backbone::{Backbone, Manifest};
+use scout::features::FeatureCache;
+use scout::postprocess;
+use std::path::Path;
+use std::time::Instant;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let (bundle, fm_path) = match args.as_slice() {
+        [_, b, f, ..] => (Path::new(b), Path::new(f)),
+        _ => return Err("usage: profile_adapter ADAPTER FEATURES.fm".into()),
+    };
+    let manifest = Manifest::load(Path::new("models/models.toml"))?;
+    let backbone = Backbone::load(&manifest, &manifest.default_backbone)?;
+    let bundle = scout::train::Bundle::load(bundle, &backbone)?;
+    // The cache's layout is <root>/<model sha256>/<key>.fm.
+    let root = fm_path
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("."));
+    let key = fm_path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+    let fm = FeatureCache::new(root, &backbone)
+        .load(key)
+        .ok_or_else(|| format!("{}: not a feature map of this backbone", fm_path.display()))?;
+    let (rows, cols) = (fm.image_rows, fm.image_columns);
+    const N: u32 = 20;
+    for (task, adapter) in &bundle.tasks {
+        let time = |f: &mut dyn FnMut()| {
+            f();
+            let t = Instant::now();
+            for _ in 0..N {
+                f();
+            }
+            t.elapsed().as_secs_f64() * 1000.0 / N as f64
+        };
+        let ctx = time(&mut || {
+            std::hint::black_box(context_rows(&fm, &adapter.train.context));
+        });
+        let scores = adapter.scores(&fm)?;
+        let sc = time(&mut || {
+            std::hint::black_box(adapter.scores(&fm).ok());
+        });
+        let up = postprocess::upsample_scores(&scores, rows, cols);
+        let ups = time(&mut || {
+            std::hint::black_box(postprocess::upsample_scores(&scores, rows, cols));
+        });
+        let post = time(&mut || {
+            std::hint::black_box(match &adapter.shape {
+                Some(shape) => postprocess::shaped_findings(&up, shape),
+                None => postprocess::findings(&up),
+            });
+        });
+        println!(
+            "{task:?}: context rows {ctx:.1} ms, scores (incl. context) {sc:.1} ms, upsample to {rows}×{cols} {ups:.1} ms, findings {post:.1} ms"
+        );
+    }
+    Ok(())
+}
