@@ -44,6 +44,114 @@ pub struct EvalOptions {
     pub png_dir: Option<PathBuf>,
     /// Templates are cases `template_offset..template_offset + templates` (folds).
     pub template_offset: usize,
+    /// Applied to the test cases only (robustness check); templates stay as they are.
+    pub augment: Augment,
+}
+
+/// A change of pose and protocol applied to test images, their label maps and landmarks:
+/// in-plane rotation and scaling about the image centre (same image size; what leaves the
+/// field of view is lost, what enters is 0) and an intensity gamma over each slice's range.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Augment {
+    pub rotate_deg: f64,
+    pub scale: f64,
+    pub gamma: f64,
+}
+
+impl Default for Augment {
+    fn default() -> Self {
+        Augment {
+            rotate_deg: 0.0,
+            scale: 1.0,
+            gamma: 1.0,
+        }
+    }
+}
+
+impl Augment {
+    pub fn is_identity(&self) -> bool {
+        *self == Augment::default()
+    }
+
+    /// Where a pixel (row, column) of the original lands in the augmented image.
+    fn forward(&self, p: (f64, f64), rows: usize, cols: usize) -> (f64, f64) {
+        let (cy, cx) = ((rows as f64 - 1.0) / 2.0, (cols as f64 - 1.0) / 2.0);
+        let (sin, cos) = self.rotate_deg.to_radians().sin_cos();
+        let (dy, dx) = (p.0 - cy, p.1 - cx);
+        (
+            cy + self.scale * (cos * dy + sin * dx),
+            cx + self.scale * (-sin * dy + cos * dx),
+        )
+    }
+
+    /// Where a pixel of the augmented image comes from in the original.
+    fn inverse(&self, p: (f64, f64), rows: usize, cols: usize) -> (f64, f64) {
+        let inv = Augment {
+            rotate_deg: -self.rotate_deg,
+            scale: 1.0 / self.scale,
+            gamma: 1.0,
+        };
+        inv.forward(p, rows, cols)
+    }
+
+    pub fn apply(&self, case: &Case) -> Case {
+        if self.is_identity() {
+            return case.clone();
+        }
+        let mut out = case.clone();
+        for s in &mut out.slices {
+            let (rows, cols) = s.pixels.dim();
+            let src = |r: usize, c: usize| self.inverse((r as f64, c as f64), rows, cols);
+            let (lo, hi) = s
+                .pixels
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                    (a.min(v), b.max(v))
+                });
+            let gamma = |v: f32| {
+                if self.gamma == 1.0 || hi <= lo {
+                    v
+                } else {
+                    lo + (hi - lo) * ((v - lo) / (hi - lo)).max(0.0).powf(self.gamma as f32)
+                }
+            };
+            let pixels = &s.pixels;
+            s.pixels = Array2::from_shape_fn((rows, cols), |(r, c)| {
+                let (y, x) = src(r, c);
+                if y < -0.5 || x < -0.5 || y > rows as f64 - 0.5 || x > cols as f64 - 0.5 {
+                    return 0.0;
+                }
+                let (y, x) = (
+                    y.clamp(0.0, rows as f64 - 1.0),
+                    x.clamp(0.0, cols as f64 - 1.0),
+                );
+                let (y0, x0) = (y.floor() as usize, x.floor() as usize);
+                let (y1, x1) = ((y0 + 1).min(rows - 1), (x0 + 1).min(cols - 1));
+                let (fy, fx) = ((y - y0 as f64) as f32, (x - x0 as f64) as f32);
+                let top = pixels[[y0, x0]] * (1.0 - fx) + pixels[[y0, x1]] * fx;
+                let bottom = pixels[[y1, x0]] * (1.0 - fx) + pixels[[y1, x1]] * fx;
+                gamma(top * (1.0 - fy) + bottom * fy)
+            });
+            if let Some(labels) = &s.labels {
+                s.labels = Some(Array2::from_shape_fn((rows, cols), |(r, c)| {
+                    let (y, x) = src(r, c);
+                    let (y, x) = (y.round(), x.round());
+                    if y < 0.0 || x < 0.0 || y > rows as f64 - 1.0 || x > cols as f64 - 1.0 {
+                        0
+                    } else {
+                        labels[[y as usize, x as usize]]
+                    }
+                }));
+            }
+        }
+        if let Some(first) = case.slices.first() {
+            let (rows, cols) = first.pixels.dim();
+            for t in out.landmarks.values_mut() {
+                (t.row, t.column) = self.forward((t.row, t.column), rows, cols);
+            }
+        }
+        out
+    }
 }
 
 /// How SAM is prompted from a localized region, and when its mask replaces the region.
@@ -99,6 +207,8 @@ pub struct Report {
     pub method: String,
     pub binary: bool,
     pub sam: Option<SamRefine>,
+    /// Applied to the test cases.
+    pub augment: Augment,
     pub backbone: String,
     pub templates: Vec<String>,
     pub test_cases: usize,
@@ -323,8 +433,14 @@ pub fn evaluate(
     let progress = Progress::new(dataset.cases.len() as u64, "features");
     let mut encoder_ms = Vec::new();
     let mut cases: Vec<(Case, Vec<FeatureMap>)> = Vec::new();
-    for name in &dataset.cases {
+    let template_range = opts.template_offset..opts.template_offset + n_templates;
+    for (i, name) in dataset.cases.iter().enumerate() {
         let case = dataset.load_case(name)?;
+        let case = if template_range.contains(&i) {
+            case
+        } else {
+            opts.augment.apply(&case)
+        };
         let mut fms = Vec::new();
         for s in &case.slices {
             let t = Instant::now();
@@ -358,6 +474,7 @@ pub fn evaluate(
         method: opts.method.to_string(),
         binary: opts.binary,
         sam: opts.sam,
+        augment: opts.augment,
         backbone: backbone.id().to_string(),
         templates: templ.iter().map(|(c, _)| c.name.clone()).collect(),
         test_cases: tests.len(),
@@ -733,6 +850,12 @@ pub fn table(r: &Report) -> String {
         r.test_cases,
         r.landmark_radius
     );
+    if !r.augment.is_identity() {
+        out += &format!(
+            "  test cases augmented: rotated {}°, scaled ×{}, gamma {}\n",
+            r.augment.rotate_deg, r.augment.scale, r.augment.gamma
+        );
+    }
     let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
     for (title, m) in [
         ("landmarks", &r.landmarks),
@@ -839,4 +962,86 @@ pub fn folds_table(reports: &[Report]) -> String {
         line(format!("IoU {n}"), v, true);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataset::{LandmarkTruth, Slice};
+
+    /// A bright blob and its landmark move together; labels follow; gamma keeps the range.
+    #[test]
+    fn augmentation_moves_image_labels_and_landmarks_together() {
+        let (rows, cols) = (60, 80);
+        let blob = (20.0, 55.0);
+        let near = |r: usize, c: usize| (r as f64 - blob.0).hypot(c as f64 - blob.1) <= 3.0;
+        let case = Case {
+            name: "t".into(),
+            slices: vec![Slice {
+                pixels: Array2::from_shape_fn((rows, cols), |(r, c)| {
+                    if near(r, c) {
+                        1000.0
+                    } else {
+                        100.0
+                    }
+                }),
+                labels: Some(Array2::from_shape_fn((rows, cols), |(r, c)| {
+                    u8::from(near(r, c))
+                })),
+                k: None,
+            }],
+            center: 0,
+            landmarks: BTreeMap::from([(
+                "blob".to_string(),
+                LandmarkTruth {
+                    row: blob.0,
+                    column: blob.1,
+                    k: None,
+                },
+            )]),
+        };
+        let aug = Augment {
+            rotate_deg: 10.0,
+            scale: 1.1,
+            gamma: 0.7,
+        };
+        let back = aug.inverse(aug.forward(blob, rows, cols), rows, cols);
+        assert!((back.0 - blob.0).abs() < 1e-9 && (back.1 - blob.1).abs() < 1e-9);
+        let out = aug.apply(&case);
+        let t = &out.landmarks["blob"];
+        let s = &out.slices[0];
+        // The brightest pixels' centroid and the label's centroid sit on the moved landmark.
+        let centroid = |m: Vec<(usize, usize)>| {
+            let n = m.len() as f64;
+            (
+                m.iter().map(|p| p.0 as f64).sum::<f64>() / n,
+                m.iter().map(|p| p.1 as f64).sum::<f64>() / n,
+            )
+        };
+        let bright = centroid(
+            s.pixels
+                .indexed_iter()
+                .filter(|(_, v)| **v > 900.0)
+                .map(|(p, _)| p)
+                .collect(),
+        );
+        let label = centroid(
+            s.labels
+                .as_ref()
+                .unwrap()
+                .indexed_iter()
+                .filter(|(_, v)| **v == 1)
+                .map(|(p, _)| p)
+                .collect(),
+        );
+        for c in [bright, label] {
+            assert!((c.0 - t.row).hypot(c.1 - t.column) < 0.75, "{c:?} vs {t:?}");
+        }
+        // The blob moved: rotation about the centre, not a no-op.
+        assert!((t.row - blob.0).hypot(t.column - blob.1) > 3.0);
+        // Gamma maps the slice's range onto itself (corners left the field of view: 0).
+        let max = s.pixels.iter().fold(0f32, |a, &b| a.max(b));
+        assert!((max - 1000.0).abs() < 1.0, "{max}");
+        assert_eq!(s.pixels[[0, 0]], 0.0);
+    }
 }

@@ -99,6 +99,15 @@ enum Cmd {
         /// Keep SAM's mask only if its IoU with the region reaches this.
         #[arg(long, default_value_t = 0.0)]
         sam_min_agreement: f64,
+        /// Robustness: rotate the test images (not the templates) by this many degrees.
+        #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+        rotate: f64,
+        /// Robustness: scale the test images about their centre.
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// Robustness: intensity gamma of the test images (over each slice's range).
+        #[arg(long, default_value_t = 1.0)]
+        gamma: f64,
         #[arg(long, default_value_t = 10.0)]
         radius: f64,
         #[arg(long, default_value_t = 1)]
@@ -432,6 +441,9 @@ fn run(cli: Cli) -> Result<(), String> {
             sam_prompt,
             sam_min_iou,
             sam_min_agreement,
+            rotate,
+            scale,
+            gamma,
             radius,
             seed,
             json,
@@ -475,6 +487,11 @@ fn run(cli: Cli) -> Result<(), String> {
                     },
                     png_dir: png.clone(),
                     template_offset: fold * templates.max(1),
+                    augment: scout::eval::Augment {
+                        rotate_deg: rotate,
+                        scale,
+                        gamma,
+                    },
                 };
                 let report =
                     scout::eval::evaluate(&ds, &m.backbone, &m.cache, decoder.as_ref(), &opts)

@@ -35,6 +35,7 @@ fn options(method: Method) -> EvalOptions {
         method,
         binary: false,
         sam: None,
+        augment: Default::default(),
         landmark_radius: 10.0,
         train: TrainConfig {
             steps: 600,
