@@ -86,12 +86,6 @@ pub struct Context {
     pub position: bool,
 }
 
-impl Context {
-    pub fn is_empty(&self) -> bool {
-        self.pools.is_empty() && !self.global && !self.position
-    }
-}
-
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
