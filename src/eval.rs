@@ -424,6 +424,17 @@ pub fn evaluate(
             dataset.cases.len()
         )));
     }
+    let a = &opts.augment;
+    let valid = a.rotate_deg.is_finite()
+        && a.scale.is_finite()
+        && a.scale > 0.0
+        && a.gamma.is_finite()
+        && a.gamma > 0.0;
+    if !valid {
+        return Err(EvalError::Setup(format!(
+            "augmentation needs a finite rotation, and scale and gamma > 0 (got {a:?})"
+        )));
+    }
     if opts.sam.is_some() && sam.is_none() {
         return Err(EvalError::Setup(
             "--sam needs a SAM decoder for this backbone in the manifest".into(),

@@ -216,7 +216,9 @@ impl Daemon {
         let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
         let f: Vec<&str> = rest.split_whitespace().collect();
         let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-        ticks / 100.0
+        // SAFETY: sysconf only reads a system constant.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        ticks / if hz > 0 { hz as f64 } else { 100.0 }
     }
 
     pub fn start(config_path: &Path, port: u16) -> Daemon {
