@@ -193,6 +193,15 @@ fn backend() -> Backend {
 
 pub(crate) type Runnable = std::sync::Arc<TypedSimplePlan>;
 
+/// Runs a plan; outputs come back in RAM (a GPU backend hands them back still on the
+/// device, read lazily).
+pub(crate) fn run(plan: &Runnable, inputs: TVec<TValue>) -> TractResult<TVec<Tensor>> {
+    plan.run(inputs)?
+        .into_iter()
+        .map(|t| t.into_tensor().into_plain_ram())
+        .collect()
+}
+
 pub(crate) fn load_onnx(
     id: &str,
     bytes: &[u8],
@@ -210,22 +219,29 @@ pub(crate) fn load_onnx(
             .with_input_fact(*ix, f32::fact(shape).into())
             .map_err(err)?;
     }
-    #[allow(unused_mut)]
-    let mut typed = model.into_optimized().map_err(err)?;
-    if backend() == Backend::Cuda {
+    let typed = if backend() == Backend::Cuda {
+        // The GPU transform takes the decluttered graph: the CPU optimiser packs weights
+        // into layouts that only its own kernels read.
         #[cfg(feature = "cuda")]
         {
             use tract_core::transform::ModelTransform;
+            let mut typed = model
+                .into_typed()
+                .and_then(|m| m.into_decluttered())
+                .map_err(err)?;
             tract_cuda::CudaTransform
                 .transform(&mut typed)
                 .map_err(err)?;
+            typed.into_optimized().map_err(err)?
         }
         #[cfg(not(feature = "cuda"))]
         return Err(BackboneError::Model {
             id: id.to_string(),
             detail: "the CUDA backend was asked for, but this build has no `cuda` feature".into(),
         });
-    }
+    } else {
+        model.into_optimized().map_err(err)?
+    };
     typed.into_runnable().map_err(err)
 }
 
@@ -360,9 +376,7 @@ impl Backbone {
             id: self.id.clone(),
             detail,
         };
-        let out = self
-            .model
-            .run(tvec!(Tensor::from(input).into()))
+        let out = run(&self.model, tvec!(Tensor::from(input).into()))
             .map_err(|e| err(format!("{e:#}")))?;
         let t = out[0]
             .to_plain_array_view::<f32>()

@@ -100,14 +100,15 @@ impl Sam {
             }
         });
         let labels = tract_ndarray::Array2::from_shape_fn((1, points.len()), |(_, i)| points[i].2);
-        let out = self
-            .model
-            .run(tvec!(
+        let out = crate::backbone::run(
+            &self.model,
+            tvec!(
                 emb.into(),
                 Tensor::from(coords).into(),
                 Tensor::from(labels).into()
-            ))
-            .map_err(|e| err(format!("{e:#}")))?;
+            ),
+        )
+        .map_err(|e| err(format!("{e:#}")))?;
         let logits = out[0]
             .to_plain_array_view::<f32>()
             .map_err(|e| err(format!("{e:#}")))?;
