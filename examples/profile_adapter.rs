@@ -50,7 +50,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         });
         let post = time(&mut || {
             std::hint::black_box(match &adapter.shape {
-                Some(shape) => postprocess::shaped_findings(&up, shape),
+                Some(shape) => postprocess::shaped_findings(&up, Some(shape), None),
                 None => postprocess::findings(&up),
             });
         });

@@ -71,6 +71,11 @@ pub struct TrainConfig {
     /// with it (`postprocess::shaped_findings`).
     #[serde(default)]
     pub shape: bool,
+    /// Landmarks: keep the templates' most distinctive cells and landmarks, so that each
+    /// target can be aligned to them (`align::Prior`): the prior ranks candidate regions
+    /// and gives slice k* a landmark the adapter found no region for.
+    #[serde(default)]
+    pub align: bool,
 }
 
 /// Context appended to each cell's feature vector, so that an adapter sees where a cell
@@ -98,6 +103,7 @@ impl Default for TrainConfig {
             references: 32,
             context: Context::default(),
             shape: false,
+            align: false,
         }
     }
 }
@@ -341,6 +347,9 @@ pub struct Adapter {
     /// Landmark layout of the templates, when trained with `shape`.
     #[serde(default)]
     pub shape: Option<crate::postprocess::ShapeModel>,
+    /// The templates to align targets to, when trained with `align`.
+    #[serde(default)]
+    pub alignment: Vec<crate::align::AlignTemplate>,
 }
 
 /// Features of all cells as rows (h·w × columns, cells row-major over the grid): the
@@ -574,6 +583,7 @@ impl Adapter {
             train: config,
             model,
             shape: None,
+            alignment: Vec::new(),
         })
     }
 
@@ -582,6 +592,9 @@ impl Adapter {
     pub fn validate(&self) -> Result<(), String> {
         let c = self.feature_mean.len();
         let n = self.labels.len();
+        for t in &self.alignment {
+            t.validate()?;
+        }
         if n == 0 || c == 0 || self.feature_std.len() != c {
             return Err(format!(
                 "{n} labels, {c} feature means, {} stds",

@@ -4,6 +4,7 @@
 //! arrived are not computed again.
 
 use crate::adapter::AdapterError;
+use crate::align::Prior;
 use crate::backbone::{self, Backbone, BackboneError, Manifest};
 use crate::config::Config;
 use crate::features::FeatureStore;
@@ -217,6 +218,39 @@ impl Engine {
                 Slices::Center => vec![images.len() / 2],
                 Slices::All => (0..images.len()).collect(),
             };
+            // Templates aligned to the stack's centre slice (the localizer slice k* the
+            // templates were marked on): one prior per landmark adapter, for every slice.
+            let center = images.len() / 2;
+            let priors: Vec<Option<Prior>> =
+                if lr.bundle.tasks.iter().any(|(_, a)| !a.alignment.is_empty()) {
+                    let img = &images[center];
+                    let fm = self
+                        .store
+                        .get(&img.sop_instance_uid, &img.path)
+                        .map_err(|e| AnalysisError::Instance {
+                            rule: rule.name.clone(),
+                            sop_instance_uid: img.sop_instance_uid.clone(),
+                            source: Box::new(e),
+                        })?;
+                    let t = std::time::Instant::now();
+                    let p = lr
+                        .bundle
+                        .tasks
+                        .iter()
+                        .map(|(_, a)| {
+                            (!a.alignment.is_empty()).then(|| Prior::estimate(&a.alignment, &fm, 1))
+                        })
+                        .collect();
+                    log::debug!(
+                        "rule {}: templates aligned to {} in {:.0} ms",
+                        rule.name,
+                        img.sop_instance_uid,
+                        t.elapsed().as_secs_f64() * 1000.0
+                    );
+                    p
+                } else {
+                    vec![None; lr.bundle.tasks.len()]
+                };
             let mut structures: Vec<Structure> = Vec::new();
             for &ii in &analysed {
                 let img = &images[ii];
@@ -232,13 +266,18 @@ impl Engine {
                     .get(&img.sop_instance_uid, &img.path)
                     .map_err(|e| inst_err(Box::new(e)))?;
                 let t_features = t.elapsed();
-                for (task, adapter) in &lr.bundle.tasks {
+                for ((task, adapter), prior) in lr.bundle.tasks.iter().zip(&priors) {
                     let scores = adapter.scores(&fm).map_err(|e| inst_err(Box::new(e)))?;
                     let up = postprocess::upsample_scores(&scores, fm.image_rows, fm.image_columns);
-                    let found = match &adapter.shape {
-                        Some(shape) => postprocess::shaped_findings(&up, shape),
-                        None => postprocess::findings(&up),
-                    };
+                    let mut found =
+                        postprocess::shaped_findings(&up, adapter.shape.as_ref(), prior.as_ref());
+                    if let (Some(prior), true) = (prior, ii == center) {
+                        postprocess::fill_from_prior(
+                            &mut found,
+                            prior,
+                            (fm.image_rows, fm.image_columns),
+                        );
+                    }
                     match task {
                         Task::Landmarks { names, .. } => {
                             for (name, f) in names.iter().zip(&found) {

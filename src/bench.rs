@@ -360,6 +360,7 @@ pub fn e2e(
     gap: Duration,
     slices: crate::rules::Slices,
     case: Option<&crate::dataset::Case>,
+    spine_adapter: Option<&Path>,
 ) -> Result<E2eFigures, BenchError> {
     use crate::scu::{self, Outgoing, Peer};
     std::fs::create_dir_all(work).map_err(setup)?;
@@ -399,6 +400,14 @@ pub fn e2e(
         .replace("bind = \"127.0.0.1:9112\"", "bind = \"\"")
         .replace("min_free_bytes = 536870912", "min_free_bytes = 0")
         .replace("slices = \"center\"", &format!("slices = \"{slices_name}\""))
+        .replace(
+            "adapter = \"models/adapters/spine.adapter\"",
+            &format!(
+                "adapter = {:?}",
+                spine_adapter
+                    .map_or("models/adapters/spine.adapter".into(), |p| p.display().to_string())
+            ),
+        )
         .replace("destinations = []", "destinations = [\"bench\"]")
         .replace(
             "# Where results are sent (C-STORE).",

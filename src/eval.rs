@@ -5,6 +5,7 @@
 //! one of the two layouts.
 
 use crate::adapter::{Adapter, AdapterError, Method, TrainConfig, TrainingSlice};
+use crate::align::{AlignTemplate, Prior};
 use crate::backbone::{Backbone, BackboneError, FeatureMap};
 use crate::dataset::{Case, Dataset, DatasetError, Layout};
 use crate::features::FeatureCache;
@@ -39,6 +40,8 @@ pub struct EvalOptions {
     pub binary: bool,
     /// Refine structures with SAM's decoder.
     pub sam: Option<SamRefine>,
+    /// Align the templates to each test case (landmarks).
+    pub align: Option<AlignMode>,
     pub landmark_radius: f64,
     pub train: TrainConfig,
     pub png_dir: Option<PathBuf>,
@@ -176,6 +179,17 @@ pub enum SamPrompt {
     BoxCenter,
 }
 
+/// How the templates aligned to a test case (`align::Prior`) enter its landmarks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+pub enum AlignMode {
+    /// As a prior in the choice among each landmark's candidate regions.
+    Prior,
+    /// As `Prior`, and a landmark with no region in slice k* takes the aligned position.
+    Fill,
+    /// Alone: the aligned templates' landmarks are the answer (no adapter).
+    Only,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct LandmarkStats {
     pub accuracy: f64,
@@ -199,6 +213,8 @@ pub struct Timing {
     pub sam_ms_per_call: Option<f64>,
     /// Share of SAM masks that passed the acceptance checks.
     pub sam_accepted: Option<f64>,
+    /// Aligning all templates to one test case.
+    pub align_ms_per_case: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -207,6 +223,7 @@ pub struct Report {
     pub method: String,
     pub binary: bool,
     pub sam: Option<SamRefine>,
+    pub align: Option<AlignMode>,
     /// Applied to the test cases.
     pub augment: Augment,
     pub backbone: String,
@@ -317,6 +334,18 @@ pub fn train_task(
                     })
                     .collect();
                 a.shape = crate::postprocess::ShapeModel::fit(&points);
+            }
+            if config.align {
+                a.alignment = templates
+                    .iter()
+                    .map(|(case, fms)| {
+                        let points = names
+                            .iter()
+                            .map(|n| case.landmarks.get(n).map(|t| (t.row, t.column)))
+                            .collect();
+                        AlignTemplate::new(&fms[case.center], points)
+                    })
+                    .collect();
             }
         }
         out.push(a);
@@ -485,6 +514,7 @@ pub fn evaluate(
         method: opts.method.to_string(),
         binary: opts.binary,
         sam: opts.sam,
+        align: opts.align,
         augment: opts.augment,
         backbone: backbone.id().to_string(),
         templates: templ.iter().map(|(c, _)| c.name.clone()).collect(),
@@ -498,7 +528,11 @@ pub fn evaluate(
     };
     let train_timed = |task: &Task, timing: &mut Timing| -> Result<Trained, AdapterError> {
         let t = Instant::now();
-        let adapters = train_task(task, opts.method, opts.binary, templ, &opts.train, bb)?;
+        let config = TrainConfig {
+            align: opts.train.align || opts.align.is_some(),
+            ..opts.train.clone()
+        };
+        let adapters = train_task(task, opts.method, opts.binary, templ, &config, bb)?;
         timing.train_s += t.elapsed().as_secs_f64();
         Ok(Trained { adapters })
     };
@@ -518,19 +552,44 @@ pub fn evaluate(
         let mut errors3: Vec<Vec<Option<f64>>> = vec![Vec::new(); names.len()];
         let mut errors2: Vec<Vec<Option<f64>>> = vec![Vec::new(); names.len()];
         let progress = Progress::new(tests.len() as u64, "landmarks");
-        for (case, fms) in tests {
+        let alignment = trained
+            .adapters
+            .first()
+            .map_or(&[][..], |a| &a.alignment[..]);
+        let mut align_ms = Vec::new();
+        for (ci, (case, fms)) in tests.iter().enumerate() {
+            let prior = opts.align.map(|_| {
+                let t = Instant::now();
+                let p = Prior::estimate(
+                    alignment,
+                    &fms[case.center],
+                    opts.train.seed ^ ((ci as u64) << 16),
+                );
+                align_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+                p
+            });
             let mut per_slice: Vec<Vec<Option<Finding>>> = Vec::new();
-            for (s, fm) in case.slices.iter().zip(fms) {
+            for (si, (s, fm)) in case.slices.iter().zip(fms).enumerate() {
+                if let (Some(AlignMode::Only), Some(prior)) = (opts.align, &prior) {
+                    let mut none = vec![None; prior.points.len()];
+                    if si == case.center {
+                        postprocess::fill_from_prior(&mut none, prior, s.pixels.dim());
+                    }
+                    per_slice.push(none);
+                    continue;
+                }
                 let t = Instant::now();
                 let scores = trained.scores(fm)?;
                 let (rows, cols) = s.pixels.dim();
                 let up = postprocess::upsample_scores(&scores, rows, cols);
-                per_slice.push(
-                    match trained.adapters.first().and_then(|a| a.shape.as_ref()) {
-                        Some(shape) => postprocess::shaped_findings(&up, shape),
-                        None => postprocess::findings(&up),
-                    },
-                );
+                let shape = trained.adapters.first().and_then(|a| a.shape.as_ref());
+                let mut found = postprocess::shaped_findings(&up, shape, prior.as_ref());
+                if let (Some(AlignMode::Fill), Some(prior), true) =
+                    (opts.align, &prior, si == case.center)
+                {
+                    postprocess::fill_from_prior(&mut found, prior, (rows, cols));
+                }
+                per_slice.push(found);
                 adapter_ms.push(t.elapsed().as_secs_f64() * 1000.0);
             }
             let center = &per_slice[case.center];
@@ -595,6 +654,8 @@ pub fn evaluate(
             progress.bar.inc(1);
         }
         progress.bar.finish_and_clear();
+        timing.align_ms_per_case =
+            (!align_ms.is_empty()).then(|| align_ms.iter().sum::<f64>() / align_ms.len() as f64);
         for (l, name) in names.iter().enumerate() {
             report
                 .landmarks
@@ -841,13 +902,19 @@ impl Overlay {
 /// The human-readable table of a report.
 pub fn table(r: &Report) -> String {
     let mut out = format!(
-        "{} — {}{}{}, backbone {}, templates {}, {} test cases, landmark radius {} px\n",
+        "{} — {}{}{}{}, backbone {}, templates {}, {} test cases, landmark radius {} px\n",
         r.dataset,
         r.method,
         if r.binary {
             " (binary)"
         } else {
             " (multi-label)"
+        },
+        match r.align {
+            None => String::new(),
+            Some(AlignMode::Prior) => " + alignment prior".to_string(),
+            Some(AlignMode::Fill) => " + alignment prior, filling absent landmarks".to_string(),
+            Some(AlignMode::Only) => ", landmarks from the aligned templates alone".to_string(),
         },
         match &r.sam {
             None => String::new(),
@@ -911,7 +978,10 @@ pub fn table(r: &Report) -> String {
         r.timing.sam_ms_per_call.map_or(String::new(), |v| format!(
             ", SAM {v:.0} ms/call, {:.0} % of its masks kept",
             100.0 * r.timing.sam_accepted.unwrap_or(0.0)
-        ))
+        )) + &r
+            .timing
+            .align_ms_per_case
+            .map_or(String::new(), |v| format!(", alignment {v:.0} ms/case"))
     );
     out
 }

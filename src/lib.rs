@@ -6,6 +6,7 @@
 //! bounded `crossbeam` channels.
 
 pub mod adapter;
+pub mod align;
 pub mod analysis;
 pub mod backbone;
 pub mod bench;

@@ -72,6 +72,11 @@ enum Cmd {
         radius: f64,
         #[arg(long)]
         out: PathBuf,
+        /// Landmarks: keep the templates for alignment; the agent then ranks candidate
+        /// regions by where the aligned templates put each landmark and places a landmark
+        /// the adapter found no region for (issue #7, `eval --align fill`).
+        #[arg(long)]
+        align: bool,
         #[command(flatten)]
         context: ContextArgs,
         #[command(flatten)]
@@ -99,6 +104,10 @@ enum Cmd {
         /// Keep SAM's mask only if its IoU with the region reaches this.
         #[arg(long, default_value_t = 0.0)]
         sam_min_agreement: f64,
+        /// Template-to-target alignment: `prior` lets the aligned templates' landmarks
+        /// choose among candidate regions; `only` reports the aligned landmarks alone.
+        #[arg(long, value_enum)]
+        align: Option<scout::eval::AlignMode>,
         /// Robustness: rotate the test images (not the templates) by this many degrees.
         #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
         rotate: f64,
@@ -151,6 +160,9 @@ enum BenchCmd {
         runs: usize,
         #[arg(long, default_value_t = 2)]
         threads: usize,
+        /// Where the models run (`cuda` needs a `--features cuda` build and an NVIDIA GPU).
+        #[arg(long, value_enum, default_value_t = scout::backbone::Backend::Cpu)]
+        device: scout::backbone::Backend,
     },
     /// Whole agent: last image acknowledged → SR at the destination, for a 9-slice
     /// localizer sent at scanner pace and all at once; peak RSS of the agent.
@@ -168,6 +180,10 @@ enum BenchCmd {
         /// stack is the series; default: the synthetic phantom.
         #[arg(long)]
         dataset: Option<PathBuf>,
+        /// Adapter file of the spine rule (default: the shipped one), e.g. one trained
+        /// with `scout train --align`.
+        #[arg(long)]
+        spine_adapter: Option<PathBuf>,
         #[arg(long)]
         work: Option<PathBuf>,
     },
@@ -408,6 +424,7 @@ fn run(cli: Cli) -> Result<(), String> {
             method,
             radius,
             out,
+            align,
             context,
             model,
         } => {
@@ -415,6 +432,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let ds = scout::dataset::Dataset::open(&dataset).map_err(|e| e.to_string())?;
             let config = scout::adapter::TrainConfig {
                 shape: context.shape,
+                align,
                 context: context.into(),
                 ..Default::default()
             };
@@ -441,6 +459,7 @@ fn run(cli: Cli) -> Result<(), String> {
             sam_prompt,
             sam_min_iou,
             sam_min_agreement,
+            align,
             rotate,
             scale,
             gamma,
@@ -474,6 +493,7 @@ fn run(cli: Cli) -> Result<(), String> {
                         min_predicted_iou: sam_min_iou,
                         min_agreement: sam_min_agreement,
                     }),
+                    align,
                     landmark_radius: radius,
                     train: scout::adapter::TrainConfig {
                         seed,
@@ -522,8 +542,10 @@ fn run(cli: Cli) -> Result<(), String> {
                     slice,
                     runs,
                     threads,
+                    device,
                 },
         } => {
+            scout::backbone::set_backend(device);
             let manifest = scout::backbone::Manifest::load(&manifest).map_err(|e| e.to_string())?;
             let ids = if models.is_empty() {
                 manifest
@@ -541,7 +563,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 scout::bench::backbone(&manifest, &ids, &normalized, runs, threads)
                     .map_err(|e| e.to_string())?;
             println!(
-                "tract, {threads} threads, median of {runs} runs on {}:",
+                "tract ({device:?}), {threads} threads, median of {runs} runs on {}:",
                 slice.display()
             );
             for f in &figures {
@@ -564,6 +586,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     gap_ms,
                     slices,
                     dataset,
+                    spine_adapter,
                     work,
                 },
         } => {
@@ -592,6 +615,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 Duration::from_millis(gap_ms),
                 slices,
                 case.as_ref(),
+                spine_adapter.as_deref(),
             )
             .map_err(|e| e.to_string());
             let _ = std::fs::remove_dir_all(&work);

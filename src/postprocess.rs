@@ -4,6 +4,7 @@
 //! landmark at the score-weighted centroid of that component. A label with no component
 //! is absent — never invented.
 
+use crate::align::Prior;
 use crate::image::resize_bilinear;
 use ndarray::{Array2, Array3, Axis};
 
@@ -181,10 +182,36 @@ mod tests {
             vec![Some((14.0, 20.0)), Some((33.0, 20.0))],
         ])
         .unwrap();
-        let shaped = shaped_findings(&s, &shape);
+        let shaped = shaped_findings(&s, Some(&shape), None);
         let b = shaped[1].as_ref().unwrap().point;
         assert!((b.0 - 32.5).abs() < 1.0, "{b:?}");
         assert!((shaped[0].as_ref().unwrap().point.0 - 12.5).abs() < 1.0);
+    }
+
+    #[test]
+    fn the_alignment_prior_picks_among_look_alikes_but_never_removes_a_landmark() {
+        // One landmark, two look-alike regions: the stronger at row 10, the other at 40.
+        let mut s = Array3::<f32>::zeros((1, 80, 40));
+        for (r0, v) in [(10, 0.9), (40, 0.7)] {
+            for r in r0..r0 + 6 {
+                for c in 17..23 {
+                    s[[0, r, c]] = v;
+                }
+            }
+        }
+        let at = |row: f64| Prior {
+            points: vec![Some(crate::align::PriorPoint {
+                point: (row, 20.0),
+                spread: 8.0,
+            })],
+        };
+        let row = |f: &[Option<Finding>]| f[0].as_ref().map(|f| f.point.0);
+        assert!((row(&findings(&s)).unwrap() - 12.5).abs() < 1.0);
+        let near_second = shaped_findings(&s, None, Some(&at(44.0)));
+        assert!((row(&near_second).unwrap() - 42.5).abs() < 1.0);
+        // A prior far from both: the stronger region stays, the landmark is not dropped.
+        let far = shaped_findings(&s, None, Some(&at(200.0)));
+        assert!((row(&far).unwrap() - 12.5).abs() < 1.0);
     }
 
     #[test]
@@ -261,6 +288,16 @@ const SHAPE_CANDIDATES: usize = 4;
 const SHAPE_THRESHOLD: f32 = 0.25;
 /// Log-plausibility of leaving a landmark out: as unlikely as a 4.5 σ displacement.
 const ABSENT_COST: f64 = 10.0;
+/// The alignment prior's cost saturates at 3 σ: a wrong alignment can tip a choice
+/// between candidates, not outweigh a much stronger one.
+const PRIOR_CAP: f64 = 4.5;
+
+fn prior_cost(prior: &Prior, l: usize, p: (f64, f64)) -> f64 {
+    prior.points[l].map_or(0.0, |q| {
+        let d = (p.0 - q.point.0).hypot(p.1 - q.point.1) / q.spread;
+        (0.5 * d * d).min(PRIOR_CAP)
+    })
+}
 
 impl ShapeModel {
     /// From the landmark points of the templates (one Vec per template, one entry per
@@ -308,12 +345,40 @@ impl ShapeModel {
     }
 }
 
+/// Landmarks with no region take the position the aligned templates give them, when it
+/// lies in the image: a finding without a region and with the least mass there is, so
+/// that a region found in another slice of the stack outweighs it (`landmark_3d`).
+pub fn fill_from_prior(found: &mut [Option<Finding>], prior: &Prior, dim: (usize, usize)) {
+    for (label, (f, p)) in found.iter_mut().zip(&prior.points).enumerate() {
+        let Some(p) = p else { continue };
+        let (r, c) = p.point;
+        let inside = r >= -0.5 && c >= -0.5 && r <= dim.0 as f64 - 0.5 && c <= dim.1 as f64 - 0.5;
+        if f.is_none() && inside {
+            *f = Some(Finding {
+                label,
+                mask: Array2::from_elem(dim, false),
+                mass: 1e-6,
+                point: p.point,
+                confidence: 0.0,
+            });
+        }
+    }
+}
+
 /// Like `findings`, but chooses each landmark among several candidate regions so that
 /// the whole set is plausible (pictorial structures, exhaustive over the small sets):
-/// maximises Σ ln(mass) − Σ pair costs, a landmark left out costing `ABSENT_COST`.
-pub fn shaped_findings(scores: &Array3<f32>, shape: &ShapeModel) -> Vec<Option<Finding>> {
+/// maximises Σ ln(mass) − Σ pair costs (layout of the templates) − Σ prior costs
+/// (distance to where the aligned templates put the landmark), a landmark left out
+/// costing `ABSENT_COST`.
+pub fn shaped_findings(
+    scores: &Array3<f32>,
+    shape: Option<&ShapeModel>,
+    prior: Option<&Prior>,
+) -> Vec<Option<Finding>> {
     let (n, rows, cols) = scores.dim();
-    if shape.mean.len() != n {
+    let shape = shape.filter(|s| s.mean.len() == n);
+    let prior = prior.filter(|p| p.points.len() == n);
+    if shape.is_none() && prior.is_none() {
         return findings(scores);
     }
     let cands: Vec<Vec<Finding>> = (0..n)
@@ -347,6 +412,20 @@ pub fn shaped_findings(scores: &Array3<f32>, shape: &ShapeModel) -> Vec<Option<F
             found
         })
         .collect();
+    // Relative to each landmark's best-placed candidate: the prior ranks candidates, it
+    // never makes leaving a landmark out more attractive.
+    let prior_costs: Vec<Vec<f64>> = cands
+        .iter()
+        .enumerate()
+        .map(|(l, cs)| {
+            let c: Vec<f64> = cs
+                .iter()
+                .map(|c| prior.map_or(0.0, |p| prior_cost(p, l, c.point)))
+                .collect();
+            let min = c.iter().copied().fold(f64::INFINITY, f64::min);
+            c.iter().map(|v| v - min).collect()
+        })
+        .collect();
     // choice[l] = candidate index, or cands[l].len() for "absent".
     let mut choice = vec![0usize; n];
     let mut best: Option<(f64, Vec<usize>)> = None;
@@ -354,14 +433,16 @@ pub fn shaped_findings(scores: &Array3<f32>, shape: &ShapeModel) -> Vec<Option<F
         let mut total = 0.0;
         for l in 0..n {
             total += match cands[l].get(choice[l]) {
-                Some(c) => c.mass.max(1.0).ln(),
+                Some(c) => c.mass.max(1.0).ln() - prior_costs[l][choice[l]],
                 None => -ABSENT_COST,
             };
         }
-        for i in 0..n {
-            for j in (i + 1)..n {
-                if let (Some(a), Some(b)) = (cands[i].get(choice[i]), cands[j].get(choice[j])) {
-                    total -= shape.cost(i, j, a.point, b.point);
+        if let Some(shape) = shape {
+            for i in 0..n {
+                for j in (i + 1)..n {
+                    if let (Some(a), Some(b)) = (cands[i].get(choice[i]), cands[j].get(choice[j])) {
+                        total -= shape.cost(i, j, a.point, b.point);
+                    }
                 }
             }
         }

@@ -29,7 +29,8 @@ pub struct LandmarkPoint {
     pub sop_instance_uid: String,
     pub row: f64,
     pub column: f64,
-    /// Mean adapter score over the found region (0.5..1).
+    /// Mean adapter score over the found region (0.25..1); 0 for a landmark placed by
+    /// the aligned templates alone (no region found).
     pub confidence: f64,
     /// Index of the stack in `SeriesResult::stacks`.
     #[serde(skip)]

@@ -256,18 +256,14 @@ fn localizer_in_sr_and_seg_out_valid_and_on_the_right_pixels() {
     assert!(!sidecar(&run.data, &series, "chest").exists());
 }
 
-#[test]
-fn real_spine_localizer_landmarks_land_on_the_vertebrae() {
-    let t = "real_spine_localizer_landmarks_land_on_the_vertebrae";
-    let Some(shared) = shared_data(t) else { return };
-    if !dcmtk(t) || !dicom3tools(t) {
-        return;
-    }
-    // s06 is not one of the adapter's templates (s01–s05).
+/// Sends the shared s06 stack (not one of the adapters' templates s01–s05) through the
+/// agent with `edits` to its configuration; per vertebra, the distance of the SR's point
+/// from the centroid of that body in the centre slice k* (None: absent).
+fn spine_s06_through_the_agent(shared: &Path, edits: &[(&str, &str)]) -> Vec<Option<f64>> {
     let ds = scout::dataset::Dataset::open(&shared.join("spine-mr")).unwrap();
     let case = ds.load_case("s06").unwrap();
     let (rows, cols) = case.slices[0].pixels.dim();
-    let run = setup(&[]);
+    let run = setup(edits);
     let dest = Storescp::start(run.dest_port, &run.out);
     let _agent = Daemon::start(&run.cfg, run.port);
     let series = write_series(
@@ -298,30 +294,108 @@ fn real_spine_localizer_landmarks_land_on_the_vertebrae() {
         .unwrap()
         .geometry;
     let labels = case.slices[case.center].labels.as_ref().unwrap();
-    let mut report = Vec::new();
-    let mut hits = 0;
-    for (l, name) in ["L1", "L2", "L3", "L4", "L5"].iter().enumerate() {
-        let mask: Vec<(usize, usize)> = labels
-            .indexed_iter()
-            .filter(|(_, v)| **v as usize == l + 1)
-            .map(|(p, _)| p)
-            .collect();
-        let n = mask.len() as f64;
-        let truth = (
-            mask.iter().map(|p| p.0 as f64).sum::<f64>() / n,
-            mask.iter().map(|p| p.1 as f64).sum::<f64>() / n,
-        );
-        let err = points[*name].map(|p| {
-            let (r, c) = centre.patient_to_pixel(p).unwrap();
-            ((r - truth.0).powi(2) + (c - truth.1).powi(2)).sqrt()
-        });
-        hits += usize::from(err.is_some_and(|e| e <= 10.0));
-        report.push(format!("{name}: {err:?}"));
+    ["L1", "L2", "L3", "L4", "L5"]
+        .iter()
+        .enumerate()
+        .map(|(l, name)| {
+            let mask: Vec<(usize, usize)> = labels
+                .indexed_iter()
+                .filter(|(_, v)| **v as usize == l + 1)
+                .map(|(p, _)| p)
+                .collect();
+            let n = mask.len() as f64;
+            let truth = (
+                mask.iter().map(|p| p.0 as f64).sum::<f64>() / n,
+                mask.iter().map(|p| p.1 as f64).sum::<f64>() / n,
+            );
+            points[*name].map(|p| {
+                let (r, c) = centre.patient_to_pixel(p).unwrap();
+                ((r - truth.0).powi(2) + (c - truth.1).powi(2)).sqrt()
+            })
+        })
+        .collect()
+}
+
+fn hits(errors: &[Option<f64>]) -> usize {
+    errors
+        .iter()
+        .filter(|e| e.is_some_and(|e| e <= 10.0))
+        .count()
+}
+
+#[test]
+fn real_spine_localizer_landmarks_land_on_the_vertebrae() {
+    let t = "real_spine_localizer_landmarks_land_on_the_vertebrae";
+    let Some(shared) = shared_data(t) else { return };
+    if !dcmtk(t) || !dicom3tools(t) {
+        return;
     }
-    eprintln!("s06 through the agent: {}", report.join(", "));
+    let errors = spine_s06_through_the_agent(&shared, &[]);
+    eprintln!("s06 through the agent (shipped adapter): {errors:?}");
     assert!(
-        hits >= 3,
-        "fewer than 3 of 5 vertebrae within 10 px: {report:?}"
+        hits(&errors) >= 3,
+        "fewer than 3 of 5 vertebrae within 10 px: {errors:?}"
+    );
+}
+
+/// Issue #7, idea 3, in the agent: an adapter trained with `align` (templates s01–s05,
+/// like the shipped one, which cannot carry them: the shared data may not be copied into
+/// the repository) aligns its templates to the series' centre slice, so every vertebra is
+/// reported, including those the adapter found no region for.
+#[test]
+fn aligned_spine_adapter_reports_every_vertebra_through_the_agent() {
+    let t = "aligned_spine_adapter_reports_every_vertebra_through_the_agent";
+    let Some(shared) = shared_data(t) else { return };
+    if !dcmtk(t) || !dicom3tools(t) {
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest = scout::backbone::Manifest::load(&root.join("models/models.toml")).unwrap();
+    let backbone = scout::backbone::Backbone::load(&manifest, "litemedsam").unwrap();
+    let cache = scout::features::FeatureCache::new(
+        &Path::new(env!("CARGO_TARGET_TMPDIR")).join("feature-cache"),
+        &backbone,
+    );
+    let ds = scout::dataset::Dataset::open(&shared.join("spine-mr")).unwrap();
+    let config = scout::adapter::TrainConfig {
+        shape: true,
+        align: true,
+        context: scout::adapter::Context {
+            pools: vec![3, 9],
+            global: false,
+            position: true,
+        },
+        ..Default::default()
+    };
+    let bundle = scout::train::train_dataset(
+        &ds,
+        &backbone,
+        &cache,
+        5,
+        scout::adapter::Method::Contrastive,
+        10.0,
+        &config,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("spine-aligned.adapter");
+    bundle.save(&file).unwrap();
+    let landmarks = &bundle.tasks[0].1;
+    assert_eq!(
+        landmarks.alignment.len(),
+        5,
+        "one alignment template per template case"
+    );
+    let shipped = format!("{}/models/adapters/spine.adapter", root.display());
+    let errors = spine_s06_through_the_agent(&shared, &[(&shipped, &file.display().to_string())]);
+    eprintln!("s06 through the agent (aligned adapter): {errors:?}");
+    assert!(
+        errors.iter().all(Option::is_some),
+        "a vertebra is absent: {errors:?}"
+    );
+    assert!(
+        hits(&errors) >= 4,
+        "fewer than 4 of 5 vertebrae within 10 px: {errors:?}"
     );
 }
 
