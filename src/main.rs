@@ -105,7 +105,8 @@ enum Cmd {
         #[arg(long, default_value_t = 0.0)]
         sam_min_agreement: f64,
         /// Template-to-target alignment: `prior` lets the aligned templates' landmarks
-        /// choose among candidate regions; `only` reports the aligned landmarks alone.
+        /// choose among candidate regions, `fill` also places landmarks with no region
+        /// in slice k* (what the agent does), `only` reports the aligned landmarks alone.
         #[arg(long, value_enum)]
         align: Option<scout::eval::AlignMode>,
         /// Robustness: rotate the test images (not the templates) by this many degrees.

@@ -2,7 +2,8 @@
 //! pixel with its best label when that score reaches 0.5, keep per label the connected
 //! component (8-neighbour) with the largest score mass, drop specks, and place the
 //! landmark at the score-weighted centroid of that component. A label with no component
-//! is absent — never invented.
+//! is absent — unless the adapter's templates, aligned to the slice, place it there
+//! (`fill_from_prior`, adapters trained with `align`).
 
 use crate::align::Prior;
 use crate::image::resize_bilinear;

@@ -300,15 +300,7 @@ fn template_alignment_fills_absent_spine_landmarks() {
         let opts = EvalOptions {
             templates: 5,
             align,
-            train: TrainConfig {
-                shape: true,
-                context: scout::adapter::Context {
-                    pools: vec![3, 9],
-                    global: false,
-                    position: true,
-                },
-                ..TrainConfig::default()
-            },
+            train: common::shipped_spine_config(false),
             ..options(Method::Contrastive)
         };
         let r = evaluate(&ds, backbone(), &cache(), None, &opts).unwrap();

@@ -357,16 +357,7 @@ fn aligned_spine_adapter_reports_every_vertebra_through_the_agent() {
         &backbone,
     );
     let ds = scout::dataset::Dataset::open(&shared.join("spine-mr")).unwrap();
-    let config = scout::adapter::TrainConfig {
-        shape: true,
-        align: true,
-        context: scout::adapter::Context {
-            pools: vec![3, 9],
-            global: false,
-            position: true,
-        },
-        ..Default::default()
-    };
+    let config = shipped_spine_config(true);
     let bundle = scout::train::train_dataset(
         &ds,
         &backbone,

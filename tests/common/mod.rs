@@ -43,6 +43,21 @@ pub fn shared_data(test: &str) -> Option<PathBuf> {
     None
 }
 
+/// How the shipped spine adapter was trained (contrastive + shape + pools 3,9 + position),
+/// with or without alignment templates.
+pub fn shipped_spine_config(align: bool) -> scout::adapter::TrainConfig {
+    scout::adapter::TrainConfig {
+        shape: true,
+        align,
+        context: scout::adapter::Context {
+            pools: vec![3, 9],
+            global: false,
+            position: true,
+        },
+        ..Default::default()
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
