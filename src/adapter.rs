@@ -374,7 +374,7 @@ pub fn context_rows(fm: &FeatureMap, ctx: &Context) -> Array2<f32> {
         own[column(ch)].copy_from_slice(plane);
         for (p, &k) in ctx.pools.iter().enumerate() {
             let dst = column(p * c + ch);
-            box_mean(plane, h, w, k / 2, &mut row_sums, &mut rest[dst]);
+            crate::image::box_mean(plane, h, w, k / 2, &mut row_sums, &mut rest[dst]);
         }
         if ctx.global {
             let mean = plane.iter().map(|&v| v as f64).sum::<f64>() / cells as f64;
@@ -389,49 +389,6 @@ pub fn context_rows(fm: &FeatureMap, ctx: &Context) -> Array2<f32> {
         }
     }
     Array2::from_shape_vec((cells, ncols).f(), data).expect("cells × columns values")
-}
-
-/// Mean over the (2r+1)² window around each cell of an h×w plane, the window clipped at
-/// the border: window sums along each row, then along each column (a column's running
-/// sum advances a whole row of cells at a time, which vectorises).
-fn box_mean(plane: &[f32], h: usize, w: usize, r: usize, row_sums: &mut [f32], out: &mut [f32]) {
-    let span = |i: usize, n: usize| (i.saturating_sub(r), (i + r + 1).min(n));
-    for (src, dst) in plane.chunks_exact(w).zip(row_sums.chunks_exact_mut(w)) {
-        let mut sum: f32 = src[..r.min(w)].iter().sum();
-        for (x, d) in dst.iter_mut().enumerate() {
-            let (x0, x1) = span(x, w);
-            if x + r < w {
-                sum += src[x + r];
-            }
-            if x > r {
-                sum -= src[x - r - 1];
-            }
-            *d = sum / (x1 - x0) as f32;
-        }
-    }
-    let mut sum = vec![0f32; w];
-    for y in 0..r.min(h) {
-        for (s, v) in sum.iter_mut().zip(&row_sums[y * w..(y + 1) * w]) {
-            *s += v;
-        }
-    }
-    for y in 0..h {
-        let (y0, y1) = span(y, h);
-        if y + r < h {
-            for (s, v) in sum.iter_mut().zip(&row_sums[(y + r) * w..(y + r + 1) * w]) {
-                *s += v;
-            }
-        }
-        if y > r {
-            for (s, v) in sum.iter_mut().zip(&row_sums[(y - r - 1) * w..(y - r) * w]) {
-                *s -= v;
-            }
-        }
-        let n = (y1 - y0) as f32;
-        for (o, s) in out[y * w..(y + 1) * w].iter_mut().zip(&sum) {
-            *o = s / n;
-        }
-    }
 }
 
 /// exp of every value minus its row's maximum.

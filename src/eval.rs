@@ -42,6 +42,8 @@ pub struct EvalOptions {
     pub sam: Option<SamRefine>,
     /// Align the templates to each test case (landmarks).
     pub align: Option<AlignMode>,
+    /// Refine structure scores with the guided filter (`postprocess::guided_refine`).
+    pub guided: bool,
     pub landmark_radius: f64,
     pub train: TrainConfig,
     pub png_dir: Option<PathBuf>,
@@ -224,6 +226,7 @@ pub struct Report {
     pub binary: bool,
     pub sam: Option<SamRefine>,
     pub align: Option<AlignMode>,
+    pub guided: bool,
     /// Applied to the test cases.
     pub augment: Augment,
     pub backbone: String,
@@ -515,6 +518,7 @@ pub fn evaluate(
         binary: opts.binary,
         sam: opts.sam,
         align: opts.align,
+        guided: opts.guided,
         augment: opts.augment,
         backbone: backbone.id().to_string(),
         templates: templ.iter().map(|(c, _)| c.name.clone()).collect(),
@@ -688,8 +692,12 @@ pub fn evaluate(
                 let t = Instant::now();
                 let scores = trained.scores(fm)?;
                 let (rows, cols) = s.pixels.dim();
-                let found =
-                    postprocess::findings(&postprocess::upsample_scores(&scores, rows, cols));
+                let mut up = postprocess::upsample_scores(&scores, rows, cols);
+                if opts.guided {
+                    let guide = crate::image::normalize(&s.pixels).map_err(BackboneError::from)?;
+                    postprocess::guided_refine(&mut up, &guide, guided_radius(fm), GUIDED_EPS);
+                }
+                let found = postprocess::findings(&up);
                 adapter_ms.push(t.elapsed().as_secs_f64() * 1000.0);
                 let mut pred_masks: Vec<Option<Array2<bool>>> = Vec::with_capacity(values.len());
                 for (l, f) in found.iter().enumerate() {
@@ -807,6 +815,15 @@ pub fn evaluate(
     Ok(report)
 }
 
+/// Guided filter settings, fixed a priori: the window is one feature cell (what bilinear
+/// upsampling blurs), flat means an intensity spread under 0.1 of the normalised range.
+const GUIDED_EPS: f32 = 1e-2;
+
+fn guided_radius(fm: &FeatureMap) -> usize {
+    let (h, _) = fm.grid();
+    (fm.image_rows as f64 / h.max(1) as f64).round().max(1.0) as usize
+}
+
 fn centroid(labels: &Array2<u8>, value: u8) -> Option<(f64, f64)> {
     let (mut n, mut r, mut c) = (0.0, 0.0, 0.0);
     for ((i, j), v) in labels.indexed_iter() {
@@ -915,7 +932,7 @@ pub fn table(r: &Report) -> String {
             Some(AlignMode::Prior) => " + alignment prior".to_string(),
             Some(AlignMode::Fill) => " + alignment prior, filling absent landmarks".to_string(),
             Some(AlignMode::Only) => ", landmarks from the aligned templates alone".to_string(),
-        },
+        } + if r.guided { " + guided filter" } else { "" },
         match &r.sam {
             None => String::new(),
             Some(h) => format!(

@@ -109,6 +109,10 @@ enum Cmd {
         /// in slice k* (what the agent does), `only` reports the aligned landmarks alone.
         #[arg(long, value_enum)]
         align: Option<scout::eval::AlignMode>,
+        /// Structures: refine the upsampled scores with the guided filter (the slice as
+        /// guide), so borders follow intensity edges.
+        #[arg(long)]
+        guided: bool,
         /// Robustness: rotate the test images (not the templates) by this many degrees.
         #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
         rotate: f64,
@@ -461,6 +465,7 @@ fn run(cli: Cli) -> Result<(), String> {
             sam_min_iou,
             sam_min_agreement,
             align,
+            guided,
             rotate,
             scale,
             gamma,
@@ -495,6 +500,7 @@ fn run(cli: Cli) -> Result<(), String> {
                         min_agreement: sam_min_agreement,
                     }),
                     align,
+                    guided,
                     landmark_radius: radius,
                     train: scout::adapter::TrainConfig {
                         seed,
