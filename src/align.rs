@@ -248,9 +248,9 @@ impl AlignTemplate {
 
     /// Checks what a file could get wrong, so that matching never indexes out of range.
     pub fn validate(&self) -> Result<(), String> {
-        let grid = self.grid[0] * self.grid[1];
+        let grid = self.grid[0].checked_mul(self.grid[1]).unwrap_or(0);
         if grid == 0 || self.image[0] == 0 || self.image[1] == 0 || self.channels == 0 {
-            return Err("alignment template with an empty grid or image".into());
+            return Err("alignment template with an empty or impossible grid or image".into());
         }
         if let Some(k) = self.cells.iter().find(|&&k| k as usize >= grid) {
             return Err(format!(
@@ -258,7 +258,7 @@ impl AlignTemplate {
                 self.grid[0], self.grid[1]
             ));
         }
-        if self.features.len() != self.cells.len() * self.channels {
+        if Some(self.features.len()) != self.cells.len().checked_mul(self.channels) {
             return Err(format!(
                 "alignment template has {} feature values, its {} cells of {} channels need {}",
                 self.features.len(),
@@ -572,9 +572,14 @@ mod tests {
         assert_eq!(p.spread, 2.0 * cell);
         let broken = AlignTemplate {
             features: vec![0; 5],
-            ..t
+            ..t.clone()
         };
         assert!(broken.validate().unwrap_err().contains("feature values"));
+        let huge = AlignTemplate {
+            grid: [usize::MAX, 2],
+            ..t
+        };
+        assert!(huge.validate().unwrap_err().contains("impossible"));
         assert_eq!(prior.points[1], None);
     }
 
