@@ -400,14 +400,6 @@ pub fn e2e(
         .replace("bind = \"127.0.0.1:9112\"", "bind = \"\"")
         .replace("min_free_bytes = 536870912", "min_free_bytes = 0")
         .replace("slices = \"center\"", &format!("slices = \"{slices_name}\""))
-        .replace(
-            "adapter = \"models/adapters/spine.adapter\"",
-            &format!(
-                "adapter = {:?}",
-                spine_adapter
-                    .map_or("models/adapters/spine.adapter".into(), |p| p.display().to_string())
-            ),
-        )
         .replace("destinations = []", "destinations = [\"bench\"]")
         .replace(
             "# Where results are sent (C-STORE).",
@@ -416,6 +408,19 @@ pub fn e2e(
                 dest.scp.local_addr.port()
             ),
         );
+    let text = match spine_adapter {
+        None => text,
+        Some(p) => {
+            const SHIPPED: &str = "adapter = \"models/adapters/spine.adapter\"";
+            if !p.is_file() || !text.contains(SHIPPED) {
+                return Err(BenchError::Setup(format!(
+                    "--spine-adapter {}: not a file, or the embedded configuration has no spine rule",
+                    p.display()
+                )));
+            }
+            text.replace(SHIPPED, &format!("adapter = {:?}", p.display().to_string()))
+        }
+    };
     let cfg_path = work.join("agent.toml");
     std::fs::write(&cfg_path, text).map_err(setup)?;
     let log = std::fs::File::create(work.join("agent.log")).map_err(setup)?;

@@ -325,29 +325,24 @@ pub fn train_task(
         let mut a = Adapter::train(method, labels, &slices, config.clone(), backbone)?;
         if let Task::Landmarks { radius, names } = task {
             a.landmark_radius = Some(*radius);
+            // The landmarks in the localizer slice k* of each template.
+            let points: Vec<Vec<Option<(f64, f64)>>> = templates
+                .iter()
+                .map(|(case, _)| {
+                    names
+                        .iter()
+                        .map(|n| case.landmarks.get(n).map(|t| (t.row, t.column)))
+                        .collect()
+                })
+                .collect();
             if config.shape {
-                // The layout in the localizer slice k* of each template.
-                let points: Vec<Vec<Option<(f64, f64)>>> = templates
-                    .iter()
-                    .map(|(case, _)| {
-                        names
-                            .iter()
-                            .map(|n| case.landmarks.get(n).map(|t| (t.row, t.column)))
-                            .collect()
-                    })
-                    .collect();
                 a.shape = crate::postprocess::ShapeModel::fit(&points);
             }
             if config.align {
                 a.alignment = templates
                     .iter()
-                    .map(|(case, fms)| {
-                        let points = names
-                            .iter()
-                            .map(|n| case.landmarks.get(n).map(|t| (t.row, t.column)))
-                            .collect();
-                        AlignTemplate::new(&fms[case.center], points)
-                    })
+                    .zip(points)
+                    .map(|((case, fms), p)| AlignTemplate::new(&fms[case.center], p))
                     .collect();
             }
         }
