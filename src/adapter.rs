@@ -76,6 +76,10 @@ pub struct TrainConfig {
     /// and gives slice k* a landmark the adapter found no region for.
     #[serde(default)]
     pub align: bool,
+    /// Landmarks: keep the mean of the templates' intensity patches around each landmark
+    /// and move each found point to where the target matches it best (`patch`).
+    #[serde(default)]
+    pub patches: bool,
 }
 
 /// Context appended to each cell's feature vector, so that an adapter sees where a cell
@@ -104,6 +108,7 @@ impl Default for TrainConfig {
             context: Context::default(),
             shape: false,
             align: false,
+            patches: false,
         }
     }
 }
@@ -350,6 +355,9 @@ pub struct Adapter {
     /// The templates to align targets to, when trained with `align`.
     #[serde(default)]
     pub alignment: Vec<crate::align::AlignTemplate>,
+    /// Per landmark, the templates' mean patch, when trained with `patches`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patches: Vec<Option<crate::patch::LandmarkPatch>>,
 }
 
 /// Features of all cells as rows (h·w × columns, cells row-major over the grid): the
@@ -541,6 +549,7 @@ impl Adapter {
             model,
             shape: None,
             alignment: Vec::new(),
+            patches: Vec::new(),
         })
     }
 
@@ -551,6 +560,20 @@ impl Adapter {
         let n = self.labels.len();
         for t in &self.alignment {
             t.validate()?;
+        }
+        if !self.patches.is_empty() && self.patches.len() != self.labels.len() {
+            return Err(format!(
+                "{} landmark patches for {} labels",
+                self.patches.len(),
+                self.labels.len()
+            ));
+        }
+        if let Some(i) = self
+            .patches
+            .iter()
+            .position(|p| p.as_ref().is_some_and(|p| !p.is_valid()))
+        {
+            return Err(format!("landmark patch {i} does not fit its size"));
         }
         if n == 0 || c == 0 || self.feature_std.len() != c {
             return Err(format!(

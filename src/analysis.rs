@@ -9,6 +9,7 @@ use crate::backbone::{self, Backbone, BackboneError, Manifest};
 use crate::config::Config;
 use crate::features::FeatureStore;
 use crate::instance::InstanceMeta;
+use crate::patch;
 use crate::postprocess;
 use crate::results::{Landmark, LandmarkPoint, SeriesResult, SourceImage, StackResult, Structure};
 use crate::rules::{Candidate, Rule, Slices};
@@ -277,6 +278,13 @@ impl Engine {
                             prior,
                             (fm.image_rows, fm.image_columns),
                         );
+                    }
+                    if adapter.patches.iter().any(Option::is_some) {
+                        // The encoder's input is not kept: the slice is read once more.
+                        let pixels = crate::image::read_dicom(&img.path)
+                            .and_then(|px| crate::image::normalize(&px))
+                            .map_err(|e| inst_err(Box::new(e)))?;
+                        patch::refine_findings(&mut found, &adapter.patches, &pixels, &fm);
                     }
                     match task {
                         Task::Landmarks { names, .. } => {

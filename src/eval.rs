@@ -9,6 +9,7 @@ use crate::align::{AlignTemplate, Prior};
 use crate::backbone::{Backbone, BackboneError, FeatureMap};
 use crate::dataset::{Case, Dataset, DatasetError, Layout};
 use crate::features::FeatureCache;
+use crate::patch::{self, LandmarkPatch, TemplateView};
 use crate::postprocess::{self, Finding};
 use crate::sam::{Point, PointLabel, Sam, SamMask};
 use crate::templates::{self, Task};
@@ -338,6 +339,9 @@ pub fn train_task(
             if config.shape {
                 a.shape = crate::postprocess::ShapeModel::fit(&points);
             }
+            if config.patches {
+                a.patches = landmark_patches(templates, &points, &group, names)?;
+            }
             if config.align {
                 a.alignment = templates
                     .iter()
@@ -349,6 +353,51 @@ pub fn train_task(
         out.push(a);
     }
     Ok(out)
+}
+
+/// Per label of `group`, the mean of the templates' patches around the landmark in their
+/// slice k* (`points`: per template, per landmark).
+fn landmark_patches(
+    templates: &[(Case, Vec<FeatureMap>)],
+    points: &[Vec<Option<(f64, f64)>>],
+    group: &[usize],
+    names: &[String],
+) -> Result<Vec<Option<LandmarkPatch>>, AdapterError> {
+    let mut slices = Vec::new();
+    for (case, fms) in templates {
+        let pixels = crate::image::normalize(&case.slices[case.center].pixels)
+            .map_err(|e| AdapterError::NoTraining(format!("{}: {e}", case.name)))?;
+        let fm = &fms[case.center];
+        slices.push((
+            pixels,
+            patch::cell_px((fm.image_rows, fm.image_columns), fm.grid()),
+        ));
+    }
+    Ok(group
+        .iter()
+        .map(|&l| {
+            let views: Vec<TemplateView> = slices
+                .iter()
+                .zip(points)
+                .filter_map(|((pixels, cell_px), p)| {
+                    Some(TemplateView {
+                        pixels,
+                        cell_px: *cell_px,
+                        point: p.get(l).copied()??,
+                    })
+                })
+                .collect();
+            let (patch, check) = LandmarkPatch::fit_checked(&views);
+            if let Some((before, after)) = check {
+                log::info!(
+                    "landmark {}: template patches, leave-one-out error {before:.2} -> {after:.2} cells: {}",
+                    names[l],
+                    if patch.is_some() { "kept" } else { "not used" }
+                );
+            }
+            patch
+        })
+        .collect())
 }
 
 /// SAM's mask for one finding, prompted as `how` says (points drawn with `seed`).
@@ -555,6 +604,18 @@ pub fn evaluate(
             .adapters
             .first()
             .map_or(&[][..], |a| &a.alignment[..]);
+        // Per label across the adapters (one per label with `binary`).
+        let patches: Vec<Option<LandmarkPatch>> = trained
+            .adapters
+            .iter()
+            .flat_map(|a| {
+                if a.patches.is_empty() {
+                    vec![None; a.labels.len()]
+                } else {
+                    a.patches.clone()
+                }
+            })
+            .collect();
         let mut align_ms = Vec::new();
         for (ci, (case, fms)) in tests.iter().enumerate() {
             let prior = opts.align.map(|_| {
@@ -587,6 +648,10 @@ pub fn evaluate(
                     (opts.align, &prior, si == case.center)
                 {
                     postprocess::fill_from_prior(&mut found, prior, (rows, cols));
+                }
+                if patches.iter().any(Option::is_some) {
+                    let pixels = crate::image::normalize(&s.pixels).map_err(BackboneError::from)?;
+                    patch::refine_findings(&mut found, &patches, &pixels, fm);
                 }
                 per_slice.push(found);
                 adapter_ms.push(t.elapsed().as_secs_f64() * 1000.0);

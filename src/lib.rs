@@ -23,6 +23,7 @@ pub mod journal;
 pub mod metrics;
 pub mod notify;
 pub mod outbox;
+pub mod patch;
 pub mod pipeline;
 pub mod postprocess;
 pub mod results;

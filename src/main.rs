@@ -225,6 +225,10 @@ struct ContextArgs {
     /// Landmarks: choose regions that fit the templates' landmark layout.
     #[arg(long)]
     shape: bool,
+    /// Landmarks: move each point to where the templates' intensity patches around their
+    /// landmark match best, within 3 feature cells.
+    #[arg(long)]
+    patches: bool,
 }
 
 impl From<ContextArgs> for scout::adapter::Context {
@@ -437,6 +441,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let ds = scout::dataset::Dataset::open(&dataset).map_err(|e| e.to_string())?;
             let config = scout::adapter::TrainConfig {
                 shape: context.shape,
+                patches: context.patches,
                 align,
                 context: context.into(),
                 ..Default::default()
@@ -505,6 +510,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     train: scout::adapter::TrainConfig {
                         seed,
                         shape: context.shape,
+                        patches: context.patches,
                         context: scout::adapter::Context {
                             pools: context.pools.clone(),
                             global: context.global_context,

@@ -121,10 +121,15 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
         2,
         Method::Classification,
         10.0,
-        &Default::default(),
+        &TrainConfig {
+            patches: true,
+            ..Default::default()
+        },
     )
     .unwrap();
     assert_eq!(bundle.tasks.len(), 2, "landmarks and structures");
+    let landmarks = &bundle.tasks[0].1;
+    assert_eq!(landmarks.patches.len(), landmarks.labels.len());
     assert!(
         bundle.provenance.contains("case00,case01"),
         "{}",
@@ -139,7 +144,20 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
         .unwrap();
     for ((_, a), (_, b)) in bundle.tasks.iter().zip(&back.tasks) {
         assert_eq!(a.scores(&fm).unwrap(), b.scores(&fm).unwrap());
+        assert_eq!(a.patches, b.patches);
     }
+    // A landmark patch that does not fit its stated size is refused at load.
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let patches = json["tasks"][0][1]["patches"].as_array_mut().unwrap();
+    patches[0] =
+        serde_json::json!({"cell_px": [4.0, 4.0], "radius": [3, 3], "mean": [0.5], "templates": 2});
+    let broken = tmp.path().join("broken.adapter");
+    std::fs::write(&broken, json.to_string()).unwrap();
+    let err = scout::train::Bundle::load(&broken, backbone())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("landmark patch 0"), "{err}");
     // An adapter made for another backbone is refused with a clear error.
     let m =
         Manifest::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/models.toml")).unwrap();
@@ -319,4 +337,63 @@ fn template_alignment_fills_absent_spine_landmarks() {
         filled >= 0.93 && filled > plain,
         "2D acc@10: plain {plain:.2} ({plain_absent} absent), aligned {filled:.2}"
     );
+}
+
+/// Issue #7: the templates' intensity patches refine the landmarks they prove themselves
+/// on (leave-one-template-out: on chest-xr the lung apices, not the costophrenic angles,
+/// whose look varies too much), and leave the others exactly as they were.
+#[test]
+fn template_patches_sharpen_the_lung_apices_and_leave_the_rest_alone() {
+    let Some(shared) =
+        common::shared_data("template_patches_sharpen_the_lung_apices_and_leave_the_rest_alone")
+    else {
+        return;
+    };
+    let ds = Dataset::open(&shared.join("chest-xr")).unwrap();
+    let run = |patches: bool| {
+        let opts = EvalOptions {
+            templates: 5,
+            // The shipped chest configuration.
+            train: TrainConfig {
+                shape: true,
+                patches,
+                ..TrainConfig::default()
+            },
+            ..options(Method::Contrastive)
+        };
+        let r = evaluate(&ds, backbone(), &cache(), None, &opts).unwrap();
+        eprint!("{}", scout::eval::table(&r));
+        r.landmarks
+    };
+    let plain = run(false);
+    let refined = run(true);
+    let hits = |m: &std::collections::BTreeMap<String, scout::eval::LandmarkStats>| {
+        ["left_lung_apex", "right_lung_apex"]
+            .iter()
+            .map(|n| m[*n].accuracy * m[*n].cases as f64)
+            .sum::<f64>()
+    };
+    for apex in ["left_lung_apex", "right_lung_apex"] {
+        let (a, b) = (&plain[apex], &refined[apex]);
+        assert!(
+            b.median_error.unwrap() < a.median_error.unwrap() - 1.0,
+            "{apex}: median error {:?} -> {:?}",
+            a.median_error,
+            b.median_error
+        );
+    }
+    assert!(
+        hits(&refined) > hits(&plain),
+        "apex hits {} -> {}",
+        hits(&plain),
+        hits(&refined)
+    );
+    for angle in ["left_costophrenic_angle", "right_costophrenic_angle"] {
+        let (a, b) = (&plain[angle], &refined[angle]);
+        assert_eq!(
+            (a.accuracy, a.median_error, a.p90_error, a.absent),
+            (b.accuracy, b.median_error, b.p90_error, b.absent),
+            "{angle}"
+        );
+    }
 }

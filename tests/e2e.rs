@@ -388,6 +388,47 @@ fn aligned_spine_adapter_reports_every_vertebra_through_the_agent() {
         hits(&errors) >= 4,
         "fewer than 4 of 5 vertebrae within 10 px: {errors:?}"
     );
+
+    // The agent refines points with an adapter's template patches. Here L5's patch is
+    // made without the leave-one-out check (which keeps none on spine): L5 moves, stays
+    // on its body, and the other vertebrae stay where they were.
+    let mut bundle = bundle;
+    let landmarks = &mut bundle.tasks[0].1;
+    let views: Vec<(ndarray::Array2<f32>, (f64, f64), (f64, f64))> = ds.cases[..5]
+        .iter()
+        .map(|name| {
+            let case = ds.load_case(name).unwrap();
+            let s = &case.slices[case.center];
+            let (fm, _) = cache.features(&backbone, &s.pixels).unwrap();
+            let t = &case.landmarks["L5"];
+            (
+                scout::image::normalize(&s.pixels).unwrap(),
+                scout::patch::cell_px((fm.image_rows, fm.image_columns), fm.grid()),
+                (t.row, t.column),
+            )
+        })
+        .collect();
+    let views: Vec<scout::patch::TemplateView> = views
+        .iter()
+        .map(|(pixels, cell_px, point)| scout::patch::TemplateView {
+            pixels,
+            cell_px: *cell_px,
+            point: *point,
+        })
+        .collect();
+    landmarks.patches = vec![None; 5];
+    landmarks.patches[4] = scout::patch::LandmarkPatch::fit(&views);
+    assert!(landmarks.patches[4].is_some());
+    let file = dir.path().join("spine-patches.adapter");
+    bundle.save(&file).unwrap();
+    let refined = spine_s06_through_the_agent(&shared, &[(&shipped, &file.display().to_string())]);
+    eprintln!("s06 through the agent (aligned adapter, L5 patch): {refined:?}");
+    for l in 0..4 {
+        let (a, b) = (errors[l].unwrap(), refined[l].unwrap());
+        assert!((a - b).abs() < 1e-6, "L{} moved: {a} -> {b}", l + 1);
+    }
+    let (a, b) = (errors[4].unwrap(), refined[4].unwrap());
+    assert!((a - b).abs() > 1e-3 && b <= 10.0, "L5: {a} -> {b}");
 }
 
 #[test]
