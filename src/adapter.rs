@@ -80,6 +80,10 @@ pub struct TrainConfig {
     /// and move each found point to where the target matches it best (`patch`).
     #[serde(default)]
     pub patches: bool,
+    /// Train also on copies of the templates rotated, scaled and with another gamma
+    /// (`eval::TEMPLATE_AUGMENTS`), so that a change of pose or protocol is not new.
+    #[serde(default)]
+    pub augment: bool,
 }
 
 /// Context appended to each cell's feature vector, so that an adapter sees where a cell
@@ -109,6 +113,7 @@ impl Default for TrainConfig {
             shape: false,
             align: false,
             patches: false,
+            augment: false,
         }
     }
 }

@@ -54,7 +54,8 @@ pub struct EvalOptions {
     pub augment: Augment,
 }
 
-/// A change of pose and protocol applied to test images, their label maps and landmarks:
+/// A change of pose and protocol applied to test images (robustness check) or to copies of
+/// the templates (`TrainConfig::augment`), with their label maps and landmarks:
 /// in-plane rotation and scaling about the image centre (same image size; what leaves the
 /// field of view is lost, what enters is 0) and an intensity gamma over each slice's range.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -158,6 +159,68 @@ impl Augment {
         }
         out
     }
+}
+
+/// The changes of pose and protocol the templates are copied with for `TrainConfig::augment`:
+/// the magnitudes of the robustness check (`--rotate/--scale/--gamma`), one at a time.
+pub const TEMPLATE_AUGMENTS: [Augment; 6] = [
+    Augment {
+        rotate_deg: 10.0,
+        scale: 1.0,
+        gamma: 1.0,
+    },
+    Augment {
+        rotate_deg: -10.0,
+        scale: 1.0,
+        gamma: 1.0,
+    },
+    Augment {
+        rotate_deg: 0.0,
+        scale: 0.9,
+        gamma: 1.0,
+    },
+    Augment {
+        rotate_deg: 0.0,
+        scale: 1.1,
+        gamma: 1.0,
+    },
+    Augment {
+        rotate_deg: 0.0,
+        scale: 1.0,
+        gamma: 0.7,
+    },
+    Augment {
+        rotate_deg: 0.0,
+        scale: 1.0,
+        gamma: 1.4,
+    },
+];
+
+/// The templates changed by each of `TEMPLATE_AUGMENTS`, with their features (cached).
+pub fn augmented_templates(
+    templates: &[(Case, Vec<FeatureMap>)],
+    backbone: &Backbone,
+    cache: &FeatureCache,
+) -> Result<Vec<(Case, Vec<FeatureMap>)>, BackboneError> {
+    let progress = Progress::new(
+        (templates.len() * TEMPLATE_AUGMENTS.len()) as u64,
+        "augmented templates",
+    );
+    let mut out = Vec::new();
+    for (case, _) in templates {
+        for a in &TEMPLATE_AUGMENTS {
+            let case = a.apply(case);
+            let fms = case
+                .slices
+                .iter()
+                .map(|s| cache.features(backbone, &s.pixels).map(|(f, _)| f))
+                .collect::<Result<Vec<_>, _>>()?;
+            out.push((case, fms));
+            progress.bar.inc(1);
+        }
+    }
+    progress.bar.finish_and_clear();
+    Ok(out)
 }
 
 /// How SAM is prompted from a localized region, and when its mask replaces the region.
@@ -285,18 +348,20 @@ impl Trained {
     }
 }
 
-/// Trains adapters for `task` on the template cases' slices.
+/// Trains adapters for `task` on the template cases' slices, and on `augmented` copies of
+/// them (training material only: the layout, alignment and patches are the templates').
 pub fn train_task(
     task: &Task,
     method: Method,
     binary: bool,
     templates: &[(Case, Vec<FeatureMap>)],
+    augmented: &[(Case, Vec<FeatureMap>)],
     config: &TrainConfig,
     backbone: (&str, &str),
 ) -> Result<Vec<Adapter>, AdapterError> {
     let names = task.label_names();
     let mut material: Vec<(Array2<u8>, &FeatureMap)> = Vec::new();
-    for (case, fms) in templates {
+    for (case, fms) in templates.iter().chain(augmented) {
         for (i, fm) in fms.iter().enumerate() {
             if let Some(regions) = templates::slice_regions(task, case, i) {
                 material.push((templates::cell_labels(&regions, fm), fm));
@@ -574,13 +639,26 @@ pub fn evaluate(
         empty_slice_fp_rate: BTreeMap::new(),
         timing: Timing::default(),
     };
+    let augmented = if opts.train.augment {
+        augmented_templates(templ, backbone, cache)?
+    } else {
+        Vec::new()
+    };
     let train_timed = |task: &Task, timing: &mut Timing| -> Result<Trained, AdapterError> {
         let t = Instant::now();
         let config = TrainConfig {
             align: opts.train.align || opts.align.is_some(),
             ..opts.train.clone()
         };
-        let adapters = train_task(task, opts.method, opts.binary, templ, &config, bb)?;
+        let adapters = train_task(
+            task,
+            opts.method,
+            opts.binary,
+            templ,
+            &augmented,
+            &config,
+            bb,
+        )?;
         timing.train_s += t.elapsed().as_secs_f64();
         Ok(Trained { adapters })
     };

@@ -229,6 +229,10 @@ struct ContextArgs {
     /// landmark match best, within 3 feature cells.
     #[arg(long)]
     patches: bool,
+    /// Train also on copies of the templates rotated by ±10°, scaled by 0.9 and 1.1 and
+    /// with gamma 0.7 and 1.4 (label maps and landmarks moved with them).
+    #[arg(long)]
+    augment: bool,
 }
 
 impl From<ContextArgs> for scout::adapter::Context {
@@ -442,6 +446,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let config = scout::adapter::TrainConfig {
                 shape: context.shape,
                 patches: context.patches,
+                augment: context.augment,
                 align,
                 context: context.into(),
                 ..Default::default()
@@ -511,6 +516,7 @@ fn run(cli: Cli) -> Result<(), String> {
                         seed,
                         shape: context.shape,
                         patches: context.patches,
+                        augment: context.augment,
                         context: scout::adapter::Context {
                             pools: context.pools.clone(),
                             global: context.global_context,

@@ -92,6 +92,11 @@ pub fn train_dataset(
             .collect::<Result<Vec<_>, _>>()?;
         templates.push((case, fms));
     }
+    let augmented = if config.augment {
+        crate::eval::augmented_templates(&templates, backbone, cache)?
+    } else {
+        Vec::new()
+    };
     let bb = (backbone.id(), backbone.checksum());
     let mut tasks = Vec::new();
     if !ds.landmark_names.is_empty() {
@@ -99,14 +104,14 @@ pub fn train_dataset(
             names: ds.landmark_names.clone(),
             radius,
         };
-        for a in train_task(&task, method, false, &templates, config, bb)? {
+        for a in train_task(&task, method, false, &templates, &augmented, config, bb)? {
             tasks.push((task.clone(), a));
         }
     }
     let values = crate::templates::structure_values(templates.iter().map(|(c, _)| c));
     if !values.is_empty() {
         let task = Task::Structures { values };
-        for a in train_task(&task, method, false, &templates, config, bb)? {
+        for a in train_task(&task, method, false, &templates, &augmented, config, bb)? {
             tasks.push((task.clone(), a));
         }
     }
@@ -115,8 +120,27 @@ pub fn train_dataset(
             "the data set has neither landmarks nor label maps".into(),
         ));
     }
+    // The options as `scout train` spells them, so the line can be run again.
+    let mut options = String::new();
+    let ctx = &config.context;
+    for (on, flag) in [
+        (config.shape, " --shape"),
+        (ctx.global, " --global-context"),
+        (ctx.position, " --position"),
+        (config.align, " --align"),
+        (config.patches, " --patches"),
+        (config.augment, " --augment"),
+    ] {
+        if on {
+            options.push_str(flag);
+        }
+    }
+    if !ctx.pools.is_empty() {
+        let pools: Vec<String> = ctx.pools.iter().map(|p| p.to_string()).collect();
+        options.push_str(&format!(" --pools {}", pools.join(",")));
+    }
     let provenance = format!(
-        "scout {} train {} --templates {} --method {method} --radius {radius}: templates {}",
+        "scout {} train {} --templates {} --method {method}{options} --radius {radius}: templates {}",
         env!("CARGO_PKG_VERSION"),
         ds.dir.display(),
         n_templates,

@@ -397,3 +397,42 @@ fn template_patches_sharpen_the_lung_apices_and_leave_the_rest_alone() {
         );
     }
 }
+
+/// Issue #7: training also on rotated, scaled and re-gammaed copies of the templates
+/// (what the shipped chest adapter does) finds more lung corners and draws the lungs
+/// better on patients the templates never saw.
+#[test]
+fn augmented_templates_raise_chest_landmarks_and_lung_iou() {
+    let Some(shared) =
+        common::shared_data("augmented_templates_raise_chest_landmarks_and_lung_iou")
+    else {
+        return;
+    };
+    let ds = Dataset::open(&shared.join("chest-xr")).unwrap();
+    let run = |augment: bool| {
+        let opts = EvalOptions {
+            templates: 5,
+            train: TrainConfig {
+                shape: true,
+                augment,
+                ..TrainConfig::default()
+            },
+            ..options(Method::Contrastive)
+        };
+        let r = evaluate(&ds, backbone(), &cache(), None, &opts).unwrap();
+        eprint!("{}", scout::eval::table(&r));
+        let m = &r.landmarks;
+        let acc = m.values().map(|s| s.accuracy).sum::<f64>() / m.len() as f64;
+        (acc, r.segmentation["2"].iou)
+    };
+    let (plain, plain_lung) = run(false);
+    let (augmented, augmented_lung) = run(true);
+    assert!(
+        augmented > plain + 0.02,
+        "mean acc@10 {plain:.3} -> {augmented:.3}"
+    );
+    assert!(
+        augmented_lung > plain_lung + 3.0,
+        "left lung IoU {plain_lung:.1} -> {augmented_lung:.1}"
+    );
+}

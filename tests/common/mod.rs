@@ -44,7 +44,8 @@ pub fn shared_data(test: &str) -> Option<PathBuf> {
 }
 
 /// How the shipped spine adapter was trained (contrastive + shape + pools 3,9 + position),
-/// with or without alignment templates.
+/// with or without alignment templates — but without `augment`, whose 270 extra encoder
+/// runs per training would cost CI several minutes per test.
 pub fn shipped_spine_config(align: bool) -> scout::adapter::TrainConfig {
     scout::adapter::TrainConfig {
         shape: true,
