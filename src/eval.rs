@@ -196,6 +196,18 @@ pub const TEMPLATE_AUGMENTS: [Augment; 6] = [
     },
 ];
 
+/// The features of every slice of a case (cached).
+pub fn case_features(
+    case: &Case,
+    backbone: &Backbone,
+    cache: &FeatureCache,
+) -> Result<Vec<FeatureMap>, BackboneError> {
+    case.slices
+        .iter()
+        .map(|s| cache.features(backbone, &s.pixels).map(|(f, _)| f))
+        .collect()
+}
+
 /// The templates changed by each of `TEMPLATE_AUGMENTS`, with their features (cached).
 pub fn augmented_templates(
     templates: &[(Case, Vec<FeatureMap>)],
@@ -210,11 +222,7 @@ pub fn augmented_templates(
     for (case, _) in templates {
         for a in &TEMPLATE_AUGMENTS {
             let case = a.apply(case);
-            let fms = case
-                .slices
-                .iter()
-                .map(|s| cache.features(backbone, &s.pixels).map(|(f, _)| f))
-                .collect::<Result<Vec<_>, _>>()?;
+            let fms = case_features(&case, backbone, cache)?;
             out.push((case, fms));
             progress.bar.inc(1);
         }

@@ -286,7 +286,7 @@ fn zero_mean_unit(mut p: Vec<f32>) -> Option<Vec<f32>> {
     let m = p.iter().map(|v| *v as f64).sum::<f64>() / p.len().max(1) as f64;
     p.iter_mut().for_each(|v| *v -= m as f32);
     let norm = p.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
-    if !(norm > 1e-6) {
+    if norm.is_nan() || norm <= 1e-6 {
         return None;
     }
     p.iter_mut().for_each(|v| *v /= norm as f32);

@@ -85,11 +85,7 @@ pub fn train_dataset(
     let mut templates: Vec<(Case, Vec<FeatureMap>)> = Vec::new();
     for n in &names {
         let case = ds.load_case(n)?;
-        let fms = case
-            .slices
-            .iter()
-            .map(|s| cache.features(backbone, &s.pixels).map(|(f, _)| f))
-            .collect::<Result<Vec<_>, _>>()?;
+        let fms = crate::eval::case_features(&case, backbone, cache)?;
         templates.push((case, fms));
     }
     let augmented = if config.augment {

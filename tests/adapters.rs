@@ -339,6 +339,24 @@ fn template_alignment_fills_absent_spine_landmarks() {
     );
 }
 
+/// The protocol on chest-xr with the shipped chest configuration (contrastive + shape),
+/// with or without landmark patches and augmented templates.
+fn chest_report(ds: &Dataset, patches: bool, augment: bool) -> scout::eval::Report {
+    let opts = EvalOptions {
+        templates: 5,
+        train: TrainConfig {
+            shape: true,
+            patches,
+            augment,
+            ..TrainConfig::default()
+        },
+        ..options(Method::Contrastive)
+    };
+    let r = evaluate(ds, backbone(), &cache(), None, &opts).unwrap();
+    eprint!("{}", scout::eval::table(&r));
+    r
+}
+
 /// Issue #7: the templates' intensity patches refine the landmarks they prove themselves
 /// on (leave-one-template-out: on chest-xr the lung apices, not the costophrenic angles,
 /// whose look varies too much), and leave the others exactly as they were.
@@ -350,23 +368,8 @@ fn template_patches_sharpen_the_lung_apices_and_leave_the_rest_alone() {
         return;
     };
     let ds = Dataset::open(&shared.join("chest-xr")).unwrap();
-    let run = |patches: bool| {
-        let opts = EvalOptions {
-            templates: 5,
-            // The shipped chest configuration.
-            train: TrainConfig {
-                shape: true,
-                patches,
-                ..TrainConfig::default()
-            },
-            ..options(Method::Contrastive)
-        };
-        let r = evaluate(&ds, backbone(), &cache(), None, &opts).unwrap();
-        eprint!("{}", scout::eval::table(&r));
-        r.landmarks
-    };
-    let plain = run(false);
-    let refined = run(true);
+    let plain = chest_report(&ds, false, false).landmarks;
+    let refined = chest_report(&ds, true, false).landmarks;
     let hits = |m: &std::collections::BTreeMap<String, scout::eval::LandmarkStats>| {
         ["left_lung_apex", "right_lung_apex"]
             .iter()
@@ -410,17 +413,7 @@ fn augmented_templates_raise_chest_landmarks_and_lung_iou() {
     };
     let ds = Dataset::open(&shared.join("chest-xr")).unwrap();
     let run = |augment: bool| {
-        let opts = EvalOptions {
-            templates: 5,
-            train: TrainConfig {
-                shape: true,
-                augment,
-                ..TrainConfig::default()
-            },
-            ..options(Method::Contrastive)
-        };
-        let r = evaluate(&ds, backbone(), &cache(), None, &opts).unwrap();
-        eprint!("{}", scout::eval::table(&r));
+        let r = chest_report(&ds, false, augment);
         let m = &r.landmarks;
         let acc = m.values().map(|s| s.accuracy).sum::<f64>() / m.len() as f64;
         (acc, r.segmentation["2"].iou)

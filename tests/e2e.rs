@@ -394,7 +394,9 @@ fn aligned_spine_adapter_reports_every_vertebra_through_the_agent() {
     // on its body, and the other vertebrae stay where they were.
     let mut bundle = bundle;
     let landmarks = &mut bundle.tasks[0].1;
-    let views: Vec<(ndarray::Array2<f32>, (f64, f64), (f64, f64))> = ds.cases[..5]
+    // Per template: normalised slice k*, pixels per cell, L5.
+    type Cut = (ndarray::Array2<f32>, (f64, f64), (f64, f64));
+    let views: Vec<Cut> = ds.cases[..5]
         .iter()
         .map(|name| {
             let case = ds.load_case(name).unwrap();
