@@ -110,7 +110,10 @@ impl LandmarkPatch {
 
     /// A patch that is not what `fit` makes (hand-edited or damaged file).
     pub fn is_valid(&self) -> bool {
-        self.cell_px.iter().all(|c| c.is_finite() && *c > 0.0)
+        // The search window follows from cell_px: bounded like the patch.
+        self.cell_px
+            .iter()
+            .all(|c| c.is_finite() && *c > 0.0 && SEARCH_CELLS * c <= 4096.0)
             && self.radius.iter().all(|r| *r > 0 && *r <= 4096)
             && self.mean.len() == (2 * self.radius[0] + 1) * (2 * self.radius[1] + 1)
             && self.mean.iter().all(|v| v.is_finite())
@@ -386,6 +389,10 @@ mod tests {
             point: (30.0, 30.0),
         }])
         .unwrap();
+        let mut huge = p.clone();
+        huge.cell_px = [1e12, 1.0];
+        assert!(!huge.is_valid());
+        assert!(huge.best_match(&img, (1.0, 1.0), (30.0, 30.0)).is_none());
         p.mean.pop();
         assert!(!p.is_valid());
         assert!(p.best_match(&img, (1.0, 1.0), (30.0, 30.0)).is_none());
