@@ -128,16 +128,7 @@ impl Augment {
                 if y < -0.5 || x < -0.5 || y > rows as f64 - 0.5 || x > cols as f64 - 0.5 {
                     return 0.0;
                 }
-                let (y, x) = (
-                    y.clamp(0.0, rows as f64 - 1.0),
-                    x.clamp(0.0, cols as f64 - 1.0),
-                );
-                let (y0, x0) = (y.floor() as usize, x.floor() as usize);
-                let (y1, x1) = ((y0 + 1).min(rows - 1), (x0 + 1).min(cols - 1));
-                let (fy, fx) = ((y - y0 as f64) as f32, (x - x0 as f64) as f32);
-                let top = pixels[[y0, x0]] * (1.0 - fx) + pixels[[y0, x1]] * fx;
-                let bottom = pixels[[y1, x0]] * (1.0 - fx) + pixels[[y1, x1]] * fx;
-                gamma(top * (1.0 - fy) + bottom * fy)
+                gamma(crate::image::bilinear_at(pixels, y, x))
             });
             if let Some(labels) = &s.labels {
                 s.labels = Some(Array2::from_shape_fn((rows, cols), |(r, c)| {

@@ -94,6 +94,20 @@ pub fn resize_bilinear(img: &Array2<f32>, out_rows: usize, out_cols: usize) -> A
     })
 }
 
+/// The image bilinearly interpolated at (row, column); outside it, the nearest border
+/// value. The image must not be empty.
+pub fn bilinear_at(img: &Array2<f32>, row: f64, col: f64) -> f32 {
+    let (rows, cols) = img.dim();
+    let y = row.clamp(0.0, rows.saturating_sub(1) as f64);
+    let x = col.clamp(0.0, cols.saturating_sub(1) as f64);
+    let (y0, x0) = (y.floor() as usize, x.floor() as usize);
+    let (y1, x1) = ((y0 + 1).min(rows - 1), (x0 + 1).min(cols - 1));
+    let (fy, fx) = ((y - y0 as f64) as f32, (x - x0 as f64) as f32);
+    let top = img[[y0, x0]] * (1.0 - fx) + img[[y0, x1]] * fx;
+    let bottom = img[[y1, x0]] * (1.0 - fx) + img[[y1, x1]] * fx;
+    top * (1.0 - fy) + bottom * fy
+}
+
 /// First frame of a DICOM image, with the Modality LUT (Rescale Slope/Intercept) applied.
 pub fn read_dicom(path: &Path) -> Result<Array2<f32>, ImageError> {
     use dicom_pixeldata::{ConvertOptions, ModalityLutOption, PixelDecoder};

@@ -270,16 +270,10 @@ fn sample(img: &Array2<f32>, center: (f64, f64), step: (f64, f64), half: [usize;
         return out;
     }
     for i in 0..2 * half[0] + 1 {
-        let y = (center.0 + (i as f64 - half[0] as f64) * step.0).clamp(0.0, (rows - 1) as f64);
-        let (y0, fy) = (y.floor() as usize, (y - y.floor()) as f32);
-        let y1 = (y0 + 1).min(rows - 1);
+        let y = center.0 + (i as f64 - half[0] as f64) * step.0;
         for j in 0..2 * half[1] + 1 {
-            let x = (center.1 + (j as f64 - half[1] as f64) * step.1).clamp(0.0, (cols - 1) as f64);
-            let (x0, fx) = (x.floor() as usize, (x - x.floor()) as f32);
-            let x1 = (x0 + 1).min(cols - 1);
-            let top = img[[y0, x0]] * (1.0 - fx) + img[[y0, x1]] * fx;
-            let bottom = img[[y1, x0]] * (1.0 - fx) + img[[y1, x1]] * fx;
-            out.push(top * (1.0 - fy) + bottom * fy);
+            let x = center.1 + (j as f64 - half[1] as f64) * step.1;
+            out.push(crate::image::bilinear_at(img, y, x));
         }
     }
     out
