@@ -84,7 +84,15 @@ pub struct TrainConfig {
     /// (`eval::TEMPLATE_AUGMENTS`), so that a change of pose or protocol is not new.
     #[serde(default)]
     pub augment: bool,
+    /// Structures: draw part of the negatives from the cells just outside each region
+    /// (within `BORDER_CELLS`), where the region's edge is decided; drawn uniformly from
+    /// the background they are rare.
+    #[serde(default)]
+    pub borders: bool,
 }
+
+/// How far (in cells, Chebyshev) outside a region `TrainConfig::borders` looks.
+pub const BORDER_CELLS: usize = 2;
 
 /// Context appended to each cell's feature vector, so that an adapter sees where a cell
 /// is and what surrounds it, not only what it looks like: a vertebral body looks like its
@@ -114,6 +122,7 @@ impl Default for TrainConfig {
             align: false,
             patches: false,
             augment: false,
+            borders: false,
         }
     }
 }
@@ -495,6 +504,11 @@ impl Adapter {
                 )));
             }
         }
+        let near = if config.borders {
+            border_cells(slices, n_labels)
+        } else {
+            vec![Vec::new(); n_labels + 1]
+        };
         let feature_mean = all
             .mean_axis(Axis(0))
             .unwrap_or_else(|| Array1::zeros(channels));
@@ -518,13 +532,13 @@ impl Adapter {
             Method::Classification => {
                 let mut x = all.clone();
                 standardize(&mut x, &feature_mean, &feature_std);
-                let net = train_classifier(&x, &by_label, &config, &mut rng);
+                let net = train_classifier(&x, &by_label, &near, &config, &mut rng);
                 Model::Classification { net }
             }
             Method::Contrastive => {
                 let mut x = all.clone();
                 standardize(&mut x, &feature_mean, &feature_std);
-                let (branch, head) = train_siamese(&x, &by_label, &config, &mut rng);
+                let (branch, head) = train_siamese(&x, &by_label, &near, &config, &mut rng);
                 let references = (1..=n_labels)
                     .map(|l| {
                         let idx = &by_label[l];
@@ -724,11 +738,50 @@ impl Adapter {
     }
 }
 
+/// Per label l ≥ 1, the cells (row indices over all slices, sorted) outside l's region
+/// within `BORDER_CELLS` of it; at 0, the background cells near any region.
+fn border_cells(slices: &[TrainingSlice], n_labels: usize) -> Vec<Vec<usize>> {
+    let mut near = vec![Vec::new(); n_labels + 1];
+    let mut offset = 0;
+    for s in slices {
+        let (h, w) = s.cells.dim();
+        let mut marks = vec![vec![false; h * w]; n_labels + 1];
+        for ((i, j), &v) in s.cells.indexed_iter() {
+            let l = v as usize;
+            if l == 0 || l > n_labels {
+                continue;
+            }
+            for y in i.saturating_sub(BORDER_CELLS)..(i + BORDER_CELLS + 1).min(h) {
+                for x in j.saturating_sub(BORDER_CELLS)..(j + BORDER_CELLS + 1).min(w) {
+                    let other = s.cells[[y, x]] as usize;
+                    if other != l {
+                        marks[l][y * w + x] = true;
+                        if other == 0 {
+                            marks[0][y * w + x] = true;
+                        }
+                    }
+                }
+            }
+        }
+        for (l, m) in marks.iter().enumerate() {
+            near[l].extend(
+                m.iter()
+                    .enumerate()
+                    .filter(|(_, b)| **b)
+                    .map(|(c, _)| offset + c),
+            );
+        }
+        offset += h * w;
+    }
+    near
+}
+
 /// Balanced minibatches: every batch draws half its rows from label cells (labels taken in
-/// turn) and half from background.
+/// turn) and half from background (with `borders`, half of those near a region).
 fn train_classifier(
     x: &Array2<f32>,
     by_label: &[Vec<usize>],
+    near: &[Vec<usize>],
     cfg: &TrainConfig,
     rng: &mut Rng,
 ) -> Mlp {
@@ -745,7 +798,11 @@ fn train_classifier(
             } else {
                 0
             };
-            let pool = &by_label[class];
+            let pool = if class == 0 && !near[0].is_empty() && rng.below(2) == 1 {
+                &near[0]
+            } else {
+                &by_label[class]
+            };
             picks.push(pool[rng.below(pool.len())]);
             targets.push(class);
         }
@@ -759,10 +816,12 @@ fn train_classifier(
 }
 
 /// Pairs per batch: half positive (both cells in the same label's region), half negative
-/// (one in the region, one anywhere outside it), labels taken in turn.
+/// (one in the region, one anywhere outside it — with `borders`, half of those just
+/// outside it), labels taken in turn.
 fn train_siamese(
     x: &Array2<f32>,
     by_label: &[Vec<usize>],
+    near: &[Vec<usize>],
     cfg: &TrainConfig,
     rng: &mut Rng,
 ) -> (Mlp, Linear) {
@@ -790,6 +849,8 @@ fn train_siamese(
                 let c = if n_labels > 1 && rng.below(2) == 1 {
                     let other = 1 + (l + rng.below(n_labels - 1)) % n_labels;
                     by_label[other][rng.below(by_label[other].len())]
+                } else if !near[l].is_empty() && rng.below(2) == 1 {
+                    near[l][rng.below(near[l].len())]
                 } else {
                     let mut c = rng.below(total);
                     for _ in 0..64 {
@@ -871,6 +932,55 @@ mod tests {
                 assert_eq!(row[4 * c + 1], (x as f32 + 0.5) / w as f32);
             }
         }
+    }
+
+    /// The ring around a region is the cells within `BORDER_CELLS` of it that are not
+    /// in it (another region's cells included), counted per slice.
+    #[test]
+    fn border_cells_ring_each_region() {
+        let fm = FeatureMap {
+            data: Array3::zeros((1, 9, 9)),
+            image_rows: 9,
+            image_columns: 9,
+        };
+        let mut cells = Array2::<u8>::zeros((9, 9));
+        cells[[4, 4]] = 1;
+        cells[[4, 6]] = 2;
+        let slices = [
+            TrainingSlice {
+                features: &fm,
+                cells: cells.clone(),
+            },
+            TrainingSlice {
+                features: &fm,
+                cells,
+            },
+        ];
+        let near = border_cells(&slices, 2);
+        let ring = |centre: (usize, usize), except: (usize, usize)| -> Vec<usize> {
+            let mut v: Vec<usize> = (0..81usize)
+                .filter(|&c| {
+                    let (y, x): (usize, usize) = (c / 9, c % 9);
+                    y.abs_diff(centre.0) <= 2 && x.abs_diff(centre.1) <= 2 && (y, x) != except
+                })
+                .collect();
+            v.extend(v.clone().iter().map(|c| c + 81));
+            v
+        };
+        assert_eq!(
+            near[1],
+            ring((4, 4), (4, 4)),
+            "label 1, label 2's cell included"
+        );
+        assert_eq!(near[2], ring((4, 6), (4, 6)));
+        let mut background: Vec<usize> = (0..81usize)
+            .filter(|&c| {
+                let (y, x) = (c / 9, c % 9);
+                (2..=6).contains(&y) && (2..=8).contains(&x) && c != 4 * 9 + 4 && c != 4 * 9 + 6
+            })
+            .collect();
+        background.extend(background.clone().iter().map(|c| c + 81));
+        assert_eq!(near[0], background);
     }
 
     /// Finite differences agree with backpropagation through the MLP and the loss.

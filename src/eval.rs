@@ -359,6 +359,13 @@ pub fn train_task(
     backbone: (&str, &str),
 ) -> Result<Vec<Adapter>, AdapterError> {
     let names = task.label_names();
+    // A landmark's region is a disk drawn around a point, its edge no edge in the image:
+    // negatives just outside it would teach the adapter an edge that is not there.
+    let structures_only = TrainConfig {
+        borders: config.borders && matches!(task, Task::Structures { .. }),
+        ..config.clone()
+    };
+    let config = &structures_only;
     let mut material: Vec<(Array2<u8>, &FeatureMap)> = Vec::new();
     for (case, fms) in templates.iter().chain(augmented) {
         for (i, fm) in fms.iter().enumerate() {

@@ -233,6 +233,10 @@ struct ContextArgs {
     /// with gamma 0.7 and 1.4 (label maps and landmarks moved with them).
     #[arg(long)]
     augment: bool,
+    /// Structures: draw part of the negatives from just outside each region, where its
+    /// edge lies.
+    #[arg(long)]
+    borders: bool,
 }
 
 impl From<ContextArgs> for scout::adapter::Context {
@@ -447,6 +451,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 shape: context.shape,
                 patches: context.patches,
                 augment: context.augment,
+                borders: context.borders,
                 align,
                 context: context.into(),
                 ..Default::default()
@@ -517,6 +522,7 @@ fn run(cli: Cli) -> Result<(), String> {
                         shape: context.shape,
                         patches: context.patches,
                         augment: context.augment,
+                        borders: context.borders,
                         context: scout::adapter::Context {
                             pools: context.pools.clone(),
                             global: context.global_context,

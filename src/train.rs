@@ -126,6 +126,7 @@ pub fn train_dataset(
         (config.align, " --align"),
         (config.patches, " --patches"),
         (config.augment, " --augment"),
+        (config.borders, " --borders"),
     ] {
         if on {
             options.push_str(flag);

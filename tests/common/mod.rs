@@ -43,13 +43,15 @@ pub fn shared_data(test: &str) -> Option<PathBuf> {
     None
 }
 
-/// How the shipped spine adapter was trained (contrastive + shape + pools 3,9 + position),
-/// with or without alignment templates — but without `augment`, whose 270 extra encoder
-/// runs per training would cost CI several minutes per test.
+/// How the shipped spine adapter was trained (contrastive + shape + pools 3,9 + position,
+/// border negatives for the structures), with or without alignment templates — but
+/// without `augment`, whose 270 extra encoder runs per training would cost CI several
+/// minutes per test.
 pub fn shipped_spine_config(align: bool) -> scout::adapter::TrainConfig {
     scout::adapter::TrainConfig {
         shape: true,
         align,
+        borders: true,
         context: scout::adapter::Context {
             pools: vec![3, 9],
             global: false,
