@@ -67,8 +67,9 @@ pub struct TrainConfig {
     /// Context appended to every cell's features (none in adapters trained before).
     #[serde(default)]
     pub context: Context,
-    /// Landmarks: learn the templates' landmark layout and choose regions consistent
-    /// with it (`postprocess::shaped_findings`).
+    /// Learn the templates' layout — of the landmarks, and of the structures' centroids in
+    /// slice k* — and choose regions consistent with it (`postprocess::shaped_findings`,
+    /// `postprocess::structure_findings`).
     #[serde(default)]
     pub shape: bool,
     /// Landmarks: keep the templates' most distinctive cells and landmarks, so that each
@@ -363,7 +364,8 @@ pub struct Adapter {
     pub provenance: String,
     pub train: TrainConfig,
     pub model: Model,
-    /// Landmark layout of the templates, when trained with `shape`.
+    /// Layout of the templates' landmarks or structure centroids, when trained with
+    /// `shape`.
     #[serde(default)]
     pub shape: Option<crate::postprocess::ShapeModel>,
     /// The templates to align targets to, when trained with `align`.

@@ -270,8 +270,16 @@ impl Engine {
                 for ((task, adapter), prior) in lr.bundle.tasks.iter().zip(&priors) {
                     let scores = adapter.scores(&fm).map_err(|e| inst_err(Box::new(e)))?;
                     let up = postprocess::upsample_scores(&scores, fm.image_rows, fm.image_columns);
-                    let mut found =
-                        postprocess::shaped_findings(&up, adapter.shape.as_ref(), prior.as_ref());
+                    let mut found = match task {
+                        Task::Landmarks { .. } => postprocess::shaped_findings(
+                            &up,
+                            adapter.shape.as_ref(),
+                            prior.as_ref(),
+                        ),
+                        Task::Structures { .. } => {
+                            postprocess::structure_findings(&up, adapter.shape.as_ref())
+                        }
+                    };
                     if let (Some(prior), true) = (prior, ii == center) {
                         postprocess::fill_from_prior(
                             &mut found,

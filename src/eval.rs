@@ -421,6 +421,14 @@ pub fn train_task(
                     .collect();
             }
         }
+        if let (Task::Structures { values }, true) = (task, config.shape) {
+            let values: Vec<u8> = group.iter().map(|&l| values[l]).collect();
+            let centroids: Vec<Vec<Option<(f64, f64)>>> = templates
+                .iter()
+                .map(|(case, _)| templates::structure_centroids(case, &values))
+                .collect();
+            a.shape = crate::postprocess::ShapeModel::fit(&centroids);
+        }
         out.push(a);
     }
     Ok(out)
@@ -841,7 +849,8 @@ pub fn evaluate(
                     let guide = crate::image::normalize(&s.pixels).map_err(BackboneError::from)?;
                     postprocess::guided_refine(&mut up, &guide, guided_radius(fm), GUIDED_EPS);
                 }
-                let found = postprocess::findings(&up);
+                let shape = trained.adapters.first().and_then(|a| a.shape.as_ref());
+                let found = postprocess::structure_findings(&up, shape);
                 adapter_ms.push(t.elapsed().as_secs_f64() * 1000.0);
                 let mut pred_masks: Vec<Option<Array2<bool>>> = Vec::with_capacity(values.len());
                 for (l, f) in found.iter().enumerate() {

@@ -167,6 +167,37 @@ pub fn findings(scores: &Array3<f32>) -> Vec<Option<Finding>> {
         .collect()
 }
 
+/// Structures: the findings of `findings` (their masks drawn at 0.5), except where the
+/// templates' layout of the structures (`shape`) places a label elsewhere — a region the
+/// arg-max gave to nothing or to a look-alike neighbour: there the layout's choice among
+/// the candidate regions (`shaped_findings`) is taken, mask and all.
+pub fn structure_findings(
+    scores: &Array3<f32>,
+    shape: Option<&ShapeModel>,
+) -> Vec<Option<Finding>> {
+    let mut found = findings(scores);
+    let Some(shape) = shape else {
+        return found;
+    };
+    let shaped = shaped_findings(scores, Some(shape), None);
+    for (f, g) in found.iter_mut().zip(shaped) {
+        let Some(g) = g else { continue };
+        let (r, c) = (g.point.0.round(), g.point.1.round());
+        let same_region = f.as_ref().is_some_and(|f| {
+            r >= 0.0
+                && c >= 0.0
+                && f.mask
+                    .get((r as usize, c as usize))
+                    .copied()
+                    .unwrap_or(false)
+        });
+        if !same_region {
+            *f = Some(g);
+        }
+    }
+    found
+}
+
 /// A 3D landmark from a stack of slices: the slices whose finding carries at least half
 /// the mass of the strongest one vote, weighted by mass, for (row, column, k).
 pub fn landmark_3d(per_slice: &[(f64, Option<&Finding>)]) -> Option<(f64, f64, f64)> {
@@ -229,6 +260,53 @@ mod tests {
         let b = shaped[1].as_ref().unwrap().point;
         assert!((b.0 - 32.5).abs() < 1.0, "{b:?}");
         assert!((shaped[0].as_ref().unwrap().point.0 - 12.5).abs() < 1.0);
+    }
+
+    #[test]
+    fn the_structure_layout_moves_misplaced_and_missing_regions_only() {
+        // Structures A, B, C stacked 20 rows apart. A is found where the layout expects it,
+        // with a weak halo that a 0.25 cut would add to its mask; B's strongest region is a
+        // look-alike above A; C stays under 0.5 everywhere, so the arg-max has none.
+        let mut s = Array3::<f32>::zeros((3, 80, 40));
+        let blob = |s: &mut Array3<f32>, l: usize, r0: usize, c: (usize, usize), v: f32| {
+            for r in r0..r0 + 6 {
+                for cc in c.0..c.1 {
+                    s[[l, r, cc]] = v;
+                }
+            }
+        };
+        blob(&mut s, 0, 10, (14, 26), 0.3);
+        blob(&mut s, 0, 10, (17, 23), 0.9);
+        blob(&mut s, 1, 1, (17, 23), 0.95);
+        blob(&mut s, 1, 30, (17, 23), 0.6);
+        blob(&mut s, 2, 50, (17, 23), 0.4);
+        let plain = findings(&s);
+        assert!(plain[1].as_ref().unwrap().point.0 < 10.0);
+        assert!(plain[2].is_none());
+        let shape = ShapeModel::fit(&[
+            vec![Some((12.0, 20.0)), Some((32.0, 20.0)), Some((52.0, 20.0))],
+            vec![Some((14.0, 20.0)), Some((33.0, 20.0)), Some((54.0, 20.0))],
+        ])
+        .unwrap();
+        let found = structure_findings(&s, Some(&shape));
+        let a = found[0].as_ref().unwrap();
+        assert_eq!(
+            a.mask,
+            plain[0].as_ref().unwrap().mask,
+            "A keeps its 0.5 mask"
+        );
+        assert_eq!(a.mask.iter().filter(|m| **m).count(), 36);
+        let b = found[1].as_ref().unwrap().point;
+        assert!((b.0 - 32.5).abs() < 1.0, "{b:?}");
+        let c = found[2].as_ref().unwrap().point;
+        assert!((c.0 - 52.5).abs() < 1.0, "{c:?}");
+        // No layout: the arg-max findings as they are.
+        let none = structure_findings(&s, None);
+        assert_eq!(
+            none[1].as_ref().unwrap().point,
+            plain[1].as_ref().unwrap().point
+        );
+        assert!(none[2].is_none());
     }
 
     #[test]
