@@ -596,6 +596,11 @@ impl Adapter {
         {
             return Err(format!("landmark patch {i} does not fit its size"));
         }
+        if let Some(shape) = &self.shape {
+            if !shape.fits(n) {
+                return Err(format!("the layout does not describe {n} labels"));
+            }
+        }
         if n == 0 || c == 0 || self.feature_std.len() != c {
             return Err(format!(
                 "{n} labels, {c} feature means, {} stds",

@@ -495,6 +495,17 @@ impl ShapeModel {
         any.then_some(ShapeModel { mean, std })
     }
 
+    /// Whether the model is an n × n table of finite means and spreads (a damaged or
+    /// hand-edited adapter file is refused at load instead of panicking here).
+    pub fn fits(&self, n: usize) -> bool {
+        let square = |t: &Vec<Vec<[f64; 2]>>| {
+            t.len() == n
+                && t.iter()
+                    .all(|row| row.len() == n && row.iter().flatten().all(|v| v.is_finite()))
+        };
+        square(&self.mean) && square(&self.std)
+    }
+
     /// −log plausibility of points i and j at offset `d` (0 when the pair is unknown).
     fn cost(&self, i: usize, j: usize, a: (f64, f64), b: (f64, f64)) -> f64 {
         let (m, s) = (self.mean[i][j], self.std[i][j]);

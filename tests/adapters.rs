@@ -124,6 +124,7 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
         &TrainConfig {
             patches: true,
             borders: true,
+            shape: true,
             ..Default::default()
         },
     )
@@ -148,6 +149,19 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
     for ((_, a), (_, b)) in bundle.tasks.iter().zip(&back.tasks) {
         assert_eq!(a.scores(&fm).unwrap(), b.scores(&fm).unwrap());
         assert_eq!(a.patches, b.patches);
+        // JSON keeps the layout to the last digit or so (serde_json's default float parser).
+        let flat = |s: &Option<scout::postprocess::ShapeModel>| -> Vec<f64> {
+            s.iter()
+                .flat_map(|s| s.mean.iter().chain(&s.std))
+                .flatten()
+                .flatten()
+                .copied()
+                .collect()
+        };
+        let (fa, fb) = (flat(&a.shape), flat(&b.shape));
+        assert_eq!(a.shape.is_some(), b.shape.is_some());
+        assert_eq!(fa.len(), fb.len());
+        assert!(fa.iter().zip(&fb).all(|(x, y)| (x - y).abs() < 1e-9));
     }
     // A landmark patch that does not fit its stated size is refused at load.
     let mut json: serde_json::Value =
@@ -161,6 +175,16 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("landmark patch 0"), "{err}");
+    // So is a layout that does not describe the adapter's labels.
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    json["tasks"][1][1]["shape"] =
+        serde_json::json!({"mean": [[[0.0, 0.0]]], "std": [[[1.0, 1.0]]]});
+    std::fs::write(&broken, json.to_string()).unwrap();
+    let err = scout::train::Bundle::load(&broken, backbone())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("layout"), "{err}");
     // An adapter made for another backbone is refused with a clear error.
     let m =
         Manifest::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/models.toml")).unwrap();
