@@ -780,7 +780,7 @@ pub fn evaluate(
                         if let Some(gt) = case.slices[case.center]
                             .labels
                             .as_ref()
-                            .and_then(|lab| centroid(lab, (l + 1) as u8))
+                            .and_then(|lab| templates::label_centroid(lab, (l + 1) as u8))
                         {
                             let e = center[l].as_ref().map(|f| {
                                 ((f.point.0 - gt.0).powi(2) + (f.point.1 - gt.1).powi(2)).sqrt()
@@ -975,18 +975,6 @@ const GUIDED_EPS: f32 = 1e-2;
 fn guided_radius(fm: &FeatureMap) -> usize {
     let (h, _) = fm.grid();
     (fm.image_rows as f64 / h.max(1) as f64).round().max(1.0) as usize
-}
-
-fn centroid(labels: &Array2<u8>, value: u8) -> Option<(f64, f64)> {
-    let (mut n, mut r, mut c) = (0.0, 0.0, 0.0);
-    for ((i, j), v) in labels.indexed_iter() {
-        if *v == value {
-            n += 1.0;
-            r += i as f64;
-            c += j as f64;
-        }
-    }
-    (n > 0.0).then(|| (r / n, c / n))
 }
 
 /// (row, column) in image pixels.

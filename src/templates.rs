@@ -98,26 +98,26 @@ pub fn cell_labels(regions: &Array2<u8>, fm: &FeatureMap) -> Array2<u8> {
     })
 }
 
-/// Per label value, the centroid (row, column) of its pixels in the case's slice k*
-/// (None where the slice has none or no label map).
+/// The centroid (row, column) of the pixels with `value` (None if there are none).
+pub fn label_centroid(labels: &Array2<u8>, value: u8) -> Option<(f64, f64)> {
+    let (mut n, mut r, mut c) = (0.0, 0.0, 0.0);
+    for ((i, j), v) in labels.indexed_iter() {
+        if *v == value {
+            n += 1.0;
+            r += i as f64;
+            c += j as f64;
+        }
+    }
+    (n > 0.0).then(|| (r / n, c / n))
+}
+
+/// Per label value, its centroid in the case's slice k* (None where the slice has none or
+/// no label map).
 pub fn structure_centroids(case: &Case, values: &[u8]) -> Vec<Option<(f64, f64)>> {
     let Some(labels) = case.slices.get(case.center).and_then(|s| s.labels.as_ref()) else {
         return vec![None; values.len()];
     };
-    values
-        .iter()
-        .map(|v| {
-            let (mut n, mut r, mut c) = (0usize, 0.0, 0.0);
-            for ((i, j), x) in labels.indexed_iter() {
-                if x == v {
-                    n += 1;
-                    r += i as f64;
-                    c += j as f64;
-                }
-            }
-            (n > 0).then(|| (r / n as f64, c / n as f64))
-        })
-        .collect()
+    values.iter().map(|v| label_centroid(labels, *v)).collect()
 }
 
 /// Label values (other than 0) present in the label maps of some cases, sorted.
