@@ -27,6 +27,11 @@ pub enum AdapterError {
     },
     #[error("feature maps have {actual} channels, the adapter expects {expected}")]
     Channels { expected: usize, actual: usize },
+    #[error("ensemble {ensemble:?} with method {method}: each method at most once (a second copy of one would be the same adapter)")]
+    Ensemble {
+        method: Method,
+        ensemble: Vec<Method>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -90,6 +95,17 @@ pub struct TrainConfig {
     /// the background they are rare.
     #[serde(default)]
     pub borders: bool,
+    /// Further adapters, one per method, trained on the same cells; the scores are the
+    /// mean over this adapter and them (`Adapter::members`). Methods err differently —
+    /// the classifier's edges are tighter, the contrastive adapter's identities steadier —
+    /// so their mean is right more often than either.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ensemble: Vec<Method>,
+    /// Landmarks (with `shape`): in the localizer slice, a landmark with no region takes
+    /// the position the layout gives it from the found ones, when that estimate is certain
+    /// to within the landmark radius (`postprocess::fill_from_layout`).
+    #[serde(default)]
+    pub layout_fill: bool,
 }
 
 /// How far (in cells, Chebyshev) outside a region `TrainConfig::borders` looks.
@@ -124,6 +140,8 @@ impl Default for TrainConfig {
             patches: false,
             augment: false,
             borders: false,
+            ensemble: Vec::new(),
+            layout_fill: false,
         }
     }
 }
@@ -374,6 +392,10 @@ pub struct Adapter {
     /// Per landmark, the templates' mean patch, when trained with `patches`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub patches: Vec<Option<crate::patch::LandmarkPatch>>,
+    /// The adapters of `TrainConfig::ensemble`: same labels and context, other methods,
+    /// no members of their own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<Adapter>,
 }
 
 /// Features of all cells as rows (h·w × columns, cells row-major over the grid): the
@@ -469,6 +491,29 @@ impl Adapter {
                 "no labels or no template slices".into(),
             ));
         }
+        let mut methods = config.ensemble.clone();
+        methods.push(method);
+        methods.sort_by_key(|m| m.to_string());
+        methods.dedup();
+        if methods.len() != config.ensemble.len() + 1 {
+            return Err(AdapterError::Ensemble {
+                method,
+                ensemble: config.ensemble.clone(),
+            });
+        }
+        // Members first, one after the other: each holds the cells' rows (gigabytes for
+        // augmented volumes) only while it trains.
+        let members = config
+            .ensemble
+            .iter()
+            .map(|&m| {
+                let single = TrainConfig {
+                    ensemble: Vec::new(),
+                    ..config.clone()
+                };
+                Adapter::train(m, labels.clone(), slices, single, backbone)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let base_channels = slices[0].features.channels();
         // All cells, with their labels.
         let mut rows: Vec<Array2<f32>> = Vec::new();
@@ -486,6 +531,8 @@ impl Adapter {
         let views: Vec<ArrayView2<f32>> = rows.iter().map(|r| r.view()).collect();
         let all = ndarray::concatenate(Axis(0), &views)
             .map_err(|e| AdapterError::NoTraining(e.to_string()))?;
+        drop(views);
+        drop(rows);
         let channels = all.ncols();
         if all.nrows() != cell_labels.len() {
             return Err(AdapterError::NoTraining(
@@ -532,13 +579,13 @@ impl Adapter {
                 Model::Basic { prototypes: protos }
             }
             Method::Classification => {
-                let mut x = all.clone();
+                let mut x = all;
                 standardize(&mut x, &feature_mean, &feature_std);
                 let net = train_classifier(&x, &by_label, &near, &config, &mut rng);
                 Model::Classification { net }
             }
             Method::Contrastive => {
-                let mut x = all.clone();
+                let mut x = all;
                 standardize(&mut x, &feature_mean, &feature_std);
                 let (branch, head) = train_siamese(&x, &by_label, &near, &config, &mut rng);
                 let references = (1..=n_labels)
@@ -571,6 +618,7 @@ impl Adapter {
             shape: None,
             alignment: Vec::new(),
             patches: Vec::new(),
+            members,
         })
     }
 
@@ -600,6 +648,20 @@ impl Adapter {
             if !shape.fits(n) {
                 return Err(format!("the layout does not describe {n} labels"));
             }
+        }
+        for m in &self.members {
+            if m.labels != self.labels
+                || m.feature_mean.len() != c
+                || m.train.context != self.train.context
+                || !m.members.is_empty()
+            {
+                return Err(format!(
+                    "ensemble member ({}) does not match the adapter's labels and features",
+                    m.method
+                ));
+            }
+            m.validate()
+                .map_err(|e| format!("ensemble member ({}): {e}", m.method))?;
         }
         if n == 0 || c == 0 || self.feature_std.len() != c {
             return Err(format!(
@@ -660,6 +722,9 @@ impl Adapter {
 
     /// Checks that features come from the backbone this adapter was trained on.
     pub fn check_backbone(&self, id: &str, sha256: &str) -> Result<(), AdapterError> {
+        for m in &self.members {
+            m.check_backbone(id, sha256)?;
+        }
         if !self.backbone_sha256.eq_ignore_ascii_case(sha256) {
             return Err(AdapterError::WrongBackbone {
                 expected: self.backbone.clone(),
@@ -671,10 +736,26 @@ impl Adapter {
         Ok(())
     }
 
-    /// Score maps (L × h × w) in [0, 1]; ≥ 0.5 means "this label".
+    /// Score maps (L × h × w) in [0, 1]; ≥ 0.5 means "this label". With ensemble
+    /// members, the mean of their scores and this adapter's.
     pub fn scores(&self, fm: &FeatureMap) -> Result<Array3<f32>, AdapterError> {
         let (_, h, w) = fm.data.dim();
         let rows = context_rows(fm, &self.train.context);
+        let mut sum = Array2::zeros((h * w, self.labels.len()));
+        for m in &self.members {
+            sum += &m.row_scores(rows.clone())?;
+        }
+        sum += &self.row_scores(rows)?;
+        sum /= (1 + self.members.len()) as f32;
+        Ok(Array3::from_shape_fn(
+            (self.labels.len(), h, w),
+            |(l, i, j)| sum[[i * w + j, l]],
+        ))
+    }
+
+    /// Scores (cells × L) of this adapter's own model for rows of `context_rows`.
+    fn row_scores(&self, rows: Array2<f32>) -> Result<Array2<f32>, AdapterError> {
+        let cells = rows.nrows();
         if rows.ncols() != self.feature_mean.len() {
             return Err(AdapterError::Channels {
                 expected: self.feature_mean.len(),
@@ -682,13 +763,13 @@ impl Adapter {
             });
         }
         let n = self.labels.len();
-        let scores: Array2<f32> = match &self.model {
+        Ok(match &self.model {
             Model::Basic { prototypes } => unit_rows(&rows).dot(&prototypes.t()),
             Model::Classification { net } => {
                 let mut x = rows;
                 standardize(&mut x, &self.feature_mean, &self.feature_std);
                 let logits = net.forward(x.view());
-                let mut p = Array2::zeros((h * w, n));
+                let mut p = Array2::zeros((cells, n));
                 for (r, row) in logits.rows().into_iter().enumerate() {
                     let max = row.fold(f32::NEG_INFINITY, |a, &b| a.max(b));
                     let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
@@ -715,7 +796,7 @@ impl Adapter {
                 // matrix product of row-wise exponentials (each row shifted by its own
                 // maximum; the shifts cancel in the ratio).
                 let target_exp = exp_rows(&target_terms);
-                let mut p = Array2::zeros((h * w, n));
+                let mut p = Array2::zeros((cells, n));
                 for (l, refs) in references.iter().enumerate() {
                     let ref_terms = branch
                         .forward(refs.view())
@@ -738,10 +819,7 @@ impl Adapter {
                 }
                 p
             }
-        };
-        Ok(Array3::from_shape_fn((n, h, w), |(l, i, j)| {
-            scores[[i * w + j, l]]
-        }))
+        })
     }
 }
 
@@ -1221,5 +1299,63 @@ mod synthetic {
         )
         .unwrap();
         assert_eq!(a.scores(&f).unwrap(), b.scores(&f).unwrap());
+    }
+
+    /// An ensemble scores the mean of its methods' own adapters, survives the file, and a
+    /// member that does not fit its adapter is refused.
+    #[test]
+    fn ensemble_scores_the_mean_of_its_methods() {
+        let mut rng = Rng::new(9);
+        let (f, c) = slice(Some((6, 6)), Some((15, 15)), &mut rng);
+        let t = [TrainingSlice {
+            features: &f,
+            cells: c,
+        }];
+        let single = TrainConfig {
+            steps: 50,
+            ..TrainConfig::default()
+        };
+        let labels = vec!["A".to_string(), "B".to_string()];
+        let train = |m: Method, cfg: &TrainConfig| {
+            Adapter::train(m, labels.clone(), &t, cfg.clone(), ("s", "0")).unwrap()
+        };
+        let both = train(
+            Method::Contrastive,
+            &TrainConfig {
+                ensemble: vec![Method::Classification],
+                ..single.clone()
+            },
+        );
+        let (contrastive, classification) = (
+            train(Method::Contrastive, &single),
+            train(Method::Classification, &single),
+        );
+        let (target, _) = slice(Some((12, 5)), Some((5, 18)), &mut rng);
+        let mean =
+            (contrastive.scores(&target).unwrap() + classification.scores(&target).unwrap()) / 2.0;
+        let got = both.scores(&target).unwrap();
+        assert!(got.iter().zip(&mean).all(|(a, b)| (a - b).abs() < 1e-6));
+        assert_ne!(got, contrastive.scores(&target).unwrap());
+        assert!(both.validate().is_ok());
+        let twice = TrainConfig {
+            ensemble: vec![Method::Contrastive],
+            ..single.clone()
+        };
+        let err = Adapter::train(Method::Contrastive, labels.clone(), &t, twice, ("s", "0"));
+        assert!(matches!(err, Err(AdapterError::Ensemble { .. })));
+
+        let back: Adapter = serde_json::from_str(&serde_json::to_string(&both).unwrap()).unwrap();
+        assert_eq!(back.scores(&target).unwrap(), got);
+        assert!(back.check_backbone("other", "1").is_err());
+
+        let mut other_labels = both.clone();
+        other_labels.members[0].labels = vec!["A".into(), "C".into()];
+        assert!(other_labels
+            .validate()
+            .unwrap_err()
+            .contains("ensemble member"));
+        let mut damaged = both.clone();
+        damaged.members[0].feature_std = Array1::zeros(3);
+        assert!(damaged.validate().unwrap_err().contains("ensemble member"));
     }
 }

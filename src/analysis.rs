@@ -287,6 +287,18 @@ impl Engine {
                             (fm.image_rows, fm.image_columns),
                         );
                     }
+                    if let (Task::Landmarks { radius, .. }, Some(shape), true) = (
+                        task,
+                        &adapter.shape,
+                        adapter.train.layout_fill && ii == center,
+                    ) {
+                        postprocess::fill_from_layout(
+                            &mut found,
+                            shape,
+                            *radius,
+                            (fm.image_rows, fm.image_columns),
+                        );
+                    }
                     if adapter.patches.iter().any(Option::is_some) {
                         // The encoder's input is not kept: the slice is read once more.
                         let pixels = crate::image::read_dicom(&img.path)

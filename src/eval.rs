@@ -741,6 +741,14 @@ pub fn evaluate(
                 {
                     postprocess::fill_from_prior(&mut found, prior, (rows, cols));
                 }
+                if let (Some(shape), true) = (shape, opts.train.layout_fill && si == case.center) {
+                    postprocess::fill_from_layout(
+                        &mut found,
+                        shape,
+                        opts.landmark_radius,
+                        (rows, cols),
+                    );
+                }
                 if patches.iter().any(Option::is_some) {
                     let pixels = crate::image::normalize(&s.pixels).map_err(BackboneError::from)?;
                     patch::refine_findings(&mut found, &patches, &pixels, fm);

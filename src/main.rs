@@ -237,6 +237,14 @@ struct ContextArgs {
     /// edge lies.
     #[arg(long)]
     borders: bool,
+    /// Also train adapters of these methods on the same cells and average their scores
+    /// with the main method's (e.g. classification).
+    #[arg(long, value_delimiter = ',')]
+    ensemble: Vec<scout::adapter::Method>,
+    /// Landmarks (with --shape): in the localizer slice, place a landmark with no region
+    /// where the layout of the found ones puts it, when that is certain to the radius.
+    #[arg(long)]
+    layout_fill: bool,
 }
 
 impl From<ContextArgs> for scout::adapter::Context {
@@ -452,6 +460,8 @@ fn run(cli: Cli) -> Result<(), String> {
                 patches: context.patches,
                 augment: context.augment,
                 borders: context.borders,
+                ensemble: context.ensemble.clone(),
+                layout_fill: context.layout_fill,
                 align,
                 context: context.into(),
                 ..Default::default()
@@ -523,6 +533,8 @@ fn run(cli: Cli) -> Result<(), String> {
                         patches: context.patches,
                         augment: context.augment,
                         borders: context.borders,
+                        ensemble: context.ensemble.clone(),
+                        layout_fill: context.layout_fill,
                         context: scout::adapter::Context {
                             pools: context.pools.clone(),
                             global: context.global_context,

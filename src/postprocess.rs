@@ -310,6 +310,53 @@ mod tests {
     }
 
     #[test]
+    fn the_layout_fills_a_landmark_between_found_neighbours_only() {
+        // A, B, C stacked 30 rows apart in the templates.
+        let shape = ShapeModel::fit(&[
+            vec![Some((10.0, 50.0)), Some((40.0, 51.0)), Some((70.0, 50.0))],
+            vec![Some((12.0, 48.0)), Some((43.0, 49.0)), Some((72.0, 49.0))],
+            vec![Some((11.0, 52.0)), Some((40.0, 52.0)), Some((71.0, 53.0))],
+        ])
+        .unwrap();
+        let at = |label: usize, point: (f64, f64)| {
+            Some(Finding {
+                label,
+                mask: Array2::from_elem((100, 100), false),
+                mass: 10.0,
+                point,
+                confidence: 0.8,
+            })
+        };
+        // B between found A and C: placed between them, with no mass of its own.
+        let mut found = vec![at(0, (20.0, 60.0)), None, at(2, (80.0, 60.0))];
+        fill_from_layout(&mut found, &shape, 10.0, (100, 100));
+        let b = found[1].as_ref().expect("B filled");
+        assert!(
+            (b.point.0 - 50.0).abs() < 2.0 && (b.point.1 - 60.5).abs() < 2.0,
+            "{:?}",
+            b.point
+        );
+        assert!(b.mass < 1e-3 && b.confidence == 0.0);
+        assert_eq!(
+            found[0].as_ref().unwrap().point,
+            (20.0, 60.0),
+            "found ones stay"
+        );
+        // From one neighbour the estimate is too loose: B stays absent.
+        let mut one = vec![at(0, (20.0, 60.0)), None, None];
+        fill_from_layout(&mut one, &shape, 10.0, (100, 100));
+        assert!(one[1].is_none() && one[2].is_none());
+        // A position outside the image is not invented.
+        let mut outside = vec![None, at(1, (5.0, 60.0)), at(2, (35.0, 60.0))];
+        fill_from_layout(&mut outside, &shape, 10.0, (100, 100));
+        assert!(outside[0].is_none());
+        // A layout for other labels changes nothing.
+        let mut other = vec![at(0, (20.0, 60.0)), None];
+        fill_from_layout(&mut other, &shape, 10.0, (100, 100));
+        assert!(other[1].is_none());
+    }
+
+    #[test]
     fn the_alignment_prior_picks_among_look_alikes_but_never_removes_a_landmark() {
         // One landmark, two look-alike regions: the stronger at row 10, the other at 40.
         let mut s = Array3::<f32>::zeros((1, 80, 40));
@@ -531,6 +578,60 @@ pub fn fill_from_prior(found: &mut [Option<Finding>], prior: &Prior, dim: (usize
                 mask: Array2::from_elem(dim, false),
                 mass: 1e-6,
                 point: p.point,
+                confidence: 0.0,
+            });
+        }
+    }
+}
+
+/// Landmarks with no region take the position the templates' layout gives them from the
+/// landmarks that were found — per axis the spread-weighted mean of (found point + mean
+/// offset) — when the combined spread of that estimate is within `tolerance` pixels and
+/// the position lies in the image. Between two found neighbours a landmark is pinned
+/// down; from one neighbour, or from far ones, it stays absent. A finding without a
+/// region and with the least mass there is, like `fill_from_prior`'s.
+pub fn fill_from_layout(
+    found: &mut [Option<Finding>],
+    shape: &ShapeModel,
+    tolerance: f64,
+    dim: (usize, usize),
+) {
+    let n = found.len();
+    if !shape.fits(n) {
+        return;
+    }
+    let points: Vec<Option<(f64, f64)>> =
+        found.iter().map(|f| f.as_ref().map(|f| f.point)).collect();
+    for (l, f) in found.iter_mut().enumerate() {
+        if f.is_some() {
+            continue;
+        }
+        let mut weighted = [0.0f64; 2];
+        let mut weights = [0.0f64; 2];
+        for (j, p) in points.iter().enumerate() {
+            let Some(p) = p else { continue };
+            let (m, s) = (shape.mean[j][l], shape.std[j][l]);
+            if j == l || s[0] <= 0.0 || s[1] <= 0.0 {
+                continue;
+            }
+            for (d, q) in [p.0, p.1].into_iter().enumerate() {
+                let w = 1.0 / (s[d] * s[d]);
+                weighted[d] += w * (q + m[d]);
+                weights[d] += w;
+            }
+        }
+        if weights[0] <= 0.0 || weights[1] <= 0.0 {
+            continue;
+        }
+        let spread = (1.0 / weights[0] + 1.0 / weights[1]).sqrt();
+        let (r, c) = (weighted[0] / weights[0], weighted[1] / weights[1]);
+        let inside = r >= -0.5 && c >= -0.5 && r <= dim.0 as f64 - 0.5 && c <= dim.1 as f64 - 0.5;
+        if spread <= tolerance && inside {
+            *f = Some(Finding {
+                label: l,
+                mask: Array2::from_elem(dim, false),
+                mass: 1e-6,
+                point: (r, c),
                 confidence: 0.0,
             });
         }

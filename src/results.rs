@@ -30,7 +30,7 @@ pub struct LandmarkPoint {
     pub row: f64,
     pub column: f64,
     /// Mean adapter score over the found region (0.25..1); 0 for a landmark placed by
-    /// the aligned templates alone (no region found).
+    /// the aligned templates or the layout alone (no region found).
     pub confidence: f64,
     /// Index of the stack in `SeriesResult::stacks`.
     #[serde(skip)]

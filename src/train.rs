@@ -11,6 +11,10 @@ use crate::templates::Task;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+/// Bundle formats this build reads: 1, and 2 = adapters with ensemble members, which a
+/// build that reads only 1 would otherwise load without them and score differently.
+pub const FORMATS: std::ops::RangeInclusive<u32> = 1..=2;
+
 /// The content of a `.adapter` file: one adapter per task, same backbone.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Bundle {
@@ -29,7 +33,8 @@ impl Bundle {
                 } else {
                     "structures"
                 };
-                format!("{} {kind} [{}]", a.method, a.labels.join(","))
+                let members: String = a.members.iter().map(|m| format!("+{}", m.method)).collect();
+                format!("{}{members} {kind} [{}]", a.method, a.labels.join(","))
             })
             .collect::<Vec<_>>()
             .join("; ")
@@ -57,10 +62,12 @@ impl Bundle {
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         let b: Bundle = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
-        if b.format != 1 {
+        if !FORMATS.contains(&b.format) {
             return Err(err(format!(
-                "format {} is not supported (this build reads 1)",
-                b.format
+                "format {} is not supported (this build reads {} to {})",
+                b.format,
+                FORMATS.start(),
+                FORMATS.end()
             )));
         }
         for (_, a) in &b.tasks {
@@ -127,10 +134,15 @@ pub fn train_dataset(
         (config.patches, " --patches"),
         (config.augment, " --augment"),
         (config.borders, " --borders"),
+        (config.layout_fill, " --layout-fill"),
     ] {
         if on {
             options.push_str(flag);
         }
+    }
+    if !config.ensemble.is_empty() {
+        let methods: Vec<String> = config.ensemble.iter().map(|m| m.to_string()).collect();
+        options.push_str(&format!(" --ensemble {}", methods.join(",")));
     }
     if !ctx.pools.is_empty() {
         let pools: Vec<String> = ctx.pools.iter().map(|p| p.to_string()).collect();
@@ -150,8 +162,9 @@ pub fn train_dataset(
     for (_, a) in tasks.iter_mut() {
         a.provenance = provenance.clone();
     }
+    let ensembles = tasks.iter().any(|(_, a)| !a.members.is_empty());
     Ok(Bundle {
-        format: 1,
+        format: if ensembles { 2 } else { 1 },
         tasks,
         provenance,
     })

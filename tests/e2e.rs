@@ -332,9 +332,14 @@ fn real_spine_localizer_landmarks_land_on_the_vertebrae() {
     }
     let errors = spine_s06_through_the_agent(&shared, &[]);
     eprintln!("s06 through the agent (shipped adapter): {errors:?}");
+    // Measured: all five within 3.1 px (earlier shipped adapters left L3 absent here).
     assert!(
-        hits(&errors) >= 3,
-        "fewer than 3 of 5 vertebrae within 10 px: {errors:?}"
+        errors.iter().all(Option::is_some),
+        "a vertebra is absent: {errors:?}"
+    );
+    assert!(
+        hits(&errors) >= 4,
+        "fewer than 4 of 5 vertebrae within 10 px: {errors:?}"
     );
 }
 
