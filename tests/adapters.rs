@@ -172,36 +172,37 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
         assert_eq!(fa.len(), fb.len());
         assert!(fa.iter().zip(&fb).all(|(x, y)| (x - y).abs() < 1e-9));
     }
-    // A landmark patch that does not fit its stated size is refused at load.
-    let mut json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let patches = json["tasks"][0][1]["patches"].as_array_mut().unwrap();
-    patches[0] =
-        serde_json::json!({"cell_px": [4.0, 4.0], "radius": [3, 3], "mean": [0.5], "templates": 2});
+    // The file edited by `edit` is refused at load; the error.
     let broken = tmp.path().join("broken.adapter");
-    std::fs::write(&broken, json.to_string()).unwrap();
-    let err = scout::train::Bundle::load(&broken, backbone())
-        .unwrap_err()
-        .to_string();
+    let refused = |edit: &dyn Fn(&mut serde_json::Value)| -> String {
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        edit(&mut json);
+        std::fs::write(&broken, json.to_string()).unwrap();
+        scout::train::Bundle::load(&broken, backbone())
+            .unwrap_err()
+            .to_string()
+    };
+    // A landmark patch that does not fit its stated size.
+    let err = refused(&|json| {
+        json["tasks"][0][1]["patches"][0] = serde_json::json!(
+            {"cell_px": [4.0, 4.0], "radius": [3, 3], "mean": [0.5], "templates": 2}
+        );
+    });
     assert!(err.contains("landmark patch 0"), "{err}");
-    // So is a layout that does not describe the adapter's labels.
-    let mut json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    json["tasks"][1][1]["shape"] =
-        serde_json::json!({"mean": [[[0.0, 0.0]]], "std": [[[1.0, 1.0]]]});
-    std::fs::write(&broken, json.to_string()).unwrap();
-    let err = scout::train::Bundle::load(&broken, backbone())
-        .unwrap_err()
-        .to_string();
+    // A layout that does not describe the adapter's labels.
+    let err = refused(&|json| {
+        json["tasks"][1][1]["shape"] =
+            serde_json::json!({"mean": [[[0.0, 0.0]]], "std": [[[1.0, 1.0]]]});
+    });
     assert!(err.contains("layout"), "{err}");
-    // And a format this build does not know.
-    let mut json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    json["format"] = serde_json::json!(3);
-    std::fs::write(&broken, json.to_string()).unwrap();
-    let err = scout::train::Bundle::load(&broken, backbone())
-        .unwrap_err()
-        .to_string();
+    // An ensemble member that does not fit its adapter.
+    let err = refused(&|json| {
+        json["tasks"][1][1]["members"][0]["labels"] = serde_json::json!(["1"]);
+    });
+    assert!(err.contains("ensemble member"), "{err}");
+    // A format this build does not know.
+    let err = refused(&|json| json["format"] = serde_json::json!(3));
     assert!(err.contains("format 3"), "{err}");
     // An adapter made for another backbone is refused with a clear error.
     let m =
