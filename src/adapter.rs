@@ -106,6 +106,10 @@ pub struct TrainConfig {
     /// to within the landmark radius (`postprocess::fill_from_layout`).
     #[serde(default)]
     pub layout_fill: bool,
+    /// Landmarks in a stack of slices: only findings within the landmark radius (in-plane)
+    /// of the localizer slice's point vote for the 3D point (`postprocess::near_anchor`).
+    #[serde(default)]
+    pub stack_anchor: bool,
 }
 
 /// How far (in cells, Chebyshev) outside a region `TrainConfig::borders` looks.
@@ -142,6 +146,7 @@ impl Default for TrainConfig {
             borders: false,
             ensemble: Vec::new(),
             layout_fill: false,
+            stack_anchor: false,
         }
     }
 }

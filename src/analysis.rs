@@ -307,7 +307,7 @@ impl Engine {
                         patch::refine_findings(&mut found, &adapter.patches, &pixels, &fm);
                     }
                     match task {
-                        Task::Landmarks { names, .. } => {
+                        Task::Landmarks { names, radius } => {
                             for (name, f) in names.iter().zip(&found) {
                                 let Some(f) = f else { continue };
                                 let (Some(p), Some(frame)) = (
@@ -328,6 +328,7 @@ impl Engine {
                                     image: ii,
                                     confidence: f.confidence,
                                     frame,
+                                    anchor_radius: adapter.train.stack_anchor.then_some(*radius),
                                 };
                                 match candidates.iter_mut().find(|(n, _)| n == name) {
                                     Some((_, v)) => v.push(c),
@@ -414,11 +415,36 @@ struct Candidate3d {
     image: usize,
     confidence: f64,
     frame: String,
+    /// With `TrainConfig::stack_anchor`: the landmark radius (pixels) around the stack's
+    /// centre-slice candidate within which the stack's other candidates may vote.
+    anchor_radius: Option<f64>,
 }
 
 /// Votes the candidates of one landmark (in the frame of reference of the strongest) and
 /// projects the point onto the image with the strongest evidence.
 fn place(cands: &[Candidate3d], stacks: &[StackResult]) -> Option<LandmarkPoint> {
+    // Each stack's candidates near its centre slice's own (in that slice's pixels).
+    let near = |c: &Candidate3d| -> bool {
+        let Some(radius) = c.anchor_radius else {
+            return true;
+        };
+        let centre = stacks[c.stack].images.len() / 2;
+        let Some(anchor) = cands
+            .iter()
+            .find(|a| a.stack == c.stack && a.image == centre)
+        else {
+            return true;
+        };
+        let geometry = &stacks[c.stack].images[centre].geometry;
+        match (
+            geometry.patient_to_pixel(c.patient),
+            geometry.patient_to_pixel(anchor.patient),
+        ) {
+            (Some(p), Some(a)) => postprocess::near_anchor(p, Some(a), radius),
+            _ => true,
+        }
+    };
+    let cands: Vec<&Candidate3d> = cands.iter().filter(|c| near(c)).collect();
     let best = cands.iter().max_by(|a, b| a.mass.total_cmp(&b.mass))?;
     let same_frame: Vec<(f64, [f64; 3])> = cands
         .iter()
@@ -464,4 +490,66 @@ fn matching_stacks<'a>(rule: &Rule, series: &'a Series) -> Vec<&'a Stack> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::geometry::{Plane, SliceGeometry};
+
+    /// A sagittal stack of 3 slices, 1 mm pixels, 5 mm apart; a landmark found weakly in
+    /// the centre slice and strongly 20 px away in a lateral one (a look-alike).
+    fn stack_and_candidates(anchor: Option<f64>) -> (Vec<StackResult>, Vec<Candidate3d>) {
+        let images: Vec<SourceImage> = (0..3)
+            .map(|i| SourceImage {
+                sop_class_uid: "1.2.840.10008.5.1.4.1.1.4".into(),
+                sop_instance_uid: format!("1.2.3.{i}"),
+                geometry: SliceGeometry {
+                    rows: 100,
+                    columns: 100,
+                    pixel_spacing: Some([1.0, 1.0]),
+                    orientation: Some([0.0, 1.0, 0.0, 0.0, 0.0, -1.0]),
+                    position: Some([5.0 * i as f64, 0.0, 0.0]),
+                    slice_thickness: Some(5.0),
+                    frame_of_reference_uid: Some("1.2.3".into()),
+                },
+                path: PathBuf::new(),
+            })
+            .collect();
+        let at = |image: usize, mass: f64, row: f64, column: f64| Candidate3d {
+            mass,
+            patient: images[image]
+                .geometry
+                .pixel_to_patient(row, column)
+                .unwrap(),
+            stack: 0,
+            image,
+            confidence: 0.5,
+            frame: "1.2.3".into(),
+            anchor_radius: anchor,
+        };
+        let cands = vec![at(1, 10.0, 50.0, 50.0), at(0, 100.0, 70.0, 50.0)];
+        let stacks = vec![StackResult {
+            plane: Plane::Sagittal,
+            images,
+            analysed: vec![0, 1, 2],
+            structures: Vec::new(),
+        }];
+        (stacks, cands)
+    }
+
+    #[test]
+    fn stack_anchor_keeps_the_3d_point_on_the_localizer_slices_landmark() {
+        let (stacks, cands) = stack_and_candidates(None);
+        let free = place(&cands, &stacks).unwrap();
+        assert!(
+            (free.row - 70.0).abs() < 1e-6,
+            "the stronger look-alike wins: {}",
+            free.row
+        );
+        let (stacks, cands) = stack_and_candidates(Some(10.0));
+        let anchored = place(&cands, &stacks).unwrap();
+        assert!((anchored.row - 50.0).abs() < 1e-6, "{}", anchored.row);
+        assert_eq!(anchored.sop_instance_uid, "1.2.3.1");
+    }
 }

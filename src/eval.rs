@@ -770,11 +770,20 @@ pub fn evaluate(
                         errors3[l].push(e);
                     }
                     Layout::Volume => {
+                        let anchor = center[l]
+                            .as_ref()
+                            .filter(|_| opts.train.stack_anchor)
+                            .map(|f| f.point);
                         let stack: Vec<(f64, Option<&Finding>)> = case
                             .slices
                             .iter()
                             .zip(&per_slice)
-                            .map(|(s, f)| (s.k.unwrap_or(0) as f64, f[l].as_ref()))
+                            .map(|(s, f)| {
+                                let f = f[l].as_ref().filter(|f| {
+                                    postprocess::near_anchor(f.point, anchor, opts.landmark_radius)
+                                });
+                                (s.k.unwrap_or(0) as f64, f)
+                            })
                             .collect();
                         let p = postprocess::landmark_3d(&stack);
                         let tk = truth.k.unwrap_or(0.0);

@@ -245,6 +245,10 @@ struct ContextArgs {
     /// where the layout of the found ones puts it, when that is certain to the radius.
     #[arg(long)]
     layout_fill: bool,
+    /// Landmarks in a stack: only findings near the localizer slice's point (within the
+    /// radius, in-plane) vote for the 3D point.
+    #[arg(long)]
+    stack_anchor: bool,
 }
 
 impl From<ContextArgs> for scout::adapter::Context {
@@ -462,6 +466,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 borders: context.borders,
                 ensemble: context.ensemble.clone(),
                 layout_fill: context.layout_fill,
+                stack_anchor: context.stack_anchor,
                 align,
                 context: context.into(),
                 ..Default::default()
@@ -535,6 +540,7 @@ fn run(cli: Cli) -> Result<(), String> {
                         borders: context.borders,
                         ensemble: context.ensemble.clone(),
                         layout_fill: context.layout_fill,
+                        stack_anchor: context.stack_anchor,
                         context: scout::adapter::Context {
                             pools: context.pools.clone(),
                             global: context.global_context,

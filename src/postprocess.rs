@@ -198,6 +198,15 @@ pub fn structure_findings(
     found
 }
 
+/// Whether a landmark's finding at `point` in another slice of a stack may vote for the
+/// 3D point (`TrainConfig::stack_anchor`): when the localizer slice has the landmark
+/// (`anchor`, found or filled, in-plane pixels of that slice), only findings within
+/// `radius` of it in-plane do — a vertebra is where the localizer saw it, and a region of
+/// the same label over a neighbour in a lateral slice is the look-alike, however strong.
+pub fn near_anchor(point: (f64, f64), anchor: Option<(f64, f64)>, radius: f64) -> bool {
+    anchor.is_none_or(|a| (point.0 - a.0).hypot(point.1 - a.1) <= radius)
+}
+
 /// A 3D landmark from a stack of slices: the slices whose finding carries at least half
 /// the mass of the strongest one vote, weighted by mass, for (row, column, k).
 pub fn landmark_3d(per_slice: &[(f64, Option<&Finding>)]) -> Option<(f64, f64, f64)> {
@@ -476,6 +485,10 @@ mod tests {
         .unwrap();
         assert_eq!(p, (105.0, 0.0, 7.5));
         assert!(landmark_3d(&[(1.0, None)]).is_none());
+        // Near the localizer slice's point, or anywhere when it has none.
+        assert!(near_anchor((10.0, 10.0), Some((16.0, 18.0)), 10.0));
+        assert!(!near_anchor((10.0, 10.0), Some((16.0, 19.0)), 10.0));
+        assert!(near_anchor((10.0, 10.0), None, 10.0));
     }
 }
 

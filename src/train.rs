@@ -135,6 +135,7 @@ pub fn train_dataset(
         (config.augment, " --augment"),
         (config.borders, " --borders"),
         (config.layout_fill, " --layout-fill"),
+        (config.stack_anchor, " --stack-anchor"),
     ] {
         if on {
             options.push_str(flag);

@@ -127,6 +127,7 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
             shape: true,
             ensemble: vec![Method::Contrastive],
             layout_fill: true,
+            stack_anchor: true,
             ..Default::default()
         },
     )
@@ -144,7 +145,8 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
         bundle.provenance.contains("case00,case01")
             && bundle.provenance.contains("--borders")
             && bundle.provenance.contains("--ensemble contrastive")
-            && bundle.provenance.contains("--layout-fill"),
+            && bundle.provenance.contains("--layout-fill")
+            && bundle.provenance.contains("--stack-anchor"),
         "{}",
         bundle.provenance
     );
