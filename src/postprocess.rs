@@ -578,31 +578,36 @@ impl ShapeModel {
 }
 
 /// Landmarks with no region take the position the aligned templates give them, when it
-/// lies in the image: a finding without a region and with the least mass there is, so
-/// that a region found in another slice of the stack outweighs it (`landmark_3d`).
+/// lies in the image (`placed`).
 pub fn fill_from_prior(found: &mut [Option<Finding>], prior: &Prior, dim: (usize, usize)) {
     for (label, (f, p)) in found.iter_mut().zip(&prior.points).enumerate() {
         let Some(p) = p else { continue };
-        let (r, c) = p.point;
-        let inside = r >= -0.5 && c >= -0.5 && r <= dim.0 as f64 - 0.5 && c <= dim.1 as f64 - 0.5;
-        if f.is_none() && inside {
-            *f = Some(Finding {
-                label,
-                mask: Array2::from_elem(dim, false),
-                mass: 1e-6,
-                point: p.point,
-                confidence: 0.0,
-            });
+        if f.is_none() {
+            *f = placed(label, p.point, dim);
         }
     }
+}
+
+/// A landmark placed without a region of its own (by the aligned templates or the
+/// layout): no mask, the least mass there is (a region found in another slice of the
+/// stack outweighs it in `landmark_3d`), confidence 0; None outside the image.
+fn placed(label: usize, point: (f64, f64), dim: (usize, usize)) -> Option<Finding> {
+    let (r, c) = point;
+    let inside = r >= -0.5 && c >= -0.5 && r <= dim.0 as f64 - 0.5 && c <= dim.1 as f64 - 0.5;
+    inside.then(|| Finding {
+        label,
+        mask: Array2::from_elem(dim, false),
+        mass: 1e-6,
+        point,
+        confidence: 0.0,
+    })
 }
 
 /// Landmarks with no region take the position the templates' layout gives them from the
 /// landmarks that were found — per axis the spread-weighted mean of (found point + mean
 /// offset) — when the combined spread of that estimate is within `tolerance` pixels and
 /// the position lies in the image. Between two found neighbours a landmark is pinned
-/// down; from one neighbour, or from far ones, it stays absent. A finding without a
-/// region and with the least mass there is, like `fill_from_prior`'s.
+/// down; from one neighbour, or from far ones, it stays absent (`placed`).
 pub fn fill_from_layout(
     found: &mut [Option<Finding>],
     shape: &ShapeModel,
@@ -637,16 +642,8 @@ pub fn fill_from_layout(
             continue;
         }
         let spread = (1.0 / weights[0] + 1.0 / weights[1]).sqrt();
-        let (r, c) = (weighted[0] / weights[0], weighted[1] / weights[1]);
-        let inside = r >= -0.5 && c >= -0.5 && r <= dim.0 as f64 - 0.5 && c <= dim.1 as f64 - 0.5;
-        if spread <= tolerance && inside {
-            *f = Some(Finding {
-                label: l,
-                mask: Array2::from_elem(dim, false),
-                mass: 1e-6,
-                point: (r, c),
-                confidence: 0.0,
-            });
+        if spread <= tolerance {
+            *f = placed(l, (weighted[0] / weights[0], weighted[1] / weights[1]), dim);
         }
     }
 }
