@@ -37,6 +37,14 @@ pub struct LandmarkPoint {
     pub stack: usize,
 }
 
+impl LandmarkPoint {
+    /// Placed from the other landmarks' layout or the aligned templates: no region of
+    /// its own was found (confidence 0).
+    pub fn estimated(&self) -> bool {
+        self.confidence <= 0.0
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Landmark {
     pub name: String,

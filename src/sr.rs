@@ -1,7 +1,9 @@
 //! Landmarks as a Comprehensive 3D SR (PS3.3 A.35.13) following TID 1500 "Measurement
 //! Report": one Measurement Group per landmark with its tracking identifier and UID, the
 //! configured Finding Site, the algorithm, and the point as an SCOORD3D POINT in patient
-//! coordinates; a landmark that was not found is a group with Finding = Absent.
+//! coordinates; a landmark that was not found is a group with Finding = Absent. A point
+//! placed without a region of its own (from the other landmarks' layout or the aligned
+//! templates) carries Derivation = [`estimated_code`], so a planning system can tell it apart.
 
 use crate::derived::{self, code_item, int_el, seq, str_el, DerivedError};
 use crate::results::SeriesResult;
@@ -13,6 +15,16 @@ use dicom_object::mem::InMemDicomObject;
 pub const COMPREHENSIVE_3D_SR: &str = "1.2.840.10008.5.1.4.1.1.88.34";
 /// Series Number of scout's SR series: high, so scanners list it after the acquisitions.
 const SERIES_NUMBER: i64 = 9901;
+
+/// The Derivation of an estimated point. A local code: DICOM's own "Estimated" (DCM
+/// 121427) is retired.
+pub fn estimated_code() -> Code {
+    Code::new(
+        "99SCOUT",
+        "ESTIMATED",
+        "Estimated from the other landmarks, no region of its own",
+    )
+}
 
 fn dcm(value: &str, meaning: &str) -> Code {
     Code::new("DCM", value, meaning)
@@ -119,7 +131,18 @@ pub fn build(r: &SeriesResult, source: &InMemDicomObject) -> Result<Vec<u8>, Der
         tags::CURRENT_REQUESTED_PROCEDURE_EVIDENCE_SEQUENCE,
         vec![evidence],
     ));
-    derived::local_schemes(&mut obj, r.landmarks.iter().map(|l| &l.code));
+    let estimated = estimated_code();
+    let any_estimated = r
+        .landmarks
+        .iter()
+        .any(|l| l.found.as_ref().is_some_and(|p| p.estimated()));
+    derived::local_schemes(
+        &mut obj,
+        r.landmarks
+            .iter()
+            .map(|l| &l.code)
+            .chain(any_estimated.then_some(&estimated)),
+    );
 
     // SR Document Content: the root container of TID 1500.
     let mut content = vec![
@@ -207,6 +230,13 @@ pub fn build(r: &SeriesResult, source: &InMemDicomObject) -> Result<Vec<u8>, Der
             ];
             match &l.found {
                 Some(p) => {
+                    if p.estimated() {
+                        g.push(code(
+                            "HAS CONCEPT MOD",
+                            &dcm("121401", "Derivation"),
+                            &estimated,
+                        ));
+                    }
                     let mut s = item("CONTAINS", "SCOORD3D", Some(&dcm("111030", "Image Region")));
                     s.put(str_el(tags::GRAPHIC_TYPE, VR::CS, "POINT"));
                     let [x, y, z] = p.patient_mm.map(|v| v as f32);

@@ -584,3 +584,97 @@ fn refusing_destination_is_retried_then_the_result_is_parked() {
     sender.join().unwrap();
     dest.scp.stop();
 }
+
+/// A point placed without a region of its own (layout or aligned templates, confidence 0)
+/// carries Derivation = estimated in the SR, a found one does not, an absent one stays a
+/// Finding = Absent; the SR stays valid for dciodvfy and dsrdump.
+#[test]
+fn estimated_landmarks_are_marked_as_such_in_the_sr() {
+    if !dcmtk("estimated_landmarks_are_marked_as_such_in_the_sr") {
+        return;
+    }
+    use scout::results::{Landmark, LandmarkPoint, SeriesResult, SourceImage, StackResult};
+    let tmp = tempfile::tempdir().unwrap();
+    let series = localizer(tmp.path(), "LOCALIZER");
+    let meta = scout::spool::read_meta(&series.files[4]).unwrap();
+    let point = |row: f64, confidence: f64| LandmarkPoint {
+        patient_mm: meta.geometry.pixel_to_patient(row, 30.0).unwrap(),
+        frame_of_reference_uid: meta.geometry.frame_of_reference_uid.clone().unwrap(),
+        sop_instance_uid: meta.sop_instance_uid.clone(),
+        row,
+        column: 30.0,
+        confidence,
+        stack: 0,
+    };
+    let landmark = |name: &str, found: Option<LandmarkPoint>| Landmark {
+        name: name.into(),
+        code: scout::rules::Code::new("99LOCAL", name, name),
+        found,
+    };
+    let r = SeriesResult {
+        rule: "spine".into(),
+        key: "estimated-test".into(),
+        study_instance_uid: series.study_instance_uid.clone(),
+        series_instance_uid: series.series_instance_uid.clone(),
+        algorithm_name: "scout test".into(),
+        algorithm_version: "0".into(),
+        landmarks: vec![
+            landmark("L1", Some(point(20.0, 0.7))),
+            landmark("L2", Some(point(40.0, 0.0))),
+            landmark("L3", None),
+        ],
+        stacks: vec![StackResult {
+            plane: meta.geometry.plane(),
+            images: vec![SourceImage {
+                sop_class_uid: meta.sop_class_uid.clone(),
+                sop_instance_uid: meta.sop_instance_uid.clone(),
+                geometry: meta.geometry.clone(),
+                path: series.files[4].clone(),
+            }],
+            analysed: vec![0],
+            structures: vec![],
+        }],
+    };
+    let source = scout::derived::source_header(&series.files[4]).unwrap();
+    let file = tmp.path().join("sr.dcm");
+    std::fs::write(&file, scout::sr::build(&r, &source).unwrap()).unwrap();
+    let errors = dciodvfy_errors(&file);
+    assert!(errors.is_empty(), "dciodvfy: {errors:#?}");
+    let (ok, dump) = dcmtk_run("dsrdump", &[file.to_str().unwrap()]);
+    assert!(ok && dump.contains("Derivation"), "dsrdump: {dump}");
+
+    let sr = open_file(&file).unwrap();
+    let points = sr_landmarks(&sr);
+    assert!(points["L1"].is_some() && points["L2"].is_some() && points["L3"].is_none());
+    let measurements = items(&sr, tags::CONTENT_SEQUENCE)
+        .into_iter()
+        .find(|i| concept(i).as_deref() == Some("Imaging Measurements"))
+        .unwrap();
+    let estimated = scout::sr::estimated_code();
+    for group in items(&measurements, tags::CONTENT_SEQUENCE) {
+        let children = items(&group, tags::CONTENT_SEQUENCE);
+        let name = children
+            .iter()
+            .find(|c| concept(c).as_deref() == Some("Tracking Identifier"))
+            .and_then(|c| text(c, tags::TEXT_VALUE))
+            .unwrap();
+        let derivation: Vec<String> = children
+            .iter()
+            .filter(|c| concept(c).as_deref() == Some("Derivation"))
+            .flat_map(|c| items(c, tags::CONCEPT_CODE_SEQUENCE))
+            .filter_map(|c| text(&c, tags::CODE_VALUE))
+            .collect();
+        let expected = if name == "L2" {
+            vec![estimated.value.clone()]
+        } else {
+            vec![]
+        };
+        assert_eq!(derivation, expected, "{name}");
+    }
+    // The local scheme of the derivation code is declared.
+    let schemes: Vec<String> = items(&sr, tags::CODING_SCHEME_IDENTIFICATION_SEQUENCE)
+        .iter()
+        .filter_map(|s| text(s, tags::CODING_SCHEME_DESIGNATOR))
+        .collect();
+    assert!(schemes.contains(&estimated.scheme), "{schemes:?}");
+}
