@@ -133,11 +133,13 @@ fn localizer(dir: &Path, description: &str) -> SynthSeries {
 }
 
 /// Checks an SR that arrived: valid per dciodvfy, rendered by dsrdump, patient and
-/// study of the source, and every point equal to the sidecar's and on its pixel.
+/// study of the source, and every point equal to the sidecar's and on its pixel (with
+/// `three_d`, points voted over a stack: projecting onto it).
 fn check_sr(
     sr_file: &Path,
     sidecar: &Path,
     source: &SynthSeries,
+    three_d: bool,
 ) -> BTreeMap<String, Option<[f64; 3]>> {
     let errors = dciodvfy_errors(sr_file);
     assert!(errors.is_empty(), "dciodvfy: {errors:#?}");
@@ -183,18 +185,26 @@ fn check_sr(
                         "{name}: SR {p:?} vs JSON {mm:?}"
                     );
                 }
+                // The named pixel is the point's projection onto its image (the point
+                // itself when it lies in that plane; a stack's 3D vote may lie between).
                 let g = geometry_of(&source.files, found["sop_instance_uid"].as_str().unwrap());
-                let back = g
-                    .pixel_to_patient(
-                        found["row"].as_f64().unwrap(),
-                        found["column"].as_f64().unwrap(),
-                    )
-                    .unwrap();
-                for i in 0..3 {
-                    assert!(
-                        (back[i] - p[i]).abs() < 1e-3,
-                        "{name}: pixel maps to {back:?}, SR says {p:?}"
-                    );
+                let (row, column) = (
+                    found["row"].as_f64().unwrap(),
+                    found["column"].as_f64().unwrap(),
+                );
+                let (r, c) = g.patient_to_pixel(p).unwrap();
+                assert!(
+                    (r - row).abs() < 1e-2 && (c - column).abs() < 1e-2,
+                    "{name}: SR {p:?} projects to ({r}, {c}), JSON names ({row}, {column})"
+                );
+                if !three_d {
+                    let back = g.pixel_to_patient(row, column).unwrap();
+                    for i in 0..3 {
+                        assert!(
+                            (back[i] - p[i]).abs() < 1e-3,
+                            "{name}: pixel maps to {back:?}, SR says {p:?}"
+                        );
+                    }
                 }
             }
             (found, p) => panic!("{name}: JSON {found} but SR {p:?}"),
@@ -247,7 +257,12 @@ fn localizer_in_sr_and_seg_out_valid_and_on_the_right_pixels() {
     let srs = dest.wait_for("SR3", 1, Duration::from_secs(60));
     assert_eq!(srs.len(), 1, "one SR expected: {srs:?}");
     let segs = dest.wait_for("SG", 1, Duration::from_secs(10));
-    let points = check_sr(&srs[0], &sidecar(&run.data, &series, "spine"), &series);
+    let points = check_sr(
+        &srs[0],
+        &sidecar(&run.data, &series, "spine"),
+        &series,
+        false,
+    );
     assert_eq!(points.len(), 5, "L1..L5 each reported, found or absent");
     for s in &segs {
         check_seg(s, &series);
@@ -258,8 +273,9 @@ fn localizer_in_sr_and_seg_out_valid_and_on_the_right_pixels() {
 
 /// Sends the shared s06 stack (not one of the adapters' templates s01–s05) through the
 /// agent with `edits` to its configuration; per vertebra, the distance of the SR's point
-/// from the centroid of that body in the centre slice k* (None: absent).
-fn spine_s06_through_the_agent(shared: &Path, edits: &[(&str, &str)]) -> Vec<Option<f64>> {
+/// (projected onto the centre slice k*) from the centroid of that body there, and how far
+/// it lies across the slices from the body's 3D centroid, in voxels (None: absent).
+fn spine_s06_through_the_agent(shared: &Path, edits: &[(&str, &str)]) -> Vec<Option<[f64; 2]>> {
     let ds = scout::dataset::Dataset::open(&shared.join("spine-mr")).unwrap();
     let case = ds.load_case("s06").unwrap();
     let (rows, cols) = case.slices[0].pixels.dim();
@@ -284,15 +300,20 @@ fn spine_s06_through_the_agent(shared: &Path, edits: &[(&str, &str)]) -> Vec<Opt
     storescu(run.port, &series.files);
     let srs = dest.wait_for("SR3", 1, Duration::from_secs(60));
     assert_eq!(srs.len(), 1);
-    let points = check_sr(&srs[0], &sidecar(&run.data, &series, "spine"), &series);
+    let three_d = edits.iter().any(|(_, to)| to.contains("slices = \"all\""));
+    let points = check_sr(
+        &srs[0],
+        &sidecar(&run.data, &series, "spine"),
+        &series,
+        three_d,
+    );
     for s in dest.wait_for("SG", 1, Duration::from_secs(10)) {
         check_seg(&s, &series);
     }
     // Back to pixels of the centre slice (k*), against the centroid of each vertebral
     // body there: the agent's output must agree with `scout eval`'s 2D variant.
-    let centre = scout::spool::read_meta(&series.files[case.center])
-        .unwrap()
-        .geometry;
+    let geometry = |i: usize| scout::spool::read_meta(&series.files[i]).unwrap().geometry;
+    let centre = geometry(case.center);
     let labels = case.slices[case.center].labels.as_ref().unwrap();
     ["L1", "L2", "L3", "L4", "L5"]
         .iter()
@@ -310,16 +331,28 @@ fn spine_s06_through_the_agent(shared: &Path, edits: &[(&str, &str)]) -> Vec<Opt
             );
             points[*name].map(|p| {
                 let (r, c) = centre.patient_to_pixel(p).unwrap();
-                ((r - truth.0).powi(2) + (c - truth.1).powi(2)).sqrt()
+                // The slices are evenly spaced: volume index k from the position across them.
+                let along = |g: &SliceGeometry| g.position_along_normal().unwrap();
+                let n = centre.normal().unwrap();
+                let (first, second) = (&case.slices[0], &case.slices[1]);
+                let (p0, p1) = (along(&geometry(0)), along(&geometry(1)));
+                let f = ((0..3).map(|i| p[i] * n[i]).sum::<f64>() - p0) / (p1 - p0);
+                let (k0, k1) = (first.k.unwrap() as f64, second.k.unwrap() as f64);
+                let k = k0 + f * (k1 - k0);
+                [
+                    ((r - truth.0).powi(2) + (c - truth.1).powi(2)).sqrt(),
+                    (k - case.landmarks[*name].k.unwrap()).abs(),
+                ]
             })
         })
         .collect()
 }
 
-fn hits(errors: &[Option<f64>]) -> usize {
+/// Vertebrae within 10 px of the centroid in the centre slice.
+fn hits(errors: &[Option<[f64; 2]>]) -> usize {
     errors
         .iter()
-        .filter(|e| e.is_some_and(|e| e <= 10.0))
+        .filter(|e| e.is_some_and(|[e, _]| e <= 10.0))
         .count()
 }
 
@@ -340,6 +373,34 @@ fn real_spine_localizer_landmarks_land_on_the_vertebrae() {
     assert!(
         hits(&errors) >= 4,
         "fewer than 4 of 5 vertebrae within 10 px: {errors:?}"
+    );
+}
+
+/// The agent's stack path (`slices = "all"`: every slice analysed, each landmark voted
+/// over the stack, anchored to the centre slice's point) on the same real series.
+#[test]
+fn real_spine_stack_landmarks_land_on_the_vertebrae() {
+    let t = "real_spine_stack_landmarks_land_on_the_vertebrae";
+    let Some(shared) = shared_data(t) else { return };
+    if !dcmtk(t) || !dicom3tools(t) {
+        return;
+    }
+    let errors =
+        spine_s06_through_the_agent(&shared, &[("slices = \"center\"", "slices = \"all\"")]);
+    eprintln!("s06 stack through the agent (shipped adapter): {errors:?}");
+    assert!(
+        errors.iter().all(Option::is_some),
+        "a vertebra is absent: {errors:?}"
+    );
+    assert!(
+        hits(&errors) >= 4,
+        "fewer than 4 of 5 vertebrae within 10 px: {errors:?}"
+    );
+    // Across the slices too: the vote lands within 10 voxels of each body's 3D centroid
+    // (a stack slice is 5 voxels from the next).
+    assert!(
+        errors.iter().flatten().all(|[_, k]| *k <= 10.0),
+        "a vertebra is off across the slices: {errors:?}"
     );
 }
 
@@ -431,10 +492,10 @@ fn aligned_spine_adapter_reports_every_vertebra_through_the_agent() {
     let refined = spine_s06_through_the_agent(&shared, &[(&shipped, &file.display().to_string())]);
     eprintln!("s06 through the agent (aligned adapter, L5 patch): {refined:?}");
     for l in 0..4 {
-        let (a, b) = (errors[l].unwrap(), refined[l].unwrap());
+        let (a, b) = (errors[l].unwrap()[0], refined[l].unwrap()[0]);
         assert!((a - b).abs() < 1e-6, "L{} moved: {a} -> {b}", l + 1);
     }
-    let (a, b) = (errors[4].unwrap(), refined[4].unwrap());
+    let (a, b) = (errors[4].unwrap()[0], refined[4].unwrap()[0]);
     assert!((a - b).abs() > 1e-3 && b <= 10.0, "L5: {a} -> {b}");
 }
 
