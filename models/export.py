@@ -265,6 +265,14 @@ file = "{encoder_int8.name}"
 sha256 = "{sha256(encoder_int8)}"
 {lite}quantization = "dynamic int8, MatMul weights per channel (onnxruntime.quantization)"
 
+# Hypercolumn: the encoder's output (upsampled) beside its stage-2 output, the windowed-
+# attention stage at 128 x 128 (128 channels): a twice finer grid, 384 channels, from
+# the same file and the same single run.
+[backbones.litemedsam-hyper]
+file = "{encoder.name}"
+sha256 = "{sha256(encoder)}"
+extra_outputs = ["/layers.1/downsample/Transpose_output_0"]
+{lite}
 [backbones.tiny-dinov2-test]
 file = "testdata/{dino.name}"
 sha256 = "{sha256(dino)}"

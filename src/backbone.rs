@@ -60,6 +60,10 @@ pub struct BackboneEntry {
     pub source: String,
     pub license: String,
     pub quantization: Option<String>,
+    /// Hypercolumn: more tensors of the same graph (ONNX names, each 1 × C × h × w) put
+    /// beside the output, every map resized bilinearly to the finest grid among them.
+    #[serde(default)]
+    pub extra_outputs: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -206,6 +210,7 @@ pub(crate) fn load_onnx(
     id: &str,
     bytes: &[u8],
     inputs: &[(usize, Vec<usize>)],
+    extra_outputs: &[String],
 ) -> Result<Runnable, BackboneError> {
     let err = |e: TractError| BackboneError::Model {
         id: id.to_string(),
@@ -214,6 +219,20 @@ pub(crate) fn load_onnx(
     let mut model = tract_onnx::onnx()
         .model_for_read(&mut std::io::Cursor::new(bytes))
         .map_err(err)?;
+    if !extra_outputs.is_empty() {
+        let mut outlets = model.output_outlets().map_err(err)?.to_vec();
+        for name in extra_outputs {
+            outlets.push(
+                model
+                    .find_outlet_label(name)
+                    .ok_or_else(|| BackboneError::Model {
+                        id: id.to_string(),
+                        detail: format!("extra output {name:?} is no tensor of the model"),
+                    })?,
+            );
+        }
+        model.select_output_outlets(&outlets).map_err(err)?;
+    }
     for (ix, shape) in inputs {
         model = model
             .with_input_fact(*ix, f32::fact(shape).into())
@@ -316,9 +335,35 @@ impl FeatureMap {
     }
 }
 
+/// The maps' channels stacked on the finest grid among them (bilinear, half-pixel centres,
+/// so every map's cells stay where they were over the image).
+fn hypercolumn(maps: &[Array3<f32>]) -> Array3<f32> {
+    let h = maps.iter().map(|m| m.dim().1).max().unwrap_or(0);
+    let w = maps.iter().map(|m| m.dim().2).max().unwrap_or(0);
+    let channels: usize = maps.iter().map(|m| m.dim().0).sum();
+    let mut out = Array3::zeros((channels, h, w));
+    let mut c = 0;
+    for m in maps {
+        for plane in m.outer_iter() {
+            let plane = plane.to_owned();
+            out.index_axis_mut(ndarray::Axis(0), c)
+                .assign(&if plane.dim() == (h, w) {
+                    plane
+                } else {
+                    image::resize_bilinear(&plane, h, w)
+                });
+            c += 1;
+        }
+    }
+    out
+}
+
 /// A loaded image encoder.
 pub struct Backbone {
     id: String,
+    /// What features are keyed by: the model file's SHA-256, plus a digest of the extra
+    /// outputs when there are any (same file, other features).
+    identity: String,
     entry: BackboneEntry,
     model: Runnable,
 }
@@ -328,9 +373,16 @@ impl Backbone {
         let entry = manifest.backbone(id)?.clone();
         let bytes = read_verified(&manifest.dir.join(&entry.file), &entry.sha256)?;
         let [h, w] = entry.input_size;
-        let model = load_onnx(id, &bytes, &[(0, vec![1, 3, h, w])])?;
+        let model = load_onnx(id, &bytes, &[(0, vec![1, 3, h, w])], &entry.extra_outputs)?;
+        let identity = if entry.extra_outputs.is_empty() {
+            entry.sha256.clone()
+        } else {
+            let names = entry.extra_outputs.join("\n");
+            format!("{}-x{}", entry.sha256, &hex(&Sha256::digest(names))[..12])
+        };
         Ok(Backbone {
             id: id.to_string(),
+            identity,
             entry,
             model,
         })
@@ -340,9 +392,10 @@ impl Backbone {
         &self.id
     }
 
-    /// SHA-256 of the model file: what adapters and feature caches are keyed by.
+    /// What adapters and feature caches are keyed by: the model file's SHA-256 (with a
+    /// digest of `extra_outputs` appended when the entry has any).
     pub fn checksum(&self) -> &str {
-        &self.entry.sha256
+        &self.identity
     }
 
     pub fn entry(&self) -> &BackboneEntry {
@@ -381,7 +434,7 @@ impl Backbone {
         let t = out[0]
             .to_plain_array_view::<f32>()
             .map_err(|e| err(format!("{e:#}")))?;
-        let data = match self.entry.format {
+        let mut data = match self.entry.format {
             OutputFormat::FeatureMap => {
                 let s = t.shape();
                 if s.len() != 4 || s[0] != 1 {
@@ -411,6 +464,24 @@ impl Backbone {
                 Array3::from_shape_fn((c, gh, gw), |(k, i, j)| t[[0, prefix + i * gw + j, k]])
             }
         };
+        if out.len() > 1 {
+            let mut maps = vec![data];
+            for extra in &out[1..] {
+                let t = extra
+                    .to_plain_array_view::<f32>()
+                    .map_err(|e| err(format!("{e:#}")))?;
+                let s = t.shape();
+                if s.len() != 4 || s[0] != 1 {
+                    return Err(err(format!("extra output: expected 1×C×h×w, got {s:?}")));
+                }
+                maps.push(
+                    t.to_shape((s[1], s[2], s[3]))
+                        .map_err(|e| err(e.to_string()))?
+                        .to_owned(),
+                );
+            }
+            data = hypercolumn(&maps);
+        }
         Ok(FeatureMap {
             data,
             image_rows: image_dim.0,

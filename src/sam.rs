@@ -58,7 +58,7 @@ impl Sam {
                     .join(", "),
             })?;
         let bytes = read_verified(&manifest.dir.join(&entry.file), &entry.sha256)?;
-        let model = load_onnx(id, &bytes, &[])?;
+        let model = load_onnx(id, &bytes, &[], &[])?;
         Ok(Sam {
             id: id.to_string(),
             input_size: entry.input_size,

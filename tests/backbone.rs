@@ -271,3 +271,57 @@ fn bad_images_are_errors_not_panics() {
     let wrong = Array4::<f32>::zeros((1, 3, 10, 10));
     assert!(b.features_of_input(wrong, (10, 10)).is_err());
 }
+
+/// The hypercolumn entry (same file, `extra_outputs`): the encoder's output upsampled to
+/// the stage-2 grid, then the stage-2 output, from one run, keyed apart from the plain
+/// features; a name that is no tensor of the graph is a clear error at load.
+#[test]
+fn hypercolumn_stacks_the_output_and_stage_two() {
+    let hyper = Backbone::load(&manifest(), "litemedsam-hyper").expect("load hypercolumn");
+    let plain = litemedsam();
+    assert_ne!(hyper.checksum(), plain.checksum());
+    assert!(hyper.checksum().starts_with(plain.checksum()));
+    let fm = hyper.features(&slice_input()).unwrap();
+    assert_eq!(fm.data.dim(), (384, 128, 128));
+    assert_eq!((fm.image_rows, fm.image_columns), (256, 256));
+    let reference = plain.features(&slice_input()).unwrap();
+    for c in (0..256).step_by(15) {
+        let up = image::resize_bilinear(
+            &reference.data.index_axis(ndarray::Axis(0), c).to_owned(),
+            128,
+            128,
+        );
+        let ours = fm.data.index_axis(ndarray::Axis(0), c);
+        let d = max_abs_diff(up.iter().copied(), ours.iter().copied());
+        assert!(d <= 1e-4, "channel {c}: max abs diff {d}");
+    }
+    // Stage 2 is its own map: finite, and varying over the slice in every channel.
+    for c in 256..384 {
+        let plane = fm.data.index_axis(ndarray::Axis(0), c);
+        assert!(plane.iter().all(|v| v.is_finite()), "channel {c}");
+        let (lo, hi) = plane
+            .iter()
+            .fold((f32::MAX, f32::MIN), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+        assert!(hi > lo, "channel {c} is constant");
+    }
+
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("testdata")).unwrap();
+    std::fs::copy(
+        models().join("testdata/tiny_dinov2.onnx"),
+        tmp.path().join("testdata/tiny_dinov2.onnx"),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(models().join("models.toml"))
+        .unwrap()
+        .replace(
+            "prefix_tokens = 3\n",
+            "prefix_tokens = 3\nextra_outputs = [\"no/such/tensor\"]\n",
+        );
+    std::fs::write(tmp.path().join("models.toml"), text).unwrap();
+    let m = Manifest::load(&tmp.path().join("models.toml")).unwrap();
+    let Err(err) = Backbone::load(&m, "tiny-dinov2-test") else {
+        panic!("loaded a model with an unknown extra output")
+    };
+    assert!(err.to_string().contains("no/such/tensor"), "{err}");
+}
