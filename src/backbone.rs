@@ -335,6 +335,17 @@ impl FeatureMap {
     }
 }
 
+/// A 1 × C × h × w output as C × h × w.
+fn feature_map(t: &ndarray::ArrayViewD<f32>) -> Result<Array3<f32>, String> {
+    let s = t.shape();
+    if s.len() != 4 || s[0] != 1 {
+        return Err(format!("expected a 1×C×h×w output, got {s:?}"));
+    }
+    t.to_shape((s[1], s[2], s[3]))
+        .map(|a| a.to_owned())
+        .map_err(|e| e.to_string())
+}
+
 /// The maps' channels stacked on the finest grid among them (bilinear, half-pixel centres,
 /// so every map's cells stay where they were over the image).
 fn hypercolumn(maps: &[Array3<f32>]) -> Array3<f32> {
@@ -435,15 +446,7 @@ impl Backbone {
             .to_plain_array_view::<f32>()
             .map_err(|e| err(format!("{e:#}")))?;
         let mut data = match self.entry.format {
-            OutputFormat::FeatureMap => {
-                let s = t.shape();
-                if s.len() != 4 || s[0] != 1 {
-                    return Err(err(format!("expected a 1×C×h×w output, got {s:?}")));
-                }
-                t.to_shape((s[1], s[2], s[3]))
-                    .map_err(|e| err(e.to_string()))?
-                    .to_owned()
-            }
+            OutputFormat::FeatureMap => feature_map(&t).map_err(err)?,
             OutputFormat::Tokens => {
                 let (patch, prefix) = (
                     self.entry.patch_size.unwrap_or(1),
@@ -470,15 +473,7 @@ impl Backbone {
                 let t = extra
                     .to_plain_array_view::<f32>()
                     .map_err(|e| err(format!("{e:#}")))?;
-                let s = t.shape();
-                if s.len() != 4 || s[0] != 1 {
-                    return Err(err(format!("extra output: expected 1×C×h×w, got {s:?}")));
-                }
-                maps.push(
-                    t.to_shape((s[1], s[2], s[3]))
-                        .map_err(|e| err(e.to_string()))?
-                        .to_owned(),
-                );
+                maps.push(feature_map(&t).map_err(|e| err(format!("extra output: {e}")))?);
             }
             data = hypercolumn(&maps);
         }
