@@ -356,6 +356,18 @@ fn hits(errors: &[Option<[f64; 2]>]) -> usize {
         .count()
 }
 
+/// Every vertebra reported, at least 4 of the 5 within 10 px in the centre slice.
+fn assert_all_found_and_most_within_10px(errors: &[Option<[f64; 2]>]) {
+    assert!(
+        errors.iter().all(Option::is_some),
+        "a vertebra is absent: {errors:?}"
+    );
+    assert!(
+        hits(errors) >= 4,
+        "fewer than 4 of 5 vertebrae within 10 px: {errors:?}"
+    );
+}
+
 #[test]
 fn real_spine_localizer_landmarks_land_on_the_vertebrae() {
     let t = "real_spine_localizer_landmarks_land_on_the_vertebrae";
@@ -366,14 +378,7 @@ fn real_spine_localizer_landmarks_land_on_the_vertebrae() {
     let errors = spine_s06_through_the_agent(&shared, &[]);
     eprintln!("s06 through the agent (shipped adapter): {errors:?}");
     // Measured: all five within 3.1 px (earlier shipped adapters left L3 absent here).
-    assert!(
-        errors.iter().all(Option::is_some),
-        "a vertebra is absent: {errors:?}"
-    );
-    assert!(
-        hits(&errors) >= 4,
-        "fewer than 4 of 5 vertebrae within 10 px: {errors:?}"
-    );
+    assert_all_found_and_most_within_10px(&errors);
 }
 
 /// The agent's stack path (`slices = "all"`: every slice analysed, each landmark voted
@@ -388,14 +393,7 @@ fn real_spine_stack_landmarks_land_on_the_vertebrae() {
     let errors =
         spine_s06_through_the_agent(&shared, &[("slices = \"center\"", "slices = \"all\"")]);
     eprintln!("s06 stack through the agent (shipped adapter): {errors:?}");
-    assert!(
-        errors.iter().all(Option::is_some),
-        "a vertebra is absent: {errors:?}"
-    );
-    assert!(
-        hits(&errors) >= 4,
-        "fewer than 4 of 5 vertebrae within 10 px: {errors:?}"
-    );
+    assert_all_found_and_most_within_10px(&errors);
     // Across the slices too: the vote lands within 10 voxels of each body's 3D centroid
     // (a stack slice is 5 voxels from the next).
     assert!(
@@ -446,14 +444,7 @@ fn aligned_spine_adapter_reports_every_vertebra_through_the_agent() {
     let shipped = format!("{}/models/adapters/spine.adapter", root.display());
     let errors = spine_s06_through_the_agent(&shared, &[(&shipped, &file.display().to_string())]);
     eprintln!("s06 through the agent (aligned adapter): {errors:?}");
-    assert!(
-        errors.iter().all(Option::is_some),
-        "a vertebra is absent: {errors:?}"
-    );
-    assert!(
-        hits(&errors) >= 4,
-        "fewer than 4 of 5 vertebrae within 10 px: {errors:?}"
-    );
+    assert_all_found_and_most_within_10px(&errors);
 
     // The agent refines points with an adapter's template patches. Here L5's patch is
     // made without the leave-one-out check (which keeps none on spine): L5 moves, stays
