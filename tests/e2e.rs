@@ -314,6 +314,12 @@ fn spine_s06_through_the_agent(shared: &Path, edits: &[(&str, &str)]) -> Vec<Opt
     // body there: the agent's output must agree with `scout eval`'s 2D variant.
     let geometry = |i: usize| scout::spool::read_meta(&series.files[i]).unwrap().geometry;
     let centre = geometry(case.center);
+    // The slices are evenly spaced: volume index k from the position across them.
+    let along = |i: usize| geometry(i).position_along_normal().unwrap();
+    let normal = centre.normal().unwrap();
+    let (p0, p1) = (along(0), along(1));
+    let k_of = |i: usize| case.slices[i].k.unwrap() as f64;
+    let (k0, k1) = (k_of(0), k_of(1));
     let labels = case.slices[case.center].labels.as_ref().unwrap();
     ["L1", "L2", "L3", "L4", "L5"]
         .iter()
@@ -331,13 +337,7 @@ fn spine_s06_through_the_agent(shared: &Path, edits: &[(&str, &str)]) -> Vec<Opt
             );
             points[*name].map(|p| {
                 let (r, c) = centre.patient_to_pixel(p).unwrap();
-                // The slices are evenly spaced: volume index k from the position across them.
-                let along = |g: &SliceGeometry| g.position_along_normal().unwrap();
-                let n = centre.normal().unwrap();
-                let (first, second) = (&case.slices[0], &case.slices[1]);
-                let (p0, p1) = (along(&geometry(0)), along(&geometry(1)));
-                let f = ((0..3).map(|i| p[i] * n[i]).sum::<f64>() - p0) / (p1 - p0);
-                let (k0, k1) = (first.k.unwrap() as f64, second.k.unwrap() as f64);
+                let f = ((0..3).map(|i| p[i] * normal[i]).sum::<f64>() - p0) / (p1 - p0);
                 let k = k0 + f * (k1 - k0);
                 [
                     ((r - truth.0).powi(2) + (c - truth.1).powi(2)).sqrt(),
