@@ -52,6 +52,15 @@ pub struct EvalOptions {
     pub template_offset: usize,
     /// Applied to the test cases only (robustness check); templates stay as they are.
     pub augment: Augment,
+    /// Which of the data set's tasks to train and measure (`None`: all it has).
+    pub only: Option<TaskKind>,
+}
+
+/// A kind of task of a data set, for `EvalOptions::only`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+pub enum TaskKind {
+    Landmarks,
+    Structures,
 }
 
 /// A change of pose and protocol applied to test images (robustness check) or to copies of
@@ -682,7 +691,7 @@ pub fn evaluate(
     let mut overlays: BTreeMap<String, Overlay> = BTreeMap::new();
 
     // Landmarks.
-    if !dataset.landmark_names.is_empty() {
+    if !dataset.landmark_names.is_empty() && opts.only != Some(TaskKind::Structures) {
         let task = Task::Landmarks {
             names: dataset.landmark_names.clone(),
             radius: opts.landmark_radius,
@@ -843,7 +852,7 @@ pub fn evaluate(
 
     // Structures, from the label values of the template label maps.
     let values = templates::structure_values(templ.iter().map(|(c, _)| c));
-    if !values.is_empty() {
+    if !values.is_empty() && opts.only != Some(TaskKind::Landmarks) {
         let task = Task::Structures {
             values: values.clone(),
         };
@@ -1164,7 +1173,7 @@ pub fn table(r: &Report) -> String {
 /// Mean and worst fold per landmark (accuracy) and structure (IoU), for `--folds`.
 pub fn folds_table(reports: &[Report]) -> String {
     let mut out = format!(
-        "{} folds (templates {}):\n  {:<28} {:>10} {:>10}\n",
+        "{} folds (templates {}):\n  {:<46} {:>10} {:>10}\n",
         reports.len(),
         reports
             .iter()
@@ -1185,7 +1194,7 @@ pub fn folds_table(reports: &[Report]) -> String {
         } else {
             values.iter().cloned().fold(f64::NEG_INFINITY, f64::max)
         };
-        out.push_str(&format!("  {name:<28} {mean:>10.2} {worst:>10.2}\n"));
+        out.push_str(&format!("  {name:<46} {mean:>10.2} {worst:>10.2}\n"));
     };
     let first = &reports[0];
     for (title, pick) in [("acc@10", 0usize), ("acc@10 2D (slice k*)", 1usize)] {

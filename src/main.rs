@@ -136,6 +136,9 @@ enum Cmd {
         /// Write overlay PNGs (prediction vs truth) of each test case here.
         #[arg(long)]
         png: Option<PathBuf>,
+        /// Train and measure only this kind of task (default: every one the data set has).
+        #[arg(long, value_enum)]
+        only: Option<scout::eval::TaskKind>,
         #[command(flatten)]
         context: ContextArgs,
         #[command(flatten)]
@@ -504,6 +507,7 @@ fn run(cli: Cli) -> Result<(), String> {
             json,
             folds,
             png,
+            only,
             context,
             model,
         } => {
@@ -550,6 +554,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     },
                     png_dir: png.clone(),
                     template_offset: fold * templates.max(1),
+                    only,
                     augment: scout::eval::Augment {
                         rotate_deg: rotate,
                         scale,

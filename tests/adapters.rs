@@ -8,7 +8,7 @@ use ndarray::Array2;
 use scout::adapter::{Method, TrainConfig};
 use scout::backbone::{Backbone, Manifest};
 use scout::dataset::Dataset;
-use scout::eval::{evaluate, EvalOptions};
+use scout::eval::{evaluate, EvalOptions, TaskKind};
 use scout::features::FeatureCache;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -45,6 +45,7 @@ fn options(method: Method) -> EvalOptions {
         },
         png_dir: None,
         template_offset: 0,
+        only: None,
     }
 }
 
@@ -272,6 +273,7 @@ fn contrastive_beats_basic_on_spine_landmarks() {
         let opts = EvalOptions {
             templates: 5,
             train: TrainConfig::default(),
+            only: Some(TaskKind::Landmarks),
             ..options(method)
         };
         let r = evaluate(&ds, backbone(), &cache(), None, &opts).unwrap();
@@ -332,6 +334,7 @@ fn shape_and_context_raise_spine_landmark_accuracy() {
                 context,
                 ..TrainConfig::default()
             },
+            only: Some(TaskKind::Landmarks),
             ..options(Method::Contrastive)
         };
         let r = evaluate(&ds, backbone(), &cache(), None, &opts).unwrap();
@@ -373,6 +376,7 @@ fn alignment_or_layout_fills_absent_spine_landmarks() {
                 layout_fill,
                 ..common::shipped_spine_config(false)
             },
+            only: Some(TaskKind::Landmarks),
             ..options(Method::Contrastive)
         };
         let r = evaluate(&ds, backbone(), &cache(), None, &opts).unwrap();
@@ -419,11 +423,13 @@ fn assert_same_landmark(
     );
 }
 
-/// The protocol on chest-xr with contrastive adapters trained as `train` says.
-fn chest_report(ds: &Dataset, train: TrainConfig) -> scout::eval::Report {
+/// The protocol on chest-xr with contrastive adapters trained as `train` says, for the
+/// tasks `only` names (all when None).
+fn chest_report(ds: &Dataset, train: TrainConfig, only: Option<TaskKind>) -> scout::eval::Report {
     let opts = EvalOptions {
         templates: 5,
         train,
+        only,
         ..options(Method::Contrastive)
     };
     let r = evaluate(ds, backbone(), &cache(), None, &opts).unwrap();
@@ -442,13 +448,15 @@ fn template_patches_sharpen_the_lung_apices_and_leave_the_rest_alone() {
         return;
     };
     let ds = Dataset::open(&shared.join("chest-xr")).unwrap();
-    let plain = chest_report(&ds, chest_config()).landmarks;
+    let landmarks = Some(TaskKind::Landmarks);
+    let plain = chest_report(&ds, chest_config(), landmarks).landmarks;
     let refined = chest_report(
         &ds,
         TrainConfig {
             patches: true,
             ..chest_config()
         },
+        landmarks,
     )
     .landmarks;
     let hits = |m: &std::collections::BTreeMap<String, scout::eval::LandmarkStats>| {
@@ -495,6 +503,7 @@ fn augmented_templates_raise_chest_landmarks_and_lung_iou() {
                 augment,
                 ..chest_config()
             },
+            None,
         );
         let m = &r.landmarks;
         let acc = m.values().map(|s| s.accuracy).sum::<f64>() / m.len() as f64;
@@ -533,12 +542,12 @@ fn border_negatives_then_an_ensemble_sharpen_chest_adapters() {
         augment: true,
         ..chest_config()
     };
-    let plain = chest_report(&ds, augmented.clone());
+    let plain = chest_report(&ds, augmented.clone(), None);
     let bordered_config = TrainConfig {
         borders: true,
         ..augmented
     };
-    let bordered = chest_report(&ds, bordered_config.clone());
+    let bordered = chest_report(&ds, bordered_config.clone(), None);
     let iou = |r: &scout::eval::Report, v: &str| r.segmentation[v].iou;
     assert!(
         iou(&bordered, "3") > iou(&plain, "3") + 2.0,
@@ -565,6 +574,7 @@ fn border_negatives_then_an_ensemble_sharpen_chest_adapters() {
             ensemble: vec![Method::Classification],
             ..bordered_config
         },
+        None,
     );
     let mean_acc = |r: &scout::eval::Report| {
         r.landmarks.values().map(|s| s.accuracy).sum::<f64>() / r.landmarks.len() as f64
@@ -603,6 +613,7 @@ fn structure_layout_puts_spine_bodies_back_in_place() {
                 shape,
                 ..common::shipped_spine_config(false)
             },
+            only: Some(TaskKind::Structures),
             ..options(Method::Contrastive)
         };
         let r = evaluate(&ds, backbone(), &cache(), None, &opts).unwrap();
