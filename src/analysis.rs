@@ -1,7 +1,7 @@
-//! The adapters stage of the agent: loads the backbone and each rule's adapter bundle
-//! once, and turns a completed series into one `SeriesResult` per matching rule.
-//! Features come from the shared `FeatureStore`, so slices computed while the series
-//! arrived are not computed again.
+//! The adapters stage of the agent: loads each rule's backbone and adapter bundle once,
+//! and turns a completed series into one `SeriesResult` per matching rule. Features come
+//! from one `FeatureStore` per backbone, shared by the rules on it, so slices computed
+//! while the series arrived are not computed again.
 
 use crate::adapter::AdapterError;
 use crate::align::Prior;
@@ -42,8 +42,9 @@ pub enum AnalysisError {
     },
 }
 
-/// A rule's adapter bundle, checked against the backbone and the rule's codes.
-fn load_rule(rule: &Rule, bb: &Backbone) -> Result<LoadedRule, AnalysisError> {
+/// A rule's adapter bundle, checked against the rule's backbone and codes.
+fn load_rule(rule: &Rule, store: Arc<FeatureStore>) -> Result<LoadedRule, AnalysisError> {
+    let bb = store.backbone();
     let err = |detail: String| AnalysisError::Rule {
         rule: rule.name.clone(),
         detail,
@@ -88,6 +89,7 @@ fn load_rule(rule: &Rule, bb: &Backbone) -> Result<LoadedRule, AnalysisError> {
         rule: rule.clone(),
         bundle,
         bundle_sha: backbone::hex(&Sha256::digest(&bytes))[..16].to_string(),
+        store,
     })
 }
 
@@ -96,10 +98,13 @@ struct LoadedRule {
     bundle: Bundle,
     /// First 16 hex digits of the bundle file's SHA-256: which adapter made a result.
     bundle_sha: String,
+    /// Features from the rule's backbone.
+    store: Arc<FeatureStore>,
 }
 
 pub struct Engine {
-    store: Arc<FeatureStore>,
+    /// One per backbone the rules use, in the order the rules first name them.
+    stores: Vec<Arc<FeatureStore>>,
     rules: Vec<LoadedRule>,
     localizer_patterns: Vec<String>,
 }
@@ -112,7 +117,7 @@ impl Engine {
             return Ok(None);
         }
         let manifest = Manifest::load(&config.models.manifest)?;
-        let id = if config.models.backbone.is_empty() {
+        let default_id = if config.models.backbone.is_empty() {
             manifest.default_backbone.clone()
         } else {
             config.models.backbone.clone()
@@ -122,11 +127,30 @@ impl Engine {
             n => n,
         };
         backbone::set_threads(threads);
-        let bb = Backbone::load(&manifest, &id)?;
+        let mut stores: Vec<Arc<FeatureStore>> = Vec::new();
         let mut rules = Vec::new();
         let mut problems = Vec::new();
         for rule in &config.rules {
-            match load_rule(rule, &bb) {
+            let id = if rule.backbone.is_empty() {
+                &default_id
+            } else {
+                &rule.backbone
+            };
+            let store = match stores.iter().find(|s| s.backbone().id() == id) {
+                Some(s) => s.clone(),
+                None => match Backbone::load(&manifest, id) {
+                    Ok(bb) => {
+                        let s = Arc::new(FeatureStore::new(Arc::new(bb)));
+                        stores.push(s.clone());
+                        s
+                    }
+                    Err(e) => {
+                        problems.push(format!("rule {}: backbone {id}: {e}", rule.name));
+                        continue;
+                    }
+                },
+            };
+            match load_rule(rule, store) {
                 Ok(r) => rules.push(r),
                 Err(e) => problems.push(e.to_string()),
             }
@@ -134,31 +158,36 @@ impl Engine {
         if !problems.is_empty() {
             return Err(AnalysisError::Rules(problems));
         }
+        let ids: Vec<&str> = stores.iter().map(|s| s.backbone().id()).collect();
         log::info!(
-            "analysis: backbone {id}, {threads} threads, {} rules",
+            "analysis: backbone {}, {threads} threads, {} rules",
+            ids.join(", "),
             rules.len()
         );
         Ok(Some(Engine {
-            store: Arc::new(FeatureStore::new(Arc::new(bb))),
+            stores,
             rules,
             localizer_patterns: config.series.localizer_patterns.clone(),
         }))
     }
 
-    pub fn store(&self) -> &Arc<FeatureStore> {
-        &self.store
-    }
-
-    /// Whether features of this instance should be computed as soon as it arrives: a
-    /// rule that analyses every slice could match its series.
-    pub fn wants_prefetch(&self, meta: &InstanceMeta) -> bool {
+    /// The feature stores to fill as soon as this instance arrives: those of the rules
+    /// that analyse every slice and could match its series (empty: none).
+    pub fn prefetch_stores(&self, meta: &InstanceMeta) -> Vec<Arc<FeatureStore>> {
         if !is_image(&meta.sop_class_uid) {
-            return false;
+            return Vec::new();
         }
         let c = Candidate::of_instance(meta, &self.localizer_patterns);
-        self.rules
-            .iter()
-            .any(|r| r.rule.slices == Slices::All && r.rule.criteria.matches(&c))
+        let mut out: Vec<Arc<FeatureStore>> = Vec::new();
+        for r in &self.rules {
+            if r.rule.slices == Slices::All
+                && r.rule.criteria.matches(&c)
+                && !out.iter().any(|s| Arc::ptr_eq(s, &r.store))
+            {
+                out.push(r.store.clone());
+            }
+        }
+        out
     }
 
     /// Whether some rule analyses every slice (only those gain from prefetching).
@@ -176,8 +205,9 @@ impl Engine {
                 (!stacks.is_empty()).then(|| self.analyze_rule(r, series, &stacks))
             })
             .collect();
-        self.store
-            .forget(series.instances().map(|r| r.meta.sop_instance_uid.as_str()));
+        for store in &self.stores {
+            store.forget(series.instances().map(|r| r.meta.sop_instance_uid.as_str()));
+        }
         out
     }
 
@@ -225,7 +255,7 @@ impl Engine {
             let priors: Vec<Option<Prior>> =
                 if lr.bundle.tasks.iter().any(|(_, a)| !a.alignment.is_empty()) {
                     let img = &images[center];
-                    let fm = self
+                    let fm = lr
                         .store
                         .get(&img.sop_instance_uid, &img.path)
                         .map_err(|e| AnalysisError::Instance {
@@ -262,7 +292,7 @@ impl Engine {
                         source,
                     };
                 let t = std::time::Instant::now();
-                let fm = self
+                let fm = lr
                     .store
                     .get(&img.sop_instance_uid, &img.path)
                     .map_err(|e| inst_err(Box::new(e)))?;

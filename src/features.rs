@@ -221,21 +221,28 @@ impl FeatureStore {
     }
 }
 
+/// An arrived instance and the feature stores (one per backbone) that will want it.
+pub struct PrefetchJob {
+    pub received: crate::spool::Received,
+    pub stores: Vec<std::sync::Arc<FeatureStore>>,
+}
+
 /// Computes features of instances sent to it until the channel closes. A failure is only
 /// logged: the analysis computes the instance again and reports the error with its series.
-pub fn prefetch(
-    store: std::sync::Arc<FeatureStore>,
-    jobs: crossbeam_channel::Receiver<crate::spool::Received>,
-) {
-    for r in jobs.iter() {
-        let t = std::time::Instant::now();
-        match store.prefetch(&r.meta.sop_instance_uid, &r.path) {
-            Ok(_) => log::debug!(
-                "features: {} ready in {:.0} ms",
-                r.meta.sop_instance_uid,
-                t.elapsed().as_secs_f64() * 1000.0
-            ),
-            Err(e) => log::warn!("features: {}: {e}", r.meta.sop_instance_uid),
+pub fn prefetch(jobs: crossbeam_channel::Receiver<PrefetchJob>) {
+    for job in jobs.iter() {
+        let r = &job.received;
+        for store in &job.stores {
+            let t = std::time::Instant::now();
+            match store.prefetch(&r.meta.sop_instance_uid, &r.path) {
+                Ok(_) => log::debug!(
+                    "features: {} ({}) ready in {:.0} ms",
+                    r.meta.sop_instance_uid,
+                    store.backbone().id(),
+                    t.elapsed().as_secs_f64() * 1000.0
+                ),
+                Err(e) => log::warn!("features: {}: {e}", r.meta.sop_instance_uid),
+            }
         }
     }
 }

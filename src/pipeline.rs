@@ -163,15 +163,19 @@ pub fn serve(config: &Config) -> Result<(), PipelineError> {
     // the analysis computes those slices itself later; nothing is lost.
     let tap: Option<InstanceTap> = match &engine {
         Some(e) if e.has_streaming_rules() => {
-            let (tx, rx) = bounded::<Received>(PREFETCH_QUEUE);
-            let store = e.store().clone();
+            let (tx, rx) = bounded::<features::PrefetchJob>(PREFETCH_QUEUE);
             std::thread::Builder::new()
                 .name("features".into())
-                .spawn(move || features::prefetch(store, rx))
+                .spawn(move || features::prefetch(rx))
                 .map_err(PipelineError::Thread)?;
             let e = e.clone();
             Some(Box::new(move |r: &Received| {
-                if e.wants_prefetch(&r.meta) && tx.try_send(r.clone()).is_err() {
+                let stores = e.prefetch_stores(&r.meta);
+                let job = features::PrefetchJob {
+                    received: r.clone(),
+                    stores,
+                };
+                if !job.stores.is_empty() && tx.try_send(job).is_err() {
                     log::debug!(
                         "features: prefetch queue full; {} computed on demand",
                         r.meta.sop_instance_uid

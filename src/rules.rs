@@ -123,6 +123,10 @@ pub struct Rule {
     pub name: String,
     /// Adapter bundle written by `scout train` (relative paths: to the working directory).
     pub adapter: PathBuf,
+    /// Backbone id from the manifest that the adapter was trained on; empty = the
+    /// `[models] backbone`. Rules on the same backbone share its features.
+    #[serde(default)]
+    pub backbone: String,
     #[serde(rename = "match")]
     pub criteria: Match,
     pub slices: Slices,

@@ -49,48 +49,10 @@ fn options(method: Method) -> EvalOptions {
     }
 }
 
-/// Image data set: a bright square (label 1) and a darker disk (label 2) on a textured
-/// background, at positions that move from case to case; landmarks at their centres.
-fn synthetic_image_dataset(dir: &Path, cases: usize) {
-    std::fs::create_dir_all(dir.join("images")).unwrap();
-    std::fs::create_dir_all(dir.join("labels")).unwrap();
-    let mut csv = String::from("case,landmark,x,y\n");
-    for n in 0..cases {
-        let (sr, sc) = (60.0 + 9.0 * n as f64, 70.0 + 6.0 * n as f64); // square centre
-        let (dr, dc) = (170.0 - 7.0 * n as f64, 160.0 + 5.0 * n as f64); // disk centre
-        let mut img = ::image::GrayImage::new(256, 256);
-        let mut lab = ::image::GrayImage::new(256, 256);
-        for r in 0..256u32 {
-            for c in 0..256u32 {
-                let (rf, cf) = (r as f64, c as f64);
-                let in_square = (rf - sr).abs() <= 22.0 && (cf - sc).abs() <= 22.0;
-                let in_disk = (rf - dr).hypot(cf - dc) <= 24.0;
-                let texture = 40.0 + 15.0 * ((rf / 9.0).sin() * (cf / 7.0).cos());
-                let (v, l) = if in_square {
-                    (220.0, 1)
-                } else if in_disk {
-                    (130.0 + 30.0 * ((rf - dr) / 24.0), 2)
-                } else {
-                    (texture, 0)
-                };
-                img.put_pixel(c, r, ::image::Luma([v as u8]));
-                lab.put_pixel(c, r, ::image::Luma([l]));
-            }
-        }
-        let name = format!("case{n:02}");
-        img.save(dir.join("images").join(format!("{name}.png")))
-            .unwrap();
-        lab.save(dir.join("labels").join(format!("{name}.png")))
-            .unwrap();
-        csv += &format!("{name},square,{sc},{sr}\n{name},disk,{dc},{dr}\n");
-    }
-    std::fs::write(dir.join("landmarks.csv"), csv).unwrap();
-}
-
 #[test]
 fn every_adapter_localizes_synthetic_structures_and_landmarks() {
     let tmp = tempfile::tempdir().unwrap();
-    synthetic_image_dataset(tmp.path(), 6);
+    common::synthetic_image_dataset(tmp.path(), 6);
     let ds = Dataset::open(tmp.path()).unwrap();
     assert_eq!(ds.landmark_names, ["square", "disk"]);
     for method in [Method::Classification, Method::Contrastive, Method::Basic] {
@@ -113,7 +75,7 @@ fn every_adapter_localizes_synthetic_structures_and_landmarks() {
 #[test]
 fn trained_adapters_round_trip_through_an_adapter_file() {
     let tmp = tempfile::tempdir().unwrap();
-    synthetic_image_dataset(&tmp.path().join("ds"), 3);
+    common::synthetic_image_dataset(&tmp.path().join("ds"), 3);
     let ds = Dataset::open(&tmp.path().join("ds")).unwrap();
     let bundle = scout::train::train_dataset(
         &ds,

@@ -271,6 +271,127 @@ fn localizer_in_sr_and_seg_out_valid_and_on_the_right_pixels() {
     assert!(!sidecar(&run.data, &series, "chest").exists());
 }
 
+/// A rule on a second backbone (the tiny DINOv2 fixture, an adapter trained on synthetic
+/// images) beside the default rules: both rules answer the same localizer, each from its
+/// own backbone's features (the tiny rule analyses every slice, so its store is filled
+/// while the series arrives); a rule whose adapter was made on another backbone, or that
+/// names a backbone the manifest lacks, is refused at load with the rule's name.
+#[test]
+fn rules_on_two_backbones_answer_the_same_localizer() {
+    let t = "rules_on_two_backbones_answer_the_same_localizer";
+    if !dcmtk(t) || !dicom3tools(t) {
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest = scout::backbone::Manifest::load(&root.join("models/models.toml")).unwrap();
+    let tiny = scout::backbone::Backbone::load(&manifest, "tiny-dinov2-test").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    synthetic_image_dataset(&work.path().join("ds"), 3);
+    let ds = scout::dataset::Dataset::open(&work.path().join("ds")).unwrap();
+    let cache = scout::features::FeatureCache::new(&work.path().join("features"), &tiny);
+    let bundle = scout::train::train_dataset(
+        &ds,
+        &tiny,
+        &cache,
+        3,
+        scout::adapter::Method::Classification,
+        // The fixture's grid is 4×4 cells of 64 pixels: a landmark's disk must hold one.
+        60.0,
+        &scout::adapter::TrainConfig {
+            steps: 200,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let adapter = work.path().join("tiny.adapter");
+    bundle.save(&adapter).unwrap();
+    let rule = |adapter: &Path, backbone: &str| {
+        let code =
+            |v: &str| format!("{{ scheme = \"99SCOUT\", value = \"{v}\", meaning = \"{v}\" }}");
+        let segment = |v: &str| {
+            format!(
+                "{{ label = \"{v}\", category = {}, type = {} }}",
+                code("T"),
+                code(v)
+            )
+        };
+        format!(
+            "\n[[rules]]\nname = \"tiny\"\nadapter = {:?}\nbackbone = \"{backbone}\"\nslices = \"all\"\n\
+             outputs = [\"sr\", \"json\"]\ndestinations = [\"dest\"]\n[rules.match]\nmodalities = [\"MR\"]\n\
+             localizer = true\nplanes = [\"sagittal\"]\n[rules.landmarks]\nsquare = {}\ndisk = {}\n\
+             [rules.structures]\n1 = {}\n2 = {}\n",
+            adapter.display().to_string(),
+            code("SQUARE"),
+            code("DISK"),
+            segment("SQUARE"),
+            segment("DISK"),
+        )
+    };
+
+    // Refused at load, naming the rule.
+    let shipped = root.join("models/adapters/spine.adapter");
+    for (adapter, backbone, expect) in [
+        (shipped.as_path(), "tiny-dinov2-test", "rule tiny"),
+        (
+            adapter.as_path(),
+            "no-such-backbone",
+            "rule tiny: backbone no-such-backbone",
+        ),
+    ] {
+        let run = setup(&[]);
+        let text = std::fs::read_to_string(&run.cfg).unwrap() + &rule(adapter, backbone);
+        std::fs::write(&run.cfg, text).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_scout"))
+            .arg("check-config")
+            .arg(&run.cfg)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{backbone}: accepted");
+        assert!(stderr.contains(expect), "{backbone}: {stderr}");
+    }
+
+    let run = setup(&[]);
+    let text = std::fs::read_to_string(&run.cfg).unwrap() + &rule(&adapter, "tiny-dinov2-test");
+    std::fs::write(&run.cfg, text).unwrap();
+    let dest = Storescp::start(run.dest_port, &run.out);
+    let agent = Daemon::start(&run.cfg, run.port);
+    assert!(
+        agent
+            .wait_log(
+                &["backbone litemedsam, tiny-dinov2-test"],
+                Duration::from_secs(30)
+            )
+            .is_some(),
+        "both backbones loaded: {:?}",
+        agent.log_lines()
+    );
+    let series = localizer(&run.data.with_file_name("series"), "SYNTH LOCALIZER");
+    storescu(run.port, &series.files);
+    let srs = dest.wait_for("SR3", 2, Duration::from_secs(90));
+    assert_eq!(srs.len(), 2, "one SR per rule: {srs:?}");
+    let mut names: Vec<Vec<String>> = Vec::new();
+    for sr in &srs {
+        let obj = open_file(sr).unwrap();
+        let keys: Vec<String> = sr_landmarks(&obj).into_keys().collect();
+        let rule = if keys.iter().any(|k| k == "square") {
+            "tiny"
+        } else {
+            "spine"
+        };
+        check_sr(
+            sr,
+            &sidecar(&run.data, &series, rule),
+            &series,
+            rule == "tiny",
+        );
+        names.push(keys);
+    }
+    names.sort();
+    assert_eq!(names[0], ["L1", "L2", "L3", "L4", "L5"]);
+    assert_eq!(names[1], ["disk", "square"]);
+}
+
 /// Sends the shared s06 stack (not one of the adapters' templates s01–s05) through the
 /// agent with `edits` to its configuration; per vertebra, the distance of the SR's point
 /// (projected onto the centre slice k*) from the centroid of that body there, and how far
