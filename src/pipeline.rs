@@ -171,11 +171,14 @@ pub fn serve(config: &Config) -> Result<(), PipelineError> {
             let e = e.clone();
             Some(Box::new(move |r: &Received| {
                 let stores = e.prefetch_stores(&r.meta);
+                if stores.is_empty() {
+                    return;
+                }
                 let job = features::PrefetchJob {
                     received: r.clone(),
                     stores,
                 };
-                if !job.stores.is_empty() && tx.try_send(job).is_err() {
+                if tx.try_send(job).is_err() {
                     log::debug!(
                         "features: prefetch queue full; {} computed on demand",
                         r.meta.sop_instance_uid

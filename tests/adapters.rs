@@ -240,6 +240,10 @@ fn contrastive_beats_basic_on_spine_landmarks() {
         };
         let r = evaluate(&ds, backbone(), &cache(), None, &opts).unwrap();
         eprint!("{}", scout::eval::table(&r));
+        assert!(
+            r.segmentation.is_empty(),
+            "--only landmarks measured structures"
+        );
         r.landmarks.values().map(|s| s.accuracy).sum::<f64>() / r.landmarks.len() as f64
     };
     let basic = mean_acc(Method::Basic);
@@ -580,6 +584,10 @@ fn structure_layout_puts_spine_bodies_back_in_place() {
         };
         let r = evaluate(&ds, backbone(), &cache(), None, &opts).unwrap();
         eprint!("{}", scout::eval::table(&r));
+        assert!(
+            r.landmarks.is_empty(),
+            "--only structures measured landmarks"
+        );
         r.segmentation.values().map(|s| s.iou).collect::<Vec<f64>>()
     };
     let (plain, laid_out) = (ious(false), ious(true));
