@@ -1,6 +1,7 @@
 //! Where an adapter's time per slice goes:
-//! `cargo run --release --example profile_adapter -- models/adapters/spine.adapter FEATURES.fm`
-//! (a feature map from the cache, e.g. scout-data/features/<model>/<hash>.fm).
+//! `cargo run --release --example profile_adapter -- models/adapters/spine.adapter FEATURES.fm [BACKBONE]`
+//! (a feature map from the cache, e.g. scout-data/features/<model>/<hash>.fm; BACKBONE: the
+//! manifest id the adapter was trained on, default the manifest's default).
 use scout::adapter::context_rows;
 use scout::backbone::{Backbone, Manifest};
 use scout::features::FeatureCache;
@@ -10,12 +11,12 @@ use std::time::Instant;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let (bundle, fm_path) = match args.as_slice() {
-        [_, b, f, ..] => (Path::new(b), Path::new(f)),
-        _ => return Err("usage: profile_adapter ADAPTER FEATURES.fm".into()),
+    let (bundle, fm_path, id) = match args.as_slice() {
+        [_, b, f, rest @ ..] => (Path::new(b), Path::new(f), rest.first()),
+        _ => return Err("usage: profile_adapter ADAPTER FEATURES.fm [BACKBONE]".into()),
     };
     let manifest = Manifest::load(Path::new("models/models.toml"))?;
-    let backbone = Backbone::load(&manifest, &manifest.default_backbone)?;
+    let backbone = Backbone::load(&manifest, id.unwrap_or(&manifest.default_backbone))?;
     let bundle = scout::train::Bundle::load(bundle, &backbone)?;
     // The cache's layout is <root>/<model sha256>/<key>.fm.
     let root = fm_path
