@@ -150,9 +150,10 @@ pub fn train_dataset(
         options.push_str(&format!(" --pools {}", pools.join(",")));
     }
     let provenance = format!(
-        "scout {} train {} --templates {} --method {method}{options} --radius {radius}: templates {}",
+        "scout {} train {} --backbone {} --templates {} --method {method}{options} --radius {radius}: templates {}",
         env!("CARGO_PKG_VERSION"),
         ds.dir.display(),
+        backbone.id(),
         n_templates,
         names
             .iter()

@@ -255,7 +255,7 @@ fn contrastive_beats_basic_on_spine_landmarks() {
 }
 
 /// The shipped adapters: listed with their SHA-256 and provenance in
-/// models/adapters/adapters.toml, and loadable against the default backbone.
+/// models/adapters/adapters.toml, and loadable against the backbone each names.
 #[test]
 fn shipped_adapters_match_their_manifest_and_backbone() {
     use sha2::Digest;
@@ -278,7 +278,11 @@ fn shipped_adapters_match_their_manifest_and_backbone() {
             file.display()
         );
         assert!(!entry["provenance"].as_str().unwrap().is_empty());
-        let bundle = scout::train::Bundle::load(&file, backbone()).unwrap();
+        let id = entry["backbone"].as_str().unwrap();
+        let m = Manifest::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/models.toml"))
+            .unwrap();
+        let bundle = scout::train::Bundle::load(&file, &Backbone::load(&m, id).unwrap())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(bundle.tasks.len(), 2, "{name}: landmarks and structures");
     }
 }

@@ -359,7 +359,7 @@ fn rules_on_two_backbones_answer_the_same_localizer() {
     assert!(
         agent
             .wait_log(
-                &["backbone litemedsam, tiny-dinov2-test"],
+                &["analysis: backbone litemedsam, ", "tiny-dinov2-test"],
                 Duration::from_secs(30)
             )
             .is_some(),
