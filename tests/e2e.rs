@@ -489,6 +489,74 @@ fn assert_all_found_and_most_within_10px(errors: &[Option<[f64; 2]>]) {
     );
 }
 
+/// The shipped chest adapter (on the multi-layer backbone) through the agent: a chest
+/// radiograph that is not one of its templates, sent as a one-image coronal localizer,
+/// comes back as an SR with all four lung landmarks on their pixels (SR point = sidecar
+/// pixel, checked by `check_sr`) and a valid SEG of the lungs and heart.
+#[test]
+fn real_chest_landmarks_through_the_multi_layer_backbone() {
+    let t = "real_chest_landmarks_through_the_multi_layer_backbone";
+    let Some(shared) = shared_data(t) else { return };
+    if !dcmtk(t) || !dicom3tools(t) {
+        return;
+    }
+    let ds = scout::dataset::Dataset::open(&shared.join("chest-xr")).unwrap();
+    let case = ds.load_case("JPCLN020").unwrap();
+    let pixels = &case.slices[0].pixels;
+    let (rows, cols) = pixels.dim();
+    let run = setup(&[]);
+    let dest = Storescp::start(run.dest_port, &run.out);
+    let _agent = Daemon::start(&run.cfg, run.port);
+    let series = write_series(
+        &run.data.with_file_name("series"),
+        SynthSpec {
+            slices: 1,
+            rows: rows as u16,
+            columns: cols as u16,
+            planes: vec![scout::geometry::Plane::Coronal],
+            series_description: "CHEST LOCALIZER".into(),
+            images_in_acquisition: true,
+            // The data set's reader gives the 8-bit PNG as 0..1: back to its grey values.
+            images: vec![pixels.mapv(|v| (v * 255.0).round().clamp(0.0, 255.0) as u16)],
+            ..SynthSpec::default()
+        },
+    );
+    storescu(run.port, &series.files);
+    let srs = dest.wait_for("SR3", 1, Duration::from_secs(60));
+    assert_eq!(srs.len(), 1);
+    let points = check_sr(
+        &srs[0],
+        &sidecar(&run.data, &series, "chest"),
+        &series,
+        false,
+    );
+    let segs = dest.wait_for("SG", 1, Duration::from_secs(10));
+    assert_eq!(segs.len(), 1);
+    check_seg(&segs[0], &series);
+    assert!(!sidecar(&run.data, &series, "spine").exists());
+    let geometry = scout::spool::read_meta(&series.files[0]).unwrap().geometry;
+    let errors: Vec<Option<f64>> = ds
+        .landmark_names
+        .iter()
+        .map(|name| {
+            let truth = &case.landmarks[name];
+            points[name].map(|p| {
+                let (r, c) = geometry.patient_to_pixel(p).unwrap();
+                (r - truth.row).hypot(c - truth.column)
+            })
+        })
+        .collect();
+    eprintln!("{:?}: {errors:?} px", ds.landmark_names);
+    assert!(
+        errors.iter().all(Option::is_some),
+        "a landmark is absent: {errors:?}"
+    );
+    assert!(
+        errors.iter().flatten().filter(|e| **e <= 10.0).count() >= 3,
+        "fewer than 3 of 4 within 10 px: {errors:?}"
+    );
+}
+
 #[test]
 fn real_spine_localizer_landmarks_land_on_the_vertebrae() {
     let t = "real_spine_localizer_landmarks_land_on_the_vertebrae";
