@@ -392,29 +392,31 @@ fn rules_on_two_backbones_answer_the_same_localizer() {
     assert_eq!(names[1], ["disk", "square"]);
 }
 
-/// Sends the shared s06 stack (not one of the adapters' templates s01–s05) through the
-/// agent with `edits` to its configuration; per vertebra, the distance of the SR's point
-/// (projected onto the centre slice k*) from the centroid of that body there, and how far
-/// it lies across the slices from the body's 3D centroid, in voxels (None: absent).
-fn spine_s06_through_the_agent(shared: &Path, edits: &[(&str, &str)]) -> Vec<Option<[f64; 2]>> {
-    let ds = scout::dataset::Dataset::open(&shared.join("spine-mr")).unwrap();
-    let case = ds.load_case("s06").unwrap();
-    let (rows, cols) = case.slices[0].pixels.dim();
+/// Real images as one localizer series (one stack in `plane`) through the agent with
+/// `edits` to its configuration: waits for the rule's SR and checks it and every SEG.
+/// Returns the run (its folder holds the series' files), the series and the SR's points
+/// (`three_d`: voted over a stack).
+fn real_images_through_the_agent(
+    images: Vec<ndarray::Array2<u16>>,
+    plane: scout::geometry::Plane,
+    description: &str,
+    rule: &str,
+    edits: &[(&str, &str)],
+) -> (Run, SynthSeries, BTreeMap<String, Option<[f64; 3]>>) {
+    let (rows, cols) = images[0].dim();
     let run = setup(edits);
     let dest = Storescp::start(run.dest_port, &run.out);
     let _agent = Daemon::start(&run.cfg, run.port);
     let series = write_series(
         &run.data.with_file_name("series"),
         SynthSpec {
-            slices: case.slices.len(),
+            slices: images.len(),
             rows: rows as u16,
             columns: cols as u16,
+            planes: vec![plane],
+            series_description: description.into(),
             images_in_acquisition: true,
-            images: case
-                .slices
-                .iter()
-                .map(|s| s.pixels.mapv(|v| v.clamp(0.0, 65535.0) as u16))
-                .collect(),
+            images,
             ..SynthSpec::default()
         },
     );
@@ -424,13 +426,35 @@ fn spine_s06_through_the_agent(shared: &Path, edits: &[(&str, &str)]) -> Vec<Opt
     let three_d = edits.iter().any(|(_, to)| to.contains("slices = \"all\""));
     let points = check_sr(
         &srs[0],
-        &sidecar(&run.data, &series, "spine"),
+        &sidecar(&run.data, &series, rule),
         &series,
         three_d,
     );
-    for s in dest.wait_for("SG", 1, Duration::from_secs(10)) {
-        check_seg(&s, &series);
+    let segs = dest.wait_for("SG", 1, Duration::from_secs(10));
+    assert!(!segs.is_empty(), "no SEG");
+    for s in &segs {
+        check_seg(s, &series);
     }
+    (run, series, points)
+}
+
+/// Sends the shared s06 stack (not one of the adapters' templates s01–s05) through the
+/// agent with `edits` to its configuration; per vertebra, the distance of the SR's point
+/// (projected onto the centre slice k*) from the centroid of that body there, and how far
+/// it lies across the slices from the body's 3D centroid, in voxels (None: absent).
+fn spine_s06_through_the_agent(shared: &Path, edits: &[(&str, &str)]) -> Vec<Option<[f64; 2]>> {
+    let ds = scout::dataset::Dataset::open(&shared.join("spine-mr")).unwrap();
+    let case = ds.load_case("s06").unwrap();
+    let (_run, series, points) = real_images_through_the_agent(
+        case.slices
+            .iter()
+            .map(|s| s.pixels.mapv(|v| v.clamp(0.0, 65535.0) as u16))
+            .collect(),
+        scout::geometry::Plane::Sagittal,
+        "SYNTH LOCALIZER",
+        "spine",
+        edits,
+    );
     // Back to pixels of the centre slice (k*), against the centroid of each vertebral
     // body there: the agent's output must agree with `scout eval`'s 2D variant.
     let geometry = |i: usize| scout::spool::read_meta(&series.files[i]).unwrap().geometry;
@@ -502,38 +526,17 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
     }
     let ds = scout::dataset::Dataset::open(&shared.join("chest-xr")).unwrap();
     let case = ds.load_case("JPCLN020").unwrap();
-    let pixels = &case.slices[0].pixels;
-    let (rows, cols) = pixels.dim();
-    let run = setup(&[]);
-    let dest = Storescp::start(run.dest_port, &run.out);
-    let _agent = Daemon::start(&run.cfg, run.port);
-    let series = write_series(
-        &run.data.with_file_name("series"),
-        SynthSpec {
-            slices: 1,
-            rows: rows as u16,
-            columns: cols as u16,
-            planes: vec![scout::geometry::Plane::Coronal],
-            series_description: "CHEST LOCALIZER".into(),
-            images_in_acquisition: true,
-            // The data set's reader gives the 8-bit PNG as 0..1: back to its grey values.
-            images: vec![pixels.mapv(|v| (v * 255.0).round().clamp(0.0, 255.0) as u16)],
-            ..SynthSpec::default()
-        },
+    // The data set's reader gives the 8-bit PNG as 0..1: back to its grey values.
+    let grey = case.slices[0]
+        .pixels
+        .mapv(|v| (v * 255.0).round().clamp(0.0, 255.0) as u16);
+    let (_run, series, points) = real_images_through_the_agent(
+        vec![grey],
+        scout::geometry::Plane::Coronal,
+        "CHEST LOCALIZER",
+        "chest",
+        &[],
     );
-    storescu(run.port, &series.files);
-    let srs = dest.wait_for("SR3", 1, Duration::from_secs(60));
-    assert_eq!(srs.len(), 1);
-    let points = check_sr(
-        &srs[0],
-        &sidecar(&run.data, &series, "chest"),
-        &series,
-        false,
-    );
-    let segs = dest.wait_for("SG", 1, Duration::from_secs(10));
-    assert_eq!(segs.len(), 1);
-    check_seg(&segs[0], &series);
-    assert!(!sidecar(&run.data, &series, "spine").exists());
     let geometry = scout::spool::read_meta(&series.files[0]).unwrap().geometry;
     let errors: Vec<Option<f64>> = ds
         .landmark_names
