@@ -331,7 +331,7 @@ fn rules_on_two_backbones_answer_the_same_localizer() {
     // Refused at load, naming the rule.
     let shipped = root.join("models/adapters/spine.adapter");
     for (adapter, backbone, expect) in [
-        (shipped.as_path(), "tiny-dinov2-test", "rule tiny"),
+        (shipped.as_path(), "tiny-dinov2-test", "rule tiny: adapter"),
         (
             adapter.as_path(),
             "no-such-backbone",
@@ -349,6 +349,13 @@ fn rules_on_two_backbones_answer_the_same_localizer() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{backbone}: accepted");
         assert!(stderr.contains(expect), "{backbone}: {stderr}");
+        if backbone == "tiny-dinov2-test" {
+            assert!(
+                stderr.contains("trained on backbone litemedsam")
+                    && stderr.contains("from tiny-dinov2-test"),
+                "{stderr}"
+            );
+        }
     }
 
     let run = setup(&[]);
