@@ -634,6 +634,20 @@ pub fn evaluate(
     let mut cases = cases;
     cases.rotate_left(opts.template_offset);
     let (templ, tests) = cases.split_at(n_templates);
+    let values = templates::structure_values(templ.iter().map(|(c, _)| c));
+    match opts.only {
+        Some(TaskKind::Landmarks) if dataset.landmark_names.is_empty() => {
+            return Err(EvalError::Setup(
+                "--only landmarks: the data set has no landmarks".into(),
+            ))
+        }
+        Some(TaskKind::Structures) if values.is_empty() => {
+            return Err(EvalError::Setup(
+                "--only structures: the templates have no label maps".into(),
+            ))
+        }
+        _ => {}
+    }
     let bb = (backbone.id(), backbone.checksum());
     let mut timing = Timing {
         encoder_ms_per_slice: (!encoder_ms.is_empty())
@@ -851,7 +865,6 @@ pub fn evaluate(
     }
 
     // Structures, from the label values of the template label maps.
-    let values = templates::structure_values(templ.iter().map(|(c, _)| c));
     if !values.is_empty() && opts.only != Some(TaskKind::Landmarks) {
         let task = Task::Structures {
             values: values.clone(),

@@ -72,6 +72,23 @@ fn every_adapter_localizes_synthetic_structures_and_landmarks() {
     }
 }
 
+/// `--only` a kind of task the data set lacks is an error, not an empty report.
+#[test]
+fn only_a_missing_task_kind_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    common::synthetic_image_dataset(tmp.path(), 4);
+    std::fs::remove_dir_all(tmp.path().join("labels")).unwrap();
+    let ds = Dataset::open(tmp.path()).unwrap();
+    let opts = EvalOptions {
+        only: Some(TaskKind::Structures),
+        ..options(Method::Classification)
+    };
+    let err = evaluate(&ds, backbone(), &cache(), None, &opts)
+        .err()
+        .expect("structures of a data set without label maps");
+    assert!(err.to_string().contains("no label maps"), "{err}");
+}
+
 #[test]
 fn trained_adapters_round_trip_through_an_adapter_file() {
     let tmp = tempfile::tempdir().unwrap();
@@ -264,6 +281,8 @@ fn shipped_adapters_match_their_manifest_and_backbone() {
         toml::from_str(&std::fs::read_to_string(dir.join("adapters.toml")).unwrap()).unwrap();
     let adapters = manifest["adapters"].as_table().unwrap();
     assert!(adapters.contains_key("spine") && adapters.contains_key("chest"));
+    let models =
+        Manifest::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/models.toml")).unwrap();
     for (name, entry) in adapters {
         let file = dir.join(entry["file"].as_str().unwrap());
         let bytes = std::fs::read(&file).unwrap();
@@ -279,9 +298,7 @@ fn shipped_adapters_match_their_manifest_and_backbone() {
         );
         assert!(!entry["provenance"].as_str().unwrap().is_empty());
         let id = entry["backbone"].as_str().unwrap();
-        let m = Manifest::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/models.toml"))
-            .unwrap();
-        let bundle = scout::train::Bundle::load(&file, &Backbone::load(&m, id).unwrap())
+        let bundle = scout::train::Bundle::load(&file, &Backbone::load(&models, id).unwrap())
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(bundle.tasks.len(), 2, "{name}: landmarks and structures");
     }
