@@ -84,8 +84,7 @@ fn only_a_missing_task_kind_is_an_error() {
         ..options(Method::Classification)
     };
     let err = evaluate(&ds, backbone(), &cache(), None, &opts)
-        .err()
-        .expect("structures of a data set without label maps");
+        .expect_err("structures of a data set without label maps");
     assert!(err.to_string().contains("no label maps"), "{err}");
 }
 
