@@ -413,8 +413,7 @@ pub struct Adapter {
 pub fn context_rows(fm: &FeatureMap, ctx: &Context) -> Array2<f32> {
     let (c, h, w) = fm.data.dim();
     let cells = h * w;
-    let groups = 1 + ctx.pools.len() + usize::from(ctx.global);
-    let ncols = c * groups + if ctx.position { 2 } else { 0 };
+    let ncols = context_width(c, ctx);
     let mut data = vec![0f32; cells * ncols];
     let column = |k: usize| k * cells..(k + 1) * cells;
     let mut row_sums = vec![0f32; cells];
@@ -520,37 +519,24 @@ impl Adapter {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let base_channels = slices[0].features.channels();
-        // All cells, with their labels.
-        let mut rows: Vec<Array2<f32>> = Vec::new();
-        let mut cell_labels: Vec<u8> = Vec::new();
-        for s in slices {
-            if s.features.channels() != base_channels {
-                return Err(AdapterError::Channels {
-                    expected: base_channels,
-                    actual: s.features.channels(),
-                });
-            }
-            rows.push(context_rows(s.features, &config.context));
-            cell_labels.extend(s.cells.iter().copied());
+        if let Some(s) = slices
+            .iter()
+            .find(|s| s.features.channels() != base_channels)
+        {
+            return Err(AdapterError::Channels {
+                expected: base_channels,
+                actual: s.features.channels(),
+            });
         }
-        let views: Vec<ArrayView2<f32>> = rows.iter().map(|r| r.view()).collect();
-        let all = ndarray::concatenate(Axis(0), &views)
-            .map_err(|e| AdapterError::NoTraining(e.to_string()))?;
-        drop(views);
-        drop(rows);
+        let rows = TrainingRows::build(slices, n_labels, &config, ROW_BUDGET_BYTES)?;
+        let TrainingRows {
+            all,
+            by_label,
+            near,
+            feature_mean,
+            feature_std,
+        } = rows;
         let channels = all.ncols();
-        if all.nrows() != cell_labels.len() {
-            return Err(AdapterError::NoTraining(
-                "cell label maps do not match the feature grids".into(),
-            ));
-        }
-        let by_label: Vec<Vec<usize>> = (0..=n_labels)
-            .map(|l| {
-                (0..cell_labels.len())
-                    .filter(|&i| cell_labels[i] as usize == l)
-                    .collect()
-            })
-            .collect();
         for (l, name) in labels.iter().enumerate() {
             if by_label[l + 1].is_empty() {
                 return Err(AdapterError::NoTraining(format!(
@@ -558,15 +544,6 @@ impl Adapter {
                 )));
             }
         }
-        let near = if config.borders {
-            border_cells(slices, n_labels)
-        } else {
-            vec![Vec::new(); n_labels + 1]
-        };
-        let feature_mean = all
-            .mean_axis(Axis(0))
-            .unwrap_or_else(|| Array1::zeros(channels));
-        let feature_std = all.std_axis(Axis(0), 0.0).mapv(|s| s.max(1e-6));
         let mut rng = Rng::new(config.seed);
         let model = match method {
             Method::Basic => {
@@ -830,40 +807,220 @@ impl Adapter {
 
 /// Per label l ≥ 1, the cells (row indices over all slices, sorted) outside l's region
 /// within `BORDER_CELLS` of it; at 0, the background cells near any region.
-fn border_cells(slices: &[TrainingSlice], n_labels: usize) -> Vec<Vec<usize>> {
-    let mut near = vec![Vec::new(); n_labels + 1];
-    let mut offset = 0;
-    for s in slices {
-        let (h, w) = s.cells.dim();
-        let mut marks = vec![vec![false; h * w]; n_labels + 1];
-        for ((i, j), &v) in s.cells.indexed_iter() {
-            let l = v as usize;
-            if l == 0 || l > n_labels {
-                continue;
+/// Training rows are held in memory all at once (one matrix, the methods draw from it at
+/// random); past this size the background cells away from every region are sampled.
+/// The spine templates augmented on the 128×128 grid of `litemedsam-hyper` would take
+/// ~8 GB in full; the shipped configurations on the 64×64 grid stay under it.
+pub const ROW_BUDGET_BYTES: usize = 4 << 30;
+
+/// The cells an adapter trains on, as rows of `context_rows`, with their pools.
+struct TrainingRows {
+    all: Array2<f32>,
+    /// Row indices per label, 0 = background.
+    by_label: Vec<Vec<usize>>,
+    /// With `borders`: per label, the rows within `BORDER_CELLS` outside its regions
+    /// (other labels' cells included); for 0, the background rows near any region.
+    near: Vec<Vec<usize>>,
+    feature_mean: Array1<f32>,
+    feature_std: Array1<f32>,
+}
+
+impl TrainingRows {
+    /// Every cell of every slice, unless that would pass `budget` bytes: then every
+    /// region cell and every cell of a region's border are kept and the other background
+    /// cells with the probability that fits the budget (seeded). Negatives are drawn from
+    /// the background uniformly anyway, so a uniform sample of it changes what is drawn,
+    /// not how; the standardisation is computed over all cells either way.
+    fn build(
+        slices: &[TrainingSlice],
+        n_labels: usize,
+        config: &TrainConfig,
+        budget: usize,
+    ) -> Result<TrainingRows, AdapterError> {
+        let channels = slices.first().map_or(0, |s| s.features.channels());
+        let columns = context_width(channels, &config.context);
+        let labels: Vec<Vec<u8>> = slices
+            .iter()
+            .map(|s| s.cells.iter().copied().collect())
+            .collect();
+        let marks: Vec<Vec<Vec<bool>>> = slices
+            .iter()
+            .map(|s| border_marks(&s.cells, n_labels))
+            .collect();
+        for (s, l) in slices.iter().zip(&labels) {
+            let (_, h, w) = s.features.data.dim();
+            if h * w != l.len() {
+                return Err(AdapterError::NoTraining(
+                    "cell label maps do not match the feature grids".into(),
+                ));
             }
-            for y in i.saturating_sub(BORDER_CELLS)..(i + BORDER_CELLS + 1).min(h) {
-                for x in j.saturating_sub(BORDER_CELLS)..(j + BORDER_CELLS + 1).min(w) {
-                    let other = s.cells[[y, x]] as usize;
-                    if other != l {
-                        marks[l][y * w + x] = true;
-                        if other == 0 {
-                            marks[0][y * w + x] = true;
-                        }
+        }
+        let total: usize = labels.iter().map(|l| l.len()).sum();
+        let must: usize = labels
+            .iter()
+            .zip(&marks)
+            .map(|(l, m)| (0..l.len()).filter(|&c| l[c] != 0 || m[0][c]).count())
+            .sum();
+        let row_bytes = columns * std::mem::size_of::<f32>();
+        let budget_rows = budget / row_bytes.max(1);
+        let fraction = if total <= budget_rows {
+            1.0
+        } else {
+            // Never none of the far background: it is what the adapter must reject most.
+            let far = (total - must).max(1);
+            (budget_rows.saturating_sub(must) as f64 / far as f64).clamp(1.0 / 16.0, 1.0)
+        };
+        let sampled = fraction < 1.0;
+        if sampled {
+            log::info!(
+                "training rows: {total} cells × {columns} columns would take {:.1} GiB; \
+                 keeping the {must} region and border cells and {:.0} % of the other {}",
+                (total * row_bytes) as f64 / (1u64 << 30) as f64,
+                fraction * 100.0,
+                total - must
+            );
+        }
+        let mut rng = Rng::new(config.seed ^ 0x005e_ed0f_c311);
+        let kept: Vec<Vec<usize>> = labels
+            .iter()
+            .zip(&marks)
+            .map(|(l, m)| {
+                (0..l.len())
+                    .filter(|&c| {
+                        !sampled || l[c] != 0 || m[0][c] || (rng.uniform() as f64) < fraction
+                    })
+                    .collect()
+            })
+            .collect();
+        let n_rows: usize = kept.iter().map(|k| k.len()).sum();
+        // Appended slice by slice into one allocation (what `concatenate` does, without
+        // holding every slice's rows beside the result).
+        let mut all =
+            Array2::<f32>::from_shape_vec((0, columns), Vec::with_capacity(n_rows * columns))
+                .map_err(|e| AdapterError::NoTraining(e.to_string()))?;
+        let mut stats = ColumnStats::new(columns);
+        let mut by_label = vec![Vec::new(); n_labels + 1];
+        let mut near = vec![Vec::new(); n_labels + 1];
+        for (((s, l), m), k) in slices.iter().zip(&labels).zip(&marks).zip(&kept) {
+            let offset = all.nrows();
+            let rows = context_rows(s.features, &config.context);
+            let append = if sampled {
+                stats.add(&rows);
+                all.append(Axis(0), rows.select(Axis(0), k).view())
+            } else {
+                all.append(Axis(0), rows.view())
+            };
+            append.map_err(|e| AdapterError::NoTraining(e.to_string()))?;
+            for (i, &c) in k.iter().enumerate() {
+                if let Some(pool) = by_label.get_mut(l[c] as usize) {
+                    pool.push(offset + i);
+                }
+            }
+            if config.borders {
+                for (pool, mark) in near.iter_mut().zip(m) {
+                    pool.extend(
+                        k.iter()
+                            .enumerate()
+                            .filter(|(_, &c)| mark[c])
+                            .map(|(i, _)| offset + i),
+                    );
+                }
+            }
+        }
+        let (feature_mean, feature_std) = if sampled {
+            stats.mean_std()
+        } else {
+            (
+                all.mean_axis(Axis(0))
+                    .unwrap_or_else(|| Array1::zeros(columns)),
+                all.std_axis(Axis(0), 0.0),
+            )
+        };
+        Ok(TrainingRows {
+            all,
+            by_label,
+            near,
+            feature_mean,
+            feature_std: feature_std.mapv(|s| s.max(1e-6)),
+        })
+    }
+}
+
+/// Per-column mean and standard deviation accumulated slice by slice (f64).
+struct ColumnStats {
+    n: usize,
+    sum: Vec<f64>,
+    squares: Vec<f64>,
+}
+
+impl ColumnStats {
+    fn new(columns: usize) -> ColumnStats {
+        ColumnStats {
+            n: 0,
+            sum: vec![0.0; columns],
+            squares: vec![0.0; columns],
+        }
+    }
+
+    fn add(&mut self, rows: &Array2<f32>) {
+        self.n += rows.nrows();
+        for ((col, sum), sq) in rows
+            .columns()
+            .into_iter()
+            .zip(&mut self.sum)
+            .zip(&mut self.squares)
+        {
+            for &v in col {
+                *sum += v as f64;
+                *sq += (v as f64) * (v as f64);
+            }
+        }
+    }
+
+    fn mean_std(&self) -> (Array1<f32>, Array1<f32>) {
+        let n = self.n.max(1) as f64;
+        let mean: Vec<f64> = self.sum.iter().map(|s| s / n).collect();
+        let std = self
+            .squares
+            .iter()
+            .zip(&mean)
+            .map(|(sq, m)| (sq / n - m * m).max(0.0).sqrt() as f32)
+            .collect();
+        (
+            mean.iter().map(|&m| m as f32).collect(),
+            Array1::from_vec(std),
+        )
+    }
+}
+
+/// Columns of `context_rows` for features of `channels` channels.
+fn context_width(channels: usize, ctx: &Context) -> usize {
+    channels * (1 + ctx.pools.len() + usize::from(ctx.global)) + if ctx.position { 2 } else { 0 }
+}
+
+/// Per label (0 = background), the cells of one slice within `BORDER_CELLS` (Chebyshev)
+/// of one of its regions and not in it; for 0, the background cells near any region.
+fn border_marks(cells: &Array2<u8>, n_labels: usize) -> Vec<Vec<bool>> {
+    let (h, w) = cells.dim();
+    let mut marks = vec![vec![false; h * w]; n_labels + 1];
+    for ((i, j), &v) in cells.indexed_iter() {
+        let l = v as usize;
+        if l == 0 || l > n_labels {
+            continue;
+        }
+        for y in i.saturating_sub(BORDER_CELLS)..(i + BORDER_CELLS + 1).min(h) {
+            for x in j.saturating_sub(BORDER_CELLS)..(j + BORDER_CELLS + 1).min(w) {
+                let other = cells[[y, x]] as usize;
+                if other != l {
+                    marks[l][y * w + x] = true;
+                    if other == 0 {
+                        marks[0][y * w + x] = true;
                     }
                 }
             }
         }
-        for (l, m) in marks.iter().enumerate() {
-            near[l].extend(
-                m.iter()
-                    .enumerate()
-                    .filter(|(_, b)| **b)
-                    .map(|(c, _)| offset + c),
-            );
-        }
-        offset += h * w;
     }
-    near
+    marks
 }
 
 /// Balanced minibatches: every batch draws half its rows from label cells (labels taken in
@@ -1046,7 +1203,13 @@ mod tests {
                 cells,
             },
         ];
-        let near = border_cells(&slices, 2);
+        let config = TrainConfig {
+            borders: true,
+            ..TrainConfig::default()
+        };
+        let near = TrainingRows::build(&slices, 2, &config, ROW_BUDGET_BYTES)
+            .expect("rows")
+            .near;
         let ring = |centre: (usize, usize), except: (usize, usize)| -> Vec<usize> {
             let mut v: Vec<usize> = (0..81usize)
                 .filter(|&c| {
@@ -1071,6 +1234,68 @@ mod tests {
             .collect();
         background.extend(background.clone().iter().map(|c| c + 81));
         assert_eq!(near[0], background);
+    }
+
+    /// Over the budget, every region and border cell stays, a seeded part of the far
+    /// background is dropped, and the standardisation is still that of all cells.
+    #[test]
+    fn rows_over_the_budget_sample_the_far_background() {
+        let mut rng = Rng::new(3);
+        let fms: Vec<FeatureMap> = (0..4)
+            .map(|_| FeatureMap {
+                data: Array3::from_shape_fn((3, 16, 16), |_| rng.normal()),
+                image_rows: 64,
+                image_columns: 64,
+            })
+            .collect();
+        let slices: Vec<TrainingSlice> = fms
+            .iter()
+            .map(|fm| {
+                let mut cells = Array2::<u8>::zeros((16, 16));
+                cells.slice_mut(s![3..6, 3..6]).fill(1);
+                cells.slice_mut(s![10..12, 9..13]).fill(2);
+                TrainingSlice {
+                    features: fm,
+                    cells,
+                }
+            })
+            .collect();
+        let config = TrainConfig {
+            borders: true,
+            context: Context {
+                pools: vec![3],
+                global: false,
+                position: true,
+            },
+            ..TrainConfig::default()
+        };
+        let full = TrainingRows::build(&slices, 2, &config, usize::MAX).expect("full");
+        let row_bytes = (3 * 2 + 2) * 4;
+        let part = TrainingRows::build(&slices, 2, &config, 600 * row_bytes).expect("sampled");
+        assert_eq!(full.all.nrows(), 4 * 256);
+        // Per slice 9 + 8 region cells and 40 + 40 ring cells (the two rings do not meet).
+        let must = 4 * (9 + 8 + 40 + 40);
+        assert_eq!(full.by_label[1].len() + full.by_label[2].len(), 4 * 17);
+        assert_eq!(full.near[0].len(), 4 * 80);
+        let kept = part.all.nrows();
+        assert!(kept > must && kept < 700, "{kept} rows kept");
+        for l in 0..3 {
+            assert_eq!(part.near[l].len(), full.near[l].len(), "ring of {l}");
+        }
+        assert_eq!(part.by_label[1].len(), full.by_label[1].len());
+        assert_eq!(part.by_label[2].len(), full.by_label[2].len());
+        assert_eq!(part.by_label[0].len(), kept - 4 * 17);
+        // The kept rows are the cells they claim to be.
+        let label_one = full.all.row(full.by_label[1][5]).to_owned();
+        assert_eq!(part.all.row(part.by_label[1][5]), label_one);
+        for (a, b) in part.feature_mean.iter().zip(&full.feature_mean) {
+            assert!((a - b).abs() < 1e-5, "mean {a} vs {b}");
+        }
+        for (a, b) in part.feature_std.iter().zip(&full.feature_std) {
+            assert!((a - b).abs() < 1e-5, "std {a} vs {b}");
+        }
+        let again = TrainingRows::build(&slices, 2, &config, 600 * row_bytes).expect("again");
+        assert_eq!(again.all, part.all, "seeded");
     }
 
     /// Finite differences agree with backpropagation through the MLP and the loss.

@@ -116,8 +116,10 @@ pub struct FeatureStore {
 #[derive(Default)]
 struct Slots {
     map: std::collections::HashMap<String, Slot>,
-    /// Insertion order, to bound memory if series are abandoned.
+    /// Insertion order of the ready maps, to bound memory if series are abandoned.
     order: std::collections::VecDeque<String>,
+    /// Bytes of the ready maps.
+    bytes: usize,
     /// Instances whose series was analysed: a prefetch job still queued for one is stale.
     finished: std::collections::HashSet<String>,
     finished_order: std::collections::VecDeque<String>,
@@ -128,8 +130,40 @@ enum Slot {
     Ready(std::sync::Arc<FeatureMap>),
 }
 
-/// Feature maps kept at most (a LiteMedSAM map is 4 MiB): a few localizers' worth.
-const KEEP: usize = 48;
+/// Bytes of feature maps kept at most: a few localizers' worth. By size, not count: a
+/// LiteMedSAM map is 4 MiB, a `litemedsam-hyper` one 24 MiB (and a 9-slice stack of
+/// those must fit while it is analysed).
+const KEEP_BYTES: usize = 320 << 20;
+
+impl Slots {
+    /// Stores a computed map; the oldest ones go while the maps pass `keep` bytes (the
+    /// newest always stays).
+    fn insert_ready(&mut self, uid: &str, fm: std::sync::Arc<FeatureMap>, keep: usize) {
+        self.remove_ready(uid);
+        self.bytes += map_bytes(&fm);
+        self.map.insert(uid.to_string(), Slot::Ready(fm));
+        self.order.push_back(uid.to_string());
+        while self.bytes > keep && self.order.len() > 1 {
+            if let Some(old) = self.order.pop_front() {
+                if let Some(Slot::Ready(fm)) = self.map.remove(&old) {
+                    self.bytes -= map_bytes(&fm);
+                }
+            }
+        }
+    }
+
+    fn remove_ready(&mut self, uid: &str) {
+        if let Some(Slot::Ready(fm)) = self.map.get(uid) {
+            self.bytes -= map_bytes(fm);
+            self.map.remove(uid);
+            self.order.retain(|u| u != uid);
+        }
+    }
+}
+
+fn map_bytes(fm: &FeatureMap) -> usize {
+    fm.data.len() * std::mem::size_of::<f32>()
+}
 
 impl FeatureStore {
     pub fn new(backbone: std::sync::Arc<Backbone>) -> FeatureStore {
@@ -175,13 +209,7 @@ impl FeatureStore {
                     .encoder_seconds
                     .observe(started.elapsed());
                 let fm = std::sync::Arc::new(fm);
-                slots.map.insert(uid.to_string(), Slot::Ready(fm.clone()));
-                slots.order.push_back(uid.to_string());
-                while slots.order.len() > KEEP {
-                    if let Some(old) = slots.order.pop_front() {
-                        slots.map.remove(&old);
-                    }
-                }
+                slots.insert_ready(uid, fm.clone(), KEEP_BYTES);
                 Ok(fm)
             }
             Err(e) => {
@@ -197,10 +225,7 @@ impl FeatureStore {
     pub fn forget<'a>(&self, uids: impl IntoIterator<Item = &'a str>) {
         let mut slots = self.lock();
         for uid in uids {
-            if matches!(slots.map.get(uid), Some(Slot::Ready(_))) {
-                slots.map.remove(uid);
-                slots.order.retain(|u| u != uid);
-            }
+            slots.remove_ready(uid);
             if slots.finished.insert(uid.to_string()) {
                 slots.finished_order.push_back(uid.to_string());
             }
@@ -244,5 +269,49 @@ pub fn prefetch(jobs: crossbeam_channel::Receiver<PrefetchJob>) {
                 Err(e) => log::warn!("features: {}: {e}", r.meta.sop_instance_uid),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(channels: usize) -> std::sync::Arc<FeatureMap> {
+        std::sync::Arc::new(FeatureMap {
+            data: ndarray::Array3::zeros((channels, 16, 16)),
+            image_rows: 64,
+            image_columns: 64,
+        })
+    }
+
+    /// The store is bounded by bytes: small maps stay many, large ones few, the newest
+    /// always, and forgetting one gives its bytes back.
+    #[test]
+    fn ready_maps_are_bounded_by_size() {
+        let one = 16 * 16 * 4;
+        let mut slots = Slots::default();
+        for i in 0..10 {
+            slots.insert_ready(&format!("small{i}"), map(1), 8 * one);
+        }
+        assert_eq!(slots.order.len(), 8);
+        assert_eq!(slots.bytes, 8 * one);
+        assert!(!slots.map.contains_key("small0") && !slots.map.contains_key("small1"));
+        slots.insert_ready("large", map(6), 8 * one);
+        assert_eq!(slots.order, ["small8", "small9", "large"]);
+        assert_eq!(slots.bytes, 8 * one);
+        slots.insert_ready("huge", map(20), 8 * one);
+        assert_eq!(
+            slots.order,
+            ["huge"],
+            "the newest stays even alone over the bound"
+        );
+        slots.insert_ready("huge", map(20), 8 * one);
+        assert_eq!(
+            (slots.order.len(), slots.bytes),
+            (1, 20 * one),
+            "stored again, counted once"
+        );
+        slots.remove_ready("huge");
+        assert_eq!((slots.order.len(), slots.bytes, slots.map.len()), (0, 0, 0));
     }
 }
