@@ -418,6 +418,21 @@ pub fn e2e(
                     p.display()
                 )));
             }
+            // The rule runs on the backbone the adapter was trained on.
+            let backbone = crate::train::Bundle::backbone_id(p)
+                .map_err(|e| BenchError::Setup(format!("--spine-adapter: {e}")))?;
+            let at = text.find(SHIPPED).unwrap_or(0);
+            let line = text[at..]
+                .find("\nbackbone = ")
+                .map(|i| at + i + 1)
+                .and_then(|start| text[start..].find('\n').map(|end| start..start + end));
+            let Some(line) = line else {
+                return Err(BenchError::Setup(
+                    "the embedded spine rule names no backbone".into(),
+                ));
+            };
+            let mut text = text;
+            text.replace_range(line, &format!("backbone = {backbone:?}"));
             text.replace(SHIPPED, &format!("adapter = {:?}", p.display().to_string()))
         }
     };

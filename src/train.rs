@@ -54,6 +54,20 @@ impl Bundle {
         std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))
     }
 
+    /// The backbone id a bundle's adapters were trained on, without loading the backbone.
+    pub fn backbone_id(path: &Path) -> Result<String, AdapterError> {
+        let err = |d: String| AdapterError::File {
+            path: path.display().to_string(),
+            detail: d,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let b: Bundle = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+        b.tasks
+            .first()
+            .map(|(_, a)| a.backbone.clone())
+            .ok_or_else(|| err("no adapters".into()))
+    }
+
     /// Loads a bundle and checks that it was made for `backbone`.
     pub fn load(path: &Path, backbone: &Backbone) -> Result<Bundle, AdapterError> {
         let err = |d: String| AdapterError::File {
