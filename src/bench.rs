@@ -351,6 +351,19 @@ pub struct E2eFigures {
     pub peak_rss_mb: f64,
 }
 
+/// The configuration `text` with the shipped spine rule's adapter and backbone replaced
+/// (None when it has no such rule, or the rule names no backbone).
+fn with_spine_adapter(text: &str, adapter: &str, backbone: &str) -> Option<String> {
+    const SHIPPED: &str = "adapter = \"models/adapters/spine.adapter\"";
+    let at = text.find(SHIPPED)?;
+    let rule_end = text[at..].find("[[rules]]").map_or(text.len(), |i| at + i);
+    let start = at + text[at..rule_end].find("\nbackbone = ")? + 1;
+    let end = start + text[start..].find('\n')?;
+    let mut out = text.to_string();
+    out.replace_range(start..end, &format!("backbone = {backbone:?}"));
+    Some(out.replacen(SHIPPED, &format!("adapter = {adapter:?}"), 1))
+}
+
 /// Runs the agent (`scout serve`, a child process on the embedded configuration with
 /// `slices` and a destination in this process) and a scanner simulation in this process.
 /// The series is a localizer-like stack: slices of `case` when given, else the phantom.
@@ -411,29 +424,15 @@ pub fn e2e(
     let text = match spine_adapter {
         None => text,
         Some(p) => {
-            const SHIPPED: &str = "adapter = \"models/adapters/spine.adapter\"";
-            if !p.is_file() || !text.contains(SHIPPED) {
-                return Err(BenchError::Setup(format!(
-                    "--spine-adapter {}: not a file, or the embedded configuration has no spine rule",
-                    p.display()
-                )));
-            }
             // The rule runs on the backbone the adapter was trained on.
             let backbone = crate::train::Bundle::backbone_id(p)
                 .map_err(|e| BenchError::Setup(format!("--spine-adapter: {e}")))?;
-            let at = text.find(SHIPPED).unwrap_or(0);
-            let line = text[at..]
-                .find("\nbackbone = ")
-                .map(|i| at + i + 1)
-                .and_then(|start| text[start..].find('\n').map(|end| start..start + end));
-            let Some(line) = line else {
-                return Err(BenchError::Setup(
-                    "the embedded spine rule names no backbone".into(),
-                ));
-            };
-            let mut text = text;
-            text.replace_range(line, &format!("backbone = {backbone:?}"));
-            text.replace(SHIPPED, &format!("adapter = {:?}", p.display().to_string()))
+            with_spine_adapter(&text, &p.display().to_string(), &backbone).ok_or_else(|| {
+                BenchError::Setup(
+                    "--spine-adapter: the embedded configuration has no spine rule with a backbone"
+                        .into(),
+                )
+            })?
         }
     };
     let cfg_path = work.join("agent.toml");
@@ -553,4 +552,51 @@ pub fn e2e(
     let _ = agent.wait();
     dest.scp.stop();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--spine-adapter` changes the spine rule's adapter and backbone, nothing else.
+    #[test]
+    fn spine_adapter_swaps_the_spine_rules_adapter_and_backbone() {
+        let text = crate::config::DEFAULT_CONFIG_TOML;
+        let swapped =
+            with_spine_adapter(text, "/tmp/x.adapter", "litemedsam-hyper").expect("spine rule");
+        let before = crate::config::Config::from_toml(text, "embedded").expect("embedded");
+        let after = crate::config::Config::from_toml(&swapped, "swapped").expect("swapped");
+        let spine = |c: &crate::config::Config| {
+            c.rules
+                .iter()
+                .find(|r| r.name == "spine")
+                .cloned()
+                .expect("spine")
+        };
+        assert_eq!(
+            spine(&after).adapter,
+            std::path::PathBuf::from("/tmp/x.adapter")
+        );
+        assert_eq!(spine(&after).backbone, "litemedsam-hyper");
+        assert_eq!(before.rules.len(), after.rules.len());
+        for (b, a) in before
+            .rules
+            .iter()
+            .zip(&after.rules)
+            .filter(|(b, _)| b.name != "spine")
+        {
+            assert_eq!(
+                (&b.adapter, &b.backbone),
+                (&a.adapter, &a.backbone),
+                "{}",
+                b.name
+            );
+        }
+        let no_backbone = text.replacen("backbone = \"\"\n# \"center\"", "# \"center\"", 1);
+        assert_ne!(no_backbone, text);
+        assert!(
+            with_spine_adapter(&no_backbone, "/tmp/x.adapter", "b").is_none(),
+            "the chest rule's backbone line is not the spine rule's"
+        );
+    }
 }
