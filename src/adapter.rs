@@ -805,8 +805,6 @@ impl Adapter {
     }
 }
 
-/// Per label l ≥ 1, the cells (row indices over all slices, sorted) outside l's region
-/// within `BORDER_CELLS` of it; at 0, the background cells near any region.
 /// Training rows are held in memory all at once (one matrix, the methods draw from it at
 /// random); past this size the background cells away from every region are sampled.
 /// The spine templates augmented on the 128×128 grid of `litemedsam-hyper` would take

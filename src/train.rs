@@ -41,41 +41,35 @@ impl Bundle {
     }
 
     pub fn save(&self, path: &Path) -> Result<(), AdapterError> {
-        let err = |d: String| AdapterError::File {
-            path: path.display().to_string(),
-            detail: d,
-        };
-        let text = serde_json::to_string(self).map_err(|e| err(e.to_string()))?;
+        let err = |e: &dyn std::fmt::Display| file_error(path, e);
+        let text = serde_json::to_string(self).map_err(|e| err(&e))?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+            std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
         }
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, text).map_err(|e| err(e.to_string()))?;
-        std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))
+        std::fs::write(&tmp, text).map_err(|e| err(&e))?;
+        std::fs::rename(&tmp, path).map_err(|e| err(&e))
+    }
+
+    /// The file as it is, unchecked.
+    fn read(path: &Path) -> Result<Bundle, AdapterError> {
+        let text = std::fs::read_to_string(path).map_err(|e| file_error(path, e))?;
+        serde_json::from_str(&text).map_err(|e| file_error(path, e))
     }
 
     /// The backbone id a bundle's adapters were trained on, without loading the backbone.
     pub fn backbone_id(path: &Path) -> Result<String, AdapterError> {
-        let err = |d: String| AdapterError::File {
-            path: path.display().to_string(),
-            detail: d,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        let b: Bundle = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
-        b.tasks
+        Bundle::read(path)?
+            .tasks
             .first()
             .map(|(_, a)| a.backbone.clone())
-            .ok_or_else(|| err("no adapters".into()))
+            .ok_or_else(|| file_error(path, "no adapters"))
     }
 
     /// Loads a bundle and checks that it was made for `backbone`.
     pub fn load(path: &Path, backbone: &Backbone) -> Result<Bundle, AdapterError> {
-        let err = |d: String| AdapterError::File {
-            path: path.display().to_string(),
-            detail: d,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        let b: Bundle = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let err = |d: String| file_error(path, d);
+        let b = Bundle::read(path)?;
         if !FORMATS.contains(&b.format) {
             return Err(err(format!(
                 "format {} is not supported (this build reads {} to {})",
@@ -90,6 +84,13 @@ impl Bundle {
             a.check_backbone(backbone.id(), backbone.checksum())?;
         }
         Ok(b)
+    }
+}
+
+fn file_error(path: &Path, detail: impl std::fmt::Display) -> AdapterError {
+    AdapterError::File {
+        path: path.display().to_string(),
+        detail: detail.to_string(),
     }
 }
 
