@@ -128,6 +128,8 @@ impl Engine {
         };
         backbone::set_threads(threads);
         let mut stores: Vec<Arc<FeatureStore>> = Vec::new();
+        // Backbones that did not load, with why: tried once, reported for every rule.
+        let mut failed: Vec<(String, String)> = Vec::new();
         let mut rules = Vec::new();
         let mut problems = Vec::new();
         for rule in &config.rules {
@@ -136,6 +138,10 @@ impl Engine {
             } else {
                 &rule.backbone
             };
+            if let Some((_, e)) = failed.iter().find(|(f, _)| f == id) {
+                problems.push(format!("rule {}: backbone {id}: {e}", rule.name));
+                continue;
+            }
             let store = match stores.iter().find(|s| s.backbone().id() == id) {
                 Some(s) => s.clone(),
                 None => match Backbone::load(&manifest, id) {
@@ -146,6 +152,7 @@ impl Engine {
                     }
                     Err(e) => {
                         problems.push(format!("rule {}: backbone {id}: {e}", rule.name));
+                        failed.push((id.clone(), e.to_string()));
                         continue;
                     }
                 },

@@ -339,7 +339,15 @@ fn rules_on_two_backbones_answer_the_same_localizer() {
         ),
     ] {
         let run = setup(&[]);
-        let text = std::fs::read_to_string(&run.cfg).unwrap() + &rule(adapter, backbone);
+        let mut text = std::fs::read_to_string(&run.cfg).unwrap() + &rule(adapter, backbone);
+        if backbone == "no-such-backbone" {
+            // A second rule on the same missing backbone is reported too (loaded once).
+            text = text.replacen(
+                "backbone = \"litemedsam-hyper\"",
+                "backbone = \"no-such-backbone\"",
+                1,
+            );
+        }
         std::fs::write(&run.cfg, text).unwrap();
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_scout"))
             .arg("check-config")
@@ -349,6 +357,12 @@ fn rules_on_two_backbones_answer_the_same_localizer() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{backbone}: accepted");
         assert!(stderr.contains(expect), "{backbone}: {stderr}");
+        if backbone == "no-such-backbone" {
+            assert!(
+                stderr.contains("rule chest: backbone no-such-backbone"),
+                "{stderr}"
+            );
+        }
         if backbone == "tiny-dinov2-test" {
             assert!(
                 stderr.contains("trained on backbone litemedsam")
