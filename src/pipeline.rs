@@ -188,7 +188,6 @@ pub fn serve(config: &Config) -> Result<(), PipelineError> {
         }
         _ => None,
     };
-    let ingest = start_ingest_with(config, tap)?;
     if !config.health.bind.is_empty() {
         let depth_outbox = outbox.clone();
         let destinations = config.destinations.clone();
@@ -200,11 +199,13 @@ pub fn serve(config: &Config) -> Result<(), PipelineError> {
             started_unix: crate::metrics::unix_now(),
         });
         // Monitoring must not keep DICOM from being served: a taken port is only logged.
+        // Bound before the SCP opens, so a probe that sees the DICOM port also finds this.
         if let Err(e) = crate::metrics::serve(&config.health.bind, probe) {
             log::error!("{e}; continuing without it");
         }
     }
 
+    let ingest = start_ingest_with(config, tap)?;
     let (wake_tx, wake_rx) = bounded::<()>(1);
     let sender = {
         let (outbox, stop) = (outbox.clone(), stop.clone());

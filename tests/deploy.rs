@@ -57,7 +57,15 @@ fn healthz_and_metrics_scraped_while_traffic_flows() {
     )
     .unwrap();
     let dest = Storescp::start(dest_port, &tmp.path().join("received"));
-    let _agent = Daemon::start(&cfg, port);
+    let agent = Daemon::start(&cfg, port);
+    // The endpoint is bound before the SCP opens; if it is not up, the log says why.
+    assert!(
+        agent
+            .wait_log(&["health: http://"], Duration::from_secs(5))
+            .is_some(),
+        "health endpoint not started: {:?}",
+        agent.log_lines()
+    );
 
     let (code, body) = get(health, "/healthz");
     assert_eq!(code, 200, "{body}");
