@@ -55,8 +55,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 None => postprocess::findings(&up),
             });
         });
+        // The refinement's cost does not depend on the guide's values: any plane will do.
+        let structures = matches!(task, scout::templates::Task::Structures { .. });
+        let edges = if adapter.train.guided && structures {
+            let guide = up.index_axis(ndarray::Axis(0), 0).to_owned();
+            let ms = time(&mut || {
+                let mut s = up.clone();
+                postprocess::refine_to_edges(&mut s, &guide, fm.grid().0);
+                std::hint::black_box(s);
+            });
+            format!(", edge refinement {ms:.1} ms")
+        } else {
+            String::new()
+        };
         println!(
-            "{task:?}: context rows {ctx:.1} ms, scores (incl. context) {sc:.1} ms, upsample to {rows}×{cols} {ups:.1} ms, findings {post:.1} ms"
+            "{task:?}: context rows {ctx:.1} ms, scores (incl. context) {sc:.1} ms, upsample to {rows}×{cols} {ups:.1} ms, findings {post:.1} ms{edges}"
         );
     }
     Ok(())

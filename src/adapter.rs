@@ -110,6 +110,10 @@ pub struct TrainConfig {
     /// of the localizer slice's point vote for the 3D point (`postprocess::near_anchor`).
     #[serde(default)]
     pub stack_anchor: bool,
+    /// Structures: refit the upsampled scores to the slice's intensity edges
+    /// (`postprocess::refine_to_edges`) before the regions are taken.
+    #[serde(default)]
+    pub guided: bool,
 }
 
 /// How far (in cells, Chebyshev) outside a region `TrainConfig::borders` looks.
@@ -147,6 +151,7 @@ impl Default for TrainConfig {
             ensemble: Vec::new(),
             layout_fill: false,
             stack_anchor: false,
+            guided: false,
         }
     }
 }

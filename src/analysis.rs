@@ -304,9 +304,18 @@ impl Engine {
                     .get(&img.sop_instance_uid, &img.path)
                     .map_err(|e| inst_err(Box::new(e)))?;
                 let t_features = t.elapsed();
+                // The encoder's input is not kept: the slice is read once more, when an
+                // adapter refines with its intensities.
+                let mut pixels: Option<ndarray::Array2<f32>> = None;
                 for ((task, adapter), prior) in lr.bundle.tasks.iter().zip(&priors) {
                     let scores = adapter.scores(&fm).map_err(|e| inst_err(Box::new(e)))?;
-                    let up = postprocess::upsample_scores(&scores, fm.image_rows, fm.image_columns);
+                    let mut up =
+                        postprocess::upsample_scores(&scores, fm.image_rows, fm.image_columns);
+                    if adapter.train.guided && matches!(task, Task::Structures { .. }) {
+                        let guide = normalized_pixels(&mut pixels, &img.path)
+                            .map_err(|e| inst_err(Box::new(e)))?;
+                        postprocess::refine_to_edges(&mut up, guide, fm.grid().0);
+                    }
                     let mut found = match task {
                         Task::Landmarks { .. } => postprocess::shaped_findings(
                             &up,
@@ -337,11 +346,9 @@ impl Engine {
                         );
                     }
                     if adapter.patches.iter().any(Option::is_some) {
-                        // The encoder's input is not kept: the slice is read once more.
-                        let pixels = crate::image::read_dicom(&img.path)
-                            .and_then(|px| crate::image::normalize(&px))
+                        let slice = normalized_pixels(&mut pixels, &img.path)
                             .map_err(|e| inst_err(Box::new(e)))?;
-                        patch::refine_findings(&mut found, &adapter.patches, &pixels, &fm);
+                        patch::refine_findings(&mut found, &adapter.patches, slice, &fm);
                     }
                     match task {
                         Task::Landmarks { names, radius } => {
@@ -500,6 +507,18 @@ fn place(cands: &[Candidate3d], stacks: &[StackResult]) -> Option<LandmarkPoint>
         confidence: best.confidence,
         stack: best.stack,
     })
+}
+
+/// The slice's pixels, normalised as the encoder saw them: read on first use, then kept.
+fn normalized_pixels<'a>(
+    kept: &'a mut Option<ndarray::Array2<f32>>,
+    path: &std::path::Path,
+) -> Result<&'a ndarray::Array2<f32>, crate::image::ImageError> {
+    let pixels = match kept.take() {
+        Some(p) => p,
+        None => crate::image::normalize(&crate::image::read_dicom(path)?)?,
+    };
+    Ok(kept.insert(pixels))
 }
 
 /// Structured reports, segmentations (scout's own results among them, when a PACS

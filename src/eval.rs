@@ -43,8 +43,6 @@ pub struct EvalOptions {
     pub sam: Option<SamRefine>,
     /// Align the templates to each test case (landmarks).
     pub align: Option<AlignMode>,
-    /// Refine structure scores with the guided filter (`postprocess::guided_refine`).
-    pub guided: bool,
     pub landmark_radius: f64,
     pub train: TrainConfig,
     pub png_dir: Option<PathBuf>,
@@ -664,7 +662,7 @@ pub fn evaluate(
         binary: opts.binary,
         sam: opts.sam,
         align: opts.align,
-        guided: opts.guided,
+        guided: opts.train.guided,
         augment: opts.augment,
         backbone: backbone.id().to_string(),
         templates: templ.iter().map(|(c, _)| c.name.clone()).collect(),
@@ -884,9 +882,9 @@ pub fn evaluate(
                 let scores = trained.scores(fm)?;
                 let (rows, cols) = s.pixels.dim();
                 let mut up = postprocess::upsample_scores(&scores, rows, cols);
-                if opts.guided {
+                if opts.train.guided {
                     let guide = crate::image::normalize(&s.pixels).map_err(BackboneError::from)?;
-                    postprocess::guided_refine(&mut up, &guide, guided_radius(fm), GUIDED_EPS);
+                    postprocess::refine_to_edges(&mut up, &guide, fm.grid().0);
                 }
                 let shape = trained.adapters.first().and_then(|a| a.shape.as_ref());
                 let found = postprocess::structure_findings(&up, shape);
@@ -1005,15 +1003,6 @@ pub fn evaluate(
         }
     }
     Ok(report)
-}
-
-/// Guided filter settings, fixed a priori: the window is one feature cell (what bilinear
-/// upsampling blurs), flat means an intensity spread under 0.1 of the normalised range.
-const GUIDED_EPS: f32 = 1e-2;
-
-fn guided_radius(fm: &FeatureMap) -> usize {
-    let (h, _) = fm.grid();
-    (fm.image_rows as f64 / h.max(1) as f64).round().max(1.0) as usize
 }
 
 /// (row, column) in image pixels.

@@ -109,10 +109,6 @@ enum Cmd {
         /// in slice k* (what the agent does), `only` reports the aligned landmarks alone.
         #[arg(long, value_enum)]
         align: Option<scout::eval::AlignMode>,
-        /// Structures: refine the upsampled scores with the guided filter (the slice as
-        /// guide), so borders follow intensity edges.
-        #[arg(long)]
-        guided: bool,
         /// Robustness: rotate the test images (not the templates) by this many degrees.
         #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
         rotate: f64,
@@ -252,6 +248,10 @@ struct ContextArgs {
     /// radius, in-plane) vote for the 3D point.
     #[arg(long)]
     stack_anchor: bool,
+    /// Structures: refit the upsampled scores to the slice's intensity edges (guided
+    /// filter, the slice as guide), so borders follow edges instead of the feature grid.
+    #[arg(long)]
+    guided: bool,
 }
 
 impl From<ContextArgs> for scout::adapter::Context {
@@ -470,6 +470,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 ensemble: context.ensemble.clone(),
                 layout_fill: context.layout_fill,
                 stack_anchor: context.stack_anchor,
+                guided: context.guided,
                 align,
                 context: context.into(),
                 ..Default::default()
@@ -498,7 +499,6 @@ fn run(cli: Cli) -> Result<(), String> {
             sam_min_iou,
             sam_min_agreement,
             align,
-            guided,
             rotate,
             scale,
             gamma,
@@ -534,7 +534,6 @@ fn run(cli: Cli) -> Result<(), String> {
                         min_agreement: sam_min_agreement,
                     }),
                     align,
-                    guided,
                     landmark_radius: radius,
                     train: scout::adapter::TrainConfig {
                         seed,
@@ -545,6 +544,7 @@ fn run(cli: Cli) -> Result<(), String> {
                         ensemble: context.ensemble.clone(),
                         layout_fill: context.layout_fill,
                         stack_anchor: context.stack_anchor,
+                        guided: context.guided,
                         context: scout::adapter::Context {
                             pools: context.pools.clone(),
                             global: context.global_context,

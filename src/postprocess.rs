@@ -80,6 +80,16 @@ pub fn guided_refine(scores: &mut Array3<f32>, guide: &Array2<f32>, radius: usiz
     }
 }
 
+/// `guided_refine` as the adapters use it, settings fixed a priori: the window is one
+/// feature cell of a grid with `grid_rows` rows (what bilinear upsampling blurs); flat
+/// means an intensity spread under 0.1 of the normalised range.
+pub fn refine_to_edges(scores: &mut Array3<f32>, guide: &Array2<f32>, grid_rows: usize) {
+    let radius = (scores.dim().1 as f64 / grid_rows.max(1) as f64)
+        .round()
+        .max(1.0) as usize;
+    guided_refine(scores, guide, radius, 1e-2);
+}
+
 /// 0 = background, l + 1 = label l: the best label per pixel if its score ≥ 0.5.
 pub fn label_map(scores: &Array3<f32>) -> Array2<u8> {
     let (n, rows, cols) = scores.dim();

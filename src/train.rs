@@ -151,6 +151,7 @@ pub fn train_dataset(
         (config.borders, " --borders"),
         (config.layout_fill, " --layout-fill"),
         (config.stack_anchor, " --stack-anchor"),
+        (config.guided, " --guided"),
     ] {
         if on {
             options.push_str(flag);

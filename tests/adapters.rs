@@ -36,7 +36,6 @@ fn options(method: Method) -> EvalOptions {
         binary: false,
         sam: None,
         align: None,
-        guided: false,
         augment: Default::default(),
         landmark_radius: 10.0,
         train: TrainConfig {

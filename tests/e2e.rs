@@ -236,6 +236,58 @@ fn check_seg(seg_file: &Path, source: &SynthSeries) {
     assert_eq!(referenced.len(), source.files.len());
 }
 
+/// A backbone of the shipped manifest and the tests' feature cache for it.
+fn shipped_backbone(id: &str) -> (scout::backbone::Backbone, scout::features::FeatureCache) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest = scout::backbone::Manifest::load(&root.join("models/models.toml")).unwrap();
+    let backbone = scout::backbone::Backbone::load(&manifest, id).unwrap();
+    let cache = scout::features::FeatureCache::new(
+        &Path::new(env!("CARGO_TARGET_TMPDIR")).join("feature-cache"),
+        &backbone,
+    );
+    (backbone, cache)
+}
+
+/// A one-image SEG's masks by segment label (each segment has at most one frame there).
+fn seg_masks(seg_file: &Path) -> BTreeMap<String, ndarray::Array2<bool>> {
+    let seg = open_file(seg_file).unwrap();
+    let int = |o: &InMemDicomObject, t: Tag| o.get(t).unwrap().to_int::<usize>().unwrap();
+    let (rows, cols) = (int(&seg, tags::ROWS), int(&seg, tags::COLUMNS));
+    let labels: BTreeMap<usize, String> = items(&seg, tags::SEGMENT_SEQUENCE)
+        .iter()
+        .map(|s| {
+            (
+                int(s, tags::SEGMENT_NUMBER),
+                text(s, tags::SEGMENT_LABEL).unwrap(),
+            )
+        })
+        .collect();
+    let bits = seg.get(tags::PIXEL_DATA).unwrap().to_bytes().unwrap();
+    items(&seg, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE)
+        .iter()
+        .enumerate()
+        .map(|(f, frame)| {
+            let ident = &items(frame, tags::SEGMENT_IDENTIFICATION_SEQUENCE)[0];
+            let first = f * rows * cols;
+            // BINARY segmentation: one bit per pixel, frames back to back, LSB first.
+            let mask = ndarray::Array2::from_shape_fn((rows, cols), |(r, c)| {
+                let b = first + r * cols + c;
+                (bits[b / 8] >> (b % 8)) & 1 == 1
+            });
+            (
+                labels[&int(ident, tags::REFERENCED_SEGMENT_NUMBER)].clone(),
+                mask,
+            )
+        })
+        .collect()
+}
+
+fn iou(a: &ndarray::Array2<bool>, b: &ndarray::Array2<bool>) -> f64 {
+    let both = a.iter().zip(b).filter(|(x, y)| **x && **y).count();
+    let either = a.iter().zip(b).filter(|(x, y)| **x || **y).count();
+    both as f64 / either.max(1) as f64
+}
+
 fn sidecar(data: &Path, s: &SynthSeries, rule: &str) -> PathBuf {
     data.join("results")
         .join(&s.study_instance_uid)
@@ -551,7 +603,7 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
     let grey = case.slices[0]
         .pixels
         .mapv(|v| (v * 255.0).round().clamp(0.0, 255.0) as u16);
-    let (_run, series, points) = real_images_through_the_agent(
+    let (run, series, points) = real_images_through_the_agent(
         vec![grey],
         scout::geometry::Plane::Coronal,
         "CHEST LOCALIZER",
@@ -579,6 +631,60 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         errors.iter().flatten().filter(|e| **e <= 10.0).count() >= 3,
         "fewer than 3 of 4 within 10 px: {errors:?}"
     );
+
+    // Structures: the SEG's masks against the truth, and against the same adapter run
+    // in-process the way `scout eval` runs it, with and without its edge refinement.
+    let segs: Vec<PathBuf> = std::fs::read_dir(&run.out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("SG"))
+        })
+        .collect();
+    assert_eq!(segs.len(), 1, "{segs:?}");
+    let masks = seg_masks(&segs[0]);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (backbone, cache) = shipped_backbone("litemedsam-hyper");
+    let bundle =
+        scout::train::Bundle::load(&root.join("models/adapters/chest.adapter"), &backbone).unwrap();
+    let (_, adapter) = bundle
+        .tasks
+        .iter()
+        .find(|(t, _)| matches!(t, scout::templates::Task::Structures { .. }))
+        .unwrap();
+    assert!(
+        adapter.train.guided,
+        "the shipped chest adapter refines its edges"
+    );
+    let slice = &case.slices[0];
+    let (fm, _) = cache.features(&backbone, &slice.pixels).unwrap();
+    let plain = scout::postprocess::upsample_scores(
+        &adapter.scores(&fm).unwrap(),
+        fm.image_rows,
+        fm.image_columns,
+    );
+    let mut refined = plain.clone();
+    let guide = scout::image::normalize(&slice.pixels).unwrap();
+    scout::postprocess::refine_to_edges(&mut refined, &guide, fm.grid().0);
+    let reference = |s| scout::postprocess::structure_findings(s, adapter.shape.as_ref());
+    let (plain, refined) = (reference(&plain), reference(&refined));
+    let truth = slice.labels.as_ref().unwrap();
+    for (l, name) in ["Right lung", "Left lung", "Heart"].iter().enumerate() {
+        let got = &masks[*name];
+        let to_truth = iou(got, &truth.mapv(|v| v as usize == l + 1));
+        let to_refined = iou(got, &refined[l].as_ref().unwrap().mask);
+        let to_plain = iou(got, &plain[l].as_ref().unwrap().mask);
+        eprintln!(
+            "{name}: IoU with the truth {to_truth:.3}, with eval's refined mask {to_refined:.4}, unrefined {to_plain:.4}"
+        );
+        assert!(
+            to_truth >= if l < 2 { 0.85 } else { 0.6 },
+            "{name}: {to_truth}"
+        );
+        assert!(to_refined >= 0.99 && to_refined > to_plain, "{name}");
+    }
 }
 
 #[test]
@@ -627,12 +733,7 @@ fn aligned_spine_adapter_reports_every_vertebra_through_the_agent() {
         return;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let manifest = scout::backbone::Manifest::load(&root.join("models/models.toml")).unwrap();
-    let backbone = scout::backbone::Backbone::load(&manifest, "litemedsam").unwrap();
-    let cache = scout::features::FeatureCache::new(
-        &Path::new(env!("CARGO_TARGET_TMPDIR")).join("feature-cache"),
-        &backbone,
-    );
+    let (backbone, cache) = shipped_backbone("litemedsam");
     let ds = scout::dataset::Dataset::open(&shared.join("spine-mr")).unwrap();
     let config = shipped_spine_config(true);
     let bundle = scout::train::train_dataset(
