@@ -792,8 +792,20 @@ fn series_left_by_a_killed_run_is_emitted_after_restart_exactly_once() {
             "{:?}",
             daemon.log_lines()
         );
-        // Give the sink a moment to mark it done, then stop the clean way.
-        std::thread::sleep(Duration::from_millis(300));
+        // Once the series is marked done, stop the clean way.
+        let done = data
+            .join("spool")
+            .join(&written.study_instance_uid)
+            .join(&written.series_instance_uid)
+            .join(".done");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !done.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "series not marked done"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
         let _ = daemon.child.wait();
         daemon.kill9();
