@@ -68,8 +68,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         } else {
             String::new()
         };
+        let votes = if adapter.votes.is_empty() {
+            String::new()
+        } else {
+            let found = match &adapter.shape {
+                Some(shape) => postprocess::shaped_findings(&up, Some(shape), None),
+                None => postprocess::findings(&up),
+            };
+            let ms = time(&mut || {
+                let mut f = found.clone();
+                if let Ok(rows) = adapter.standardized_rows(&fm) {
+                    scout::votes::refine_findings(
+                        &mut f,
+                        &adapter.votes,
+                        rows.view(),
+                        &fm,
+                        scores.view(),
+                    );
+                }
+                std::hint::black_box(f);
+            });
+            format!(", votes {ms:.1} ms")
+        };
         println!(
-            "{task:?}: context rows {ctx:.1} ms, scores (incl. context) {sc:.1} ms, upsample to {rows}×{cols} {ups:.1} ms, findings {post:.1} ms{edges}"
+            "{task:?}: context rows {ctx:.1} ms, scores (incl. context) {sc:.1} ms, upsample to {rows}×{cols} {ups:.1} ms, findings {post:.1} ms{edges}{votes}"
         );
     }
     Ok(())

@@ -114,6 +114,10 @@ pub struct TrainConfig {
     /// (`postprocess::refine_to_edges`) before the regions are taken.
     #[serde(default)]
     pub guided: bool,
+    /// Landmarks: every cell of a landmark's region votes for where it sees the point
+    /// (`votes`), instead of the region's centroid.
+    #[serde(default)]
+    pub votes: bool,
 }
 
 /// How far (in cells, Chebyshev) outside a region `TrainConfig::borders` looks.
@@ -152,6 +156,7 @@ impl Default for TrainConfig {
             layout_fill: false,
             stack_anchor: false,
             guided: false,
+            votes: false,
         }
     }
 }
@@ -406,6 +411,10 @@ pub struct Adapter {
     /// no members of their own.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<Adapter>,
+    /// Per landmark, the offset model its region's cells vote with, when trained with
+    /// `votes`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub votes: Vec<Option<crate::votes::LandmarkVotes>>,
 }
 
 /// Features of all cells as rows (h·w × columns, cells row-major over the grid): the
@@ -606,6 +615,7 @@ impl Adapter {
             alignment: Vec::new(),
             patches: Vec::new(),
             members,
+            votes: Vec::new(),
         })
     }
 
@@ -630,6 +640,16 @@ impl Adapter {
             .position(|p| p.as_ref().is_some_and(|p| !p.is_valid()))
         {
             return Err(format!("landmark patch {i} does not fit its size"));
+        }
+        if !self.votes.is_empty() && self.votes.len() != n {
+            return Err(format!("{} vote models for {n} labels", self.votes.len()));
+        }
+        if let Some(i) = self
+            .votes
+            .iter()
+            .position(|v| v.as_ref().is_some_and(|v| !v.fits(c)))
+        {
+            return Err(format!("vote model {i} does not fit {c} feature columns"));
         }
         if let Some(shape) = &self.shape {
             if !shape.fits(n) {
@@ -725,6 +745,20 @@ impl Adapter {
 
     /// Score maps (L × h × w) in [0, 1]; ≥ 0.5 means "this label". With ensemble
     /// members, the mean of their scores and this adapter's.
+    /// The feature rows of `fm` (with this adapter's context), standardised as the
+    /// adapter's models see them.
+    pub fn standardized_rows(&self, fm: &FeatureMap) -> Result<Array2<f32>, AdapterError> {
+        let mut rows = context_rows(fm, &self.train.context);
+        if rows.ncols() != self.feature_mean.len() {
+            return Err(AdapterError::Channels {
+                expected: self.feature_mean.len(),
+                actual: rows.ncols(),
+            });
+        }
+        standardize(&mut rows, &self.feature_mean, &self.feature_std);
+        Ok(rows)
+    }
+
     pub fn scores(&self, fm: &FeatureMap) -> Result<Array3<f32>, AdapterError> {
         let (_, h, w) = fm.data.dim();
         let rows = context_rows(fm, &self.train.context);

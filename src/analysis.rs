@@ -16,6 +16,7 @@ use crate::rules::{Candidate, Rule, Slices};
 use crate::series::{Series, Stack};
 use crate::templates::Task;
 use crate::train::Bundle;
+use crate::votes;
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -343,6 +344,18 @@ impl Engine {
                             shape,
                             *radius,
                             (fm.image_rows, fm.image_columns),
+                        );
+                    }
+                    if !adapter.votes.is_empty() {
+                        let rows = adapter
+                            .standardized_rows(&fm)
+                            .map_err(|e| inst_err(Box::new(e)))?;
+                        votes::refine_findings(
+                            &mut found,
+                            &adapter.votes,
+                            rows.view(),
+                            &fm,
+                            scores.view(),
                         );
                     }
                     if adapter.patches.iter().any(Option::is_some) {

@@ -420,6 +420,15 @@ pub fn train_task(
             if config.patches {
                 a.patches = landmark_patches(templates, &points, &group, names)?;
             }
+            if config.votes {
+                a.votes = landmark_votes(
+                    &a,
+                    templates.iter().chain(augmented),
+                    &group,
+                    names,
+                    *radius,
+                )?;
+            }
             if config.align {
                 a.alignment = templates
                     .iter()
@@ -439,6 +448,51 @@ pub fn train_task(
         out.push(a);
     }
     Ok(out)
+}
+
+/// Per label of `group`, the offset model of `votes`, fit on the cells near the landmark
+/// in slice k* of the templates and their augmented copies (a copy counts as its
+/// template when one is left out to choose the ridge strength).
+fn landmark_votes<'a>(
+    adapter: &Adapter,
+    cases: impl Iterator<Item = &'a (Case, Vec<FeatureMap>)>,
+    group: &[usize],
+    names: &[String],
+    radius: f64,
+) -> Result<Vec<Option<crate::votes::LandmarkVotes>>, AdapterError> {
+    let mut samples: Vec<crate::votes::Samples> =
+        group.iter().map(|_| Default::default()).collect();
+    let mut templates: Vec<&str> = Vec::new();
+    for (case, fms) in cases {
+        let t = match templates.iter().position(|n| *n == case.name) {
+            Some(t) => t,
+            None => {
+                templates.push(&case.name);
+                templates.len() - 1
+            }
+        };
+        let fm = &fms[case.center];
+        let rows = adapter.standardized_rows(fm)?;
+        // Cells within the landmark radius plus one cell of the point.
+        let cell = crate::patch::cell_px((fm.image_rows, fm.image_columns), fm.grid());
+        let reach = radius + cell.0.max(cell.1);
+        for (s, &l) in samples.iter_mut().zip(group) {
+            if let Some(p) = case.landmarks.get(&names[l]) {
+                s.add(rows.view(), fm, (p.row, p.column), reach, t);
+            }
+        }
+    }
+    Ok(samples
+        .iter()
+        .map(|s| {
+            let reach = s
+                .offsets
+                .iter()
+                .map(|o| o[0].hypot(o[1]))
+                .fold(radius, f64::max);
+            crate::votes::LandmarkVotes::fit(s, reach)
+        })
+        .collect())
 }
 
 /// Per label of `group`, the mean of the templates' patches around the landmark in their
@@ -768,6 +822,23 @@ pub fn evaluate(
                         shape,
                         opts.landmark_radius,
                         (rows, cols),
+                    );
+                }
+                // Per adapter (one per label with `binary`), on its own labels.
+                let mut first = 0;
+                for a in &trained.adapters {
+                    let labels = first..first + a.labels.len();
+                    first = labels.end;
+                    if a.votes.is_empty() {
+                        continue;
+                    }
+                    let rows = a.standardized_rows(fm)?;
+                    crate::votes::refine_findings(
+                        &mut found[labels.clone()],
+                        &a.votes,
+                        rows.view(),
+                        fm,
+                        scores.slice(ndarray::s![labels, .., ..]),
                     );
                 }
                 if patches.iter().any(Option::is_some) {

@@ -39,3 +39,4 @@ pub mod synth;
 pub mod templates;
 pub mod train;
 pub mod uid;
+pub mod votes;

@@ -252,6 +252,10 @@ struct ContextArgs {
     /// filter, the slice as guide), so borders follow edges instead of the feature grid.
     #[arg(long)]
     guided: bool,
+    /// Landmarks: each cell of a landmark's region votes for where it sees the point
+    /// (offsets learned from the templates) instead of taking the region's centroid.
+    #[arg(long)]
+    votes: bool,
 }
 
 impl From<ContextArgs> for scout::adapter::Context {
@@ -471,6 +475,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 layout_fill: context.layout_fill,
                 stack_anchor: context.stack_anchor,
                 guided: context.guided,
+                votes: context.votes,
                 align,
                 context: context.into(),
                 ..Default::default()
@@ -545,6 +550,7 @@ fn run(cli: Cli) -> Result<(), String> {
                         layout_fill: context.layout_fill,
                         stack_anchor: context.stack_anchor,
                         guided: context.guided,
+                        votes: context.votes,
                         context: scout::adapter::Context {
                             pools: context.pools.clone(),
                             global: context.global_context,

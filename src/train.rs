@@ -152,6 +152,7 @@ pub fn train_dataset(
         (config.layout_fill, " --layout-fill"),
         (config.stack_anchor, " --stack-anchor"),
         (config.guided, " --guided"),
+        (config.votes, " --votes"),
     ] {
         if on {
             options.push_str(flag);
