@@ -977,14 +977,11 @@ fn refusing_destination_is_retried_then_the_result_is_parked() {
         })
     };
     let parked = tmp.path().join("outbox/dest/failed/x.sr.dcm");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !parked.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not parked after 2 refusals"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_path(
+        &parked,
+        Duration::from_secs(20),
+        "not parked after 2 refusals",
+    );
     assert!(outbox.pending("dest").is_empty());
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     sender.join().unwrap();

@@ -798,14 +798,7 @@ fn series_left_by_a_killed_run_is_emitted_after_restart_exactly_once() {
             .join(&written.study_instance_uid)
             .join(&written.series_instance_uid)
             .join(".done");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !done.exists() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "series not marked done"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_path(&done, Duration::from_secs(10), "series not marked done");
         unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
         let _ = daemon.child.wait();
         daemon.kill9();

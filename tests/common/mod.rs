@@ -69,6 +69,15 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Waits until `path` exists; fails the test with `what` after `timeout`.
+pub fn wait_for_path(path: &Path, timeout: Duration, what: &str) {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{what}: {}", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Configuration text: the embedded default with test values substituted.
 pub fn config_text(port: u16, data_dir: &Path, edits: &[(&str, &str)]) -> String {
     let mut t = scout::config::DEFAULT_CONFIG_TOML
