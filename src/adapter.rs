@@ -745,51 +745,92 @@ impl Adapter {
 
     /// Score maps (L × h × w) in [0, 1]; ≥ 0.5 means "this label". With ensemble
     /// members, the mean of their scores and this adapter's.
-    /// The feature rows of `fm` (with this adapter's context), standardised as the
-    /// adapter's models see them.
-    pub fn standardized_rows(&self, fm: &FeatureMap) -> Result<Array2<f32>, AdapterError> {
-        let mut rows = context_rows(fm, &self.train.context);
-        if rows.ncols() != self.feature_mean.len() {
-            return Err(AdapterError::Channels {
-                expected: self.feature_mean.len(),
-                actual: rows.ncols(),
-            });
+    pub fn scores(&self, fm: &FeatureMap) -> Result<Array3<f32>, AdapterError> {
+        self.scores_and_rows(fm).map(|(scores, _)| scores)
+    }
+
+    /// `scores`, and the feature rows they were computed from, standardised as this
+    /// adapter's models see them (what `votes` reads): the context columns are built and
+    /// standardised once, for this adapter and every member with the same standardisation.
+    pub fn scores_and_rows(
+        &self,
+        fm: &FeatureMap,
+    ) -> Result<(Array3<f32>, Array2<f32>), AdapterError> {
+        let (_, h, w) = fm.data.dim();
+        let all = || self.members.iter().chain(std::iter::once(self));
+        // The raw rows are kept only for a basic model or another standardisation.
+        let keep_raw = all().any(|a| matches!(a.model, Model::Basic { .. }) || !a.shares(self));
+        let mut standard = self.context_of(fm)?;
+        let raw = keep_raw.then(|| standard.clone());
+        standardize(&mut standard, &self.feature_mean, &self.feature_std);
+        let mut sum = Array2::zeros((h * w, self.labels.len()));
+        for a in all() {
+            sum += &match &raw {
+                Some(raw) if !a.shares(self) => {
+                    let mut x = raw.clone();
+                    standardize(&mut x, &a.feature_mean, &a.feature_std);
+                    a.row_scores(Some(raw), x.view())?
+                }
+                raw => a.row_scores(raw.as_ref(), standard.view())?,
+            };
         }
+        sum /= (1 + self.members.len()) as f32;
+        let scores =
+            Array3::from_shape_fn((self.labels.len(), h, w), |(l, i, j)| sum[[i * w + j, l]]);
+        Ok((scores, standard))
+    }
+
+    /// The feature rows of `fm` standardised as this adapter's models see them.
+    pub fn standardized_rows(&self, fm: &FeatureMap) -> Result<Array2<f32>, AdapterError> {
+        let mut rows = self.context_of(fm)?;
         standardize(&mut rows, &self.feature_mean, &self.feature_std);
         Ok(rows)
     }
 
-    pub fn scores(&self, fm: &FeatureMap) -> Result<Array3<f32>, AdapterError> {
-        let (_, h, w) = fm.data.dim();
+    /// `context_rows` with this adapter's context, checked against its columns.
+    fn context_of(&self, fm: &FeatureMap) -> Result<Array2<f32>, AdapterError> {
         let rows = context_rows(fm, &self.train.context);
-        let mut sum = Array2::zeros((h * w, self.labels.len()));
-        for m in &self.members {
-            sum += &m.row_scores(rows.clone())?;
-        }
-        sum += &self.row_scores(rows)?;
-        sum /= (1 + self.members.len()) as f32;
-        Ok(Array3::from_shape_fn(
-            (self.labels.len(), h, w),
-            |(l, i, j)| sum[[i * w + j, l]],
-        ))
-    }
-
-    /// Scores (cells × L) of this adapter's own model for rows of `context_rows`.
-    fn row_scores(&self, rows: Array2<f32>) -> Result<Array2<f32>, AdapterError> {
-        let cells = rows.nrows();
         if rows.ncols() != self.feature_mean.len() {
             return Err(AdapterError::Channels {
                 expected: self.feature_mean.len(),
                 actual: rows.ncols(),
             });
         }
+        Ok(rows)
+    }
+
+    /// Whether this adapter standardises features as `other` does.
+    fn shares(&self, other: &Adapter) -> bool {
+        self.feature_mean == other.feature_mean && self.feature_std == other.feature_std
+    }
+
+    /// Scores (cells × L) of this adapter's own model: a basic one reads the `raw` rows of
+    /// `context_rows`, the others the rows `x` standardised with this adapter's mean and
+    /// spread.
+    fn row_scores(
+        &self,
+        raw: Option<&Array2<f32>>,
+        x: ArrayView2<f32>,
+    ) -> Result<Array2<f32>, AdapterError> {
+        let cells = x.nrows();
+        if x.ncols() != self.feature_mean.len() {
+            return Err(AdapterError::Channels {
+                expected: self.feature_mean.len(),
+                actual: x.ncols(),
+            });
+        }
         let n = self.labels.len();
         Ok(match &self.model {
-            Model::Basic { prototypes } => unit_rows(&rows).dot(&prototypes.t()),
+            Model::Basic { prototypes } => match raw {
+                Some(raw) => unit_rows(raw).dot(&prototypes.t()),
+                None => {
+                    return Err(AdapterError::NoTraining(
+                        "a basic model needs the unstandardised rows".into(),
+                    ))
+                }
+            },
             Model::Classification { net } => {
-                let mut x = rows;
-                standardize(&mut x, &self.feature_mean, &self.feature_std);
-                let logits = net.forward(x.view());
+                let logits = net.forward(x);
                 let mut p = Array2::zeros((cells, n));
                 for (r, row) in logits.rows().into_iter().enumerate() {
                     let max = row.fold(f32::NEG_INFINITY, |a, &b| a.max(b));
@@ -805,12 +846,9 @@ impl Adapter {
                 head,
                 references,
             } => {
-                let mut x = rows;
-                standardize(&mut x, &self.feature_mean, &self.feature_std);
                 let e = head.w.ncols() / 2;
                 // The head is linear in [e_ref, e_tgt]: split it into its two halves.
-                let target_terms =
-                    branch.forward(x.view()).dot(&head.w.slice(s![.., e..]).t()) + &head.b;
+                let target_terms = branch.forward(x).dot(&head.w.slice(s![.., e..]).t()) + &head.b;
                 // p(label | ref, target) = softmax(ref_terms + target_terms)[label + 1],
                 // averaged over the label's references. exp(a + b) = exp(a)·exp(b), so
                 // the softmax denominators of all (target, reference) pairs are one
@@ -1604,6 +1642,20 @@ mod synthetic {
         assert!(got.iter().zip(&mean).all(|(a, b)| (a - b).abs() < 1e-6));
         assert_ne!(got, contrastive.scores(&target).unwrap());
         assert!(both.validate().is_ok());
+        // A basic member (raw rows) and one with its own standardisation score as they do
+        // alone; the rows handed out are the adapter's own standardised ones.
+        let basic = train(Method::Basic, &single);
+        let mut odd = classification.clone();
+        odd.feature_mean.mapv_inplace(|m| m + 0.5);
+        let mut mixed = contrastive.clone();
+        mixed.members = vec![basic.clone(), odd.clone()];
+        let want = (contrastive.scores(&target).unwrap()
+            + basic.scores(&target).unwrap()
+            + odd.scores(&target).unwrap())
+            / 3.0;
+        let (got3, rows) = mixed.scores_and_rows(&target).unwrap();
+        assert!(got3.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-6));
+        assert_eq!(rows, contrastive.standardized_rows(&target).unwrap());
         let twice = TrainConfig {
             ensemble: vec![Method::Contrastive],
             ..single.clone()

@@ -309,7 +309,9 @@ impl Engine {
                 // adapter refines with its intensities.
                 let mut pixels: Option<ndarray::Array2<f32>> = None;
                 for ((task, adapter), prior) in lr.bundle.tasks.iter().zip(&priors) {
-                    let scores = adapter.scores(&fm).map_err(|e| inst_err(Box::new(e)))?;
+                    let (scores, rows) = adapter
+                        .scores_and_rows(&fm)
+                        .map_err(|e| inst_err(Box::new(e)))?;
                     let mut up =
                         postprocess::upsample_scores(&scores, fm.image_rows, fm.image_columns);
                     if adapter.train.guided && matches!(task, Task::Structures { .. }) {
@@ -347,9 +349,6 @@ impl Engine {
                         );
                     }
                     if !adapter.votes.is_empty() {
-                        let rows = adapter
-                            .standardized_rows(&fm)
-                            .map_err(|e| inst_err(Box::new(e)))?;
                         votes::refine_findings(
                             &mut found,
                             &adapter.votes,

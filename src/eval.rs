@@ -342,15 +342,26 @@ struct Trained {
 
 impl Trained {
     fn scores(&self, fm: &FeatureMap) -> Result<Array3<f32>, AdapterError> {
-        if self.adapters.len() == 1 {
-            return self.adapters[0].scores(fm);
-        }
-        let parts: Result<Vec<Array3<f32>>, _> =
-            self.adapters.iter().map(|a| a.scores(fm)).collect();
-        let parts = parts?;
+        self.scores_and_rows(fm).map(|(scores, _)| scores)
+    }
+
+    /// The scores of all adapters' labels, and per adapter the standardised rows they
+    /// were computed from (`Adapter::scores_and_rows`).
+    fn scores_and_rows(
+        &self,
+        fm: &FeatureMap,
+    ) -> Result<(Array3<f32>, Vec<Array2<f32>>), AdapterError> {
+        let (parts, rows): (Vec<Array3<f32>>, Vec<Array2<f32>>) = self
+            .adapters
+            .iter()
+            .map(|a| a.scores_and_rows(fm))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .unzip();
         let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
-        ndarray::concatenate(ndarray::Axis(0), &views)
-            .map_err(|e| AdapterError::NoTraining(e.to_string()))
+        let scores = ndarray::concatenate(ndarray::Axis(0), &views)
+            .map_err(|e| AdapterError::NoTraining(e.to_string()))?;
+        Ok((scores, rows))
     }
 }
 
@@ -806,7 +817,7 @@ pub fn evaluate(
                     continue;
                 }
                 let t = Instant::now();
-                let scores = trained.scores(fm)?;
+                let (scores, feature_rows) = trained.scores_and_rows(fm)?;
                 let (rows, cols) = s.pixels.dim();
                 let up = postprocess::upsample_scores(&scores, rows, cols);
                 let shape = trained.adapters.first().and_then(|a| a.shape.as_ref());
@@ -826,17 +837,16 @@ pub fn evaluate(
                 }
                 // Per adapter (one per label with `binary`), on its own labels.
                 let mut first = 0;
-                for a in &trained.adapters {
+                for (a, a_rows) in trained.adapters.iter().zip(&feature_rows) {
                     let labels = first..first + a.labels.len();
                     first = labels.end;
                     if a.votes.is_empty() {
                         continue;
                     }
-                    let rows = a.standardized_rows(fm)?;
                     crate::votes::refine_findings(
                         &mut found[labels.clone()],
                         &a.votes,
-                        rows.view(),
+                        a_rows.view(),
                         fm,
                         scores.slice(ndarray::s![labels, .., ..]),
                     );
