@@ -84,6 +84,14 @@ pub fn guided_refine(scores: &mut Array3<f32>, guide: &Array2<f32>, radius: usiz
 /// feature cell of a grid with `grid_rows` rows (what bilinear upsampling blurs); flat
 /// means an intensity spread under 0.1 of the normalised range.
 pub fn refine_to_edges(scores: &mut Array3<f32>, guide: &Array2<f32>, grid_rows: usize) {
+    let (_, rows, cols) = scores.dim();
+    if guide.dim() != (rows, cols) {
+        log::warn!(
+            "edge refinement skipped: the slice is {:?}, its scores {rows}×{cols}",
+            guide.dim()
+        );
+        return;
+    }
     let radius = (scores.dim().1 as f64 / grid_rows.max(1) as f64)
         .round()
         .max(1.0) as usize;
