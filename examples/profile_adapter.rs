@@ -68,6 +68,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         } else {
             String::new()
         };
+        let atlas = match (&adapter.atlas, structures) {
+            (Some(atlas), true) => {
+                let with = |atlas| {
+                    time(&mut || {
+                        let mut s = up.clone();
+                        let f = postprocess::structures(&mut s, adapter.shape.as_ref(), atlas);
+                        std::hint::black_box(f);
+                    })
+                };
+                let (plain, weighed) = (with(None), with(Some(atlas)));
+                format!(", structures {plain:.1} ms, with the atlas {weighed:.1} ms")
+            }
+            _ => String::new(),
+        };
         let votes = if adapter.votes.is_empty() {
             String::new()
         } else {
@@ -91,7 +105,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             format!(", votes {ms:.1} ms")
         };
         println!(
-            "{task:?}: context rows {ctx:.1} ms, scores (incl. context) {sc:.1} ms, upsample to {rows}×{cols} {ups:.1} ms, findings {post:.1} ms{edges}{votes}"
+            "{task:?}: context rows {ctx:.1} ms, scores (incl. context) {sc:.1} ms, upsample to {rows}×{cols} {ups:.1} ms, findings {post:.1} ms{edges}{atlas}{votes}"
         );
     }
     Ok(())

@@ -118,6 +118,11 @@ pub struct TrainConfig {
     /// (`votes`), instead of the region's centroid.
     #[serde(default)]
     pub votes: bool,
+    /// Structures: weigh the scores by where the templates have each structure in the
+    /// frame of all of them (`atlas`), so that spill far from it is cut and holes in it
+    /// are filled.
+    #[serde(default)]
+    pub atlas: bool,
 }
 
 /// How far (in cells, Chebyshev) outside a region `TrainConfig::borders` looks.
@@ -157,6 +162,7 @@ impl Default for TrainConfig {
             stack_anchor: false,
             guided: false,
             votes: false,
+            atlas: false,
         }
     }
 }
@@ -415,6 +421,9 @@ pub struct Adapter {
     /// `votes`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub votes: Vec<Option<crate::votes::LandmarkVotes>>,
+    /// Structures: the templates' atlas, when trained with `atlas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub atlas: Option<crate::atlas::StructureAtlas>,
 }
 
 /// Features of all cells as rows (h·w × columns, cells row-major over the grid): the
@@ -616,6 +625,7 @@ impl Adapter {
             patches: Vec::new(),
             members,
             votes: Vec::new(),
+            atlas: None,
         })
     }
 
@@ -650,6 +660,11 @@ impl Adapter {
             .position(|v| v.as_ref().is_some_and(|v| !v.fits(c)))
         {
             return Err(format!("vote model {i} does not fit {c} feature columns"));
+        }
+        if self.atlas.as_ref().is_some_and(|a| !a.fits(n)) {
+            return Err(format!(
+                "the structure atlas does not fit {n} labels (map sizes, shares in 0..1)"
+            ));
         }
         if let Some(shape) = &self.shape {
             if !shape.fits(n) {

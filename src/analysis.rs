@@ -325,9 +325,11 @@ impl Engine {
                             adapter.shape.as_ref(),
                             prior.as_ref(),
                         ),
-                        Task::Structures { .. } => {
-                            postprocess::structure_findings(&up, adapter.shape.as_ref())
-                        }
+                        Task::Structures { .. } => postprocess::structures(
+                            &mut up,
+                            adapter.shape.as_ref(),
+                            adapter.atlas.as_ref(),
+                        ),
                     };
                     if let (Some(prior), true) = (prior, ii == center) {
                         postprocess::fill_from_prior(

@@ -456,6 +456,13 @@ pub fn train_task(
                 .collect();
             a.shape = crate::postprocess::ShapeModel::fit(&centroids);
         }
+        if let (Task::Structures { values }, true) = (task, config.atlas) {
+            let values: Vec<u8> = group.iter().map(|&l| values[l]).collect();
+            let maps = templates
+                .iter()
+                .flat_map(|(case, _)| case.slices.iter().filter_map(|s| s.labels.as_ref()));
+            a.atlas = crate::atlas::StructureAtlas::fit(maps, &values);
+        }
         out.push(a);
     }
     Ok(out)
@@ -967,8 +974,12 @@ pub fn evaluate(
                     let guide = crate::image::normalize(&s.pixels).map_err(BackboneError::from)?;
                     postprocess::refine_to_edges(&mut up, &guide, fm.grid().0);
                 }
-                let shape = trained.adapters.first().and_then(|a| a.shape.as_ref());
-                let found = postprocess::structure_findings(&up, shape);
+                let first = trained.adapters.first();
+                let found = postprocess::structures(
+                    &mut up,
+                    first.and_then(|a| a.shape.as_ref()),
+                    first.and_then(|a| a.atlas.as_ref()),
+                );
                 adapter_ms.push(t.elapsed().as_secs_f64() * 1000.0);
                 let mut pred_masks: Vec<Option<Array2<bool>>> = Vec::with_capacity(values.len());
                 for (l, f) in found.iter().enumerate() {

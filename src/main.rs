@@ -256,6 +256,10 @@ struct ContextArgs {
     /// (offsets learned from the templates) instead of taking the region's centroid.
     #[arg(long)]
     votes: bool,
+    /// Structures: weigh the scores by where the templates have each structure in the
+    /// frame of all of them (an atlas of their label maps), cutting spill and filling holes.
+    #[arg(long)]
+    atlas: bool,
 }
 
 impl From<ContextArgs> for scout::adapter::Context {
@@ -476,6 +480,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 stack_anchor: context.stack_anchor,
                 guided: context.guided,
                 votes: context.votes,
+                atlas: context.atlas,
                 align,
                 context: context.into(),
                 ..Default::default()
@@ -551,6 +556,7 @@ fn run(cli: Cli) -> Result<(), String> {
                         stack_anchor: context.stack_anchor,
                         guided: context.guided,
                         votes: context.votes,
+                        atlas: context.atlas,
                         context: scout::adapter::Context {
                             pools: context.pools.clone(),
                             global: context.global_context,

@@ -216,6 +216,22 @@ pub fn structure_findings(
     found
 }
 
+/// Structures as `structure_findings` finds them, weighed first by the templates' `atlas`
+/// when the adapter has one: its frame is placed by the structures found without it,
+/// then the scores are weighed and the structures found again.
+pub fn structures(
+    scores: &mut Array3<f32>,
+    shape: Option<&ShapeModel>,
+    atlas: Option<&crate::atlas::StructureAtlas>,
+) -> Vec<Option<Finding>> {
+    let found = structure_findings(scores, shape);
+    let Some(atlas) = atlas else {
+        return found;
+    };
+    atlas.apply(scores, &found);
+    structure_findings(scores, shape)
+}
+
 /// Whether a landmark's finding at `point` in another slice of a stack may vote for the
 /// 3D point (`TrainConfig::stack_anchor`): when the localizer slice has the landmark
 /// (`anchor`, found or filled, in-plane pixels of that slice), only findings within

@@ -153,6 +153,7 @@ pub fn train_dataset(
         (config.stack_anchor, " --stack-anchor"),
         (config.guided, " --guided"),
         (config.votes, " --votes"),
+        (config.atlas, " --atlas"),
     ] {
         if on {
             options.push_str(flag);

@@ -663,11 +663,20 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         fm.image_rows,
         fm.image_columns,
     );
+    // `scout eval`'s steps: edges, then the atlas.
+    assert!(
+        adapter.atlas.is_some(),
+        "the shipped chest adapter has an atlas"
+    );
     let mut refined = plain.clone();
     let guide = scout::image::normalize(&slice.pixels).unwrap();
     scout::postprocess::refine_to_edges(&mut refined, &guide, fm.grid().0);
-    let reference = |s| scout::postprocess::structure_findings(s, adapter.shape.as_ref());
-    let (plain, refined) = (reference(&plain), reference(&refined));
+    let refined = scout::postprocess::structures(
+        &mut refined,
+        adapter.shape.as_ref(),
+        adapter.atlas.as_ref(),
+    );
+    let plain = scout::postprocess::structure_findings(&plain, adapter.shape.as_ref());
     let truth = slice.labels.as_ref().unwrap();
     for (l, name) in ["Right lung", "Left lung", "Heart"].iter().enumerate() {
         let got = &masks[*name];

@@ -1,0 +1,336 @@
+//! Structure atlas (issue #7): where each structure lies in the frame of all the
+//! adapter's structures, learned from the templates' label maps, used as a prior on the
+//! adapter's scores. Pixel features alone do not know a structure's shape: a heart region
+//! spills into the upper abdomen or the great vessels where they look alike, a lung mask
+//! gets holes at a nodule. The frame is the middle 80 % (10th to 90th percentile of rows
+//! and of columns) of the union of the structures — found well where the large ones are
+//! (the lungs) — so one structure's place and extent come from the others'.
+
+use ndarray::{Array2, Array3};
+use serde::{Deserialize, Serialize};
+
+use crate::postprocess::Finding;
+
+/// The atlas covers the frame from `LO` to `HI` (0..1 = the 10th to 90th percentile).
+const LO: f64 = -1.0;
+const HI: f64 = 2.0;
+/// Bins per axis of the atlas over `LO..HI`.
+const BINS: usize = 96;
+/// Gaussian blur of the templates' mean mask, in bins: a few templates' masks, each a
+/// hard edge, blurred into a prior that tolerates the next patient's outline.
+const BLUR_BINS: f64 = 1.0;
+/// The prior never says never or always: a structure larger than every template's can
+/// still be found where the adapter is sure of it.
+const EPS: f32 = 0.05;
+/// Where at most this share of the templates has a structure, or at least 1 − this, the
+/// templates agree (with 5 templates: none, or all of them, blurred).
+const AGREE: f32 = 0.1;
+
+/// The 10th–90th percentile box of a set of pixels, rows and columns separately.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Frame {
+    r0: f64,
+    r1: f64,
+    c0: f64,
+    c1: f64,
+}
+
+impl Frame {
+    /// The frame of the pixels where `inside` holds; None when it covers under 2 pixels
+    /// along either axis.
+    pub fn of(dim: (usize, usize), inside: impl Fn(usize, usize) -> bool) -> Option<Frame> {
+        let (rows, cols) = dim;
+        let mut per_row = vec![0usize; rows];
+        let mut per_col = vec![0usize; cols];
+        for (r, n_r) in per_row.iter_mut().enumerate() {
+            for (c, n_c) in per_col.iter_mut().enumerate() {
+                if inside(r, c) {
+                    *n_r += 1;
+                    *n_c += 1;
+                }
+            }
+        }
+        let (r0, r1) = percentiles(&per_row)?;
+        let (c0, c1) = percentiles(&per_col)?;
+        (r1 - r0 >= 2.0 && c1 - c0 >= 2.0).then_some(Frame { r0, r1, c0, c1 })
+    }
+
+    /// Frame coordinates (0..1 across the middle 80 %) of a pixel.
+    fn to_frame(self, r: f64, c: f64) -> (f64, f64) {
+        (
+            (r - self.r0) / (self.r1 - self.r0),
+            (c - self.c0) / (self.c1 - self.c0),
+        )
+    }
+
+    fn to_pixel(self, u: f64, v: f64) -> (f64, f64) {
+        (
+            self.r0 + u * (self.r1 - self.r0),
+            self.c0 + v * (self.c1 - self.c0),
+        )
+    }
+}
+
+/// The 10th and 90th percentile positions of a histogram.
+fn percentiles(counts: &[usize]) -> Option<(f64, f64)> {
+    let total: usize = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let at = |q: f64| {
+        let target = q * total as f64;
+        let mut acc = 0usize;
+        for (i, n) in counts.iter().enumerate() {
+            acc += n;
+            if acc as f64 >= target {
+                return i as f64;
+            }
+        }
+        (counts.len() - 1) as f64
+    };
+    Some((at(0.1), at(0.9)))
+}
+
+/// Per label, the share of template slices that have it at each place of the frame.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StructureAtlas {
+    pub bins: usize,
+    /// Per label, `bins`² values in 0..1, row-major over the frame (rows, then columns).
+    pub maps: Vec<Vec<f32>>,
+}
+
+impl StructureAtlas {
+    /// From the template slices' label maps (`values`: the label value of each structure
+    /// in score order); slices without any of the structures are skipped. None when no
+    /// slice has a frame.
+    pub fn fit<'a>(
+        label_maps: impl Iterator<Item = &'a Array2<u8>>,
+        values: &[u8],
+    ) -> Option<StructureAtlas> {
+        let mut maps = vec![vec![0f32; BINS * BINS]; values.len()];
+        let mut slices = 0usize;
+        for labels in label_maps {
+            let (rows, cols) = labels.dim();
+            let Some(frame) = Frame::of((rows, cols), |r, c| values.contains(&labels[[r, c]]))
+            else {
+                continue;
+            };
+            slices += 1;
+            for i in 0..BINS {
+                for j in 0..BINS {
+                    let (r, c) = frame.to_pixel(bin_centre(i), bin_centre(j));
+                    let (r, c) = (r.round(), c.round());
+                    if r < 0.0 || c < 0.0 || r >= rows as f64 || c >= cols as f64 {
+                        continue;
+                    }
+                    let v = labels[[r as usize, c as usize]];
+                    if let Some(l) = values.iter().position(|x| *x == v) {
+                        maps[l][i * BINS + j] += 1.0;
+                    }
+                }
+            }
+        }
+        if slices == 0 {
+            return None;
+        }
+        for m in &mut maps {
+            m.iter_mut().for_each(|v| *v /= slices as f32);
+            blur(m, BINS, BLUR_BINS);
+        }
+        Some(StructureAtlas { bins: BINS, maps })
+    }
+
+    /// Whether the atlas describes `labels` structures with values in 0..1.
+    pub fn fits(&self, labels: usize) -> bool {
+        self.bins >= 2
+            && self.maps.len() == labels
+            && self.maps.iter().all(|m| {
+                m.len() == self.bins * self.bins
+                    && m.iter().all(|v| v.is_finite() && (0.0..=1.0).contains(v))
+            })
+    }
+
+    /// The share of templates with `label` at bin position (x, y) — (integer part,
+    /// fraction) along rows and columns — bilinear between bin centres, 0 outside.
+    fn share(&self, label: usize, (i, fx): (i64, f32), (j, fy): (i64, f32)) -> f32 {
+        let n = self.bins as i64;
+        let m = &self.maps[label];
+        let at = |i: i64, j: i64| -> f32 {
+            if i < 0 || j < 0 || i >= n || j >= n {
+                0.0
+            } else {
+                m[(i * n + j) as usize]
+            }
+        };
+        at(i, j) * (1.0 - fx) * (1.0 - fy)
+            + at(i + 1, j) * fx * (1.0 - fy)
+            + at(i, j + 1) * (1.0 - fx) * fy
+            + at(i + 1, j + 1) * fx * fy
+    }
+
+    /// Weighs the scores by the prior in the frame of `found` (the structures found
+    /// without it), as two independent pieces of evidence: s·p / (s·p + (1−s)(1−p)).
+    /// The prior speaks only where the templates agree: p = `EPS` where (almost) none has
+    /// the structure, 1 − `EPS` where (almost) all have it, and 0.5 — the scores stay —
+    /// in the band where their outlines differ. (A prior following the share itself cut
+    /// the lungs' costophrenic recesses, which vary between patients: chest first split,
+    /// lungs −0.4 / −1.2 IoU.) Where nothing was found there is no frame, and the scores
+    /// stay.
+    pub fn apply(&self, scores: &mut Array3<f32>, found: &[Option<Finding>]) {
+        let (n, rows, cols) = scores.dim();
+        let masks: Vec<&Array2<bool>> = found.iter().flatten().map(|f| &f.mask).collect();
+        let Some(frame) = Frame::of((rows, cols), |r, c| masks.iter().any(|m| m[[r, c]])) else {
+            return;
+        };
+        // Bin positions of every row and column: the frame is axis-aligned.
+        let bin = |t: f64| {
+            let x = (t - LO) / (HI - LO) * self.bins as f64 - 0.5;
+            (x.floor() as i64, (x - x.floor()) as f32)
+        };
+        let xs: Vec<_> = (0..rows)
+            .map(|r| bin(frame.to_frame(r as f64, 0.0).0))
+            .collect();
+        let ys: Vec<_> = (0..cols)
+            .map(|c| bin(frame.to_frame(0.0, c as f64).1))
+            .collect();
+        for l in 0..n.min(self.maps.len()) {
+            for (r, &x) in xs.iter().enumerate() {
+                for (c, &y) in ys.iter().enumerate() {
+                    let share = self.share(l, x, y);
+                    let p = if share <= AGREE {
+                        EPS
+                    } else if share >= 1.0 - AGREE {
+                        1.0 - EPS
+                    } else {
+                        continue;
+                    };
+                    let s = &mut scores[[l, r, c]];
+                    let a = *s * p;
+                    let b = (1.0 - *s) * (1.0 - p);
+                    *s = if a + b > 0.0 { a / (a + b) } else { 0.0 };
+                }
+            }
+        }
+    }
+}
+
+fn bin_centre(i: usize) -> f64 {
+    LO + (i as f64 + 0.5) * (HI - LO) / BINS as f64
+}
+
+/// Separable Gaussian blur of an n×n map (zero outside).
+fn blur(m: &mut [f32], n: usize, sigma: f64) {
+    let radius = (3.0 * sigma).ceil() as i64;
+    let kernel: Vec<f32> = (-radius..=radius)
+        .map(|d| (-(d * d) as f64 / (2.0 * sigma * sigma)).exp() as f32)
+        .collect();
+    let sum: f32 = kernel.iter().sum();
+    let kernel: Vec<f32> = kernel.iter().map(|k| k / sum).collect();
+    for pass in 0..2 {
+        let src = m.to_vec();
+        for i in 0..n {
+            for j in 0..n {
+                let mut acc = 0f32;
+                for (t, k) in kernel.iter().enumerate() {
+                    let d = t as i64 - radius;
+                    let (a, b) = if pass == 0 {
+                        (i as i64 + d, j as i64)
+                    } else {
+                        (i as i64, j as i64 + d)
+                    };
+                    if a >= 0 && b >= 0 && (a as usize) < n && (b as usize) < n {
+                        acc += k * src[a as usize * n + b as usize];
+                    }
+                }
+                m[i * n + j] = acc;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::postprocess::structures;
+
+    /// Two "lungs" side by side and a "heart" low between them; each template shifted a
+    /// little, as patients are.
+    fn template(shift: usize) -> Array2<u8> {
+        let mut m = Array2::<u8>::zeros((64, 64));
+        for r in 10 + shift..50 + shift {
+            for c in 5..25 {
+                m[[r, c]] = 1;
+            }
+            for c in 37..57 {
+                m[[r, c]] = 2;
+            }
+        }
+        for r in 34 + shift..50 + shift {
+            for c in 25 + shift..37 {
+                m[[r, c]] = 3;
+            }
+        }
+        m
+    }
+
+    #[test]
+    fn the_atlas_cuts_spill_and_fills_holes() {
+        let maps: Vec<Array2<u8>> = (0..3).map(template).collect();
+        let atlas = StructureAtlas::fit(maps.iter(), &[1, 2, 3]).expect("an atlas");
+        assert!(atlas.fits(3));
+        // The target: template 1's anatomy; the heart's scores have a hole and spill
+        // down into what would be the abdomen, connected to it.
+        let truth = template(1);
+        let mut scores = Array3::<f32>::zeros((3, 64, 64));
+        for ((r, c), v) in truth.indexed_iter() {
+            if *v > 0 {
+                scores[[*v as usize - 1, r, c]] = 0.9;
+            }
+        }
+        for r in 40..45 {
+            for c in 29..33 {
+                scores[[2, r, c]] = 0.3;
+            }
+        }
+        for r in 51..62 {
+            for c in 28..34 {
+                scores[[2, r, c]] = 0.7;
+            }
+        }
+        let heart = |found: &[Option<Finding>]| {
+            let m = &found[2].as_ref().expect("a heart").mask;
+            let hole = (40..45).all(|r| (29..33).all(|c| m[[r, c]]));
+            let spill = (55..62).any(|r| (28..34).any(|c| m[[r, c]]));
+            (hole, spill)
+        };
+        let plain = structures(&mut scores.clone(), None, None);
+        assert_eq!(
+            heart(&plain),
+            (false, true),
+            "the hole and the spill are there"
+        );
+        let with = structures(&mut scores, None, Some(&atlas));
+        assert_eq!(heart(&with), (true, false), "filled and cut");
+        // The lungs the adapter was sure of stay as they were.
+        for l in 0..2 {
+            assert_eq!(
+                plain[l].as_ref().map(|f| &f.mask),
+                with[l].as_ref().map(|f| &f.mask)
+            );
+        }
+    }
+
+    #[test]
+    fn a_damaged_atlas_is_refused() {
+        let maps = [template(0)];
+        let atlas = StructureAtlas::fit(maps.iter(), &[1, 2, 3]).expect("an atlas");
+        assert!(!atlas.fits(2));
+        let mut bad = atlas.clone();
+        bad.maps[1][7] = f32::NAN;
+        assert!(!bad.fits(3));
+        let mut short = atlas;
+        short.maps[0].pop();
+        assert!(!short.fits(3));
+        assert!(StructureAtlas::fit([Array2::<u8>::zeros((8, 8))].iter(), &[1]).is_none());
+    }
+}
