@@ -68,19 +68,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         } else {
             String::new()
         };
-        let atlas = match (&adapter.atlas, structures) {
-            (Some(atlas), true) => {
-                let with = |atlas| {
-                    time(&mut || {
-                        let mut s = up.clone();
-                        let f = postprocess::structures(&mut s, adapter.shape.as_ref(), atlas);
-                        std::hint::black_box(f);
-                    })
-                };
-                let (plain, weighed) = (with(None), with(Some(atlas)));
-                format!(", structures {plain:.1} ms, with the atlas {weighed:.1} ms")
-            }
-            _ => String::new(),
+        // Taking the structures: as `structure_findings` alone, then with the adapter's
+        // atlas and fragment merging, where it has them.
+        let atlas = if structures && (adapter.atlas.is_some() || adapter.train.fragments) {
+            let with = |atlas, fragments| {
+                time(&mut || {
+                    let mut s = up.clone();
+                    let f =
+                        postprocess::structures(&mut s, adapter.shape.as_ref(), atlas, fragments);
+                    std::hint::black_box(f);
+                })
+            };
+            let plain = with(None, false);
+            let full = with(adapter.atlas.as_ref(), adapter.train.fragments);
+            format!(", structures {plain:.1} ms, with atlas / fragments {full:.1} ms")
+        } else {
+            String::new()
         };
         let votes = if adapter.votes.is_empty() {
             String::new()

@@ -123,6 +123,11 @@ pub struct TrainConfig {
     /// are filled.
     #[serde(default)]
     pub atlas: bool,
+    /// Structures: give each structure the foreground fragments that touch its region and
+    /// no other's (`postprocess::merge_fragments`): a body whose scores are split with its
+    /// look-alike neighbours is taken whole.
+    #[serde(default)]
+    pub fragments: bool,
 }
 
 /// How far (in cells, Chebyshev) outside a region `TrainConfig::borders` looks.
@@ -163,6 +168,7 @@ impl Default for TrainConfig {
             guided: false,
             votes: false,
             atlas: false,
+            fragments: false,
         }
     }
 }

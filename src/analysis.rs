@@ -329,6 +329,7 @@ impl Engine {
                             &mut up,
                             adapter.shape.as_ref(),
                             adapter.atlas.as_ref(),
+                            adapter.train.fragments,
                         ),
                     };
                     if let (Some(prior), true) = (prior, ii == center) {

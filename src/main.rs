@@ -260,6 +260,10 @@ struct ContextArgs {
     /// frame of all of them (an atlas of their label maps), cutting spill and filling holes.
     #[arg(long)]
     atlas: bool,
+    /// Structures: give each structure the foreground fragments (where the labels' scores
+    /// sum to 0.5 or more) that touch its region and no other's.
+    #[arg(long)]
+    fragments: bool,
 }
 
 impl From<ContextArgs> for scout::adapter::Context {
@@ -481,6 +485,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 guided: context.guided,
                 votes: context.votes,
                 atlas: context.atlas,
+                fragments: context.fragments,
                 align,
                 context: context.into(),
                 ..Default::default()
@@ -557,6 +562,7 @@ fn run(cli: Cli) -> Result<(), String> {
                         guided: context.guided,
                         votes: context.votes,
                         atlas: context.atlas,
+                        fragments: context.fragments,
                         context: scout::adapter::Context {
                             pools: context.pools.clone(),
                             global: context.global_context,

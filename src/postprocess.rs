@@ -217,19 +217,74 @@ pub fn structure_findings(
 }
 
 /// Structures as `structure_findings` finds them, weighed first by the templates' `atlas`
-/// when the adapter has one: its frame is placed by the structures found without it,
-/// then the scores are weighed and the structures found again.
+/// when the adapter has one (its frame is placed by the structures found without it, then
+/// the scores are weighed and the structures found again), and with `fragments` given the
+/// foreground fragments that touch them (`merge_fragments`).
 pub fn structures(
     scores: &mut Array3<f32>,
     shape: Option<&ShapeModel>,
     atlas: Option<&crate::atlas::StructureAtlas>,
+    fragments: bool,
 ) -> Vec<Option<Finding>> {
-    let found = structure_findings(scores, shape);
-    let Some(atlas) = atlas else {
-        return found;
-    };
-    atlas.apply(scores, &found);
-    structure_findings(scores, shape)
+    let mut found = structure_findings(scores, shape);
+    if let Some(atlas) = atlas {
+        atlas.apply(scores, &found);
+        found = structure_findings(scores, shape);
+    }
+    if fragments {
+        merge_fragments(scores, &mut found);
+    }
+    found
+}
+
+/// Gives each structure the foreground fragments that touch its region and no other's:
+/// where the scores split a body between a label and its look-alike neighbours, the
+/// fragments the neighbours' own regions did not take are the body's. Foreground is
+/// where the labels' scores sum to at least 0.5 (the background's share is below it).
+pub fn merge_fragments(scores: &Array3<f32>, found: &mut [Option<Finding>]) {
+    let (n, rows, cols) = scores.dim();
+    let mut owner = Array2::<u8>::zeros((rows, cols));
+    for f in found.iter().flatten() {
+        for ((r, c), m) in f.mask.indexed_iter() {
+            if *m {
+                owner[[r, c]] = (f.label + 1) as u8;
+            }
+        }
+    }
+    let orphan = Array2::from_shape_fn((rows, cols), |(r, c)| {
+        owner[[r, c]] == 0 && (0..n).map(|l| scores[[l, r, c]]).sum::<f32>() >= THRESHOLD
+    });
+    for comp in components(&orphan) {
+        let mut touches = 0u8;
+        let mut several = false;
+        for &(r, c) in &comp {
+            for dr in -1i64..=1 {
+                for dc in -1i64..=1 {
+                    let (rr, cc) = (r as i64 + dr, c as i64 + dc);
+                    if rr < 0 || cc < 0 || rr >= rows as i64 || cc >= cols as i64 {
+                        continue;
+                    }
+                    let o = owner[[rr as usize, cc as usize]];
+                    if o != 0 {
+                        several |= touches != 0 && touches != o;
+                        touches = o;
+                    }
+                }
+            }
+        }
+        if touches == 0 || several {
+            continue;
+        }
+        let l = touches as usize - 1;
+        if let Some(f) = found.iter_mut().flatten().find(|f| f.label == l) {
+            for &(r, c) in &comp {
+                f.mask[[r, c]] = true;
+                f.mass += scores[[l, r, c]] as f64;
+            }
+            let pixels = f.mask.iter().filter(|m| **m).count();
+            f.confidence = f.mass / pixels as f64;
+        }
+    }
 }
 
 /// Whether a landmark's finding at `point` in another slice of a stack may vote for the
@@ -273,6 +328,43 @@ pub fn vote(candidates: &[(f64, [f64; 3])]) -> Option<[f64; 3]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_body_split_with_its_neighbours_is_taken_whole() {
+        // A column of bodies, 10 columns wide: label 0 at rows 2..16, label 1's body at
+        // rows 22..38 whose lower half scores as label 2, label 2's own body at 44..58,
+        // and a label-2 fragment between bodies 0 and 1 that touches both.
+        let mut s = Array3::<f32>::zeros((3, 60, 20));
+        let mut set = |l: usize, rows: std::ops::Range<usize>| {
+            for r in rows {
+                for c in 5..15 {
+                    s[[l, r, c]] = 0.8;
+                }
+            }
+        };
+        set(0, 2..16);
+        set(1, 22..30);
+        set(2, 30..38);
+        set(2, 44..58);
+        set(2, 16..22);
+        let mut found = findings(&s);
+        let before: Vec<Array2<bool>> = found.iter().map(|f| f.clone().unwrap().mask).collect();
+        assert!(!before[1][[34, 10]], "the lower half is not label 1's yet");
+        merge_fragments(&s, &mut found);
+        let after: Vec<&Array2<bool>> = found.iter().map(|f| &f.as_ref().unwrap().mask).collect();
+        assert!(
+            (30..38).all(|r| (5..15).all(|c| after[1][[r, c]])),
+            "taken whole"
+        );
+        assert!(
+            (16..22).all(|r| after.iter().all(|m| !m[[r, 10]])),
+            "a fragment touching two bodies belongs to neither"
+        );
+        assert_eq!(after[0], &before[0]);
+        assert_eq!(after[2], &before[2]);
+        // Its confidence is the label's own mean score over the whole body.
+        assert!((found[1].as_ref().unwrap().confidence - 0.4).abs() < 1e-6);
+    }
 
     #[test]
     fn the_landmark_layout_overrides_a_stronger_but_misplaced_region() {

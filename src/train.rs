@@ -154,6 +154,7 @@ pub fn train_dataset(
         (config.guided, " --guided"),
         (config.votes, " --votes"),
         (config.atlas, " --atlas"),
+        (config.fragments, " --fragments"),
     ] {
         if on {
             options.push_str(flag);

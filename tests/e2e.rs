@@ -663,7 +663,7 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         fm.image_rows,
         fm.image_columns,
     );
-    // `scout eval`'s steps: edges, then the atlas.
+    // `scout eval`'s steps: edges, then the atlas and the fragments.
     assert!(
         adapter.atlas.is_some(),
         "the shipped chest adapter has an atlas"
@@ -675,6 +675,7 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         &mut refined,
         adapter.shape.as_ref(),
         adapter.atlas.as_ref(),
+        adapter.train.fragments,
     );
     let plain = scout::postprocess::structure_findings(&plain, adapter.shape.as_ref());
     let truth = slice.labels.as_ref().unwrap();
