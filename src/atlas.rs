@@ -28,7 +28,7 @@ const AGREE: f32 = 0.1;
 
 /// The 10th–90th percentile box of a set of pixels, rows and columns separately.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Frame {
+struct Frame {
     r0: f64,
     r1: f64,
     c0: f64,
@@ -38,7 +38,7 @@ pub struct Frame {
 impl Frame {
     /// The frame of the pixels where `inside` holds; None when it covers under 2 pixels
     /// along either axis.
-    pub fn of(dim: (usize, usize), inside: impl Fn(usize, usize) -> bool) -> Option<Frame> {
+    fn of(dim: (usize, usize), inside: impl Fn(usize, usize) -> bool) -> Option<Frame> {
         let (rows, cols) = dim;
         let mut per_row = vec![0usize; rows];
         let mut per_col = vec![0usize; cols];
@@ -136,6 +136,8 @@ impl StructureAtlas {
         for m in &mut maps {
             m.iter_mut().for_each(|v| *v /= slices as f32);
             blur(m, BINS, BLUR_BINS);
+            // Rounding must not carry a share past 1: `fits` would refuse the file.
+            m.iter_mut().for_each(|v| *v = v.clamp(0.0, 1.0));
         }
         Some(StructureAtlas { bins: BINS, maps })
     }

@@ -526,6 +526,10 @@ fn run(cli: Cli) -> Result<(), String> {
             context,
             model,
         } => {
+            if binary && context.atlas {
+                // The atlas's frame is the union of all the structures of one adapter.
+                return Err("--atlas needs one multi-label adapter, not --binary".into());
+            }
             let m = load_models(&model)?;
             let ds = scout::dataset::Dataset::open(&dataset).map_err(|e| e.to_string())?;
             let decoder = if sam {
