@@ -80,8 +80,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 })
             };
             let plain = with(None, false);
+            let weighed = with(adapter.atlas.as_ref(), false);
             let full = with(adapter.atlas.as_ref(), adapter.train.fragments);
-            format!(", structures {plain:.1} ms, with atlas / fragments {full:.1} ms")
+            format!(
+                ", structures {plain:.1} ms, with the atlas {weighed:.1} ms, and fragments {full:.1} ms"
+            )
         } else {
             String::new()
         };

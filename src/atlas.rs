@@ -144,11 +144,14 @@ impl StructureAtlas {
 
     /// Whether the atlas describes `labels` structures with values in 0..1.
     pub fn fits(&self, labels: usize) -> bool {
+        // A damaged `bins` must not wrap around to the maps' length.
+        let Some(cells) = self.bins.checked_mul(self.bins) else {
+            return false;
+        };
         self.bins >= 2
             && self.maps.len() == labels
             && self.maps.iter().all(|m| {
-                m.len() == self.bins * self.bins
-                    && m.iter().all(|v| v.is_finite() && (0.0..=1.0).contains(v))
+                m.len() == cells && m.iter().all(|v| v.is_finite() && (0.0..=1.0).contains(v))
             })
     }
 
@@ -330,9 +333,14 @@ mod tests {
         let mut bad = atlas.clone();
         bad.maps[1][7] = f32::NAN;
         assert!(!bad.fits(3));
-        let mut short = atlas;
+        let mut short = atlas.clone();
         short.maps[0].pop();
         assert!(!short.fits(3));
+        let wrapped = StructureAtlas {
+            bins: 1 << (usize::BITS / 2),
+            maps: vec![Vec::new(); 3],
+        };
+        assert!(!wrapped.fits(3), "bins² wraps to 0 = the maps' length");
         assert!(StructureAtlas::fit([Array2::<u8>::zeros((8, 8))].iter(), &[1]).is_none());
     }
 }

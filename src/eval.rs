@@ -979,7 +979,7 @@ pub fn evaluate(
                     &mut up,
                     first.and_then(|a| a.shape.as_ref()),
                     first.and_then(|a| a.atlas.as_ref()),
-                    opts.train.fragments,
+                    first.is_some_and(|a| a.train.fragments),
                 );
                 adapter_ms.push(t.elapsed().as_secs_f64() * 1000.0);
                 let mut pred_masks: Vec<Option<Array2<bool>>> = Vec::with_capacity(values.len());

@@ -115,6 +115,15 @@ pub fn label_map(scores: &Array3<f32>) -> Array2<u8> {
     })
 }
 
+/// The pixel and its 8 neighbours that lie inside a `dim`-sized image.
+fn neighbours(
+    (r, c): (usize, usize),
+    (rows, cols): (usize, usize),
+) -> impl Iterator<Item = (usize, usize)> {
+    (r.saturating_sub(1)..(r + 2).min(rows))
+        .flat_map(move |nr| (c.saturating_sub(1)..(c + 2).min(cols)).map(move |nc| (nr, nc)))
+}
+
 /// Connected components (8-neighbour) of a binary mask, as pixel lists.
 pub fn components(mask: &Array2<bool>) -> Vec<Vec<(usize, usize)>> {
     let (rows, cols) = mask.dim();
@@ -130,17 +139,10 @@ pub fn components(mask: &Array2<bool>) -> Vec<Vec<(usize, usize)>> {
             seen[[r0, c0]] = true;
             while let Some((r, c)) = stack.pop() {
                 comp.push((r, c));
-                for dr in -1i64..=1 {
-                    for dc in -1i64..=1 {
-                        let (nr, nc) = (r as i64 + dr, c as i64 + dc);
-                        if nr < 0 || nc < 0 || nr >= rows as i64 || nc >= cols as i64 {
-                            continue;
-                        }
-                        let (nr, nc) = (nr as usize, nc as usize);
-                        if mask[[nr, nc]] && !seen[[nr, nc]] {
-                            seen[[nr, nc]] = true;
-                            stack.push((nr, nc));
-                        }
+                for (nr, nc) in neighbours((r, c), (rows, cols)) {
+                    if mask[[nr, nc]] && !seen[[nr, nc]] {
+                        seen[[nr, nc]] = true;
+                        stack.push((nr, nc));
                     }
                 }
             }
@@ -257,18 +259,12 @@ pub fn merge_fragments(scores: &Array3<f32>, found: &mut [Option<Finding>]) {
     for comp in components(&orphan) {
         let mut touches = 0u8;
         let mut several = false;
-        for &(r, c) in &comp {
-            for dr in -1i64..=1 {
-                for dc in -1i64..=1 {
-                    let (rr, cc) = (r as i64 + dr, c as i64 + dc);
-                    if rr < 0 || cc < 0 || rr >= rows as i64 || cc >= cols as i64 {
-                        continue;
-                    }
-                    let o = owner[[rr as usize, cc as usize]];
-                    if o != 0 {
-                        several |= touches != 0 && touches != o;
-                        touches = o;
-                    }
+        for &p in &comp {
+            for q in neighbours(p, (rows, cols)) {
+                let o = owner[q];
+                if o != 0 {
+                    several |= touches != 0 && touches != o;
+                    touches = o;
                 }
             }
         }
