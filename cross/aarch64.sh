@@ -4,6 +4,7 @@
 #
 #   cross/aarch64.sh                 # release binary -> target/aarch64-unknown-linux-gnu/release/scout
 #   cross/aarch64.sh test [FILTER]   # + the backbone parity tests (or: test ingest, test --lib ...)
+#   cross/aarch64.sh check           # CI: compiles and links everything for aarch64, unoptimised
 #
 # People who use `cross` instead: CROSS_CONFIG=cross/Cross.toml cross build --release \
 #   --target aarch64-unknown-linux-gnu
@@ -33,6 +34,8 @@ if [ "${1:-build}" = test ]; then
   [ ${#args[@]} -gt 0 ] || args=(--test backbone)
   cargo test --target "$TARGET" "${args[@]}"
 else
-  cargo build --release --target "$TARGET"
-  file "target/$TARGET/release/scout" 2>/dev/null || ls -la "target/$TARGET/release/scout"
+  profile=release
+  [ "${1:-build}" = check ] && profile=cross-check
+  cargo build --profile "$profile" --target "$TARGET"
+  file "target/$TARGET/$profile/scout" 2>/dev/null || ls -la "target/$TARGET/$profile/scout"
 fi
