@@ -128,6 +128,10 @@ pub struct TrainConfig {
     /// look-alike neighbours is taken whole.
     #[serde(default)]
     pub fragments: bool,
+    /// With `shape`: compare the layout in the target's pose (turned up to 20°, scaled
+    /// 0.9–1.1, `postprocess::ShapeModel::pose`), not only in the templates'.
+    #[serde(default)]
+    pub pose: bool,
 }
 
 /// How far (in cells, Chebyshev) outside a region `TrainConfig::borders` looks.
@@ -169,6 +173,7 @@ impl Default for TrainConfig {
             votes: false,
             atlas: false,
             fragments: false,
+            pose: false,
         }
     }
 }

@@ -426,7 +426,8 @@ pub fn train_task(
                 })
                 .collect();
             if config.shape {
-                a.shape = crate::postprocess::ShapeModel::fit(&points);
+                a.shape =
+                    crate::postprocess::ShapeModel::fit(&points).map(|s| s.with_pose(config.pose));
             }
             if config.patches {
                 a.patches = landmark_patches(templates, &points, &group, names)?;
@@ -454,7 +455,8 @@ pub fn train_task(
                 .iter()
                 .map(|(case, _)| templates::structure_centroids(case, &values))
                 .collect();
-            a.shape = crate::postprocess::ShapeModel::fit(&centroids);
+            a.shape =
+                crate::postprocess::ShapeModel::fit(&centroids).map(|s| s.with_pose(config.pose));
         }
         if let (Task::Structures { values }, true) = (task, config.atlas) {
             let values: Vec<u8> = group.iter().map(|&l| values[l]).collect();

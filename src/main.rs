@@ -264,6 +264,10 @@ struct ContextArgs {
     /// sum to 0.5 or more) that touch its region and no other's.
     #[arg(long)]
     fragments: bool,
+    /// With --shape: compare the layout in the target's pose (turned up to 20°, scaled
+    /// 0.9–1.1), so a patient lying turned still fits the templates' layout.
+    #[arg(long)]
+    pose: bool,
 }
 
 impl From<ContextArgs> for scout::adapter::Context {
@@ -486,6 +490,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 votes: context.votes,
                 atlas: context.atlas,
                 fragments: context.fragments,
+                pose: context.pose,
                 align,
                 context: context.into(),
                 ..Default::default()
@@ -567,6 +572,7 @@ fn run(cli: Cli) -> Result<(), String> {
                         votes: context.votes,
                         atlas: context.atlas,
                         fragments: context.fragments,
+                        pose: context.pose,
                         context: scout::adapter::Context {
                             pools: context.pools.clone(),
                             global: context.global_context,

@@ -441,6 +441,86 @@ mod tests {
     }
 
     #[test]
+    fn a_turned_target_keeps_its_layout_with_pose() {
+        // Four landmarks, a 60 × 80 rectangle in the templates; the target shows it turned
+        // by 15° about its centre, and D has a look-alike (as strong) where the unturned
+        // layout expects D from A, B and C.
+        let corners = [(40.0, 40.0), (40.0, 120.0), (100.0, 40.0), (100.0, 120.0)];
+        let jitter = |t: f64| -> Vec<Option<(f64, f64)>> {
+            corners.iter().map(|&(r, c)| Some((r + t, c - t))).collect()
+        };
+        let plain = ShapeModel::fit(&[jitter(0.0), jitter(2.0), jitter(-1.0)]).unwrap();
+        let posed = plain.clone().with_pose(true);
+        let turned = Pose {
+            sin: 15f64.to_radians().sin(),
+            cos: 15f64.to_radians().cos(),
+            scale: 1.0,
+            cost: 0.0,
+        };
+        let centre = (70.0, 80.0);
+        let truth: Vec<(f64, f64)> = corners
+            .iter()
+            .map(|&(r, c)| {
+                let d = turned.to_target([r - centre.0, c - centre.1]);
+                (centre.0 + d[0], centre.1 + d[1])
+            })
+            .collect();
+        let at = |label: usize, point: (f64, f64)| {
+            Some(Finding {
+                label,
+                mask: Array2::from_elem((200, 200), false),
+                mass: 10.0,
+                point,
+                confidence: 0.8,
+            })
+        };
+        // Filling D from A, B and C: the unturned layout misses it, the posed one does not.
+        let fill = |shape: &ShapeModel| {
+            let mut found: Vec<Option<Finding>> = truth[..3]
+                .iter()
+                .enumerate()
+                .map(|(l, &p)| at(l, p))
+                .chain([None])
+                .collect();
+            fill_from_layout(&mut found, shape, 10.0, (200, 200));
+            found[3].as_ref().expect("D filled").point
+        };
+        let off = |p: (f64, f64)| (p.0 - truth[3].0).hypot(p.1 - truth[3].1);
+        let decoy = fill(&plain);
+        assert!(off(decoy) > 10.0, "{decoy:?} vs {:?}", truth[3]);
+        assert!(off(fill(&posed)) < 2.0, "{:?}", fill(&posed));
+        // Choosing among D's two regions: the look-alike fits the unturned layout, the
+        // true D the turned one.
+        let mut s = Array3::<f32>::zeros((4, 200, 200));
+        let mut blob = |l: usize, p: (f64, f64)| {
+            let (r0, c0) = (p.0.round() as usize - 3, p.1.round() as usize - 3);
+            for r in r0..r0 + 6 {
+                for c in c0..c0 + 6 {
+                    s[[l, r, c]] = 0.9;
+                }
+            }
+        };
+        for (l, &p) in truth.iter().enumerate() {
+            blob(l, p);
+        }
+        blob(3, decoy);
+        let d = |shape: &ShapeModel| {
+            shaped_findings(&s, Some(shape), None)[3]
+                .as_ref()
+                .unwrap()
+                .point
+        };
+        assert!(off(d(&plain)) > 10.0, "{:?}", d(&plain));
+        assert!(off(d(&posed)) < 2.0, "{:?}", d(&posed));
+        // The other three are found either way.
+        let found = shaped_findings(&s, Some(&posed), None);
+        for (f, t) in found.iter().zip(&truth).take(3) {
+            let p = f.as_ref().unwrap().point;
+            assert!((p.0 - t.0).hypot(p.1 - t.1) < 2.0, "{p:?} vs {t:?}");
+        }
+    }
+
+    #[test]
     fn the_layout_fills_a_landmark_between_found_neighbours_only() {
         // A, B, C stacked 30 rows apart in the templates.
         let shape = ShapeModel::fit(&[
@@ -618,10 +698,64 @@ mod tests {
 /// the mean and spread of the offset from i to j, in image pixels (row, column). Pixels,
 /// not millimetres: the templates and the images it is applied to must share a pixel
 /// scale (true of the shipped data sets; a caveat for localizers of other resolutions).
+///
+/// With `pose`, the layout is compared in the target's pose: the offsets seen are turned
+/// and scaled back by the pose (`POSE_ROTATIONS_DEG` × `POSE_SCALES`) that explains them
+/// best, each pose costing its distance from the templates' own, so a patient lying
+/// turned or a larger field of view does not make the true set implausible.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ShapeModel {
     pub mean: Vec<Vec<[f64; 2]>>,
     pub std: Vec<Vec<[f64; 2]>>,
+    #[serde(default)]
+    pub pose: bool,
+}
+
+/// The in-plane rotations (degrees) and scales a target may have relative to the
+/// templates under `ShapeModel::pose`, every combination of them.
+const POSE_ROTATIONS_DEG: [f64; 17] = [
+    -20.0, -17.5, -15.0, -12.5, -10.0, -7.5, -5.0, -2.5, 0.0, 2.5, 5.0, 7.5, 10.0, 12.5, 15.0,
+    17.5, 20.0,
+];
+const POSE_SCALES: [f64; 3] = [0.9, 1.0, 1.1];
+/// A pose turned by 10°, or scaled by 10 %, costs as much as one pair's 1 σ displacement.
+const POSE_SPREAD_DEG: f64 = 10.0;
+const POSE_SPREAD_LOG_SCALE: f64 = 0.1;
+
+/// A target's pose relative to the templates: offsets in the target are the templates'
+/// turned by the angle and multiplied by the scale.
+#[derive(Debug, Clone, Copy)]
+struct Pose {
+    sin: f64,
+    cos: f64,
+    scale: f64,
+    /// −log prior plausibility of the pose.
+    cost: f64,
+}
+
+impl Pose {
+    const IDENTITY: Pose = Pose {
+        sin: 0.0,
+        cos: 1.0,
+        scale: 1.0,
+        cost: 0.0,
+    };
+
+    /// A templates' offset (rows, columns) as the target shows it.
+    fn to_target(self, d: [f64; 2]) -> [f64; 2] {
+        [
+            self.scale * (self.cos * d[0] + self.sin * d[1]),
+            self.scale * (-self.sin * d[0] + self.cos * d[1]),
+        ]
+    }
+
+    /// A target's offset as the templates would show it (`to_target` undone).
+    fn to_template(self, d: [f64; 2]) -> [f64; 2] {
+        [
+            (self.cos * d[0] - self.sin * d[1]) / self.scale,
+            (self.sin * d[0] + self.cos * d[1]) / self.scale,
+        ]
+    }
 }
 
 /// Candidate regions kept per landmark, and the score threshold that makes them: lower
@@ -674,7 +808,57 @@ impl ShapeModel {
                 }
             }
         }
-        any.then_some(ShapeModel { mean, std })
+        any.then_some(ShapeModel {
+            mean,
+            std,
+            pose: false,
+        })
+    }
+
+    /// The same layout, compared in the target's pose when `pose` (see the type).
+    pub fn with_pose(self, pose: bool) -> ShapeModel {
+        ShapeModel { pose, ..self }
+    }
+
+    /// The poses a target may take: the templates' own only, unless `pose`.
+    fn poses(&self) -> Vec<Pose> {
+        if !self.pose {
+            return vec![Pose::IDENTITY];
+        }
+        let mut out = Vec::new();
+        for deg in POSE_ROTATIONS_DEG {
+            for scale in POSE_SCALES {
+                let (sin, cos) = deg.to_radians().sin_cos();
+                let (r, z) = (deg / POSE_SPREAD_DEG, scale.ln() / POSE_SPREAD_LOG_SCALE);
+                out.push(Pose {
+                    sin,
+                    cos,
+                    scale,
+                    cost: 0.5 * (r * r + z * z),
+                });
+            }
+        }
+        out
+    }
+
+    /// −log plausibility of a set of points (None = absent) in the pose that explains
+    /// them best, and that pose.
+    fn set_cost(&self, poses: &[Pose], points: &[Option<(f64, f64)>]) -> (f64, Pose) {
+        let mut best = (f64::INFINITY, Pose::IDENTITY);
+        for pose in poses {
+            let mut total = pose.cost;
+            for (i, a) in points.iter().enumerate() {
+                for (j, b) in points.iter().enumerate().skip(i + 1) {
+                    if let (Some(a), Some(b)) = (a, b) {
+                        total += self.cost(i, j, *a, *b, pose);
+                    }
+                }
+            }
+            if total < best.0 {
+                best = (total, *pose);
+            }
+        }
+        best
     }
 
     /// Whether the model is an n × n table of finite means and spreads (a damaged or
@@ -688,13 +872,14 @@ impl ShapeModel {
         square(&self.mean) && square(&self.std)
     }
 
-    /// −log plausibility of points i and j at offset `d` (0 when the pair is unknown).
-    fn cost(&self, i: usize, j: usize, a: (f64, f64), b: (f64, f64)) -> f64 {
+    /// −log plausibility of points i and j in a target of pose `pose` (0 when the pair
+    /// is unknown).
+    fn cost(&self, i: usize, j: usize, a: (f64, f64), b: (f64, f64), pose: &Pose) -> f64 {
         let (m, s) = (self.mean[i][j], self.std[i][j]);
         if s[0] <= 0.0 || s[1] <= 0.0 {
             return 0.0;
         }
-        let d = [b.0 - a.0, b.1 - a.1];
+        let d = pose.to_template([b.0 - a.0, b.1 - a.1]);
         0.5 * (((d[0] - m[0]) / s[0]).powi(2) + ((d[1] - m[1]) / s[1]).powi(2))
     }
 }
@@ -742,6 +927,12 @@ pub fn fill_from_layout(
     }
     let points: Vec<Option<(f64, f64)>> =
         found.iter().map(|f| f.as_ref().map(|f| f.point)).collect();
+    // The pose the found landmarks show (the templates' own from fewer than two).
+    let pose = if points.iter().flatten().count() >= 2 {
+        shape.set_cost(&shape.poses(), &points).1
+    } else {
+        Pose::IDENTITY
+    };
     for (l, f) in found.iter_mut().enumerate() {
         if f.is_some() {
             continue;
@@ -754,8 +945,11 @@ pub fn fill_from_layout(
             if j == l || s[0] <= 0.0 || s[1] <= 0.0 {
                 continue;
             }
+            // The spreads stay along the image's axes: the poses turn by at most 20°.
+            let m = pose.to_target(m);
             for (d, q) in [p.0, p.1].into_iter().enumerate() {
-                let w = 1.0 / (s[d] * s[d]);
+                let sd = s[d] * pose.scale;
+                let w = 1.0 / (sd * sd);
                 weighted[d] += w * (q + m[d]);
                 weights[d] += w;
             }
@@ -831,6 +1025,7 @@ pub fn shaped_findings(
             c.iter().map(|v| v - min).collect()
         })
         .collect();
+    let poses = shape.map_or_else(Vec::new, |s| s.poses());
     // choice[l] = candidate index, or cands[l].len() for "absent".
     let mut choice = vec![0usize; n];
     let mut best: Option<(f64, Vec<usize>)> = None;
@@ -843,13 +1038,10 @@ pub fn shaped_findings(
             };
         }
         if let Some(shape) = shape {
-            for i in 0..n {
-                for j in (i + 1)..n {
-                    if let (Some(a), Some(b)) = (cands[i].get(choice[i]), cands[j].get(choice[j])) {
-                        total -= shape.cost(i, j, a.point, b.point);
-                    }
-                }
-            }
+            let points: Vec<Option<(f64, f64)>> = (0..n)
+                .map(|l| cands[l].get(choice[l]).map(|c| c.point))
+                .collect();
+            total -= shape.set_cost(&poses, &points).0;
         }
         if best.as_ref().is_none_or(|(s, _)| total > *s) {
             best = Some((total, choice.clone()));

@@ -155,6 +155,7 @@ pub fn train_dataset(
         (config.votes, " --votes"),
         (config.atlas, " --atlas"),
         (config.fragments, " --fragments"),
+        (config.pose, " --pose"),
     ] {
         if on {
             options.push_str(flag);

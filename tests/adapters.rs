@@ -109,6 +109,7 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
             votes: true,
             atlas: true,
             fragments: true,
+            pose: true,
             ..Default::default()
         },
     )
@@ -138,7 +139,8 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
             && bundle.provenance.contains("--stack-anchor")
             && bundle.provenance.contains("--votes")
             && bundle.provenance.contains("--atlas")
-            && bundle.provenance.contains("--fragments"),
+            && bundle.provenance.contains("--fragments")
+            && bundle.provenance.contains("--pose"),
         "{}",
         bundle.provenance
     );
@@ -172,6 +174,10 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
         };
         let (fa, fb) = (flat(&a.shape), flat(&b.shape));
         assert_eq!(a.shape.is_some(), b.shape.is_some());
+        assert!(
+            a.shape.iter().chain(&b.shape).all(|s| s.pose),
+            "posed layouts"
+        );
         assert_eq!(fa.len(), fb.len());
         assert!(fa.iter().zip(&fb).all(|(x, y)| (x - y).abs() < 1e-9));
     }
