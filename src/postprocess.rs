@@ -440,6 +440,17 @@ mod tests {
         assert!(none[2].is_none());
     }
 
+    /// A found landmark at `point` (mass 10, no mask) in an image of `dim`.
+    fn placed_finding(label: usize, point: (f64, f64), dim: (usize, usize)) -> Option<Finding> {
+        Some(Finding {
+            label,
+            mask: Array2::from_elem(dim, false),
+            mass: 10.0,
+            point,
+            confidence: 0.8,
+        })
+    }
+
     #[test]
     fn a_turned_target_keeps_its_layout_with_pose() {
         // Four landmarks, a 60 × 80 rectangle in the templates; the target shows it turned
@@ -465,15 +476,7 @@ mod tests {
                 (centre.0 + d[0], centre.1 + d[1])
             })
             .collect();
-        let at = |label: usize, point: (f64, f64)| {
-            Some(Finding {
-                label,
-                mask: Array2::from_elem((200, 200), false),
-                mass: 10.0,
-                point,
-                confidence: 0.8,
-            })
-        };
+        let at = |label, point| placed_finding(label, point, (200, 200));
         // Filling D from A, B and C: the unturned layout misses it, the posed one does not.
         let fill = |shape: &ShapeModel| {
             let mut found: Vec<Option<Finding>> = truth[..3]
@@ -529,15 +532,7 @@ mod tests {
             vec![Some((11.0, 52.0)), Some((40.0, 52.0)), Some((71.0, 53.0))],
         ])
         .unwrap();
-        let at = |label: usize, point: (f64, f64)| {
-            Some(Finding {
-                label,
-                mask: Array2::from_elem((100, 100), false),
-                mass: 10.0,
-                point,
-                confidence: 0.8,
-            })
-        };
+        let at = |label, point| placed_finding(label, point, (100, 100));
         // B between found A and C: placed between them, with no mass of its own.
         let mut found = vec![at(0, (20.0, 60.0)), None, at(2, (80.0, 60.0))];
         fill_from_layout(&mut found, &shape, 10.0, (100, 100));
