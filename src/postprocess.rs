@@ -1021,6 +1021,8 @@ pub fn shaped_findings(
         })
         .collect();
     let poses = shape.map_or_else(Vec::new, |s| s.poses());
+    // The chosen points, refilled per combination (the loop visits up to 5ⁿ of them).
+    let mut points: Vec<Option<(f64, f64)>> = vec![None; n];
     // choice[l] = candidate index, or cands[l].len() for "absent".
     let mut choice = vec![0usize; n];
     let mut best: Option<(f64, Vec<usize>)> = None;
@@ -1033,9 +1035,9 @@ pub fn shaped_findings(
             };
         }
         if let Some(shape) = shape {
-            let points: Vec<Option<(f64, f64)>> = (0..n)
-                .map(|l| cands[l].get(choice[l]).map(|c| c.point))
-                .collect();
+            for (l, p) in points.iter_mut().enumerate() {
+                *p = cands[l].get(choice[l]).map(|c| c.point);
+            }
             total -= shape.set_cost(&poses, &points).0;
         }
         if best.as_ref().is_none_or(|(s, _)| total > *s) {
