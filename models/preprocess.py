@@ -13,14 +13,40 @@ def percentile_nearest(values, p):
     return float(s[idx])
 
 
+# At most this many distinct values inside the window: a posterised image, smoothed.
+COARSE_LEVELS = 32
+
+
+def gaussian_blur(img, sigma):
+    """Separable Gaussian (+-3 sigma), the edge repeated beyond the image."""
+    radius = int(np.ceil(3.0 * sigma))
+    d = np.arange(-radius, radius + 1)
+    k = np.exp(-(d * d) / (2.0 * sigma * sigma))
+    k /= k.sum()
+    out = img.astype(np.float64)
+    for axis in (0, 1):
+        padded = np.pad(out, [(radius, radius) if a == axis else (0, 0) for a in (0, 1)],
+                        mode="edge")
+        n = out.shape[axis]
+        out = sum(w * np.take(padded, np.arange(t, t + n), axis=axis) for t, w in enumerate(k))
+    return out.astype(np.float32)
+
+
 def normalize(pixels, low_pct=0.5, high_pct=99.5):
-    """Robust to MR scaling: clip to the [0.5, 99.5] percentiles and map to [0, 1]."""
+    """Robust to MR scaling: clip to the [0.5, 99.5] percentiles and map to [0, 1];
+    a posterised image (at most COARSE_LEVELS values in the window) is then smoothed
+    by a Gaussian of sigma = 1/256 of its larger side."""
     lo = percentile_nearest(pixels, low_pct)
     hi = percentile_nearest(pixels, high_pct)
     if not hi > lo:
         return np.zeros(pixels.shape, np.float32)
     out = (pixels.astype(np.float64) - lo) / (hi - lo)
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+    out = np.clip(out, 0.0, 1.0).astype(np.float32)
+    values = pixels.astype(np.float32).reshape(-1)
+    inside = np.unique(values[(values >= lo) & (values <= hi)])
+    if len(inside) <= COARSE_LEVELS:
+        out = gaussian_blur(out, max(pixels.shape) / 256.0)
+    return out
 
 
 def resize_bilinear(img, out_h, out_w):

@@ -91,7 +91,12 @@ impl FeatureCache {
         backbone: &Backbone,
         pixels: &Array2<f32>,
     ) -> Result<(FeatureMap, bool), BackboneError> {
-        let key = pixel_hash(pixels);
+        // Posterised images were encoded unsmoothed before `normalize` smoothed them:
+        // their own key keeps those maps from being reused, and every other entry valid.
+        let mut key = pixel_hash(pixels);
+        if crate::image::is_posterised(pixels)? {
+            key.push_str("-smoothed");
+        }
         if let Some(fm) = self.load(&key) {
             return Ok((fm, false));
         }
