@@ -61,6 +61,18 @@ pub struct Case {
     pub landmarks: BTreeMap<String, LandmarkTruth>,
 }
 
+impl Case {
+    /// The case with its localizer slice k* alone.
+    pub fn localizer(&self) -> Case {
+        Case {
+            name: self.name.clone(),
+            slices: self.slices.get(self.center).cloned().into_iter().collect(),
+            center: 0,
+            landmarks: self.landmarks.clone(),
+        }
+    }
+}
+
 /// A data set folder: its layout, case names in sorted order, and landmarks.
 #[derive(Debug, Clone)]
 pub struct Dataset {

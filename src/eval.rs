@@ -52,6 +52,10 @@ pub struct EvalOptions {
     pub augment: Augment,
     /// Which of the data set's tasks to train and measure (`None`: all it has).
     pub only: Option<TaskKind>,
+    /// Volumes: test cases keep only their localizer slice k* (what the agent analyses by
+    /// default, `slices = "center"`); the templates keep their stacks. The 3D landmarks
+    /// then come from that one slice, so the 2D figures are the ones to read.
+    pub localizer_only: bool,
 }
 
 /// A kind of task of a data set, for `EvalOptions::only`.
@@ -685,6 +689,8 @@ pub fn evaluate(
         let case = dataset.load_case(name)?;
         let case = if template_range.contains(&i) {
             case
+        } else if opts.localizer_only {
+            opts.augment.apply(&case.localizer())
         } else {
             opts.augment.apply(&case)
         };

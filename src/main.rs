@@ -135,6 +135,10 @@ enum Cmd {
         /// Train and measure only this kind of task (default: every one the data set has).
         #[arg(long, value_enum)]
         only: Option<scout::eval::TaskKind>,
+        /// Volumes: test only each test case's localizer slice k* (as the agent analyses by
+        /// default); the templates keep their 9-slice stacks. Read the 2D figures.
+        #[arg(long)]
+        localizer_only: bool,
         #[command(flatten)]
         context: ContextArgs,
         #[command(flatten)]
@@ -528,6 +532,7 @@ fn run(cli: Cli) -> Result<(), String> {
             folds,
             png,
             only,
+            localizer_only,
             context,
             model,
         } => {
@@ -583,6 +588,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     png_dir: png.clone(),
                     template_offset: fold * templates.max(1),
                     only,
+                    localizer_only,
                     augment: scout::eval::Augment {
                         rotate_deg: rotate,
                         scale,

@@ -45,6 +45,7 @@ fn options(method: Method) -> EvalOptions {
         png_dir: None,
         template_offset: 0,
         only: None,
+        localizer_only: false,
     }
 }
 
@@ -277,6 +278,8 @@ fn dataset_reader_rejects_what_it_cannot_read() {
 }
 
 /// The paper's claim on the shared spine MR data: contrastive beats basic on landmarks.
+/// Slice k* of each test case (the templates keep their stacks), as the agent analyses a
+/// localizer by default; measured mean acc@10 0.36 (basic) and 0.69 (contrastive).
 #[test]
 fn contrastive_beats_basic_on_spine_landmarks() {
     let Some(shared) = common::shared_data("contrastive_beats_basic_on_spine_landmarks") else {
@@ -288,6 +291,7 @@ fn contrastive_beats_basic_on_spine_landmarks() {
             templates: 5,
             train: TrainConfig::default(),
             only: Some(TaskKind::Landmarks),
+            localizer_only: true,
             ..options(method)
         };
         let r = evaluate(&ds, backbone(), &cache(), None, &opts).unwrap();
@@ -296,7 +300,8 @@ fn contrastive_beats_basic_on_spine_landmarks() {
             r.segmentation.is_empty(),
             "--only landmarks measured structures"
         );
-        r.landmarks.values().map(|s| s.accuracy).sum::<f64>() / r.landmarks.len() as f64
+        let m = &r.landmarks_2d;
+        m.values().map(|s| s.accuracy).sum::<f64>() / m.len() as f64
     };
     let basic = mean_acc(Method::Basic);
     let contrastive = mean_acc(Method::Contrastive);
@@ -341,6 +346,7 @@ fn shipped_adapters_match_their_manifest_and_backbone() {
 
 /// Issue #7: the templates' landmark layout (pictorial structures over candidate regions)
 /// plus context features fix most off-by-one-vertebra misses of the plain adapter.
+/// Slice k* of each test case; measured mean acc@10 0.69 → 0.89.
 #[test]
 fn shape_and_context_raise_spine_landmark_accuracy() {
     let Some(shared) = common::shared_data("shape_and_context_raise_spine_landmark_accuracy")
@@ -357,11 +363,13 @@ fn shape_and_context_raise_spine_landmark_accuracy() {
                 ..TrainConfig::default()
             },
             only: Some(TaskKind::Landmarks),
+            localizer_only: true,
             ..options(Method::Contrastive)
         };
         let r = evaluate(&ds, backbone(), &cache(), None, &opts).unwrap();
         eprint!("{}", scout::eval::table(&r));
-        r.landmarks.values().map(|s| s.accuracy).sum::<f64>() / r.landmarks.len() as f64
+        let m = &r.landmarks_2d;
+        m.values().map(|s| s.accuracy).sum::<f64>() / m.len() as f64
     };
     let plain = run(false, Default::default());
     let best = run(
@@ -399,6 +407,7 @@ fn alignment_or_layout_fills_absent_spine_landmarks() {
                 ..common::shipped_spine_config(false)
             },
             only: Some(TaskKind::Landmarks),
+            localizer_only: true,
             ..options(Method::Contrastive)
         };
         let r = evaluate(&ds, backbone(), &cache(), None, &opts).unwrap();
@@ -701,8 +710,9 @@ fn border_negatives_an_ensemble_and_an_atlas_sharpen_chest_adapters() {
 /// Issue #7: the templates' layout of the vertebral bodies (part of `--shape`) gives a
 /// body the arg-max left to no label or to a look-alike neighbour its place back; bodies
 /// found where the layout expects them keep their masks; fragment merging then makes them
-/// whole. Shipped spine configuration without augmentation; measured mean IoU 55.7 → 59.7
-/// → 66.7, every body up each time.
+/// whole. Shipped spine configuration without augmentation, slice k* of each test case
+/// (what the agent analyses); measured mean IoU 60.6 → 65.4 → 74.5 (over all 9 slices
+/// before: 55.7 → 59.7 → 66.7).
 #[test]
 fn structure_layout_puts_spine_bodies_back_in_place() {
     let Some(shared) = common::shared_data("structure_layout_puts_spine_bodies_back_in_place")
@@ -719,6 +729,7 @@ fn structure_layout_puts_spine_bodies_back_in_place() {
                 ..common::shipped_spine_config(false)
             },
             only: Some(TaskKind::Structures),
+            localizer_only: true,
             ..options(Method::Contrastive)
         };
         let r = evaluate(&ds, backbone(), &cache(), None, &opts).unwrap();
@@ -739,8 +750,8 @@ fn structure_layout_puts_spine_bodies_back_in_place() {
         assert!(*b > a - 1.0, "a body lost: {plain:?} -> {laid_out:?}");
     }
     // With `--fragments` each body also takes the parts its neighbours' scores won but
-    // their regions did not. Measured: 63.9 / 58.4 / 42.8 / 65.1 / 68.2 -> 65.7 / 66.8 /
-    // 61.8 / 67.7 / 71.5.
+    // their regions did not. Measured: 68.7 / 63.0 / 50.5 / 73.0 / 71.9 -> 74.7 / 76.2 /
+    // 69.9 / 74.5 / 77.1.
     let whole = ious(true, true);
     assert!(
         mean(&whole) > mean(&laid_out) + 3.0,
