@@ -357,14 +357,14 @@ mod tests {
 
     #[test]
     fn a_posterised_image_is_smoothed_and_a_full_depth_one_is_not() {
-        // A smooth horizontal ramp over 256 columns, at 8 bits and posterised to 17 levels.
+        // A smooth horizontal ramp over 256 columns, at 8 bits and posterised to 16 levels.
         let ramp = Array2::from_shape_fn((64, 256), |(_, c)| c as f32);
         let bands = ramp.mapv(|v| (v / 16.0).floor());
         assert!(!is_posterised(&ramp).unwrap());
         assert!(is_posterised(&bands).unwrap());
         let full = normalize(&ramp).unwrap();
         let smooth = normalize(&bands).unwrap();
-        // The largest step between neighbouring columns: a band edge (1/16 of the range)
+        // The largest step between neighbouring columns: a band edge (1/15 of the range)
         // before smoothing, a ramp afterwards.
         let step = |m: &Array2<f32>| {
             (1..256)
