@@ -312,6 +312,19 @@ pub struct Report {
     pub segmentation: BTreeMap<String, SegStats>,
     pub empty_slice_fp_rate: BTreeMap<String, f64>,
     pub timing: Timing,
+    /// Per test case, what the summaries above are made of: which cases fail, and how.
+    pub cases: BTreeMap<String, CaseResult>,
+}
+
+/// One test case's measurements (`Report::cases`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CaseResult {
+    /// Per landmark, the error in pixels (3D for volumes); `None` when reported absent.
+    pub landmarks: BTreeMap<String, Option<f64>>,
+    /// Volumes: the 2D localizer variant on slice k*.
+    pub landmarks_2d: BTreeMap<String, Option<f64>>,
+    /// Per structure (label value), IoU in percent over the case's slices.
+    pub iou: BTreeMap<String, f64>,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
@@ -753,6 +766,7 @@ pub fn evaluate(
         segmentation: BTreeMap::new(),
         empty_slice_fp_rate: BTreeMap::new(),
         timing: Timing::default(),
+        cases: BTreeMap::new(),
     };
     let augmented = if opts.train.augment {
         augmented_templates(templ, backbone, cache)?
@@ -885,6 +899,9 @@ pub fn evaluate(
                                 .sqrt()
                         });
                         errors3[l].push(e);
+                        case_result(&mut report, &case.name)
+                            .landmarks
+                            .insert(name.clone(), e);
                     }
                     Layout::Volume => {
                         let anchor = center[l]
@@ -904,12 +921,16 @@ pub fn evaluate(
                             .collect();
                         let p = postprocess::landmark_3d(&stack);
                         let tk = truth.k.unwrap_or(0.0);
-                        errors3[l].push(p.map(|(r, c, k)| {
+                        let e = p.map(|(r, c, k)| {
                             ((r - truth.row).powi(2)
                                 + (c - truth.column).powi(2)
                                 + (k - tk).powi(2))
                             .sqrt()
-                        }));
+                        });
+                        errors3[l].push(e);
+                        case_result(&mut report, &case.name)
+                            .landmarks
+                            .insert(name.clone(), e);
                         // 2D localizer variant: slice k*, truth = centroid of label l+1 there.
                         if let Some(gt) = case.slices[case.center]
                             .labels
@@ -920,6 +941,9 @@ pub fn evaluate(
                                 ((f.point.0 - gt.0).powi(2) + (f.point.1 - gt.1).powi(2)).sqrt()
                             });
                             errors2[l].push(e);
+                            case_result(&mut report, &case.name)
+                                .landmarks_2d
+                                .insert(name.clone(), e);
                         }
                     }
                 }
@@ -1058,7 +1082,11 @@ pub fn evaluate(
             }
             for l in 0..values.len() {
                 if union[l] > 0 {
-                    ious[l].push(inter[l] as f64 / union[l] as f64);
+                    let iou = inter[l] as f64 / union[l] as f64;
+                    ious[l].push(iou);
+                    case_result(&mut report, &case.name)
+                        .iou
+                        .insert(values[l].to_string(), 100.0 * iou);
                 }
             }
             progress.bar.inc(1);
@@ -1104,6 +1132,10 @@ pub fn evaluate(
         }
     }
     Ok(report)
+}
+
+fn case_result<'a>(report: &'a mut Report, case: &str) -> &'a mut CaseResult {
+    report.cases.entry(case.to_string()).or_default()
 }
 
 /// (row, column) in image pixels.
