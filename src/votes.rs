@@ -4,7 +4,8 @@
 //! soft tissue below, and the region's centroid is pulled into the lung. Instead, every
 //! cell of the region votes for where it sees the landmark: per landmark, a ridge
 //! regression from a cell's standardised features to its offset from the point, fit on
-//! the templates' cells near their point (Hough voting with a linear offset model).
+//! the templates' cells near their point (Hough voting with a linear offset model). The
+//! cells within that distance of the voted point then vote again until it settles.
 
 use crate::backbone::FeatureMap;
 use crate::postprocess::Finding;
@@ -14,6 +15,11 @@ use serde::{Deserialize, Serialize};
 /// Ridge strengths tried (per sample, on standardised features); the templates choose
 /// among them by leaving each template out in turn.
 const LAMBDAS: [f64; 6] = [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0];
+
+/// Votes of the cells near the point, at most this many rounds after the region's.
+const REVOTES: usize = 10;
+/// A round that moves the point less than this (pixels) ends the voting.
+const SETTLED_PX: f64 = 0.5;
 
 /// One landmark's offset model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -129,28 +135,22 @@ impl LandmarkVotes {
         [o[0] * self.reach, o[1] * self.reach]
     }
 
-    /// Where the cells of `mask` (image pixels) see the landmark: the mean of their votes,
-    /// each weighted by the cell's score. None when no cell centre lies in the mask.
+    /// Where the cells that `take` accepts (by their centre, image pixels) see the
+    /// landmark: the mean of their votes, each weighted by the cell's score. None when it
+    /// accepts no cell with a positive score.
     fn vote(
         &self,
         rows: ArrayView2<f32>,
         fm: &FeatureMap,
-        mask: &Array2<bool>,
         scores: ArrayView2<f32>,
+        take: impl Fn((f64, f64)) -> bool,
     ) -> Option<(f64, f64)> {
         let (h, w) = fm.grid();
         let (mut sr, mut sc, mut sw) = (0.0, 0.0, 0.0);
         for i in 0..h {
             for j in 0..w {
                 let c = fm.cell_to_pixel(i as f64, j as f64);
-                let (r, cc) = (c.0.round(), c.1.round());
-                if r < 0.0
-                    || cc < 0.0
-                    || !mask
-                        .get((r as usize, cc as usize))
-                        .copied()
-                        .unwrap_or(false)
-                {
+                if !take(c) {
                     continue;
                 }
                 let o = self.offset(rows.row(i * w + j).iter());
@@ -161,6 +161,42 @@ impl LandmarkVotes {
             }
         }
         (sw > 0.0).then(|| (sr / sw, sc / sw))
+    }
+
+    /// Where the cells of the region `mask` see the landmark, then, until the point
+    /// settles, where the cells within `reach` of it do. The model was fit on the cells
+    /// within `reach` of the templates' points; a region's cells are where the adapter
+    /// recognises the landmark, which at a corner lies off to one side, and their votes
+    /// fall short where they are further out than the fit saw (mean shift on the votes).
+    fn locate(
+        &self,
+        rows: ArrayView2<f32>,
+        fm: &FeatureMap,
+        mask: &Array2<bool>,
+        scores: ArrayView2<f32>,
+    ) -> Option<(f64, f64)> {
+        let in_mask = |c: (f64, f64)| {
+            let (r, cc) = (c.0.round(), c.1.round());
+            r >= 0.0
+                && cc >= 0.0
+                && mask
+                    .get((r as usize, cc as usize))
+                    .copied()
+                    .unwrap_or(false)
+        };
+        let mut p = self.vote(rows, fm, scores, in_mask)?;
+        for _ in 0..REVOTES {
+            let near = |c: (f64, f64)| (c.0 - p.0).hypot(c.1 - p.1) <= self.reach;
+            let Some(q) = self.vote(rows, fm, scores, near) else {
+                break;
+            };
+            let moved = (q.0 - p.0).hypot(q.1 - p.1);
+            p = q;
+            if moved < SETTLED_PX {
+                break;
+            }
+        }
+        Some(p)
     }
 }
 
@@ -249,7 +285,7 @@ pub fn refine_findings(
 ) {
     for (l, (f, v)) in found.iter_mut().zip(votes).enumerate() {
         if let (Some(f), Some(v)) = (f, v) {
-            if let Some(p) = v.vote(rows, fm, &f.mask, scores.index_axis(Axis(0), l)) {
+            if let Some(p) = v.locate(rows, fm, &f.mask, scores.index_axis(Axis(0), l)) {
                 f.point = p;
             }
         }
@@ -264,6 +300,11 @@ mod tests {
     /// A 16 × 16 grid over a 64 × 64 image whose cells see the offset to `point` (in
     /// units of 5 px: about unit spread, as standardised) in their first two features, beside three of noise: cells × 5 rows.
     fn scene(point: (f64, f64), rng: &mut Rng) -> (FeatureMap, Array2<f32>) {
+        scene_seeing(point, f64::INFINITY, rng)
+    }
+
+    /// As `scene`, but cells further than `sight` px from the point see it at `sight`.
+    fn scene_seeing(point: (f64, f64), sight: f64, rng: &mut Rng) -> (FeatureMap, Array2<f32>) {
         let fm = FeatureMap {
             data: ndarray::Array3::zeros((5, 16, 16)),
             image_rows: 64,
@@ -272,9 +313,11 @@ mod tests {
         let rows = Array2::from_shape_fn((256, 5), |(k, c)| {
             let p = fm.cell_to_pixel((k / 16) as f64, (k % 16) as f64);
             let noise = rng.uniform() - 0.5;
+            let d = (point.0 - p.0, point.1 - p.1);
+            let seen = (sight / d.0.hypot(d.1)).min(1.0);
             match c {
-                0 => ((point.0 - p.0) / 5.0) as f32 + 0.05 * noise,
-                1 => ((point.1 - p.1) / 5.0) as f32 + 0.05 * noise,
+                0 => (d.0 * seen / 5.0) as f32 + 0.05 * noise,
+                1 => (d.1 * seen / 5.0) as f32 + 0.05 * noise,
                 _ => noise,
             }
         });
@@ -332,5 +375,48 @@ mod tests {
             "voted {p:?}, truth {point:?}"
         );
         assert!(found[1].is_none(), "an absent landmark stays absent");
+    }
+
+    #[test]
+    fn cells_near_the_voted_point_vote_again_until_it_settles() {
+        let mut rng = Rng::new(5);
+        let mut samples = Samples::default();
+        for (t, p) in [(20.0, 30.0), (35.5, 22.0), (28.0, 41.0)]
+            .into_iter()
+            .enumerate()
+        {
+            let (fm, rows) = scene_seeing(p, 14.0, &mut rng);
+            samples.add(rows.view(), &fm, p, 14.0, t);
+        }
+        let votes = LandmarkVotes::fit(&samples, 14.0).expect("a model");
+
+        // Cells further than 14 px see the point only 14 px away: the region, 16-28 px
+        // above its point, votes short of it.
+        let point = (44.0, 30.0);
+        let (fm, rows) = scene_seeing(point, 14.0, &mut rng);
+        let mask = Array2::from_shape_fn((64, 64), |(r, c)| {
+            (16..=28).contains(&r) && (c as f64 - point.1).abs() <= 6.0
+        });
+        let scores = ndarray::Array2::from_elem((16, 16), 1.0f32);
+        let once = votes
+            .vote(rows.view(), &fm, scores.view(), |c| {
+                mask[[c.0.round() as usize, c.1.round() as usize]]
+            })
+            .expect("a vote");
+        assert!(
+            point.0 - once.0 > 3.0,
+            "the region alone votes short: {once:?}"
+        );
+        let p = votes
+            .locate(rows.view(), &fm, &mask, scores.view())
+            .expect("a point");
+        assert!(
+            (p.0 - point.0).hypot(p.1 - point.1) < 1.0,
+            "voted {p:?} (region alone {once:?}), truth {point:?}"
+        );
+        let empty = Array2::from_elem((64, 64), false);
+        assert!(votes
+            .locate(rows.view(), &fm, &empty, scores.view())
+            .is_none());
     }
 }

@@ -544,7 +544,9 @@ fn template_patches_sharpen_the_lung_apices_and_leave_the_rest_alone() {
 /// lung corners, whose regions reach further into the lung than below it, come closer.
 /// With augmented templates, as both shipped adapters are trained: from the 5 templates
 /// alone (~190 cells per landmark for 256 features) the offsets are not learned well
-/// enough (measured: mean acc@10 0.60 → 0.59).
+/// enough (measured: mean acc@10 0.60 → 0.59). Measured with the cells near the voted
+/// point voting again until it settles: mean 0.655 → 0.740 (costophrenic angles L 0.41 →
+/// 0.58, R 0.60 → 0.77); the region's votes alone gave 0.65 → 0.70.
 #[test]
 fn region_votes_bring_the_lung_corners_closer() {
     let Some(shared) = common::shared_data("region_votes_bring_the_lung_corners_closer") else {
@@ -570,7 +572,7 @@ fn region_votes_bring_the_lung_corners_closer() {
         m.values().map(|s| s.accuracy).sum::<f64>() / m.len() as f64
     };
     assert!(
-        mean(&voted) > mean(&plain) + 0.02,
+        mean(&voted) > mean(&plain) + 0.06,
         "mean acc@10 {:.3} -> {:.3}",
         mean(&plain),
         mean(&voted)
