@@ -164,7 +164,8 @@ impl LandmarkVotes {
     }
 
     /// Where the cells of the region `mask` see the landmark, then, until the point
-    /// settles, where the cells within `reach` of it do. The model was fit on the cells
+    /// settles, where the cells within `reach` of it do; None when the region's vote
+    /// lies outside the image. The model was fit on the cells
     /// within `reach` of the templates' points; a region's cells are where the adapter
     /// recognises the landmark, which at a corner lies off to one side, and their votes
     /// fall short where they are further out than the fit saw (mean shift on the votes).
@@ -184,10 +185,18 @@ impl LandmarkVotes {
                     .copied()
                     .unwrap_or(false)
         };
-        let mut p = self.vote(rows, fm, scores, in_mask)?;
+        // A landmark is not put outside the image (as `postprocess` does not place one
+        // there): a vote that lands outside is not taken.
+        let inside = |p: &(f64, f64)| {
+            p.0 >= -0.5
+                && p.1 >= -0.5
+                && p.0 <= fm.image_rows as f64 - 0.5
+                && p.1 <= fm.image_columns as f64 - 0.5
+        };
+        let mut p = self.vote(rows, fm, scores, in_mask).filter(inside)?;
         for _ in 0..REVOTES {
             let near = |c: (f64, f64)| (c.0 - p.0).hypot(c.1 - p.1) <= self.reach;
-            let Some(q) = self.vote(rows, fm, scores, near) else {
+            let Some(q) = self.vote(rows, fm, scores, near).filter(inside) else {
                 break;
             };
             let moved = (q.0 - p.0).hypot(q.1 - p.1);
@@ -413,6 +422,17 @@ mod tests {
         assert!(
             (p.0 - point.0).hypot(p.1 - point.1) < 1.0,
             "voted {p:?} (region alone {once:?}), truth {point:?}"
+        );
+        // A point beyond the image's lower edge: the votes follow it down to the edge,
+        // not past it.
+        let beyond = (76.0, 30.0);
+        let (fm, rows) = scene_seeing(beyond, 14.0, &mut rng);
+        let p = votes
+            .locate(rows.view(), &fm, &mask, scores.view())
+            .expect("a point");
+        assert!(
+            p.0 > 50.0 && p.0 <= 63.5,
+            "voted {p:?} for a point at {beyond:?}"
         );
         let empty = Array2::from_elem((64, 64), false);
         assert!(votes
