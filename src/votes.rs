@@ -176,15 +176,6 @@ impl LandmarkVotes {
         mask: &Array2<bool>,
         scores: ArrayView2<f32>,
     ) -> Option<(f64, f64)> {
-        let in_mask = |c: (f64, f64)| {
-            let (r, cc) = (c.0.round(), c.1.round());
-            r >= 0.0
-                && cc >= 0.0
-                && mask
-                    .get((r as usize, cc as usize))
-                    .copied()
-                    .unwrap_or(false)
-        };
         // A landmark is not put outside the image (as `postprocess` does not place one
         // there): a vote that lands outside is not taken.
         let inside = |p: &(f64, f64)| {
@@ -193,7 +184,9 @@ impl LandmarkVotes {
                 && p.0 <= fm.image_rows as f64 - 0.5
                 && p.1 <= fm.image_columns as f64 - 0.5
         };
-        let mut p = self.vote(rows, fm, scores, in_mask).filter(inside)?;
+        let mut p = self
+            .vote(rows, fm, scores, |c| in_mask(mask, c))
+            .filter(inside)?;
         for _ in 0..REVOTES {
             let near = |c: (f64, f64)| (c.0 - p.0).hypot(c.1 - p.1) <= self.reach;
             let Some(q) = self.vote(rows, fm, scores, near).filter(inside) else {
@@ -207,6 +200,17 @@ impl LandmarkVotes {
         }
         Some(p)
     }
+}
+
+/// Whether the pixel nearest to `c` (row, column) lies in `mask`.
+fn in_mask(mask: &Array2<bool>, c: (f64, f64)) -> bool {
+    let (r, cc) = (c.0.round(), c.1.round());
+    r >= 0.0
+        && cc >= 0.0
+        && mask
+            .get((r as usize, cc as usize))
+            .copied()
+            .unwrap_or(false)
 }
 
 /// Ridge regression on the samples `idx`: features centred, offsets in units of `reach`.
@@ -333,17 +337,23 @@ mod tests {
         (fm, rows)
     }
 
-    #[test]
-    fn cells_of_a_lopsided_region_vote_for_the_point() {
-        let mut rng = Rng::new(3);
+    /// The cells within 14 px of the point in three templates' scenes (`scene_seeing`).
+    fn template_samples(sight: f64, rng: &mut Rng) -> Samples {
         let mut samples = Samples::default();
         for (t, p) in [(20.0, 30.0), (35.5, 22.0), (28.0, 41.0)]
             .into_iter()
             .enumerate()
         {
-            let (fm, rows) = scene(p, &mut rng);
+            let (fm, rows) = scene_seeing(p, sight, rng);
             samples.add(rows.view(), &fm, p, 14.0, t);
         }
+        samples
+    }
+
+    #[test]
+    fn cells_of_a_lopsided_region_vote_for_the_point() {
+        let mut rng = Rng::new(3);
+        let samples = template_samples(f64::INFINITY, &mut rng);
         let one = Samples {
             template: vec![0; samples.rows.len()],
             rows: samples.rows.clone(),
@@ -389,15 +399,7 @@ mod tests {
     #[test]
     fn cells_near_the_voted_point_vote_again_until_it_settles() {
         let mut rng = Rng::new(5);
-        let mut samples = Samples::default();
-        for (t, p) in [(20.0, 30.0), (35.5, 22.0), (28.0, 41.0)]
-            .into_iter()
-            .enumerate()
-        {
-            let (fm, rows) = scene_seeing(p, 14.0, &mut rng);
-            samples.add(rows.view(), &fm, p, 14.0, t);
-        }
-        let votes = LandmarkVotes::fit(&samples, 14.0).expect("a model");
+        let votes = LandmarkVotes::fit(&template_samples(14.0, &mut rng), 14.0).expect("a model");
 
         // Cells further than 14 px see the point only 14 px away: the region, 16-28 px
         // above its point, votes short of it.
@@ -408,9 +410,7 @@ mod tests {
         });
         let scores = ndarray::Array2::from_elem((16, 16), 1.0f32);
         let once = votes
-            .vote(rows.view(), &fm, scores.view(), |c| {
-                mask[[c.0.round() as usize, c.1.round() as usize]]
-            })
+            .vote(rows.view(), &fm, scores.view(), |c| in_mask(&mask, c))
             .expect("a vote");
         assert!(
             point.0 - once.0 > 3.0,
