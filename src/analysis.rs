@@ -381,6 +381,7 @@ impl Engine {
                                     continue;
                                 };
                                 let c = Candidate3d {
+                                    placed: f.is_placed(),
                                     mass: f.mass,
                                     patient: p,
                                     stack: si,
@@ -431,18 +432,28 @@ impl Engine {
         }
 
         let mut landmarks = Vec::new();
-        for (task, _) in &lr.bundle.tasks {
+        for (task, adapter) in &lr.bundle.tasks {
             let Task::Landmarks { names, .. } = task else {
                 continue;
             };
-            for name in names {
+            let cands: Vec<&[Candidate3d]> = names
+                .iter()
+                .map(|name| {
+                    candidates
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .map_or(&[][..], |(_, c)| c.as_slice())
+                })
+                .collect();
+            let mut points: Vec<Option<LandmarkPoint>> =
+                cands.iter().map(|c| place(c, &stack_results)).collect();
+            if let (Some(shape), true) = (&adapter.shape, adapter.train.layout_fill) {
+                fill_depths(shape, &cands, &stack_results, &mut points);
+            }
+            for (name, found) in names.iter().zip(points) {
                 let Some(code) = rule.landmarks.get(name) else {
                     continue;
                 };
-                let found = candidates
-                    .iter()
-                    .find(|(n, _)| n == name)
-                    .and_then(|(_, c)| place(c, &stack_results));
                 landmarks.push(Landmark {
                     name: name.clone(),
                     code: code.clone(),
@@ -468,6 +479,8 @@ impl Engine {
 }
 
 struct Candidate3d {
+    /// Placed by the layout or the aligned templates, with no region of its own.
+    placed: bool,
     mass: f64,
     patient: [f64; 3],
     stack: usize,
@@ -522,6 +535,50 @@ fn place(cands: &[Candidate3d], stacks: &[StackResult]) -> Option<LandmarkPoint>
         confidence: best.confidence,
         stack: best.stack,
     })
+}
+
+/// `postprocess::fill_depths` in patient coordinates, per stack: depth is the distance
+/// along the normal of the stack's centre slice (the localizer slice, where the layout
+/// fills), for the landmarks whose point that stack gave.
+fn fill_depths(
+    shape: &postprocess::ShapeModel,
+    cands: &[&[Candidate3d]],
+    stacks: &[StackResult],
+    points: &mut [Option<LandmarkPoint>],
+) {
+    let dot = |a: [f64; 3], b: [f64; 3]| a[0] * b[0] + a[1] * b[1] + a[2] * b[2];
+    for (si, stack) in stacks.iter().enumerate() {
+        let centre = stack.images.len() / 2;
+        let Some(normal) = stack.images[centre].geometry.normal() else {
+            continue;
+        };
+        let placed: Vec<Option<bool>> = cands
+            .iter()
+            .map(|c| {
+                c.iter()
+                    .find(|c| c.stack == si && c.image == centre)
+                    .map(|c| c.placed)
+            })
+            .collect();
+        let mut depths: Vec<Option<f64>> = points
+            .iter()
+            .map(|p| {
+                p.as_ref()
+                    .filter(|p| p.stack == si)
+                    .map(|p| dot(normal, p.patient_mm))
+            })
+            .collect();
+        postprocess::fill_depths(shape, &placed, &mut depths);
+        for (p, d) in points.iter_mut().zip(depths) {
+            let (Some(p), Some(d)) = (p.as_mut().filter(|p| p.stack == si), d) else {
+                continue;
+            };
+            let shift = d - dot(normal, p.patient_mm);
+            for (x, n) in p.patient_mm.iter_mut().zip(normal) {
+                *x += shift * n;
+            }
+        }
+    }
 }
 
 /// The slice's pixels, normalised as the encoder saw them: read on first use, then kept.
@@ -588,6 +645,7 @@ mod tests {
             })
             .collect();
         let at = |image: usize, mass: f64, row: f64, column: f64| Candidate3d {
+            placed: false,
             mass,
             patient: images[image]
                 .geometry
@@ -622,5 +680,62 @@ mod tests {
         let anchored = place(&cands, &stacks).unwrap();
         assert!((anchored.row - 50.0).abs() < 1e-6, "{}", anchored.row);
         assert_eq!(anchored.sop_instance_uid, "1.2.3.1");
+    }
+
+    #[test]
+    fn a_landmark_the_localizer_slice_filled_takes_the_depth_of_those_it_saw() {
+        // Three landmarks down the stack's centre slice (x = 5 mm); the middle one was
+        // only placed there by the layout, and found in a lateral slice (x = 0 mm).
+        let (stacks, one) = stack_and_candidates(Some(10.0));
+        let at = |image: usize, row: f64, placed: bool| Candidate3d {
+            placed,
+            mass: if placed { 1e-6 } else { 50.0 },
+            patient: stacks[0].images[image]
+                .geometry
+                .pixel_to_patient(row, 50.0)
+                .unwrap(),
+            stack: 0,
+            image,
+            confidence: if placed { 0.0 } else { 0.5 },
+            frame: one[0].frame.clone(),
+            anchor_radius: one[0].anchor_radius,
+        };
+        let a = [at(1, 20.0, false)];
+        let b = [at(1, 50.0, true), at(0, 52.0, false)];
+        let c = [at(1, 80.0, false)];
+        let cands: Vec<&[Candidate3d]> = vec![&a, &b, &c];
+        let mut points: Vec<Option<LandmarkPoint>> =
+            cands.iter().map(|c| place(c, &stacks)).collect();
+        let depth = |p: &Option<LandmarkPoint>| p.as_ref().unwrap().patient_mm[0];
+        assert!(
+            depth(&points[1]).abs() < 1e-3,
+            "voted: {}",
+            depth(&points[1])
+        );
+        let shape = postprocess::ShapeModel {
+            mean: vec![vec![[0.0, 0.0]; 3]; 3],
+            std: vec![vec![[5.0, 5.0]; 3]; 3],
+            pose: false,
+        };
+        let before = points[1].clone().unwrap();
+        fill_depths(&shape, &cands, &stacks, &mut points);
+        let after = points[1].as_ref().unwrap();
+        assert!(
+            (depth(&points[1]) - 5.0).abs() < 1e-9,
+            "{}",
+            depth(&points[1])
+        );
+        // In the plane nothing moves; the landmarks it was filled from stay.
+        assert_eq!((after.row, after.column), (before.row, before.column));
+        assert!((depth(&points[0]) - 5.0).abs() < 1e-9 && (depth(&points[2]) - 5.0).abs() < 1e-9);
+        // Without a region of its own in the centre slice nothing is filled from it.
+        let c = [at(1, 80.0, true)];
+        let a = [at(0, 20.0, false)];
+        let cands: Vec<&[Candidate3d]> = vec![&a, &b, &c];
+        let mut points: Vec<Option<LandmarkPoint>> =
+            cands.iter().map(|c| place(c, &stacks)).collect();
+        let voted: Vec<f64> = points.iter().map(depth).collect();
+        fill_depths(&shape, &cands, &stacks, &mut points);
+        assert_eq!(points.iter().map(depth).collect::<Vec<_>>(), voted);
     }
 }

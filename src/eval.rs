@@ -888,6 +888,43 @@ pub fn evaluate(
                 adapter_ms.push(t.elapsed().as_secs_f64() * 1000.0);
             }
             let center = &per_slice[case.center];
+            let mut points_3d: Vec<Option<(f64, f64, f64)>> = (0..names.len())
+                .map(|l| {
+                    let anchor = center[l]
+                        .as_ref()
+                        .filter(|_| opts.train.stack_anchor)
+                        .map(|f| f.point);
+                    let stack: Vec<(f64, Option<&Finding>)> = case
+                        .slices
+                        .iter()
+                        .zip(&per_slice)
+                        .map(|(s, f)| {
+                            let f = f[l].as_ref().filter(|f| {
+                                postprocess::near_anchor(f.point, anchor, opts.landmark_radius)
+                            });
+                            (s.k.unwrap_or(0) as f64, f)
+                        })
+                        .collect();
+                    postprocess::landmark_3d(&stack)
+                })
+                .collect();
+            let shape = trained.adapters.first().and_then(|a| a.shape.as_ref());
+            if let (Some(shape), true, Layout::Volume) =
+                (shape, opts.train.layout_fill, dataset.layout)
+            {
+                let placed: Vec<Option<bool>> = center
+                    .iter()
+                    .map(|f| f.as_ref().map(Finding::is_placed))
+                    .collect();
+                let mut depths: Vec<Option<f64>> =
+                    points_3d.iter().map(|p| p.map(|p| p.2)).collect();
+                postprocess::fill_depths(shape, &placed, &mut depths);
+                for (p, d) in points_3d.iter_mut().zip(depths) {
+                    if let (Some(p), Some(d)) = (p, d) {
+                        p.2 = d;
+                    }
+                }
+            }
             for (l, name) in names.iter().enumerate() {
                 let Some(truth) = case.landmarks.get(name) else {
                     continue;
@@ -904,22 +941,7 @@ pub fn evaluate(
                             .insert(name.clone(), e);
                     }
                     Layout::Volume => {
-                        let anchor = center[l]
-                            .as_ref()
-                            .filter(|_| opts.train.stack_anchor)
-                            .map(|f| f.point);
-                        let stack: Vec<(f64, Option<&Finding>)> = case
-                            .slices
-                            .iter()
-                            .zip(&per_slice)
-                            .map(|(s, f)| {
-                                let f = f[l].as_ref().filter(|f| {
-                                    postprocess::near_anchor(f.point, anchor, opts.landmark_radius)
-                                });
-                                (s.k.unwrap_or(0) as f64, f)
-                            })
-                            .collect();
-                        let p = postprocess::landmark_3d(&stack);
+                        let p = points_3d[l];
                         let tk = truth.k.unwrap_or(0.0);
                         let e = p.map(|(r, c, k)| {
                             ((r - truth.row).powi(2)

@@ -27,6 +27,14 @@ pub struct Finding {
     pub confidence: f64,
 }
 
+impl Finding {
+    /// Placed by the layout or the aligned templates, with no region of its own
+    /// (`placed`); every found region has pixels.
+    pub fn is_placed(&self) -> bool {
+        !self.mask.iter().any(|m| *m)
+    }
+}
+
 /// Per-label scores at image resolution (L × rows × cols).
 pub fn upsample_scores(scores: &Array3<f32>, rows: usize, cols: usize) -> Array3<f32> {
     let n = scores.dim().0;
@@ -563,6 +571,41 @@ mod tests {
     }
 
     #[test]
+    fn a_filled_landmark_takes_its_depth_from_the_landmarks_the_slice_saw() {
+        // B's offset to A varies half as much in the templates as its offset to C.
+        let mut std = vec![vec![[3.0, 3.0]; 3]; 3];
+        std[0][1] = [2.0, 2.0];
+        std[2][1] = [4.0, 4.0];
+        let shape = ShapeModel {
+            mean: vec![vec![[0.0, 0.0]; 3]; 3],
+            std,
+            pose: false,
+        };
+        let depths = [Some(10.0), Some(30.0), Some(20.0)];
+        let fill = |placed: [Option<bool>; 3], mut d: Vec<Option<f64>>| {
+            fill_depths(&shape, &placed, &mut d);
+            d
+        };
+        let (seen, filled) = (Some(false), Some(true));
+        // A weighs 1/2² per axis, C 1/4²: (0.5 · 10 + 0.125 · 20) / 0.625.
+        let b = fill([seen, filled, seen], depths.to_vec())[1].unwrap();
+        assert!((b - 12.0).abs() < 1e-9, "{b}");
+        assert_eq!(fill([seen, seen, seen], depths.to_vec()), depths.to_vec());
+        // A filled landmark's depth is not used for another's.
+        let d = fill([filled, filled, seen], depths.to_vec());
+        assert!(d.iter().all(|d| (d.unwrap() - 20.0).abs() < 1e-9), "{d:?}");
+        // Nothing seen, or no depth to replace: nothing changes.
+        let d = fill([filled, filled, None], depths.to_vec());
+        assert_eq!(d, depths.to_vec());
+        let d = fill([seen, filled, seen], vec![Some(10.0), None, Some(20.0)]);
+        assert_eq!(d, vec![Some(10.0), None, Some(20.0)]);
+        // A layout for another number of landmarks changes nothing.
+        let mut two = vec![Some(10.0), Some(30.0)];
+        fill_depths(&shape, &[seen, filled], &mut two);
+        assert_eq!(two, vec![Some(10.0), Some(30.0)]);
+    }
+
+    #[test]
     fn the_alignment_prior_picks_among_look_alikes_but_never_removes_a_landmark() {
         // One landmark, two look-alike regions: the stronger at row 10, the other at 40.
         let mut s = Array3::<f32>::zeros((1, 80, 40));
@@ -867,6 +910,14 @@ impl ShapeModel {
         square(&self.mean) && square(&self.std)
     }
 
+    /// How much landmark j's position weighs when the layout places landmark l from it:
+    /// the inverse variance of their offset per axis, in the templates' pose; None for
+    /// l itself or an unknown pair.
+    fn fill_weights(&self, j: usize, l: usize) -> Option<[f64; 2]> {
+        let s = self.std[j][l];
+        (j != l && s[0] > 0.0 && s[1] > 0.0).then(|| [1.0 / (s[0] * s[0]), 1.0 / (s[1] * s[1])])
+    }
+
     /// −log plausibility of points i and j in a target of pose `pose` (0 when the pair
     /// is unknown).
     fn cost(&self, i: usize, j: usize, a: (f64, f64), b: (f64, f64), pose: &Pose) -> f64 {
@@ -935,16 +986,13 @@ pub fn fill_from_layout(
         let mut weighted = [0.0f64; 2];
         let mut weights = [0.0f64; 2];
         for (j, p) in points.iter().enumerate() {
-            let Some(p) = p else { continue };
-            let (m, s) = (shape.mean[j][l], shape.std[j][l]);
-            if j == l || s[0] <= 0.0 || s[1] <= 0.0 {
+            let (Some(p), Some(w)) = (p, shape.fill_weights(j, l)) else {
                 continue;
-            }
+            };
             // The spreads stay along the image's axes: the poses turn by at most 20°.
-            let m = pose.to_target(m);
+            let m = pose.to_target(shape.mean[j][l]);
             for (d, q) in [p.0, p.1].into_iter().enumerate() {
-                let sd = s[d] * pose.scale;
-                let w = 1.0 / (sd * sd);
+                let w = w[d] / (pose.scale * pose.scale);
                 weighted[d] += w * (q + m[d]);
                 weights[d] += w;
             }
@@ -955,6 +1003,47 @@ pub fn fill_from_layout(
         let spread = (1.0 / weights[0] + 1.0 / weights[1]).sqrt();
         if spread <= tolerance {
             *f = placed(l, (weighted[0] / weights[0], weighted[1] / weights[1]), dim);
+        }
+    }
+}
+
+/// The through-plane position (slice index, or mm along the slices' normal) of landmark
+/// `l` in a stack whose localizer slice had to fill it (`fill_from_layout`): the mean of
+/// the `depths` of the landmarks that slice did see, each weighted as the fill weighed
+/// it (both axes' weights summed). Voted from the stack's other slices alone, a landmark
+/// the localizer slice missed takes the depth of the slices where it was found, which
+/// lie to one side of its centre. The layout holds no through-plane offsets, so the
+/// landmarks are taken to lie near one plane — the one the localizer slice was placed
+/// through. None when no seen landmark has a depth.
+pub fn depth_from_layout(shape: &ShapeModel, depths: &[Option<f64>], l: usize) -> Option<f64> {
+    if !shape.fits(depths.len()) {
+        return None;
+    }
+    let (sum, weight) = depths
+        .iter()
+        .enumerate()
+        .filter_map(|(j, d)| Some((d.as_ref()?, shape.fill_weights(j, l)?)))
+        .fold((0.0, 0.0), |(s, ws), (d, w)| {
+            (s + (w[0] + w[1]) * d, ws + w[0] + w[1])
+        });
+    (weight > 0.0).then(|| sum / weight)
+}
+
+/// A stack's 3D landmarks with the depths of those its localizer slice had to fill
+/// replaced by `depth_from_layout`'s; `placed[l]` tells how that slice had landmark l
+/// (Some(false): in a region of its own, Some(true): placed by the layout, None: not at
+/// all). Only depths the slice saw count.
+pub fn fill_depths(shape: &ShapeModel, placed: &[Option<bool>], depths: &mut [Option<f64>]) {
+    let seen: Vec<Option<f64>> = depths
+        .iter()
+        .zip(placed)
+        .map(|(d, p)| d.filter(|_| *p == Some(false)))
+        .collect();
+    for (l, (d, p)) in depths.iter_mut().zip(placed).enumerate() {
+        if d.is_some() && *p == Some(true) {
+            if let Some(filled) = depth_from_layout(shape, &seen, l) {
+                *d = Some(filled);
+            }
         }
     }
 }
