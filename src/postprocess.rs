@@ -1015,7 +1015,7 @@ pub fn fill_from_layout(
 /// lie to one side of its centre. The layout holds no through-plane offsets, so the
 /// landmarks are taken to lie near one plane — the one the localizer slice was placed
 /// through. None when no seen landmark has a depth.
-pub fn depth_from_layout(shape: &ShapeModel, depths: &[Option<f64>], l: usize) -> Option<f64> {
+fn depth_from_layout(shape: &ShapeModel, depths: &[Option<f64>], l: usize) -> Option<f64> {
     if !shape.fits(depths.len()) {
         return None;
     }
@@ -1031,8 +1031,8 @@ pub fn depth_from_layout(shape: &ShapeModel, depths: &[Option<f64>], l: usize) -
 
 /// A stack's 3D landmarks with the depths of those its localizer slice had to fill
 /// replaced by `depth_from_layout`'s; `placed[l]` tells how that slice had landmark l
-/// (Some(false): in a region of its own, Some(true): placed by the layout, None: not at
-/// all). Only depths the slice saw count.
+/// (Some(false): in a region of its own, Some(true): placed there without one by the
+/// layout or the aligned templates, None: not at all). Only depths the slice saw count.
 pub fn fill_depths(shape: &ShapeModel, placed: &[Option<bool>], depths: &mut [Option<f64>]) {
     let seen: Vec<Option<f64>> = depths
         .iter()
