@@ -546,7 +546,7 @@ fn fill_depths(
     stacks: &[StackResult],
     points: &mut [Option<LandmarkPoint>],
 ) {
-    let dot = |a: [f64; 3], b: [f64; 3]| a[0] * b[0] + a[1] * b[1] + a[2] * b[2];
+    use crate::geometry::dot;
     for (si, stack) in stacks.iter().enumerate() {
         let centre = stack.images.len() / 2;
         let Some(normal) = stack.images[centre].geometry.normal() else {
