@@ -79,7 +79,14 @@ impl FeatureCache {
         for v in fm.data.iter() {
             bytes.extend_from_slice(&v.to_le_bytes());
         }
-        let tmp = self.dir.join(format!(".{key}.{}.tmp", std::process::id()));
+        // One temp file per write: threads of one process (the tests, parallel
+        // evaluations) storing the same key must not write into each other's file and
+        // find it renamed away.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self
+            .dir
+            .join(format!(".{key}.{}.{n}.tmp", std::process::id()));
         std::fs::write(&tmp, &bytes)?;
         std::fs::rename(&tmp, self.path(key))
     }
@@ -287,6 +294,37 @@ mod tests {
             image_rows: 64,
             image_columns: 64,
         })
+    }
+
+    /// Threads storing one key at once (parallel tests encode the same slice) each
+    /// succeed, and the cache then holds the map whole.
+    #[test]
+    fn concurrent_stores_of_one_key_all_succeed() {
+        let dir = std::env::temp_dir().join(format!("scout-cache-race-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cache = FeatureCache { dir: dir.clone() };
+        let fm = FeatureMap {
+            data: ndarray::Array3::from_shape_fn((64, 32, 32), |(c, i, j)| (c * i + j) as f32),
+            image_rows: 128,
+            image_columns: 128,
+        };
+        let results: Vec<std::io::Result<()>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| (0..20).try_for_each(|_| cache.store("same", &fm))))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for r in results {
+            r.unwrap();
+        }
+        let back = cache.load("same").unwrap();
+        assert_eq!(back.data, fm.data);
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            1,
+            "temp files left behind"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// The store is bounded by bytes: small maps stay many, large ones few, the newest
