@@ -87,8 +87,14 @@ impl FeatureCache {
         let tmp = self
             .dir
             .join(format!(".{key}.{}.{n}.tmp", std::process::id()));
-        std::fs::write(&tmp, &bytes)?;
-        std::fs::rename(&tmp, self.path(key))
+        // A failed write (a full disk) or rename must not leave its temp file: with a
+        // name per write, every failure would otherwise add one.
+        let done =
+            std::fs::write(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, self.path(key)));
+        if done.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        done
     }
 
     /// Cached features of a raw slice, computing (and caching) them when missing. The
@@ -324,6 +330,29 @@ mod tests {
             1,
             "temp files left behind"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A store that cannot be renamed into place (here a directory stands in the
+    /// cache file's path) fails and leaves no temp file behind.
+    #[test]
+    fn a_failed_store_leaves_no_temp_file() {
+        let dir = std::env::temp_dir().join(format!("scout-cache-fail-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cache = FeatureCache { dir: dir.clone() };
+        std::fs::create_dir_all(cache.path("blocked").join("inside")).unwrap();
+        let fm = FeatureMap {
+            data: ndarray::Array3::zeros((2, 4, 4)),
+            image_rows: 8,
+            image_columns: 8,
+        };
+        assert!(cache.store("blocked", &fm).is_err());
+        assert!(cache.load("blocked").is_none());
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["blocked.fm"], "temp file left behind");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
