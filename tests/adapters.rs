@@ -413,10 +413,10 @@ fn shape_and_context_raise_spine_landmark_accuracy() {
 /// which look like their neighbours) are placed — by the templates aligned to each test
 /// case (idea 3), or by the layout from the found neighbours (`layout_fill`) — so every
 /// landmark is reported and more of them are right. Measured (2D mean acc@10, absent):
-/// plain 0.89 / 7, layout fill 0.99 / 0 on an AVX-512 CPU; plain 0.85 / 6, aligned
-/// 0.96 / 0, layout fill 0.92 / 0 on an AVX2 one (tract picks its matrix kernels by the
-/// CPU, the features differ in the last digits, and retraining moves single cases), so
-/// the floor is the goal, 0.90, not the best machine's figure.
+/// plain 0.89 / 7, layout fill 0.99 / 0 on earlier sessions' VM (AVX-512); plain
+/// 0.85 / 6, aligned 0.96 / 0, layout fill 0.92 / 0 on one with AVX2 only, same code
+/// (most likely tract's kernels, picked by the CPU: features differ in the last digits
+/// and retraining moves single cases), so the floor is the goal, 0.90.
 #[test]
 fn alignment_or_layout_fills_absent_spine_landmarks() {
     let Some(shared) = common::shared_data("alignment_or_layout_fills_absent_spine_landmarks")
