@@ -19,7 +19,10 @@ if [ "${1:-build}" = test ]; then
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
-  $sudo apt-get update -qq
+  # CI's test command has just updated the package lists: once is enough.
+  if [ -z "$(find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' -mmin -60 2>/dev/null | head -n 1)" ]; then
+    $sudo apt-get update -qq
+  fi
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
 fi
 rustup target list --installed | grep -qx "$TARGET" || rustup target add "$TARGET"
