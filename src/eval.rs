@@ -323,6 +323,9 @@ pub struct CaseResult {
     pub landmarks: BTreeMap<String, Option<f64>>,
     /// Volumes: the 2D localizer variant on slice k*.
     pub landmarks_2d: BTreeMap<String, Option<f64>>,
+    /// Per landmark, the answer: (row, column) in pixels, and for volumes the slice index
+    /// as a third value; `None` when reported absent.
+    pub points: BTreeMap<String, Option<Vec<f64>>>,
     /// Per structure (label value), IoU in percent over the case's slices.
     pub iou: BTreeMap<String, f64>,
 }
@@ -936,9 +939,12 @@ pub fn evaluate(
                                 .sqrt()
                         });
                         errors3[l].push(e);
-                        case_result(&mut report, &case.name)
-                            .landmarks
-                            .insert(name.clone(), e);
+                        let result = case_result(&mut report, &case.name);
+                        result.landmarks.insert(name.clone(), e);
+                        result.points.insert(
+                            name.clone(),
+                            center[l].as_ref().map(|f| vec![f.point.0, f.point.1]),
+                        );
                     }
                     Layout::Volume => {
                         let p = points_3d[l];
@@ -950,9 +956,11 @@ pub fn evaluate(
                             .sqrt()
                         });
                         errors3[l].push(e);
-                        case_result(&mut report, &case.name)
-                            .landmarks
-                            .insert(name.clone(), e);
+                        let result = case_result(&mut report, &case.name);
+                        result.landmarks.insert(name.clone(), e);
+                        result
+                            .points
+                            .insert(name.clone(), p.map(|(r, c, k)| vec![r, c, k]));
                         // 2D localizer variant: slice k*, truth = centroid of label l+1 there.
                         if let Some(gt) = case.slices[case.center]
                             .labels

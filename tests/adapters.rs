@@ -74,6 +74,19 @@ fn every_adapter_localizes_synthetic_structures_and_landmarks() {
                 .filter(|e| **e <= scout::eval::HIT_DISTANCE)
                 .count();
             assert_eq!(hits as f64 / 3.0, s.accuracy, "{method}: {name} {errors:?}");
+            // Each answer is in the report, at its error's distance from the truth.
+            for (case, c) in &report.cases {
+                let truth = &ds.load_case(case).unwrap().landmarks[name];
+                match (&c.points[name], c.landmarks[name]) {
+                    (Some(p), Some(e)) => {
+                        let d = (p[0] - truth.row).hypot(p[1] - truth.column);
+                        assert_eq!(p.len(), 2, "{method}: {case} {name} {p:?}");
+                        assert!((d - e).abs() < 1e-9, "{method}: {case} {name} {d} vs {e}");
+                    }
+                    (None, None) => {}
+                    (p, e) => panic!("{method}: {case} {name}: point {p:?}, error {e:?}"),
+                }
+            }
         }
         for (label, s) in &report.segmentation {
             let mean = report.cases.values().map(|c| c.iou[label]).sum::<f64>() / 3.0;
@@ -309,7 +322,7 @@ fn contrastive_beats_basic_on_spine_landmarks() {
         return;
     };
     let ds = Dataset::open(&shared.join("spine-mr")).unwrap();
-    let mean_acc = |method| {
+    let evaluated = |method| {
         let opts = EvalOptions {
             templates: 5,
             train: TrainConfig::default(),
@@ -322,15 +335,33 @@ fn contrastive_beats_basic_on_spine_landmarks() {
             r.segmentation.is_empty(),
             "--only landmarks measured structures"
         );
+        r
+    };
+    let mean_acc = |r: &scout::eval::Report| {
         let m = &r.landmarks_2d;
         m.values().map(|s| s.accuracy).sum::<f64>() / m.len() as f64
     };
-    let basic = mean_acc(Method::Basic);
-    let contrastive = mean_acc(Method::Contrastive);
+    let contrastive = evaluated(Method::Contrastive);
+    let (basic, contrastive_acc) = (mean_acc(&evaluated(Method::Basic)), mean_acc(&contrastive));
     assert!(
-        contrastive > basic + 0.2,
-        "contrastive {contrastive:.2} vs basic {basic:.2}"
+        contrastive_acc > basic + 0.2,
+        "contrastive {contrastive_acc:.2} vs basic {basic:.2}"
     );
+    // A volume's answers are 3D (row, column, slice), at their errors' distance from the
+    // 3D centroids.
+    for (case, c) in &contrastive.cases {
+        let truth = ds.load_case(case).unwrap().landmarks;
+        for (name, p) in c.points.iter().filter_map(|(n, p)| Some((n, p.as_ref()?))) {
+            let t = &truth[name];
+            let d = ((p[0] - t.row).powi(2)
+                + (p[1] - t.column).powi(2)
+                + (p[2] - t.k.unwrap()).powi(2))
+            .sqrt();
+            assert_eq!(p.len(), 3, "{case} {name} {p:?}");
+            let e = c.landmarks[name].unwrap();
+            assert!((d - e).abs() < 1e-9, "{case} {name} {d} vs {e}");
+        }
+    }
 }
 
 /// The shipped adapters: listed with their SHA-256 and provenance in
