@@ -326,6 +326,8 @@ pub struct CaseResult {
     /// Per landmark, the answer: (row, column) in pixels, and for volumes the slice index
     /// as a third value; `None` when reported absent.
     pub points: BTreeMap<String, Option<Vec<f64>>>,
+    /// Volumes: the answer (row, column) of the 2D localizer variant, in slice k*.
+    pub points_2d: BTreeMap<String, Option<Vec<f64>>>,
     /// Per structure (label value), IoU in percent over the case's slices.
     pub iou: BTreeMap<String, f64>,
 }
@@ -971,9 +973,12 @@ pub fn evaluate(
                                 ((f.point.0 - gt.0).powi(2) + (f.point.1 - gt.1).powi(2)).sqrt()
                             });
                             errors2[l].push(e);
-                            case_result(&mut report, &case.name)
-                                .landmarks_2d
-                                .insert(name.clone(), e);
+                            let result = case_result(&mut report, &case.name);
+                            result.landmarks_2d.insert(name.clone(), e);
+                            result.points_2d.insert(
+                                name.clone(),
+                                center[l].as_ref().map(|f| vec![f.point.0, f.point.1]),
+                            );
                         }
                     }
                 }

@@ -55,6 +55,11 @@ fn every_adapter_localizes_synthetic_structures_and_landmarks() {
     common::synthetic_image_dataset(tmp.path(), 6);
     let ds = Dataset::open(tmp.path()).unwrap();
     assert_eq!(ds.landmark_names, ["square", "disk"]);
+    let truths: std::collections::BTreeMap<String, _> = ds
+        .cases
+        .iter()
+        .map(|c| (c.clone(), ds.load_case(c).unwrap().landmarks))
+        .collect();
     for method in [Method::Classification, Method::Contrastive, Method::Basic] {
         let report = evaluate(&ds, backbone(), &cache(), None, &options(method)).unwrap();
         eprint!("{}", scout::eval::table(&report));
@@ -76,16 +81,10 @@ fn every_adapter_localizes_synthetic_structures_and_landmarks() {
             assert_eq!(hits as f64 / 3.0, s.accuracy, "{method}: {name} {errors:?}");
             // Each answer is in the report, at its error's distance from the truth.
             for (case, c) in &report.cases {
-                let truth = &ds.load_case(case).unwrap().landmarks[name];
-                match (&c.points[name], c.landmarks[name]) {
-                    (Some(p), Some(e)) => {
-                        let d = (p[0] - truth.row).hypot(p[1] - truth.column);
-                        assert_eq!(p.len(), 2, "{method}: {case} {name} {p:?}");
-                        assert!((d - e).abs() < 1e-9, "{method}: {case} {name} {d} vs {e}");
-                    }
-                    (None, None) => {}
-                    (p, e) => panic!("{method}: {case} {name}: point {p:?}, error {e:?}"),
-                }
+                let t = &truths[case][name];
+                let truth = [t.row, t.column];
+                let what = format!("{method}: {name}");
+                answer_at_its_error(&c.points[name], c.landmarks[name], &truth, case, &what);
             }
         }
         for (label, s) in &report.segmentation {
@@ -348,19 +347,47 @@ fn contrastive_beats_basic_on_spine_landmarks() {
         "contrastive {contrastive_acc:.2} vs basic {basic:.2}"
     );
     // A volume's answers are 3D (row, column, slice), at their errors' distance from the
-    // 3D centroids.
+    // 3D centroids; those of the 2D variant at theirs from the label's centroid in k*.
     for (case, c) in &contrastive.cases {
-        let truth = ds.load_case(case).unwrap().landmarks;
-        for (name, p) in c.points.iter().filter_map(|(n, p)| Some((n, p.as_ref()?))) {
-            let t = &truth[name];
-            let d = ((p[0] - t.row).powi(2)
-                + (p[1] - t.column).powi(2)
-                + (p[2] - t.k.unwrap()).powi(2))
-            .sqrt();
-            assert_eq!(p.len(), 3, "{case} {name} {p:?}");
-            let e = c.landmarks[name].unwrap();
-            assert!((d - e).abs() < 1e-9, "{case} {name} {d} vs {e}");
+        let case_data = ds.load_case(case).unwrap();
+        let center = &case_data.slices[case_data.center];
+        for (l, name) in ds.landmark_names.iter().enumerate() {
+            let t = &case_data.landmarks[name];
+            let truth = [t.row, t.column, t.k.unwrap()];
+            answer_at_its_error(&c.points[name], c.landmarks[name], &truth, case, name);
+            let labels = center.labels.as_ref().unwrap();
+            let (row, column) = scout::templates::label_centroid(labels, l as u8 + 1).unwrap();
+            let e = c.landmarks_2d[name];
+            answer_at_its_error(&c.points_2d[name], e, &[row, column], case, name);
         }
+    }
+}
+
+/// A case's answer for one landmark (`None`: absent) lies at its reported error from the
+/// truth, in as many dimensions as the truth has.
+fn answer_at_its_error(
+    answer: &Option<Vec<f64>>,
+    error: Option<f64>,
+    truth: &[f64],
+    case: &str,
+    name: &str,
+) {
+    match (answer, error) {
+        (Some(p), Some(e)) => {
+            assert_eq!(p.len(), truth.len(), "{case} {name} {p:?}");
+            let d = p
+                .iter()
+                .zip(truth)
+                .map(|(a, b)| (a - b).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            assert!(
+                (d - e).abs() < 1e-9,
+                "{case} {name}: {d} from the truth, error {e}"
+            );
+        }
+        (None, None) => {}
+        (p, e) => panic!("{case} {name}: answer {p:?}, error {e:?}"),
     }
 }
 
