@@ -53,39 +53,65 @@ pub fn upsample_scores(scores: &Array3<f32>, rows: usize, cols: usize) -> Array3
 /// bilinear ramps. `guide` is the normalised slice (0..1); `eps` is the intensity variance
 /// below which a window counts as flat (there the scores are only smoothed).
 pub fn guided_refine(scores: &mut Array3<f32>, guide: &Array2<f32>, radius: usize, eps: f32) {
+    let cores = std::thread::available_parallelism().map_or(1, |t| t.get());
+    guided_refine_on(scores, guide, radius, eps, cores);
+}
+
+/// `guided_refine` with the labels' planes, refined independently of each other, spread
+/// over up to `threads` threads (the same arithmetic per plane, so the same result on any
+/// number of them).
+fn guided_refine_on(
+    scores: &mut Array3<f32>,
+    guide: &Array2<f32>,
+    radius: usize,
+    eps: f32,
+    threads: usize,
+) {
     let (n, h, w) = scores.dim();
     if guide.dim() != (h, w) || h == 0 || w == 0 {
         return;
     }
-    let mut row_sums = vec![0f32; h * w];
-    let mut boxed = |plane: &[f32]| {
+    let boxed = |plane: &[f32], row_sums: &mut [f32]| {
         let mut out = vec![0f32; h * w];
-        crate::image::box_mean(plane, h, w, radius, &mut row_sums, &mut out);
+        crate::image::box_mean(plane, h, w, radius, row_sums, &mut out);
         out
     };
+    let mut row_sums = vec![0f32; h * w];
     let g: Vec<f32> = guide.iter().copied().collect();
-    let mean_g = boxed(&g);
+    let mean_g = boxed(&g, &mut row_sums);
     let gg: Vec<f32> = g.iter().map(|v| v * v).collect();
-    let var_g: Vec<f32> = boxed(&gg)
+    let var_g: Vec<f32> = boxed(&gg, &mut row_sums)
         .iter()
         .zip(&mean_g)
         .map(|(m2, m)| (m2 - m * m).max(0.0))
         .collect();
-    for l in 0..n {
-        let mut plane = scores.index_axis_mut(Axis(0), l);
+    let refine = |mut plane: ndarray::ArrayViewMut2<f32>, row_sums: &mut [f32]| {
         let p: Vec<f32> = plane.iter().copied().collect();
-        let mean_p = boxed(&p);
+        let mean_p = boxed(&p, row_sums);
         let gp: Vec<f32> = g.iter().zip(&p).map(|(a, b)| a * b).collect();
-        let mean_gp = boxed(&gp);
+        let mean_gp = boxed(&gp, row_sums);
         let a: Vec<f32> = (0..h * w)
             .map(|i| (mean_gp[i] - mean_g[i] * mean_p[i]) / (var_g[i] + eps))
             .collect();
         let b: Vec<f32> = (0..h * w).map(|i| mean_p[i] - a[i] * mean_g[i]).collect();
-        let (mean_a, mean_b) = (boxed(&a), boxed(&b));
+        let (mean_a, mean_b) = (boxed(&a, row_sums), boxed(&b, row_sums));
         for (i, v) in plane.iter_mut().enumerate() {
             *v = mean_a[i] * g[i] + mean_b[i];
         }
-    }
+    };
+    let mut planes: Vec<_> = scores.axis_iter_mut(Axis(0)).collect();
+    let per_thread = n.div_ceil(threads.clamp(1, n.max(1))).max(1);
+    std::thread::scope(|scope| {
+        for chunk in planes.chunks_mut(per_thread) {
+            let refine = &refine;
+            scope.spawn(move || {
+                let mut row_sums = vec![0f32; h * w];
+                for plane in chunk.iter_mut() {
+                    refine(plane.view_mut(), &mut row_sums);
+                }
+            });
+        }
+    });
 }
 
 /// `guided_refine` as the adapters use it, settings fixed a priori: the window is one
@@ -669,6 +695,30 @@ mod tests {
             iou_after >= 0.85 && iou_after > iou_before + 0.15,
             "IoU {iou_before:.2} -> {iou_after:.2}"
         );
+    }
+
+    #[test]
+    fn guided_refinement_gives_the_same_bits_on_any_number_of_threads() {
+        let guide = Array2::from_shape_fn((40, 50), |(r, c)| ((r * 7 + c * 13) % 17) as f32 / 17.0);
+        let scores = Array3::from_shape_fn((5, 40, 50), |(l, r, c)| {
+            ((l * 11 + r * 3 + c * 5) % 23) as f32 / 23.0
+        });
+        let refined = |threads| {
+            let mut s = scores.clone();
+            guided_refine_on(&mut s, &guide, 3, 1e-2, threads);
+            s
+        };
+        let one = refined(1);
+        assert_ne!(one, scores, "nothing was refined");
+        for threads in [2, 3, 5, 8] {
+            let many = refined(threads);
+            assert!(
+                one.iter()
+                    .zip(&many)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{threads} threads"
+            );
+        }
     }
 
     #[test]
