@@ -934,6 +934,8 @@ pub fn evaluate(
                 let Some(truth) = case.landmarks.get(name) else {
                     continue;
                 };
+                // The answer in slice k* (the image itself for image data sets).
+                let answer_2d = center[l].as_ref().map(|f| vec![f.point.0, f.point.1]);
                 match dataset.layout {
                     Layout::Image => {
                         let e = center[l].as_ref().map(|f| {
@@ -943,10 +945,7 @@ pub fn evaluate(
                         errors3[l].push(e);
                         let result = case_result(&mut report, &case.name);
                         result.landmarks.insert(name.clone(), e);
-                        result.points.insert(
-                            name.clone(),
-                            center[l].as_ref().map(|f| vec![f.point.0, f.point.1]),
-                        );
+                        result.points.insert(name.clone(), answer_2d);
                     }
                     Layout::Volume => {
                         let p = points_3d[l];
@@ -975,10 +974,7 @@ pub fn evaluate(
                             errors2[l].push(e);
                             let result = case_result(&mut report, &case.name);
                             result.landmarks_2d.insert(name.clone(), e);
-                            result.points_2d.insert(
-                                name.clone(),
-                                center[l].as_ref().map(|f| vec![f.point.0, f.point.1]),
-                            );
+                            result.points_2d.insert(name.clone(), answer_2d);
                         }
                     }
                 }

@@ -53,7 +53,10 @@ pub fn upsample_scores(scores: &Array3<f32>, rows: usize, cols: usize) -> Array3
 /// bilinear ramps. `guide` is the normalised slice (0..1); `eps` is the intensity variance
 /// below which a window counts as flat (there the scores are only smoothed).
 pub fn guided_refine(scores: &mut Array3<f32>, guide: &Array2<f32>, radius: usize, eps: f32) {
-    let cores = std::thread::available_parallelism().map_or(1, |t| t.get());
+    // Asked once: the answer reads the process's CPU affinity and cgroup limits, and this
+    // runs for every slice.
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |t| t.get()));
     guided_refine_on(scores, guide, radius, eps, cores);
 }
 
