@@ -155,9 +155,11 @@ impl StructureAtlas {
             })
     }
 
-    /// The share of templates with `label` at bin position (x, y) — (integer part,
-    /// fraction) along rows and columns — bilinear between bin centres, 0 outside.
-    fn share(&self, label: usize, (i, fx): (i64, f32), (j, fy): (i64, f32)) -> f32 {
+    /// The first half of the bilinear interpolation between bin centres, for one row of
+    /// pixels at bin position (i, fx) — (integer part, fraction) along rows: per bin
+    /// column j in −1..=bins (at j + 1), the share of templates with `label` at bin rows i
+    /// and i + 1, weighed by 1 − fx and by fx (0 outside the atlas). `share` finishes it.
+    fn row_weights(&self, label: usize, (i, fx): (i64, f32), upper: &mut [f32], lower: &mut [f32]) {
         let n = self.bins as i64;
         let m = &self.maps[label];
         let at = |i: i64, j: i64| -> f32 {
@@ -167,10 +169,21 @@ impl StructureAtlas {
                 m[(i * n + j) as usize]
             }
         };
-        at(i, j) * (1.0 - fx) * (1.0 - fy)
-            + at(i + 1, j) * fx * (1.0 - fy)
-            + at(i, j + 1) * (1.0 - fx) * fy
-            + at(i + 1, j + 1) * fx * fy
+        for (k, (u, l)) in upper.iter_mut().zip(lower.iter_mut()).enumerate() {
+            let j = k as i64 - 1;
+            *u = at(i, j) * (1.0 - fx);
+            *l = at(i + 1, j) * fx;
+        }
+    }
+
+    /// The share of templates with a label at bin column position (j, fy) of the row whose
+    /// `row_weights` are `upper` and `lower`: bilinear between bin centres, 0 outside.
+    fn share(upper: &[f32], lower: &[f32], (j, fy): (i64, f32)) -> f32 {
+        if j < -1 || j + 1 >= upper.len() as i64 - 1 {
+            return 0.0;
+        }
+        let k = (j + 1) as usize;
+        upper[k] * (1.0 - fy) + lower[k] * (1.0 - fy) + upper[k + 1] * fy + lower[k + 1] * fy
     }
 
     /// Weighs the scores by the prior in the frame of `found` (the structures found
@@ -198,10 +211,14 @@ impl StructureAtlas {
         let ys: Vec<_> = (0..cols)
             .map(|c| bin(frame.to_frame(0.0, c as f64).1))
             .collect();
+        // The row's half of the interpolation once per row: per pixel it was most of the
+        // time this takes, for every label over the whole slice.
+        let (mut upper, mut lower) = (vec![0f32; self.bins + 2], vec![0f32; self.bins + 2]);
         for l in 0..n.min(self.maps.len()) {
             for (r, &x) in xs.iter().enumerate() {
+                self.row_weights(l, x, &mut upper, &mut lower);
                 for (c, &y) in ys.iter().enumerate() {
-                    let share = self.share(l, x, y);
+                    let share = Self::share(&upper, &lower, y);
                     let p = if share <= AGREE {
                         EPS
                     } else if share >= 1.0 - AGREE {
@@ -322,6 +339,51 @@ mod tests {
                 plain[l].as_ref().map(|f| &f.mask),
                 with[l].as_ref().map(|f| &f.mask)
             );
+        }
+    }
+
+    /// Interpolated in two halves (per row, then per pixel), a share has the bits of the
+    /// bilinear formula evaluated per pixel, inside the atlas, on its edges and outside.
+    #[test]
+    fn shares_interpolated_row_by_row_equal_the_per_pixel_formula() {
+        let bins = 6usize;
+        let mut rng = crate::adapter::Rng::new(4);
+        let map: Vec<f32> = (0..bins * bins).map(|_| rng.uniform()).collect();
+        let per_pixel = |(i, fx): (i64, f32), (j, fy): (i64, f32)| {
+            let n = bins as i64;
+            let at = |i: i64, j: i64| {
+                if i < 0 || j < 0 || i >= n || j >= n {
+                    0.0
+                } else {
+                    map[(i * n + j) as usize]
+                }
+            };
+            at(i, j) * (1.0 - fx) * (1.0 - fy)
+                + at(i + 1, j) * fx * (1.0 - fy)
+                + at(i, j + 1) * (1.0 - fx) * fy
+                + at(i + 1, j + 1) * fx * fy
+        };
+        let atlas = StructureAtlas {
+            bins,
+            maps: vec![map.clone()],
+        };
+        let (mut upper, mut lower) = (vec![0f32; bins + 2], vec![0f32; bins + 2]);
+        let fractions = [0.0, 0.37, 0.5, 0.999];
+        for i in -3..bins as i64 + 3 {
+            for fx in fractions {
+                atlas.row_weights(0, (i, fx), &mut upper, &mut lower);
+                for j in -3..bins as i64 + 3 {
+                    for fy in fractions {
+                        let two_halves = StructureAtlas::share(&upper, &lower, (j, fy));
+                        let formula = per_pixel((i, fx), (j, fy));
+                        assert_eq!(
+                            two_halves.to_bits(),
+                            formula.to_bits(),
+                            "{i}+{fx}, {j}+{fy}"
+                        );
+                    }
+                }
+            }
         }
     }
 

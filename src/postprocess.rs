@@ -7,7 +7,7 @@
 
 use crate::align::Prior;
 use crate::image::resize_bilinear;
-use ndarray::{Array2, Array3, Axis};
+use ndarray::{Array2, Array3, Axis, Zip};
 
 /// Components smaller than this many pixels are stray pixels, not findings.
 pub const MIN_COMPONENT_PIXELS: usize = 12;
@@ -93,13 +93,23 @@ fn guided_refine_on(
         let mean_p = boxed(&p, row_sums);
         let gp: Vec<f32> = g.iter().zip(&p).map(|(a, b)| a * b).collect();
         let mean_gp = boxed(&gp, row_sums);
-        let a: Vec<f32> = (0..h * w)
-            .map(|i| (mean_gp[i] - mean_g[i] * mean_p[i]) / (var_g[i] + eps))
+        // Zipped, not indexed: without bounds checks these loops vectorise.
+        let a: Vec<f32> = mean_gp
+            .iter()
+            .zip(&mean_p)
+            .zip(&mean_g)
+            .zip(&var_g)
+            .map(|(((gp, p), mg), vg)| (gp - mg * p) / (vg + eps))
             .collect();
-        let b: Vec<f32> = (0..h * w).map(|i| mean_p[i] - a[i] * mean_g[i]).collect();
+        let b: Vec<f32> = mean_p
+            .iter()
+            .zip(&a)
+            .zip(&mean_g)
+            .map(|((p, a), mg)| p - a * mg)
+            .collect();
         let (mean_a, mean_b) = (boxed(&a, row_sums), boxed(&b, row_sums));
-        for (i, v) in plane.iter_mut().enumerate() {
-            *v = mean_a[i] * g[i] + mean_b[i];
+        for (((v, a), g), b) in plane.iter_mut().zip(&mean_a).zip(&g).zip(&mean_b) {
+            *v = a * g + b;
         }
     };
     let mut planes: Vec<_> = scores.axis_iter_mut(Axis(0)).collect();
@@ -137,19 +147,23 @@ pub fn refine_to_edges(scores: &mut Array3<f32>, guide: &Array2<f32>, grid_rows:
 
 /// 0 = background, l + 1 = label l: the best label per pixel if its score ≥ 0.5.
 pub fn label_map(scores: &Array3<f32>) -> Array2<u8> {
-    let (n, rows, cols) = scores.dim();
-    Array2::from_shape_fn((rows, cols), |(r, c)| {
-        let mut best = 0u8;
-        let mut best_score = THRESHOLD;
-        for l in 0..n {
-            let s = scores[[l, r, c]];
-            if s >= best_score {
-                best_score = s;
-                best = (l + 1) as u8;
-            }
-        }
-        best
-    })
+    let (_, rows, cols) = scores.dim();
+    let mut best = Array2::<u8>::zeros((rows, cols));
+    let mut best_score = Array2::from_elem((rows, cols), THRESHOLD);
+    // Plane by plane: per pixel the same comparisons in the same label order as pixel by
+    // pixel, over contiguous planes.
+    for (l, plane) in scores.outer_iter().enumerate() {
+        Zip::from(&mut best)
+            .and(&mut best_score)
+            .and(&plane)
+            .for_each(|b, bs, &s| {
+                if s >= *bs {
+                    *bs = s;
+                    *b = (l + 1) as u8;
+                }
+            });
+    }
+    best
 }
 
 /// The pixel and its 8 neighbours that lie inside a `dim`-sized image.
@@ -161,32 +175,57 @@ fn neighbours(
         .flat_map(move |nr| (c.saturating_sub(1)..(c + 2).min(cols)).map(move |nc| (nr, nc)))
 }
 
-/// Connected components (8-neighbour) of a binary mask, as pixel lists.
+/// Connected components (8-neighbour) of a binary mask, as pixel lists: in the order of
+/// their first pixel row by row, each component's pixels in the order of a depth-first
+/// fill that visits a pixel's neighbours row by row.
+///
+/// Over flat indices of one "still to visit" buffer: it runs several times per label and
+/// slice on 512 × 512 masks, where 2-D indexing and a separate "seen" map cost ~2× more.
 pub fn components(mask: &Array2<bool>) -> Vec<Vec<(usize, usize)>> {
     let (rows, cols) = mask.dim();
-    let mut seen = Array2::from_elem((rows, cols), false);
+    let mut todo: Vec<bool> = match mask.as_slice() {
+        Some(flat) => flat.to_vec(),
+        None => mask.iter().copied().collect(),
+    };
     let mut out = Vec::new();
-    for r0 in 0..rows {
-        for c0 in 0..cols {
-            if !mask[[r0, c0]] || seen[[r0, c0]] {
-                continue;
-            }
-            let mut comp = Vec::new();
-            let mut stack = vec![(r0, c0)];
-            seen[[r0, c0]] = true;
-            while let Some((r, c)) = stack.pop() {
-                comp.push((r, c));
-                for (nr, nc) in neighbours((r, c), (rows, cols)) {
-                    if mask[[nr, nc]] && !seen[[nr, nc]] {
-                        seen[[nr, nc]] = true;
-                        stack.push((nr, nc));
+    let mut stack = Vec::new();
+    let mut from = 0;
+    while let Some(first) = next_true(&todo, from) {
+        from = first + 1;
+        todo[first] = false;
+        stack.push(first);
+        let mut comp = Vec::new();
+        while let Some(i) = stack.pop() {
+            let (r, c) = (i / cols, i % cols);
+            comp.push((r, c));
+            let (c0, c1) = (c.saturating_sub(1), (c + 2).min(cols));
+            for nr in r.saturating_sub(1)..(r + 2).min(rows) {
+                let left = nr * cols + c0;
+                for (q, t) in todo[left..nr * cols + c1].iter_mut().enumerate() {
+                    if *t {
+                        *t = false;
+                        stack.push(left + q);
                     }
                 }
             }
-            out.push(comp);
         }
+        out.push(comp);
     }
     out
+}
+
+/// The first index from `from` on where `flags` holds. Most of a mask is empty: the
+/// blocks of 64 are OR-ed without branches (vectorised), and only the block with a hit is
+/// searched.
+fn next_true(flags: &[bool], from: usize) -> Option<usize> {
+    let mut i = from.min(flags.len());
+    while let Some(block) = flags.get(i..i + 64) {
+        if block.iter().fold(false, |any, &f| any | f) {
+            break;
+        }
+        i += 64;
+    }
+    flags[i..].iter().position(|&f| f).map(|p| i + p)
 }
 
 /// The finding of each label (None = absent) in a slice, from scores at image resolution.
@@ -281,18 +320,23 @@ pub fn structures(
 /// fragments the neighbours' own regions did not take are the body's. Foreground is
 /// where the labels' scores sum to at least 0.5 (the background's share is below it).
 pub fn merge_fragments(scores: &Array3<f32>, found: &mut [Option<Finding>]) {
-    let (n, rows, cols) = scores.dim();
+    let (_, rows, cols) = scores.dim();
     let mut owner = Array2::<u8>::zeros((rows, cols));
     for f in found.iter().flatten() {
-        for ((r, c), m) in f.mask.indexed_iter() {
-            if *m {
-                owner[[r, c]] = (f.label + 1) as u8;
+        Zip::from(&mut owner).and(&f.mask).for_each(|o, &m| {
+            if m {
+                *o = (f.label + 1) as u8;
             }
-        }
+        });
     }
-    let orphan = Array2::from_shape_fn((rows, cols), |(r, c)| {
-        owner[[r, c]] == 0 && (0..n).map(|l| scores[[l, r, c]]).sum::<f32>() >= THRESHOLD
-    });
+    // The labels' sum plane by plane, in label order as pixel by pixel.
+    let mut total = Array2::<f32>::zeros((rows, cols));
+    for plane in scores.outer_iter() {
+        total += &plane;
+    }
+    let orphan = Zip::from(&owner)
+        .and(&total)
+        .map_collect(|&o, &t| o == 0 && t >= THRESHOLD);
     for comp in components(&orphan) {
         let mut touches = 0u8;
         let mut several = false;
@@ -361,6 +405,97 @@ pub fn vote(candidates: &[(f64, [f64; 3])]) -> Option<[f64; 3]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `components` finds what a plain flood fill over 2-D indices finds, in the same
+    /// order pixel for pixel (the masses and centroids are sums in that order), on masks
+    /// from empty to full, with blocks of 64 pixels that hold nothing and runs that cross
+    /// rows, and on masks not in row-major memory order.
+    #[test]
+    fn components_equal_a_plain_flood_fill_pixel_for_pixel() {
+        fn plain(mask: &Array2<bool>) -> Vec<Vec<(usize, usize)>> {
+            let (rows, cols) = mask.dim();
+            let mut seen = Array2::from_elem((rows, cols), false);
+            let mut out = Vec::new();
+            for r0 in 0..rows {
+                for c0 in 0..cols {
+                    if !mask[[r0, c0]] || seen[[r0, c0]] {
+                        continue;
+                    }
+                    let mut comp = Vec::new();
+                    let mut stack = vec![(r0, c0)];
+                    seen[[r0, c0]] = true;
+                    while let Some((r, c)) = stack.pop() {
+                        comp.push((r, c));
+                        for q in neighbours((r, c), (rows, cols)) {
+                            if mask[q] && !seen[q] {
+                                seen[q] = true;
+                                stack.push(q);
+                            }
+                        }
+                    }
+                    out.push(comp);
+                }
+            }
+            out
+        }
+        let mut rng = crate::adapter::Rng::new(7);
+        for (rows, cols, density) in [
+            (1, 1, 0.5),
+            (3, 200, 0.3),
+            (70, 90, 0.0),
+            (70, 90, 0.02),
+            (70, 90, 0.45),
+            (64, 64, 1.0),
+            (130, 1, 0.5),
+        ] {
+            let mask = Array2::from_shape_fn((rows, cols), |_| rng.uniform() < density);
+            assert_eq!(
+                components(&mask),
+                plain(&mask),
+                "{rows}×{cols} at {density}"
+            );
+            // Transposed: the copy keeps the transposed memory order (not row-major).
+            let turned = mask.t().to_owned();
+            assert!(turned.as_slice().is_none() || rows == 1 || cols == 1);
+            assert_eq!(components(&turned), plain(&turned), "{cols}×{rows}, turned");
+        }
+    }
+
+    #[test]
+    fn the_next_flag_is_found_across_blocks() {
+        let mut flags = vec![false; 200];
+        assert_eq!(next_true(&flags, 0), None);
+        assert_eq!(next_true(&flags, 500), None);
+        for at in [0, 63, 64, 130, 199] {
+            flags[at] = true;
+        }
+        let mut found = Vec::new();
+        let mut from = 0;
+        while let Some(i) = next_true(&flags, from) {
+            found.push(i);
+            from = i + 1;
+        }
+        assert_eq!(found, [0, 63, 64, 130, 199]);
+    }
+
+    /// Plane by plane, the labels and ties come out as pixel by pixel.
+    #[test]
+    fn the_label_map_takes_the_last_best_label_from_one_half() {
+        let mut rng = crate::adapter::Rng::new(9);
+        // Scores on a coarse scale, so that ties and exact halves are common.
+        let scores = Array3::from_shape_fn((4, 30, 40), |_| (rng.uniform() * 8.0).floor() / 8.0);
+        let map = label_map(&scores);
+        for ((r, c), &got) in map.indexed_iter() {
+            let mut best = (0u8, THRESHOLD);
+            for l in 0..4 {
+                if scores[[l, r, c]] >= best.1 {
+                    best = ((l + 1) as u8, scores[[l, r, c]]);
+                }
+            }
+            assert_eq!(got, best.0, "at {r},{c}");
+        }
+        assert!(map.iter().any(|&v| v == 0) && map.iter().any(|&v| v == 4));
+    }
 
     #[test]
     fn a_body_split_with_its_neighbours_is_taken_whole() {
