@@ -445,32 +445,62 @@ pub struct Adapter {
 /// contiguous plane, so pooling is two running sums per plane (the row-wise version cost
 /// ~150 ms per slice); matrix products take either memory order.
 pub fn context_rows(fm: &FeatureMap, ctx: &Context) -> Array2<f32> {
+    build_context_rows(fm, ctx, |_, _| {})
+}
+
+/// `context_rows` with every column handed to `finish` (column index, values) as soon as
+/// it is built, while it is still in cache: standardising the columns there instead of
+/// over the whole matrix afterwards saves a pass over it (~25 MB per slice for the
+/// 384-channel features on a 128 × 128 grid).
+fn build_context_rows(
+    fm: &FeatureMap,
+    ctx: &Context,
+    finish: impl Fn(usize, &mut [f32]),
+) -> Array2<f32> {
     let (c, h, w) = fm.data.dim();
     let cells = h * w;
     let ncols = context_width(c, ctx);
-    let mut data = vec![0f32; cells * ncols];
-    let column = |k: usize| k * cells..(k + 1) * cells;
-    let mut row_sums = vec![0f32; cells];
     let standard = fm.data.as_standard_layout();
-    let planes = standard.as_slice().unwrap_or(&[]);
-    for (ch, plane) in planes.chunks_exact(cells.max(1)).enumerate() {
-        let (own, rest) = data.split_at_mut(c * cells);
-        own[column(ch)].copy_from_slice(plane);
-        for (p, &k) in ctx.pools.iter().enumerate() {
-            let dst = column(p * c + ch);
-            crate::image::box_mean(plane, h, w, k / 2, &mut row_sums, &mut rest[dst]);
+    let planes = || {
+        standard
+            .as_slice()
+            .unwrap_or(&[])
+            .chunks_exact(cells.max(1))
+    };
+    // Appended column by column, in order: the matrix is not zeroed first (a pass over
+    // all of it), only each pooled column is, while it is in cache.
+    let mut data: Vec<f32> = Vec::with_capacity(cells * ncols);
+    let append = |data: &mut Vec<f32>, column: &mut dyn FnMut(&mut Vec<f32>)| {
+        let k = data.len() / cells.max(1);
+        column(data);
+        finish(k, &mut data[k * cells..]);
+    };
+    for plane in planes() {
+        append(&mut data, &mut |d| d.extend_from_slice(plane));
+    }
+    let mut row_sums = vec![0f32; cells];
+    for &k in &ctx.pools {
+        for plane in planes() {
+            append(&mut data, &mut |d| {
+                let start = d.len();
+                d.resize(start + cells, 0.0);
+                crate::image::box_mean(plane, h, w, k / 2, &mut row_sums, &mut d[start..]);
+            });
         }
-        if ctx.global {
+    }
+    if ctx.global {
+        for plane in planes() {
             let mean = plane.iter().map(|&v| v as f64).sum::<f64>() / cells as f64;
-            rest[column(ctx.pools.len() * c + ch)].fill(mean as f32);
+            append(&mut data, &mut |d| d.resize(d.len() + cells, mean as f32));
         }
     }
     if ctx.position {
-        for i in 0..cells {
-            let (y, x) = (i / w, i % w);
-            data[(ncols - 2) * cells + i] = (y as f32 + 0.5) / h as f32;
-            data[(ncols - 1) * cells + i] = (x as f32 + 0.5) / w as f32;
-        }
+        append(&mut data, &mut |d| {
+            d.extend((0..cells).map(|i| ((i / w) as f32 + 0.5) / h as f32));
+        });
+        append(&mut data, &mut |d| {
+            d.extend((0..cells).map(|i| ((i % w) as f32 + 0.5) / w as f32));
+        });
     }
     Array2::from_shape_vec((cells, ncols).f(), data).expect("cells × columns values")
 }
@@ -786,9 +816,14 @@ impl Adapter {
         let all = || self.members.iter().chain(std::iter::once(self));
         // The raw rows are kept only for a basic model or another standardisation.
         let keep_raw = all().any(|a| matches!(a.model, Model::Basic { .. }) || !a.shares(self));
-        let mut standard = self.context_of(fm)?;
-        let raw = keep_raw.then(|| standard.clone());
-        standardize(&mut standard, &self.feature_mean, &self.feature_std);
+        let (standard, raw) = if keep_raw {
+            let raw = self.context_of(fm)?;
+            let mut standard = raw.clone();
+            standardize(&mut standard, &self.feature_mean, &self.feature_std);
+            (standard, Some(raw))
+        } else {
+            (self.standardized_rows(fm)?, None)
+        };
         let mut sum = Array2::zeros((h * w, self.labels.len()));
         for a in all() {
             sum += &match &raw {
@@ -808,14 +843,22 @@ impl Adapter {
 
     /// The feature rows of `fm` standardised as this adapter's models see them.
     pub fn standardized_rows(&self, fm: &FeatureMap) -> Result<Array2<f32>, AdapterError> {
-        let mut rows = self.context_of(fm)?;
-        standardize(&mut rows, &self.feature_mean, &self.feature_std);
-        Ok(rows)
+        let (mean, std) = (&self.feature_mean, &self.feature_std);
+        let rows = build_context_rows(fm, &self.train.context, |k, column| {
+            if let (Some(m), Some(s)) = (mean.get(k), std.get(k)) {
+                column.iter_mut().for_each(|v| *v = (*v - m) / s);
+            }
+        });
+        self.checked_columns(rows)
     }
 
     /// `context_rows` with this adapter's context, checked against its columns.
     fn context_of(&self, fm: &FeatureMap) -> Result<Array2<f32>, AdapterError> {
-        let rows = context_rows(fm, &self.train.context);
+        self.checked_columns(context_rows(fm, &self.train.context))
+    }
+
+    /// `rows`, when they have as many columns as this adapter's features.
+    fn checked_columns(&self, rows: Array2<f32>) -> Result<Array2<f32>, AdapterError> {
         if rows.ncols() != self.feature_mean.len() {
             return Err(AdapterError::Channels {
                 expected: self.feature_mean.len(),
@@ -1599,6 +1642,44 @@ mod synthetic {
     #[test]
     fn contrastive_adapter() {
         check(Method::Contrastive);
+    }
+
+    /// Standardising each column as it is built gives the same bits as standardising the
+    /// whole matrix afterwards, for every kind of context column.
+    #[test]
+    fn rows_standardised_while_built_equal_rows_standardised_after() {
+        let mut rng = Rng::new(5);
+        let (fm, cells) = slice(Some((6, 6)), Some((16, 17)), &mut rng);
+        let config = TrainConfig {
+            steps: 5,
+            context: Context {
+                pools: vec![3, 9],
+                global: true,
+                position: true,
+            },
+            ..TrainConfig::default()
+        };
+        let training = [TrainingSlice {
+            features: &fm,
+            cells,
+        }];
+        let adapter = Adapter::train(
+            Method::Classification,
+            vec!["A".into(), "B".into()],
+            &training,
+            config,
+            ("synthetic", "0"),
+        )
+        .unwrap();
+        let (target, _) = slice(Some((12, 5)), None, &mut rng);
+        let mut after = context_rows(&target, &adapter.train.context);
+        standardize(&mut after, &adapter.feature_mean, &adapter.feature_std);
+        let during = adapter.standardized_rows(&target).unwrap();
+        assert_eq!(during.dim(), (G * G, C * 4 + 2));
+        assert!(during
+            .iter()
+            .zip(&after)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
     }
 
     #[test]

@@ -58,63 +58,64 @@ pub fn validate(pixels: &Array2<f32>) -> Result<(), ImageError> {
     Ok(())
 }
 
-/// Nearest-rank percentile of already sorted values.
-fn percentile(sorted: &[f32], p: f64) -> f64 {
-    let idx = (p / 100.0 * (sorted.len() - 1) as f64 + 0.5).floor() as usize;
-    sorted[idx.min(sorted.len() - 1)] as f64
+/// The normalisation window: the 0.5th and 99.5th percentiles of the values, nearest
+/// rank (the values at indices ⌊p/100·(n−1) + ½⌋ in sorted order). `values` is reordered.
+///
+/// By selection, not a full sort: the sort of a 512 × 512 slice took ~4 ms, for every
+/// slice the encoder sees and every slice whose edges guide the adapters.
+fn window(values: &mut [f32]) -> (f64, f64) {
+    let last = values.len() - 1;
+    let rank = |p: f64| ((p / 100.0 * last as f64 + 0.5).floor() as usize).min(last);
+    let (lo_at, hi_at) = (rank(LOW_PERCENTILE), rank(HIGH_PERCENTILE));
+    let (_, &mut lo, above) = values.select_nth_unstable_by(lo_at, f32::total_cmp);
+    let hi = match hi_at.checked_sub(lo_at + 1) {
+        Some(i) => *above.select_nth_unstable_by(i, f32::total_cmp).1,
+        None => lo,
+    };
+    (lo as f64, hi as f64)
 }
 
-/// The normalisation window (0.5th, 99.5th percentile) of already sorted values.
-fn window(sorted: &[f32]) -> (f64, f64) {
-    (
-        percentile(sorted, LOW_PERCENTILE),
-        percentile(sorted, HIGH_PERCENTILE),
-    )
-}
-
-/// Whether sorted values hold at most `COARSE_LEVELS` distinct values inside [lo, hi].
-fn coarse(sorted: &[f32], (lo, hi): (f64, f64)) -> bool {
-    let mut levels = 0usize;
+/// Whether the values hold at most `COARSE_LEVELS` distinct values inside [lo, hi].
+fn coarse(values: &[f32], (lo, hi): (f64, f64)) -> bool {
+    let mut levels: Vec<f32> = Vec::with_capacity(COARSE_LEVELS + 1);
+    // Neighbouring pixels mostly share a level: the last one seen is checked first.
     let mut last = None;
-    for &v in sorted {
+    for &v in values {
         let x = v as f64;
         if x < lo || x > hi || last == Some(v) {
             continue;
         }
         last = Some(v);
-        levels += 1;
-        if levels > COARSE_LEVELS {
+        if levels.contains(&v) {
+            continue;
+        }
+        levels.push(v);
+        if levels.len() > COARSE_LEVELS {
             return false;
         }
     }
     true
 }
 
-fn sorted_values(pixels: &Array2<f32>) -> Vec<f32> {
-    let mut sorted: Vec<f32> = pixels.iter().copied().collect();
-    sorted.sort_unstable_by(f32::total_cmp);
-    sorted
-}
-
 /// Whether `normalize` smooths this image as posterised (see the module documentation).
 pub fn is_posterised(pixels: &Array2<f32>) -> Result<bool, ImageError> {
     validate(pixels)?;
-    let sorted = sorted_values(pixels);
-    let (lo, hi) = window(&sorted);
-    Ok(hi > lo && coarse(&sorted, (lo, hi)))
+    let mut values: Vec<f32> = pixels.iter().copied().collect();
+    let (lo, hi) = window(&mut values);
+    Ok(hi > lo && coarse(&values, (lo, hi)))
 }
 
 /// Percentile clipping to [0, 1], and smoothing of a posterised image; see the module
 /// documentation.
 pub fn normalize(pixels: &Array2<f32>) -> Result<Array2<f32>, ImageError> {
     validate(pixels)?;
-    let sorted = sorted_values(pixels);
-    let (lo, hi) = window(&sorted);
+    let mut values: Vec<f32> = pixels.iter().copied().collect();
+    let (lo, hi) = window(&mut values);
     if hi <= lo {
         return Ok(Array2::zeros(pixels.dim()));
     }
     let out = pixels.mapv(|v| (((v as f64 - lo) / (hi - lo)).clamp(0.0, 1.0)) as f32);
-    if coarse(&sorted, (lo, hi)) {
+    if coarse(&values, (lo, hi)) {
         let (rows, cols) = pixels.dim();
         return Ok(gaussian_blur(&out, rows.max(cols) as f64 / 256.0));
     }
@@ -123,6 +124,9 @@ pub fn normalize(pixels: &Array2<f32>) -> Result<Array2<f32>, ImageError> {
 
 /// Separable Gaussian blur (±3σ), the image's edge repeated beyond it so that borders
 /// keep their brightness.
+///
+/// Each pass accumulates its taps in order for a whole row of pixels at a time (the same
+/// sums per pixel as tap by tap per pixel, but vectorised: ~10× faster).
 fn gaussian_blur(img: &Array2<f32>, sigma: f64) -> Array2<f32> {
     let radius = (3.0 * sigma).ceil() as i64;
     let kernel: Vec<f64> = (-radius..=radius)
@@ -130,22 +134,42 @@ fn gaussian_blur(img: &Array2<f32>, sigma: f64) -> Array2<f32> {
         .collect();
     let total: f64 = kernel.iter().sum();
     let (rows, cols) = img.dim();
-    let pass = |src: &Array2<f32>, along_rows: bool| {
-        Array2::from_shape_fn((rows, cols), |(r, c)| {
-            let mut acc = 0f64;
-            for (t, k) in kernel.iter().enumerate() {
-                let d = t as i64 - radius;
-                let v = if along_rows {
-                    src[[(r as i64 + d).clamp(0, rows as i64 - 1) as usize, c]]
-                } else {
-                    src[[r, (c as i64 + d).clamp(0, cols as i64 - 1) as usize]]
-                };
-                acc += k * v as f64;
+    let clamp = |i: i64, n: usize| i.clamp(0, n as i64 - 1) as usize;
+    let src = img.as_standard_layout();
+    let src = src.as_slice().unwrap_or(&[]);
+    // Along the rows: output row r sums source rows r + d.
+    let mut down = vec![0f32; rows * cols];
+    let mut acc = vec![0f64; cols];
+    for (r, out) in down.chunks_exact_mut(cols).enumerate() {
+        acc.fill(0.0);
+        for (t, k) in kernel.iter().enumerate() {
+            let from = clamp(r as i64 + t as i64 - radius, rows) * cols;
+            for (a, &v) in acc.iter_mut().zip(&src[from..from + cols]) {
+                *a += k * v as f64;
             }
-            (acc / total) as f32
-        })
-    };
-    pass(&pass(img, true), false)
+        }
+        for (o, a) in out.iter_mut().zip(&acc) {
+            *o = (a / total) as f32;
+        }
+    }
+    // Along the columns: each row with its edge pixels repeated `radius` times each side.
+    let mut out = Array2::zeros((rows, cols));
+    let mut padded = vec![0f32; cols + 2 * radius as usize];
+    for (row, mut dst) in down.chunks_exact(cols).zip(out.rows_mut()) {
+        for (i, p) in padded.iter_mut().enumerate() {
+            *p = row[clamp(i as i64 - radius, cols)];
+        }
+        acc.fill(0.0);
+        for (t, k) in kernel.iter().enumerate() {
+            for (a, &v) in acc.iter_mut().zip(&padded[t..t + cols]) {
+                *a += k * v as f64;
+            }
+        }
+        for (o, a) in dst.iter_mut().zip(&acc) {
+            *o = (a / total) as f32;
+        }
+    }
+    out
 }
 
 /// Half-pixel-centre bilinear resize (PyTorch `align_corners=False`, no antialiasing).
@@ -254,6 +278,28 @@ pub fn read_any(path: &Path) -> Result<Array2<f32>, ImageError> {
     }
 }
 
+/// For `K` rows of `w` values each (`src`, row-major), the mean over the window of
+/// ±`r` around each value along its row: a running sum per row, divided by the window's
+/// width at each column (`widths`).
+fn row_means<const K: usize>(src: &[f32], dst: &mut [f32], w: usize, r: usize, widths: &[f32]) {
+    let mut sums = [0f32; K];
+    for (k, s) in sums.iter_mut().enumerate() {
+        *s = src[k * w..k * w + r.min(w)].iter().sum();
+    }
+    for (x, width) in widths.iter().enumerate() {
+        for (k, sum) in sums.iter_mut().enumerate() {
+            let row = &src[k * w..(k + 1) * w];
+            if x + r < w {
+                *sum += row[x + r];
+            }
+            if x > r {
+                *sum -= row[x - r - 1];
+            }
+            dst[k * w + x] = *sum / width;
+        }
+    }
+}
+
 /// Mean over the (2r+1)² window around each cell of an h×w plane (row-major), the window clipped at
 /// the border: window sums along each row, then along each column (a column's running
 /// sum advances a whole row of cells at a time, which vectorises).
@@ -266,18 +312,25 @@ pub fn box_mean(
     out: &mut [f32],
 ) {
     let span = |i: usize, n: usize| (i.saturating_sub(r), (i + r + 1).min(n));
-    for (src, dst) in plane.chunks_exact(w).zip(row_sums.chunks_exact_mut(w)) {
-        let mut sum: f32 = src[..r.min(w)].iter().sum();
-        for (x, d) in dst.iter_mut().enumerate() {
+    // The window's width at each column.
+    let widths: Vec<f32> = (0..w)
+        .map(|x| {
             let (x0, x1) = span(x, w);
-            if x + r < w {
-                sum += src[x + r];
-            }
-            if x > r {
-                sum -= src[x - r - 1];
-            }
-            *d = sum / (x1 - x0) as f32;
-        }
+            (x1 - x0) as f32
+        })
+        .collect();
+    // Each row's running sum is one chain of dependent additions, bound by their latency:
+    // eight rows advance together, so that eight chains are in flight (per row the same
+    // operations in the same order; 1.6× faster on 512 × 512).
+    const ROWS: usize = 8;
+    let mut src_blocks = plane.chunks_exact(ROWS * w);
+    let mut dst_blocks = row_sums.chunks_exact_mut(ROWS * w);
+    for (src, dst) in (&mut src_blocks).zip(&mut dst_blocks) {
+        row_means::<ROWS>(src, dst, w, r, &widths);
+    }
+    let rest = src_blocks.remainder().chunks_exact(w);
+    for (src, dst) in rest.zip(dst_blocks.into_remainder().chunks_exact_mut(w)) {
+        row_means::<1>(src, dst, w, r, &widths);
     }
     let mut sum = vec![0f32; w];
     for y in 0..r.min(h) {
@@ -501,6 +554,117 @@ mod tests {
                     .zip(&expected)
                     .all(|(a, b)| a.to_bits() == b.to_bits()),
                 "{ir}x{ic} -> {or}x{oc}"
+            );
+        }
+    }
+
+    /// Selection finds the percentiles a full sort finds, and the distinct levels are
+    /// counted as over the sorted values, with ties, signed zeros and few levels.
+    #[test]
+    fn the_window_and_levels_equal_those_of_the_sorted_values() {
+        for (n, levels, seed) in [
+            (4, 0, 1),
+            (5, 3, 2),
+            (200, 0, 3),
+            (1001, 17, 4),
+            (4096, 40, 5),
+        ] {
+            let mut values = noise(n, seed);
+            if levels > 0 {
+                values
+                    .iter_mut()
+                    .for_each(|v| *v = (*v * levels as f32).floor());
+            }
+            values[0] = -0.0;
+            values[n / 2] = 0.0;
+            let mut sorted = values.clone();
+            sorted.sort_unstable_by(f32::total_cmp);
+            let at = |p: f64| {
+                let idx = (p / 100.0 * (n - 1) as f64 + 0.5).floor() as usize;
+                sorted[idx.min(n - 1)] as f64
+            };
+            let expected = (at(LOW_PERCENTILE), at(HIGH_PERCENTILE));
+            let mut distinct = 0;
+            let mut last = None;
+            for &v in &sorted {
+                let x = v as f64;
+                if x >= expected.0 && x <= expected.1 && last != Some(v) {
+                    last = Some(v);
+                    distinct += 1;
+                }
+            }
+            let mut shuffled = values.clone();
+            let got = window(&mut shuffled);
+            assert_eq!(got, expected, "n = {n}");
+            assert_eq!(coarse(&values, got), distinct <= COARSE_LEVELS, "n = {n}");
+        }
+    }
+
+    /// The blur as it was first written, tap by tap per pixel: the faster one gives the
+    /// same bits, also where the kernel is wider than the image.
+    #[test]
+    fn the_gaussian_blur_equals_the_per_pixel_formula_bit_for_bit() {
+        for (rows, cols, sigma) in [(37, 50, 1.3f64), (512, 512, 2.0), (2, 3, 2.0), (9, 1, 0.7)] {
+            let img = Array2::from_shape_vec((rows, cols), noise(rows * cols, 7)).unwrap();
+            let radius = (3.0 * sigma).ceil() as i64;
+            let kernel: Vec<f64> = (-radius..=radius)
+                .map(|d| (-((d * d) as f64) / (2.0 * sigma * sigma)).exp())
+                .collect();
+            let total: f64 = kernel.iter().sum();
+            let pass = |src: &Array2<f32>, along_rows: bool| {
+                Array2::from_shape_fn((rows, cols), |(r, c)| {
+                    let mut acc = 0f64;
+                    for (t, k) in kernel.iter().enumerate() {
+                        let d = t as i64 - radius;
+                        let v = if along_rows {
+                            src[[(r as i64 + d).clamp(0, rows as i64 - 1) as usize, c]]
+                        } else {
+                            src[[r, (c as i64 + d).clamp(0, cols as i64 - 1) as usize]]
+                        };
+                        acc += k * v as f64;
+                    }
+                    (acc / total) as f32
+                })
+            };
+            let expected = pass(&pass(&img, true), false);
+            let got = gaussian_blur(&img, sigma);
+            assert!(
+                got.iter()
+                    .zip(&expected)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{rows}x{cols}, sigma {sigma}"
+            );
+        }
+    }
+
+    /// Rows advanced together give each row the bits of its own running sum, for heights
+    /// that leave rows over and windows wider than the plane.
+    #[test]
+    fn box_means_equal_the_row_by_row_running_sums_bit_for_bit() {
+        for (h, w, r) in [(512, 512, 4), (37, 50, 3), (5, 3, 2), (13, 2, 6), (9, 1, 0)] {
+            let plane = noise(h * w, (h * w + r) as u64);
+            let mut expected = vec![0f32; h * w];
+            for (src, dst) in plane.chunks_exact(w).zip(expected.chunks_exact_mut(w)) {
+                let mut sum: f32 = src[..r.min(w)].iter().sum();
+                for (x, d) in dst.iter_mut().enumerate() {
+                    if x + r < w {
+                        sum += src[x + r];
+                    }
+                    if x > r {
+                        sum -= src[x - r - 1];
+                    }
+                    *d = sum / ((x + r + 1).min(w) - x.saturating_sub(r)) as f32;
+                }
+            }
+            // `box_mean` leaves its row means in `row_sums` (the column pass is unchanged).
+            let (mut row_sums, mut out) = (vec![0f32; h * w], vec![0f32; h * w]);
+            box_mean(&plane, h, w, r, &mut row_sums, &mut out);
+            assert!(
+                row_sums
+                    .iter()
+                    .zip(&expected)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "row means {h}x{w} r={r}"
             );
         }
     }
