@@ -309,9 +309,14 @@ impl Engine {
                 // adapter refines with its intensities.
                 let mut pixels: Option<ndarray::Array2<f32>> = None;
                 for ((task, adapter), prior) in lr.bundle.tasks.iter().zip(&priors) {
-                    let (scores, rows) = adapter
-                        .scores_and_rows(&fm)
-                        .map_err(|e| inst_err(Box::new(e)))?;
+                    // The standardised rows only for the votes: without them the scores
+                    // are computed a chunk of cells at a time (`Adapter::scores`).
+                    let (scores, rows) = if adapter.votes.is_empty() {
+                        adapter.scores(&fm).map(|s| (s, None))
+                    } else {
+                        adapter.scores_and_rows(&fm).map(|(s, r)| (s, Some(r)))
+                    }
+                    .map_err(|e| inst_err(Box::new(e)))?;
                     let mut up =
                         postprocess::upsample_scores(&scores, fm.image_rows, fm.image_columns);
                     if adapter.train.guided && matches!(task, Task::Structures { .. }) {
@@ -351,7 +356,7 @@ impl Engine {
                             (fm.image_rows, fm.image_columns),
                         );
                     }
-                    if !adapter.votes.is_empty() {
+                    if let Some(rows) = &rows {
                         votes::refine_findings(
                             &mut found,
                             &adapter.votes,

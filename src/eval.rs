@@ -363,8 +363,15 @@ struct Trained {
 }
 
 impl Trained {
+    /// The scores of all adapters' labels (`Adapter::scores`: without the rows, a chunk
+    /// of cells at a time).
     fn scores(&self, fm: &FeatureMap) -> Result<Array3<f32>, AdapterError> {
-        self.scores_and_rows(fm).map(|(scores, _)| scores)
+        let parts = self
+            .adapters
+            .iter()
+            .map(|a| a.scores(fm))
+            .collect::<Result<Vec<_>, _>>()?;
+        concatenate_labels(&parts)
     }
 
     /// The scores of all adapters' labels, and per adapter the standardised rows they
@@ -380,11 +387,15 @@ impl Trained {
             .collect::<Result<Vec<_>, _>>()?
             .into_iter()
             .unzip();
-        let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
-        let scores = ndarray::concatenate(ndarray::Axis(0), &views)
-            .map_err(|e| AdapterError::NoTraining(e.to_string()))?;
-        Ok((scores, rows))
+        Ok((concatenate_labels(&parts)?, rows))
     }
+}
+
+/// Score planes of several adapters, one after the other along the labels.
+fn concatenate_labels(parts: &[Array3<f32>]) -> Result<Array3<f32>, AdapterError> {
+    let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+    ndarray::concatenate(ndarray::Axis(0), &views)
+        .map_err(|e| AdapterError::NoTraining(e.to_string()))
 }
 
 /// Trains adapters for `task` on the template cases' slices, and on `augmented` copies of
