@@ -888,9 +888,8 @@ impl Adapter {
             let mut x = Vec::with_capacity(range.len() * columns.width());
             for k in 0..columns.width() {
                 columns.append(k, range.clone(), &mut x);
-                let (m, s) = (self.feature_mean[k], self.feature_std[k]);
                 let column = x.len() - range.len();
-                x[column..].iter_mut().for_each(|v| *v = (*v - m) / s);
+                self.standardize_column(k, &mut x[column..]);
             }
             let x = Array2::from_shape_vec((range.len(), columns.width()).f(), x)
                 .expect("chunk × columns values");
@@ -939,13 +938,18 @@ impl Adapter {
 
     /// The feature rows of `fm` standardised as this adapter's models see them.
     pub fn standardized_rows(&self, fm: &FeatureMap) -> Result<Array2<f32>, AdapterError> {
-        let (mean, std) = (&self.feature_mean, &self.feature_std);
         let rows = build_context_rows(fm, &self.train.context, |k, column| {
-            if let (Some(m), Some(s)) = (mean.get(k), std.get(k)) {
-                column.iter_mut().for_each(|v| *v = (*v - m) / s);
-            }
+            self.standardize_column(k, column)
         });
         self.checked_columns(rows)
+    }
+
+    /// Standardises the values of context column `k` as `standardize` does (a column this
+    /// adapter does not have is left alone; `checked_columns` refuses such rows).
+    fn standardize_column(&self, k: usize, column: &mut [f32]) {
+        if let (Some(m), Some(s)) = (self.feature_mean.get(k), self.feature_std.get(k)) {
+            column.iter_mut().for_each(|v| *v = (*v - m) / s);
+        }
     }
 
     /// `context_rows` with this adapter's context, checked against its columns.
