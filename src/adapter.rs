@@ -1609,7 +1609,17 @@ mod synthetic {
         b: Option<(usize, usize)>,
         rng: &mut Rng,
     ) -> (FeatureMap, Array2<u8>) {
-        let cells = Array2::from_shape_fn((G, G), |(i, j)| {
+        slice_on((G, G), a, b, rng)
+    }
+
+    /// `slice` on a grid of `(h, w)` cells.
+    fn slice_on(
+        (h, w): (usize, usize),
+        a: Option<(usize, usize)>,
+        b: Option<(usize, usize)>,
+        rng: &mut Rng,
+    ) -> (FeatureMap, Array2<u8>) {
+        let cells = Array2::from_shape_fn((h, w), |(i, j)| {
             let near = |p: Option<(usize, usize)>| {
                 p.is_some_and(|(r, c)| (i as f64 - r as f64).hypot(j as f64 - c as f64) <= 3.0)
             };
@@ -1621,7 +1631,7 @@ mod synthetic {
                 0
             }
         });
-        let data = Array3::from_shape_fn((C, G, G), |(ch, i, j)| {
+        let data = Array3::from_shape_fn((C, h, w), |(ch, i, j)| {
             let class = cells[[i, j]] as usize;
             // Each class is strong on its own channels, plus a smooth gradient shared by all.
             let base = if ch % 3 == class { 1.0 } else { 0.0 };
@@ -1630,8 +1640,8 @@ mod synthetic {
         (
             FeatureMap {
                 data,
-                image_rows: G * 4,
-                image_columns: G * 4,
+                image_rows: h * 4,
+                image_columns: w * 4,
             },
             cells,
         )
@@ -1776,10 +1786,7 @@ mod synthetic {
         standardize(&mut after, &adapter.feature_mean, &adapter.feature_std);
         let during = adapter.standardized_rows(&target).unwrap();
         assert_eq!(during.dim(), (G * G, C * 4 + 2));
-        assert!(during
-            .iter()
-            .zip(&after)
-            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(crate::same_bits(&during, &after));
     }
 
     /// `scores` a chunk of cells at a time gives the bits of `scores_and_rows` over the
@@ -1797,22 +1804,7 @@ mod synthetic {
         let (h, w) = (50, 49);
         assert!(h * w > 2 * SCORE_CHUNK && (h * w) % SCORE_CHUNK != 0);
         // Features as `slice` makes them, with a blob of each label, on the larger grid.
-        let target = FeatureMap {
-            data: Array3::from_shape_fn((C, h, w), |(ch, i, j)| {
-                let near = |r: f64, c: f64| (i as f64 - r).hypot(j as f64 - c) <= 3.0;
-                let class = if near(20.0, 20.0) {
-                    1
-                } else if near(35.0, 10.0) {
-                    2
-                } else {
-                    0
-                };
-                let base = if ch % 3 == class { 1.0 } else { 0.0 };
-                base + 0.005 * (i + j) as f32 + 0.15 * rng.normal()
-            }),
-            image_rows: 4 * h,
-            image_columns: 4 * w,
-        };
+        let (target, _) = slice_on((h, w), Some((20, 20)), Some((35, 10)), &mut rng);
         // With pools the whole slice is scored at once; the same bits either way.
         for pools in [vec![], vec![3]] {
             let config = TrainConfig {
@@ -1841,10 +1833,7 @@ mod synthetic {
             // Scores short of 0 and 1, where a change in the rows would show.
             let unsure = whole.iter().filter(|p| (0.01..0.99).contains(*p)).count();
             assert!(unsure > 20, "{unsure} scores in 0.01..0.99");
-            assert!(chunked
-                .iter()
-                .zip(&whole)
-                .all(|(a, b)| a.to_bits() == b.to_bits()));
+            assert!(crate::same_bits(&chunked, &whole));
         }
     }
 

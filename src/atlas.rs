@@ -179,10 +179,10 @@ impl StructureAtlas {
     /// The share of templates with a label at bin column position (j, fy) of the row whose
     /// `row_weights` are `upper` and `lower`: bilinear between bin centres, 0 outside.
     fn share(upper: &[f32], lower: &[f32], (j, fy): (i64, f32)) -> f32 {
-        if j < -1 || j + 1 >= upper.len() as i64 - 1 {
+        // Bin columns j and j + 1 at k and k + 1; any other j is outside the atlas.
+        let Some(k) = usize::try_from(j + 1).ok().filter(|k| k + 1 < upper.len()) else {
             return 0.0;
-        }
-        let k = (j + 1) as usize;
+        };
         upper[k] * (1.0 - fy) + lower[k] * (1.0 - fy) + upper[k + 1] * fy + lower[k + 1] * fy
     }
 

@@ -550,12 +550,7 @@ mod tests {
                 (top * (1.0 - fy) + bottom * fy) as f32
             });
             let got = resize_bilinear(&img, or, oc);
-            assert!(
-                got.iter()
-                    .zip(&expected)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{ir}x{ic} -> {or}x{oc}"
-            );
+            assert!(crate::same_bits(&got, &expected), "{ir}x{ic} -> {or}x{oc}");
         }
     }
 
@@ -630,9 +625,7 @@ mod tests {
             let expected = pass(&pass(&img, true), false);
             let got = gaussian_blur(&img, sigma);
             assert!(
-                got.iter()
-                    .zip(&expected)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                crate::same_bits(&got, &expected),
                 "{rows}x{cols}, sigma {sigma}"
             );
         }
@@ -661,10 +654,7 @@ mod tests {
             let (mut row_sums, mut out) = (vec![0f32; h * w], vec![0f32; h * w]);
             box_mean(&plane, h, w, r, &mut row_sums, &mut out);
             assert!(
-                row_sums
-                    .iter()
-                    .zip(&expected)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                crate::same_bits(&row_sums, &expected),
                 "row means {h}x{w} r={r}"
             );
         }

@@ -41,3 +41,15 @@ pub mod templates;
 pub mod train;
 pub mod uid;
 pub mod votes;
+
+/// Whether two sequences of floats hold the same bits, value by value, and are as long:
+/// the tests' check of rewrites that must not change a result.
+#[cfg(test)]
+pub(crate) fn same_bits<'a>(
+    a: impl IntoIterator<Item = &'a f32>,
+    b: impl IntoIterator<Item = &'a f32>,
+) -> bool {
+    a.into_iter()
+        .map(|v| v.to_bits())
+        .eq(b.into_iter().map(|v| v.to_bits()))
+}

@@ -850,12 +850,7 @@ mod tests {
         assert_ne!(one, scores, "nothing was refined");
         for threads in [2, 3, 5, 8] {
             let many = refined(threads);
-            assert!(
-                one.iter()
-                    .zip(&many)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{threads} threads"
-            );
+            assert!(crate::same_bits(&one, &many), "{threads} threads");
         }
     }
 
