@@ -3,7 +3,7 @@
 //! (a feature map from the cache, e.g. scout-data/features/<model>/<hash>.fm; BACKBONE: the
 //! manifest id the adapter was trained on, default the manifest's default).
 use scout::adapter::context_rows;
-use scout::backbone::{Backbone, Manifest};
+use scout::backbone::{Backbone, FeatureMap, Manifest};
 use scout::features::FeatureCache;
 use scout::postprocess;
 use std::path::Path;
@@ -42,9 +42,45 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             std::hint::black_box(context_rows(&fm, &adapter.train.context));
         });
         let scores = adapter.scores(&fm)?;
-        let sc = time(&mut || {
-            std::hint::black_box(adapter.scores(&fm).ok());
-        });
+        // A hypercolumn's coarse channels are scored on their own grid; the same values
+        // taken as one grid (the code before that) are timed beside it, alternately.
+        let one_grid = FeatureMap::new(fm.data.clone(), rows, cols);
+        let mut sc = 0.0;
+        let mut alone = Vec::new();
+        for _ in 0..2 {
+            sc = time(&mut || {
+                std::hint::black_box(adapter.scores(&fm).ok());
+            });
+            if !fm.coarse.is_empty() {
+                let with = |m: &FeatureMap| {
+                    if adapter.votes.is_empty() {
+                        adapter.scores(m).map(|_| ())
+                    } else {
+                        adapter.scores_and_rows(m).map(|_| ())
+                    }
+                };
+                let split = time(&mut || {
+                    std::hint::black_box(with(&fm).ok());
+                });
+                let one = time(&mut || {
+                    std::hint::black_box(with(&one_grid).ok());
+                });
+                alone.push(format!("{split:.1} / {one:.1}"));
+            }
+        }
+        let sc_grids = if alone.is_empty() {
+            String::new()
+        } else {
+            let what = if adapter.votes.is_empty() {
+                "scores"
+            } else {
+                "scores with rows"
+            };
+            format!(
+                " ({what}, coarse channels on their grid / as one grid: {} ms)",
+                alone.join(", ")
+            )
+        };
         let up = postprocess::upsample_scores(&scores, rows, cols);
         let ups = time(&mut || {
             std::hint::black_box(postprocess::upsample_scores(&scores, rows, cols));
@@ -111,7 +147,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             format!(", votes {ms:.1} ms")
         };
         println!(
-            "{task:?}: context rows {ctx:.1} ms, scores (incl. context) {sc:.1} ms, upsample to {rows}×{cols} {ups:.1} ms, findings {post:.1} ms{edges}{atlas}{votes}"
+            "{task:?}: context rows {ctx:.1} ms, scores (incl. context) {sc:.1} ms{sc_grids}, upsample to {rows}×{cols} {ups:.1} ms, findings {post:.1} ms{edges}{atlas}{votes}"
         );
     }
     Ok(())

@@ -224,7 +224,10 @@ impl Linear {
         }
     }
     fn forward(&self, x: ArrayView2<f32>) -> Array2<f32> {
-        let mut y = x.dot(&self.w.t());
+        self.add_bias(x.dot(&self.w.t()))
+    }
+
+    fn add_bias(&self, mut y: Array2<f32>) -> Array2<f32> {
         // Column by column: broadcasting `+ &b` goes element by element (~5 ms per
         // slice) when y is column-major, as it is for context rows.
         for (mut col, &b) in y.columns_mut().into_iter().zip(&self.b) {
@@ -259,11 +262,19 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: ArrayView2<f32>) -> Array2<f32> {
+        match self.layers.first() {
+            Some(first) => self.forward_from_product(x.dot(&first.w.t())),
+            None => x.to_owned(),
+        }
+    }
+
+    /// `forward` from the first layer's product x·W₁ᵀ, computed by the caller.
+    fn forward_from_product(&self, product: Array2<f32>) -> Array2<f32> {
         let mut layers = self.layers.iter();
         let Some(first) = layers.next() else {
-            return x.to_owned();
+            return product;
         };
-        let mut h = first.forward(x);
+        let mut h = first.add_bias(product);
         for l in layers {
             h.mapv_inplace(|v| v.max(0.0));
             h = l.forward(h.view());
@@ -551,6 +562,60 @@ impl<'a> ContextColumns<'a> {
 /// Cells of `Adapter::scores` per chunk: its rows (384 columns) and hidden layers fit in
 /// the cache. 512 to 2048 measured the same on the chest.
 const SCORE_CHUNK: usize = 1024;
+
+/// An adapter's first layer over a feature map's coarse channels (`FeatureMap::coarse`, the
+/// encoder's 64 × 64 output under the 128 × 128 hypercolumn), run on their own grid and its
+/// output resized. Bilinear resizing weighs cells with weights that sum to one, and a
+/// column's standardisation is affine, so W·std(resize(x)) = resize(W·std(x)): the same
+/// values but for rounding, for a quarter of those products (chest: 256 of the 384
+/// channels, 805 → 402 million multiply-adds per slice). The other columns' product is
+/// taken per cell and the two added. (`scores` and `scores_and_rows` both take this path
+/// when a map has coarse channels, so their scores stay the same bits.)
+struct CoarseFirstLayer {
+    /// The first layer's weights over the other columns (hidden × their count).
+    w_fine: Array2<f32>,
+    /// The coarse columns' product, resized to the map's grid (cells × hidden,
+    /// column-major: one plane per hidden unit).
+    resized: Array2<f32>,
+}
+
+/// The context columns that are not coarse channels, as runs in order; `None` when the
+/// map has no coarse channels.
+fn fine_runs(fm: &FeatureMap, width: usize) -> Option<Vec<std::ops::Range<usize>>> {
+    if fm.coarse.is_empty() {
+        return None;
+    }
+    let mut runs = Vec::new();
+    let mut start = 0;
+    let mut coarse: Vec<_> = fm.coarse.iter().map(|p| (p.first, p.map.dim().0)).collect();
+    coarse.sort_unstable();
+    for (first, n) in coarse {
+        if first > start {
+            runs.push(start..first);
+        }
+        start = start.max(first + n);
+    }
+    if start < width {
+        runs.push(start..width);
+    }
+    Some(runs)
+}
+
+/// The columns `runs` of `rows`, side by side (a view when there is one run).
+fn columns_of<'a>(
+    rows: ArrayView2<'a, f32>,
+    runs: &[std::ops::Range<usize>],
+) -> ndarray::CowArray<'a, f32, ndarray::Ix2> {
+    match runs {
+        [run] => rows.slice_move(s![.., run.clone()]).into(),
+        _ => {
+            let parts: Vec<_> = runs.iter().map(|r| rows.slice(s![.., r.clone()])).collect();
+            ndarray::concatenate(Axis(1), &parts)
+                .unwrap_or_else(|_| Array2::zeros((rows.nrows(), 0)))
+                .into()
+        }
+    }
+}
 
 /// Scores as rows of cells (cells × L, cells row-major over an h × w grid) as planes
 /// (L × h × w).
@@ -882,20 +947,36 @@ impl Adapter {
                 actual: columns.width(),
             });
         }
+        let split = self.coarse_first_layers(fm, columns.width());
+        // With the coarse channels' product taken on their grid, a chunk needs only the
+        // other columns.
+        let built: Vec<usize> = match &split {
+            Some((runs, _)) => runs.iter().flat_map(|r| r.clone()).collect(),
+            None => (0..columns.width()).collect(),
+        };
         let mut sum = Array2::zeros((cells, self.labels.len()));
         for start in (0..cells).step_by(SCORE_CHUNK) {
             let range = start..(start + SCORE_CHUNK).min(cells);
-            let mut x = Vec::with_capacity(range.len() * columns.width());
-            for k in 0..columns.width() {
+            let mut x = Vec::with_capacity(range.len() * built.len());
+            for &k in &built {
                 columns.append(k, range.clone(), &mut x);
                 let column = x.len() - range.len();
                 self.standardize_column(k, &mut x[column..]);
             }
-            let x = Array2::from_shape_vec((range.len(), columns.width()).f(), x)
+            let x = Array2::from_shape_vec((range.len(), built.len()).f(), x)
                 .expect("chunk × columns values");
-            let mut chunk_sum = sum.slice_mut(s![range, ..]);
-            for a in all() {
-                chunk_sum += &a.row_scores(None, x.view())?;
+            let mut chunk_sum = sum.slice_mut(s![range.clone(), ..]);
+            match &split {
+                Some((_, layers)) => {
+                    for (a, layer) in all().zip(layers) {
+                        chunk_sum += &a.split_scores(layer, x.view(), range.clone())?;
+                    }
+                }
+                None => {
+                    for a in all() {
+                        chunk_sum += &a.row_scores(None, x.view())?;
+                    }
+                }
             }
         }
         sum /= (1 + self.members.len()) as f32;
@@ -922,6 +1003,15 @@ impl Adapter {
             (self.standardized_rows(fm)?, None)
         };
         let mut sum = Array2::zeros((h * w, self.labels.len()));
+        if let (None, Some((runs, layers))) = (&raw, self.coarse_first_layers(fm, standard.ncols()))
+        {
+            let x = columns_of(standard.view(), &runs);
+            for (a, layer) in all().zip(&layers) {
+                sum += &a.split_scores(layer, x.view(), 0..h * w)?;
+            }
+            sum /= (1 + self.members.len()) as f32;
+            return Ok((label_planes(&sum, h, w), standard));
+        }
         for a in all() {
             sum += &match &raw {
                 Some(raw) if !a.shares(self) => {
@@ -981,13 +1071,130 @@ impl Adapter {
         raw: Option<&Array2<f32>>,
         x: ArrayView2<f32>,
     ) -> Result<Array2<f32>, AdapterError> {
-        let cells = x.nrows();
         if x.ncols() != self.feature_mean.len() {
             return Err(AdapterError::Channels {
                 expected: self.feature_mean.len(),
                 actual: x.ncols(),
             });
         }
+        self.scores_from(raw, x.nrows(), |net| net.forward(x))
+    }
+
+    /// The net that reads the cells' rows: the classifier, or the contrastive branch.
+    fn net(&self) -> Option<&Mlp> {
+        match &self.model {
+            Model::Basic { .. } => None,
+            Model::Classification { net } => Some(net),
+            Model::Contrastive { branch, .. } => Some(branch),
+        }
+    }
+
+    /// Per adapter of `scores` (the members, then this one), its `CoarseFirstLayer` on
+    /// `fm`, with the runs of the other columns among `width` context columns; `None`
+    /// when the map has no coarse channels or a model has no first layer to split.
+    fn coarse_first_layers(
+        &self,
+        fm: &FeatureMap,
+        width: usize,
+    ) -> Option<(Vec<std::ops::Range<usize>>, Vec<CoarseFirstLayer>)> {
+        let runs = fine_runs(fm, width)?;
+        let (h, w) = fm.grid();
+        let layers = self
+            .members
+            .iter()
+            .chain(std::iter::once(self))
+            .map(|a| {
+                let first = a.net()?.layers.first()?;
+                if first.w.ncols() != width || a.feature_mean.len() != width {
+                    return None;
+                }
+                let hidden = first.w.nrows();
+                let w_fine = columns_of(first.w.view(), &runs).into_owned();
+                let mut resized = Array2::<f32>::zeros((h * w, hidden).f());
+                let taps = |n_out, n_in| -> Vec<(usize, usize, f32)> {
+                    let taps = crate::image::bilinear_taps(n_out, n_in);
+                    taps.into_iter().map(|(a, b, f)| (a, b, f as f32)).collect()
+                };
+                let mut across = Vec::new();
+                for part in &fm.coarse {
+                    let (n, ph, pw) = part.map.dim();
+                    let columns = part.first..part.first + n;
+                    if columns.end > width {
+                        return None;
+                    }
+                    // W·((x − m)/s) = (W/s)·x − (W/s)·m: the planes are read as they are,
+                    // with no standardised copy of them.
+                    let mean = a.feature_mean.slice(s![columns.clone()]);
+                    let mut scaled = first.w.slice(s![.., columns.clone()]).to_owned();
+                    for (mut column, s) in scaled
+                        .columns_mut()
+                        .into_iter()
+                        .zip(a.feature_std.slice(s![columns]))
+                    {
+                        column /= *s;
+                    }
+                    let offsets = scaled.dot(&mean);
+                    let planes = part.map.as_standard_layout();
+                    let planes = planes.to_shape((n, ph * pw)).ok()?;
+                    let product = planes.t().dot(&scaled.t());
+                    let (ys, xs) = (taps(h, ph), taps(w, pw));
+                    for ((plane, mut out), offset) in product
+                        .columns()
+                        .into_iter()
+                        .zip(resized.columns_mut())
+                        .zip(&offsets)
+                    {
+                        let mut plane = plane.to_shape((ph, pw)).ok()?.into_owned();
+                        plane -= *offset;
+                        crate::image::add_resized(
+                            plane.view(),
+                            &ys,
+                            &xs,
+                            &mut across,
+                            out.as_slice_mut()?,
+                        );
+                    }
+                }
+                Some(CoarseFirstLayer { w_fine, resized })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some((runs, layers))
+    }
+
+    /// `row_scores` of the cells `range` from the rows' other columns `x` (those of
+    /// `fine_runs`) and the coarse channels' resized product in `layer`.
+    fn split_scores(
+        &self,
+        layer: &CoarseFirstLayer,
+        x: ArrayView2<f32>,
+        range: std::ops::Range<usize>,
+    ) -> Result<Array2<f32>, AdapterError> {
+        if x.ncols() != layer.w_fine.ncols() || x.nrows() != range.len() {
+            return Err(AdapterError::Channels {
+                expected: layer.w_fine.ncols(),
+                actual: x.ncols(),
+            });
+        }
+        self.scores_from(None, x.nrows(), |net| {
+            let mut product = x.dot(&layer.w_fine.t());
+            // Column by column: a chunk of the column-major `resized` is not contiguous,
+            // and `+=` over the two would go element by element across its columns.
+            let resized = layer.resized.slice(s![range, ..]);
+            for (mut p, r) in product.columns_mut().into_iter().zip(resized.columns()) {
+                p += &r;
+            }
+            net.forward_from_product(product)
+        })
+    }
+
+    /// Scores (cells × L) of this adapter's own model, from `forward`, which runs a net
+    /// (classifier, or contrastive branch) on the cells; a basic model reads `raw`.
+    fn scores_from(
+        &self,
+        raw: Option<&Array2<f32>>,
+        cells: usize,
+        forward: impl FnOnce(&Mlp) -> Array2<f32>,
+    ) -> Result<Array2<f32>, AdapterError> {
         let n = self.labels.len();
         Ok(match &self.model {
             Model::Basic { prototypes } => match raw {
@@ -999,7 +1206,7 @@ impl Adapter {
                 }
             },
             Model::Classification { net } => {
-                let logits = net.forward(x);
+                let logits = forward(net);
                 let mut p = Array2::zeros((cells, n));
                 for (r, row) in logits.rows().into_iter().enumerate() {
                     let max = row.fold(f32::NEG_INFINITY, |a, &b| a.max(b));
@@ -1017,7 +1224,7 @@ impl Adapter {
             } => {
                 let e = head.w.ncols() / 2;
                 // The head is linear in [e_ref, e_tgt]: split it into its two halves.
-                let target_terms = branch.forward(x).dot(&head.w.slice(s![.., e..]).t()) + &head.b;
+                let target_terms = forward(branch).dot(&head.w.slice(s![.., e..]).t()) + &head.b;
                 // p(label | ref, target) = softmax(ref_terms + target_terms)[label + 1],
                 // averaged over the label's references. exp(a + b) = exp(a)·exp(b), so
                 // the softmax denominators of all (target, reference) pairs are one
@@ -1387,11 +1594,7 @@ mod tests {
     fn context_rows_match_direct_definitions() {
         let mut rng = Rng::new(3);
         let (c, h, w) = (3, 7, 10);
-        let fm = FeatureMap {
-            data: Array3::from_shape_fn((c, h, w), |_| rng.normal()),
-            image_rows: 28,
-            image_columns: 40,
-        };
+        let fm = FeatureMap::new(Array3::from_shape_fn((c, h, w), |_| rng.normal()), 28, 40);
         let ctx = Context {
             pools: vec![3, 5],
             global: true,
@@ -1429,11 +1632,7 @@ mod tests {
     /// in it (another region's cells included), counted per slice.
     #[test]
     fn border_cells_ring_each_region() {
-        let fm = FeatureMap {
-            data: Array3::zeros((1, 9, 9)),
-            image_rows: 9,
-            image_columns: 9,
-        };
+        let fm = FeatureMap::new(Array3::zeros((1, 9, 9)), 9, 9);
         let mut cells = Array2::<u8>::zeros((9, 9));
         cells[[4, 4]] = 1;
         cells[[4, 6]] = 2;
@@ -1486,11 +1685,7 @@ mod tests {
     fn rows_over_the_budget_sample_the_far_background() {
         let mut rng = Rng::new(3);
         let fms: Vec<FeatureMap> = (0..4)
-            .map(|_| FeatureMap {
-                data: Array3::from_shape_fn((3, 16, 16), |_| rng.normal()),
-                image_rows: 64,
-                image_columns: 64,
-            })
+            .map(|_| FeatureMap::new(Array3::from_shape_fn((3, 16, 16), |_| rng.normal()), 64, 64))
             .collect();
         let slices: Vec<TrainingSlice> = fms
             .iter()
@@ -1637,14 +1832,7 @@ mod synthetic {
             let base = if ch % 3 == class { 1.0 } else { 0.0 };
             base + 0.005 * (i + j) as f32 + 0.15 * rng.normal()
         });
-        (
-            FeatureMap {
-                data,
-                image_rows: h * 4,
-                image_columns: w * 4,
-            },
-            cells,
-        )
+        (FeatureMap::new(data, h * 4, w * 4), cells)
     }
 
     fn check(method: Method) {
@@ -1834,6 +2022,75 @@ mod synthetic {
             let unsure = whole.iter().filter(|p| (0.01..0.99).contains(*p)).count();
             assert!(unsure > 20, "{unsure} scores in 0.01..0.99");
             assert!(crate::same_bits(&chunked, &whole));
+        }
+    }
+
+    /// A map whose first channels came from a coarser grid is scored with the first
+    /// layer over them on that grid: the scores equal those of the same values taken as
+    /// one grid but for rounding, and chunks and the whole slice give the same bits.
+    #[test]
+    fn coarse_channels_are_scored_on_their_grid() {
+        let mut rng = Rng::new(9);
+        let (fm, cells) = slice(Some((6, 6)), Some((16, 17)), &mut rng);
+        let training = [TrainingSlice {
+            features: &fm,
+            cells,
+        }];
+        let (h, w) = (50, 48);
+        assert!(h * w > 2 * SCORE_CHUNK && (h * w) % SCORE_CHUNK != 0);
+        let (target, _) = slice_on((h, w), Some((20, 20)), Some((35, 10)), &mut rng);
+        // The first channels at half the resolution (2 × 2 means), the others as they are.
+        let n_coarse = C / 2 + 1;
+        let coarse = Array3::from_shape_fn((n_coarse, h / 2, w / 2), |(c, i, j)| {
+            let d = &target.data;
+            (d[[c, 2 * i, 2 * j]]
+                + d[[c, 2 * i + 1, 2 * j]]
+                + d[[c, 2 * i, 2 * j + 1]]
+                + d[[c, 2 * i + 1, 2 * j + 1]])
+                / 4.0
+        });
+        let fine = target.data.slice(s![n_coarse.., .., ..]).to_owned();
+        let split = FeatureMap::stacked(vec![coarse, fine], h * 4, w * 4);
+        assert_eq!(split.coarse.len(), 1);
+        let one_grid = FeatureMap::new(split.data.clone(), h * 4, w * 4);
+        for pools in [vec![], vec![3]] {
+            let config = TrainConfig {
+                steps: 100,
+                context: Context {
+                    pools,
+                    global: false,
+                    position: true,
+                },
+                ensemble: vec![Method::Classification],
+                ..TrainConfig::default()
+            };
+            let adapter = Adapter::train(
+                Method::Contrastive,
+                vec!["A".into(), "B".into()],
+                &training,
+                config,
+                ("synthetic", "0"),
+            )
+            .unwrap();
+            let width = adapter.feature_mean.len();
+            let Some((runs, layers)) = adapter.coarse_first_layers(&split, width) else {
+                panic!("the coarse channels were not split off");
+            };
+            assert_eq!(runs, vec![n_coarse..width]);
+            assert_eq!(layers.len(), 2);
+            assert!(adapter.coarse_first_layers(&one_grid, width).is_none());
+            let chunked = adapter.scores(&split).unwrap();
+            let (whole, _) = adapter.scores_and_rows(&split).unwrap();
+            assert!(crate::same_bits(&chunked, &whole));
+            let plain = adapter.scores(&one_grid).unwrap();
+            let unsure = plain.iter().filter(|p| (0.01..0.99).contains(*p)).count();
+            assert!(unsure > 20, "{unsure} scores in 0.01..0.99");
+            let worst = plain
+                .iter()
+                .zip(&chunked)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-4, "scores differ by up to {worst}");
         }
     }
 

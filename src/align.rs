@@ -500,11 +500,11 @@ mod tests {
 
     /// Random, distinctive cell features on a 32×32 grid over a 128×128 image.
     fn random_map(rng: &mut Rng) -> FeatureMap {
-        FeatureMap {
-            data: Array3::from_shape_fn((16, 32, 32), |_| rng.normal()),
-            image_rows: 128,
-            image_columns: 128,
-        }
+        FeatureMap::new(
+            Array3::from_shape_fn((16, 32, 32), |_| rng.normal()),
+            128,
+            128,
+        )
     }
 
     #[test]
@@ -586,11 +586,7 @@ mod tests {
     #[test]
     fn large_grids_are_pooled_and_templates_keep_their_most_distinctive_cells() {
         let mut rng = Rng::new(3);
-        let mut fm = FeatureMap {
-            data: Array3::from_shape_fn((4, 128, 96), |_| 1.0),
-            image_rows: 256,
-            image_columns: 192,
-        };
+        let mut fm = FeatureMap::new(Array3::from_shape_fn((4, 128, 96), |_| 1.0), 256, 192);
         // One distinctive 2×2 block (pooled cell (10, 20)); the rest is uniform noise-free.
         for c in 0..4 {
             for (i, j) in [(20, 40), (20, 41), (21, 40), (21, 41)] {

@@ -271,9 +271,100 @@ pub struct FeatureMap {
     pub data: Array3<f32>,
     pub image_rows: usize,
     pub image_columns: usize,
+    /// Channels of `data` that were resized from a coarser grid (a hypercolumn's), also
+    /// kept on their own grid: a linear layer over them can run there and have its output
+    /// resized instead, with a quarter of the products (`adapter`).
+    pub coarse: Vec<CoarseChannels>,
+}
+
+/// `map`'s channels are those of `FeatureMap::data` from `first` on, resized bilinearly.
+#[derive(Debug, Clone)]
+pub struct CoarseChannels {
+    pub first: usize,
+    pub map: Array3<f32>,
 }
 
 impl FeatureMap {
+    /// A map of one grid's channels.
+    pub fn new(data: Array3<f32>, image_rows: usize, image_columns: usize) -> FeatureMap {
+        FeatureMap {
+            data,
+            image_rows,
+            image_columns,
+            coarse: Vec::new(),
+        }
+    }
+
+    /// Maps of one image stacked channel by channel on the finest grid among them
+    /// (bilinear, half-pixel centres, so every map's cells stay where they were over the
+    /// image); the coarser ones are kept as `coarse` too.
+    pub fn stacked(
+        mut maps: Vec<Array3<f32>>,
+        image_rows: usize,
+        image_columns: usize,
+    ) -> FeatureMap {
+        if maps.len() == 1 {
+            let data = maps.pop().unwrap_or_default();
+            return FeatureMap::new(data, image_rows, image_columns);
+        }
+        let h = maps.iter().map(|m| m.dim().1).max().unwrap_or(0);
+        let w = maps.iter().map(|m| m.dim().2).max().unwrap_or(0);
+        let channels: usize = maps.iter().map(|m| m.dim().0).sum();
+        let mut data = Array3::zeros((channels, h, w));
+        let mut coarse = Vec::new();
+        let mut c = 0;
+        for m in maps {
+            let n = m.dim().0;
+            let (_, mh, mw) = m.dim();
+            for (k, plane) in m.outer_iter().enumerate() {
+                let mut out = data.index_axis_mut(ndarray::Axis(0), c + k);
+                if (mh, mw) == (h, w) {
+                    out.assign(&plane);
+                } else {
+                    out.assign(&image::resize_bilinear(&plane.to_owned(), h, w));
+                }
+            }
+            if (mh, mw) != (h, w) {
+                coarse.push(CoarseChannels { first: c, map: m });
+            }
+            c += n;
+        }
+        FeatureMap {
+            data,
+            image_rows,
+            image_columns,
+            coarse,
+        }
+    }
+
+    /// The maps `stacked` builds this map from, in channel order: each coarse part on its
+    /// grid, and the runs of channels between them on the map's.
+    pub fn parts(&self) -> Vec<ndarray::ArrayView3<'_, f32>> {
+        let mut parts = Vec::new();
+        let mut c = 0;
+        let channels = self.channels();
+        while c < channels {
+            match self.coarse.iter().find(|p| p.first == c) {
+                Some(p) => {
+                    parts.push(p.map.view());
+                    c += p.map.dim().0.max(1);
+                }
+                None => {
+                    let end = self
+                        .coarse
+                        .iter()
+                        .map(|p| p.first)
+                        .filter(|&f| f > c)
+                        .min()
+                        .unwrap_or(channels);
+                    parts.push(self.data.slice(ndarray::s![c..end, .., ..]));
+                    c = end;
+                }
+            }
+        }
+        parts
+    }
+
     pub fn channels(&self) -> usize {
         self.data.dim().0
     }
@@ -344,29 +435,6 @@ fn feature_map(t: &ndarray::ArrayViewD<f32>) -> Result<Array3<f32>, String> {
     t.to_shape((s[1], s[2], s[3]))
         .map(|a| a.to_owned())
         .map_err(|e| e.to_string())
-}
-
-/// The maps' channels stacked on the finest grid among them (bilinear, half-pixel centres,
-/// so every map's cells stay where they were over the image).
-fn hypercolumn(maps: &[Array3<f32>]) -> Array3<f32> {
-    let h = maps.iter().map(|m| m.dim().1).max().unwrap_or(0);
-    let w = maps.iter().map(|m| m.dim().2).max().unwrap_or(0);
-    let channels: usize = maps.iter().map(|m| m.dim().0).sum();
-    let mut out = Array3::zeros((channels, h, w));
-    let mut c = 0;
-    for m in maps {
-        for plane in m.outer_iter() {
-            let plane = plane.to_owned();
-            out.index_axis_mut(ndarray::Axis(0), c)
-                .assign(&if plane.dim() == (h, w) {
-                    plane
-                } else {
-                    image::resize_bilinear(&plane, h, w)
-                });
-            c += 1;
-        }
-    }
-    out
 }
 
 /// A loaded image encoder.
@@ -445,7 +513,7 @@ impl Backbone {
         let t = out[0]
             .to_plain_array_view::<f32>()
             .map_err(|e| err(format!("{e:#}")))?;
-        let mut data = match self.entry.format {
+        let data = match self.entry.format {
             OutputFormat::FeatureMap => feature_map(&t).map_err(err)?,
             OutputFormat::Tokens => {
                 let (patch, prefix) = (
@@ -467,27 +535,44 @@ impl Backbone {
                 Array3::from_shape_fn((c, gh, gw), |(k, i, j)| t[[0, prefix + i * gw + j, k]])
             }
         };
-        if out.len() > 1 {
-            let mut maps = vec![data];
-            for extra in &out[1..] {
-                let t = extra
-                    .to_plain_array_view::<f32>()
-                    .map_err(|e| err(format!("{e:#}")))?;
-                maps.push(feature_map(&t).map_err(|e| err(format!("extra output: {e}")))?);
-            }
-            data = hypercolumn(&maps);
+        let mut maps = vec![data];
+        for extra in &out[1..] {
+            let t = extra
+                .to_plain_array_view::<f32>()
+                .map_err(|e| err(format!("{e:#}")))?;
+            maps.push(feature_map(&t).map_err(|e| err(format!("extra output: {e}")))?);
         }
-        Ok(FeatureMap {
-            data,
-            image_rows: image_dim.0,
-            image_columns: image_dim.1,
-        })
+        Ok(FeatureMap::stacked(maps, image_dim.0, image_dim.1))
     }
 }
 
 #[cfg(all(test, not(feature = "cuda")))]
 mod tests {
     use super::*;
+
+    /// A hypercolumn keeps its coarse map, and `parts` gives back the maps it was
+    /// stacked from, bit for bit.
+    #[test]
+    fn stacked_maps_come_apart_as_they_were_given() {
+        let coarse = Array3::from_shape_fn((3, 4, 5), |(c, i, j)| (c * 20 + i * 5 + j) as f32);
+        let fine = Array3::from_shape_fn((2, 8, 10), |(c, i, j)| -((c * 80 + i * 10 + j) as f32));
+        let fm = FeatureMap::stacked(vec![fine.clone(), coarse.clone()], 32, 40);
+        assert_eq!(fm.data.dim(), (5, 8, 10));
+        assert_eq!(fm.coarse.len(), 1);
+        assert_eq!(fm.coarse[0].first, 2);
+        let resized =
+            image::resize_bilinear(&coarse.index_axis(ndarray::Axis(0), 1).to_owned(), 8, 10);
+        assert_eq!(fm.data.index_axis(ndarray::Axis(0), 3), resized);
+        let parts = fm.parts();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0], fine.view());
+        assert_eq!(parts[1], coarse.view());
+        let again = FeatureMap::stacked(parts.iter().map(|p| p.to_owned()).collect(), 32, 40);
+        assert!(crate::same_bits(&again.data, &fm.data));
+        let one = FeatureMap::stacked(vec![fine.clone()], 32, 40);
+        assert!(one.coarse.is_empty());
+        assert_eq!(one.parts(), [fine.view()]);
+    }
 
     #[test]
     fn cuda_without_the_feature_is_a_clear_error() {

@@ -1,19 +1,26 @@
 //! Feature maps cached on disk, keyed by the backbone's checksum and a hash of the pixels,
 //! so repeated evaluations (and re-sent series) do not run the encoder again.
 //!
-//! Layout: `<dir>/<model sha256>/<pixel sha256>.fm`: magic `SCFM1`, then C, h, w, rows,
-//! columns (u32 LE) and C·h·w f32 LE. Written to a temp name and renamed; a file that does
-//! not parse is recomputed, never trusted.
+//! Layout: `<dir>/<model sha256>/<pixel sha256>.fm`: magic `SCFM2`, then the number of
+//! parts, rows and columns (u32 LE), then per part C, h, w (u32 LE) and C·h·w f32 LE: the
+//! maps `FeatureMap::parts` gives, each on its own grid, so a hypercolumn's coarse part
+//! comes back as it left the encoder. Written to a temp name and renamed; a file that does
+//! not parse is recomputed, never trusted. `SCFM1` files (C, h, w, rows, columns, values:
+//! one grid) are still read for backbones with one output; a hypercolumn stored that way
+//! lost its coarse part and is computed again.
 
 use crate::backbone::{Backbone, BackboneError, FeatureMap};
 use ndarray::{Array2, Array3};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8; 5] = b"SCFM1";
+const MAGIC: &[u8; 5] = b"SCFM2";
+const MAGIC_ONE_GRID: &[u8; 5] = b"SCFM1";
 
 pub struct FeatureCache {
     dir: PathBuf,
+    /// Whether the backbone returns one map (an `SCFM1` file then holds all of it).
+    one_output: bool,
 }
 
 /// SHA-256 of a slice's size and pixel values.
@@ -28,10 +35,37 @@ pub fn pixel_hash(pixels: &Array2<f32>) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Reads little-endian u32s and f32s off the front of a byte slice.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn u32(&mut self) -> Option<usize> {
+        let (head, rest) = self.0.split_first_chunk::<4>()?;
+        self.0 = rest;
+        Some(u32::from_le_bytes(*head) as usize)
+    }
+
+    fn map(&mut self, (c, h, w): (usize, usize, usize)) -> Option<Array3<f32>> {
+        let n = c.checked_mul(h)?.checked_mul(w)?;
+        let bytes = self.0.get(..n.checked_mul(4)?)?;
+        self.0 = &self.0[bytes.len()..];
+        let data = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        Array3::from_shape_vec((c, h, w), data).ok()
+    }
+
+    fn dim(&mut self) -> Option<(usize, usize, usize)> {
+        Some((self.u32()?, self.u32()?, self.u32()?))
+    }
+}
+
 impl FeatureCache {
     pub fn new(root: &Path, backbone: &Backbone) -> FeatureCache {
         FeatureCache {
             dir: root.join(backbone.checksum()),
+            one_output: backbone.entry().extra_outputs.is_empty(),
         }
     }
 
@@ -41,43 +75,48 @@ impl FeatureCache {
 
     pub fn load(&self, key: &str) -> Option<FeatureMap> {
         let bytes = std::fs::read(self.path(key)).ok()?;
-        if bytes.len() < 25 || &bytes[..5] != MAGIC {
+        let (magic, rest) = bytes.split_first_chunk::<5>()?;
+        let mut r = Reader(rest);
+        let fm = if magic == MAGIC {
+            let (parts, rows, columns) = r.dim()?;
+            // Each part takes at least its 12-byte header: a count past that is damage.
+            if parts == 0 || parts > r.0.len() / 12 {
+                return None;
+            }
+            let maps = (0..parts)
+                .map(|_| r.dim().and_then(|d| r.map(d)))
+                .collect::<Option<Vec<_>>>()?;
+            // An empty grid cannot be resized onto the others.
+            if maps.iter().any(|m| m.dim().1 == 0 || m.dim().2 == 0) {
+                return None;
+            }
+            FeatureMap::stacked(maps, rows, columns)
+        } else if magic == MAGIC_ONE_GRID && self.one_output {
+            let (c, h, w) = r.dim()?;
+            let (rows, columns) = (r.u32()?, r.u32()?);
+            FeatureMap::new(r.map((c, h, w))?, rows, columns)
+        } else {
             return None;
-        }
-        let u = |i: usize| {
-            u32::from_le_bytes([
-                bytes[5 + 4 * i],
-                bytes[6 + 4 * i],
-                bytes[7 + 4 * i],
-                bytes[8 + 4 * i],
-            ]) as usize
         };
-        let (c, h, w, rows, cols) = (u(0), u(1), u(2), u(3), u(4));
-        let n = c.checked_mul(h)?.checked_mul(w)?;
-        if bytes.len() != 25 + 4 * n {
-            return None;
-        }
-        let data: Vec<f32> = bytes[25..]
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        Some(FeatureMap {
-            data: Array3::from_shape_vec((c, h, w), data).ok()?,
-            image_rows: rows,
-            image_columns: cols,
-        })
+        r.0.is_empty().then_some(fm)
     }
 
     pub fn store(&self, key: &str, fm: &FeatureMap) -> std::io::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
-        let (c, h, w) = fm.data.dim();
-        let mut bytes = Vec::with_capacity(25 + 4 * fm.data.len());
+        let parts = fm.parts();
+        let mut bytes = Vec::with_capacity(17 + 12 * parts.len() + 4 * fm.data.len());
         bytes.extend_from_slice(MAGIC);
-        for v in [c, h, w, fm.image_rows, fm.image_columns] {
+        for v in [parts.len(), fm.image_rows, fm.image_columns] {
             bytes.extend_from_slice(&(v as u32).to_le_bytes());
         }
-        for v in fm.data.iter() {
-            bytes.extend_from_slice(&v.to_le_bytes());
+        for part in &parts {
+            let (c, h, w) = part.dim();
+            for v in [c, h, w] {
+                bytes.extend_from_slice(&(v as u32).to_le_bytes());
+            }
+            for v in part.iter() {
+                bytes.extend_from_slice(&v.to_le_bytes());
+            }
         }
         // One temp file per write: threads of one process (the tests, parallel
         // evaluations) storing the same key must not write into each other's file and
@@ -180,7 +219,8 @@ impl Slots {
 }
 
 fn map_bytes(fm: &FeatureMap) -> usize {
-    fm.data.len() * std::mem::size_of::<f32>()
+    let coarse: usize = fm.coarse.iter().map(|p| p.map.len()).sum();
+    (fm.data.len() + coarse) * std::mem::size_of::<f32>()
 }
 
 impl FeatureStore {
@@ -295,11 +335,11 @@ mod tests {
     use super::*;
 
     fn map(channels: usize) -> std::sync::Arc<FeatureMap> {
-        std::sync::Arc::new(FeatureMap {
-            data: ndarray::Array3::zeros((channels, 16, 16)),
-            image_rows: 64,
-            image_columns: 64,
-        })
+        std::sync::Arc::new(FeatureMap::new(
+            ndarray::Array3::zeros((channels, 16, 16)),
+            64,
+            64,
+        ))
     }
 
     /// Threads storing one key at once (parallel tests encode the same slice) each
@@ -308,12 +348,15 @@ mod tests {
     fn concurrent_stores_of_one_key_all_succeed() {
         let dir = std::env::temp_dir().join(format!("scout-cache-race-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let cache = FeatureCache { dir: dir.clone() };
-        let fm = FeatureMap {
-            data: ndarray::Array3::from_shape_fn((64, 32, 32), |(c, i, j)| (c * i + j) as f32),
-            image_rows: 128,
-            image_columns: 128,
+        let cache = FeatureCache {
+            dir: dir.clone(),
+            one_output: true,
         };
+        let fm = FeatureMap::new(
+            ndarray::Array3::from_shape_fn((64, 32, 32), |(c, i, j)| (c * i + j) as f32),
+            128,
+            128,
+        );
         let results: Vec<std::io::Result<()>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..8)
                 .map(|_| s.spawn(|| (0..20).try_for_each(|_| cache.store("same", &fm))))
@@ -333,19 +376,66 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A hypercolumn comes back from the cache with its coarse part; a map of the old
+    /// one-grid format is read only where the backbone has one output.
+    #[test]
+    fn a_stored_hypercolumn_keeps_its_coarse_part() {
+        let dir = std::env::temp_dir().join(format!("scout-cache-parts-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut cache = FeatureCache {
+            dir: dir.clone(),
+            one_output: false,
+        };
+        let coarse = Array3::from_shape_fn((3, 4, 4), |(c, i, j)| (c + i * j) as f32 * 0.1);
+        let fine = Array3::from_shape_fn((2, 8, 8), |(c, i, j)| (c * i + j) as f32);
+        let fm = FeatureMap::stacked(vec![coarse.clone(), fine], 32, 32);
+        cache.store("hyper", &fm).unwrap();
+        let back = cache.load("hyper").unwrap();
+        assert!(crate::same_bits(&back.data, &fm.data));
+        assert_eq!((back.image_rows, back.image_columns), (32, 32));
+        assert_eq!(back.coarse.len(), 1);
+        assert_eq!((back.coarse[0].first, &back.coarse[0].map), (0, &coarse));
+        // Cut short, or with a part count past the file: recomputed.
+        let path = cache.path("hyper");
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 4]).unwrap();
+        assert!(cache.load("hyper").is_none());
+        let mut lying = bytes.clone();
+        lying[5..9].copy_from_slice(&1000u32.to_le_bytes());
+        std::fs::write(&path, &lying).unwrap();
+        assert!(cache.load("hyper").is_none());
+        // The old format: C, h, w, rows, columns, values.
+        let mut old = b"SCFM1".to_vec();
+        for v in [1u32, 2, 2, 8, 8] {
+            old.extend_from_slice(&v.to_le_bytes());
+        }
+        for v in [1f32, 2.0, 3.0, 4.0] {
+            old.extend_from_slice(&v.to_le_bytes());
+        }
+        std::fs::write(&path, &old).unwrap();
+        assert!(
+            cache.load("hyper").is_none(),
+            "a hypercolumn without its coarse part"
+        );
+        cache.one_output = true;
+        let one = cache.load("hyper").unwrap();
+        assert_eq!(one.data.as_slice().unwrap(), [1.0, 2.0, 3.0, 4.0]);
+        assert!(one.coarse.is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// A store that cannot be renamed into place (here a directory stands in the
     /// cache file's path) fails and leaves no temp file behind.
     #[test]
     fn a_failed_store_leaves_no_temp_file() {
         let dir = std::env::temp_dir().join(format!("scout-cache-fail-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let cache = FeatureCache { dir: dir.clone() };
-        std::fs::create_dir_all(cache.path("blocked").join("inside")).unwrap();
-        let fm = FeatureMap {
-            data: ndarray::Array3::zeros((2, 4, 4)),
-            image_rows: 8,
-            image_columns: 8,
+        let cache = FeatureCache {
+            dir: dir.clone(),
+            one_output: true,
         };
+        std::fs::create_dir_all(cache.path("blocked").join("inside")).unwrap();
+        let fm = FeatureMap::new(ndarray::Array3::zeros((2, 4, 4)), 8, 8);
         assert!(cache.store("blocked", &fm).is_err());
         assert!(cache.load("blocked").is_none());
         let names: Vec<_> = std::fs::read_dir(&dir)

@@ -176,19 +176,8 @@ fn gaussian_blur(img: &Array2<f32>, sigma: f64) -> Array2<f32> {
 /// Half-pixel-centre bilinear resize (PyTorch `align_corners=False`, no antialiasing).
 pub fn resize_bilinear(img: &Array2<f32>, out_rows: usize, out_cols: usize) -> Array2<f32> {
     let (in_rows, in_cols) = img.dim();
-    let axis = |n_out: usize, n_in: usize| -> Vec<(usize, usize, f64)> {
-        (0..n_out)
-            .map(|i| {
-                let src = ((i as f64 + 0.5) * (n_in as f64 / n_out as f64) - 0.5)
-                    .clamp(0.0, (n_in - 1) as f64);
-                let i0 = src.floor() as usize;
-                let i1 = (i0 + 1).min(n_in - 1);
-                (i0, i1, src - i0 as f64)
-            })
-            .collect()
-    };
-    let ys = axis(out_rows, in_rows);
-    let xs = axis(out_cols, in_cols);
+    let ys = bilinear_taps(out_rows, in_rows);
+    let xs = bilinear_taps(out_cols, in_cols);
     // Each input row is interpolated along x once, not once per output row that reads it
     // (the same products in the same order, so the same result).
     let mut across = vec![0f64; in_rows * out_cols];
@@ -207,6 +196,48 @@ pub fn resize_bilinear(img: &Array2<f32>, out_rows: usize, out_cols: usize) -> A
         }
     }
     out
+}
+
+/// `resize_bilinear`'s taps along one axis of `n_in` samples resized to `n_out`: per
+/// output sample the two input samples it lies between and the second one's weight.
+pub fn bilinear_taps(n_out: usize, n_in: usize) -> Vec<(usize, usize, f64)> {
+    (0..n_out)
+        .map(|i| {
+            let src = ((i as f64 + 0.5) * (n_in as f64 / n_out as f64) - 0.5)
+                .clamp(0.0, n_in.saturating_sub(1) as f64);
+            let i0 = src.floor() as usize;
+            let i1 = (i0 + 1).min(n_in.saturating_sub(1));
+            (i0, i1, src - i0 as f64)
+        })
+        .collect()
+}
+
+/// Adds `plane` resized with the taps `ys` and `xs` (`bilinear_taps`, their weights in
+/// f32) to `out` (row-major, `ys.len()` × `xs.len()`): for many planes on one grid, where
+/// `resize_bilinear`'s f64 and allocations would cost more than the products the planes
+/// stand for. `across` is scratch space.
+pub fn add_resized(
+    plane: ndarray::ArrayView2<f32>,
+    ys: &[(usize, usize, f32)],
+    xs: &[(usize, usize, f32)],
+    across: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let cols = xs.len().max(1);
+    across.clear();
+    for src in plane.rows() {
+        across.extend(
+            xs.iter()
+                .map(|&(x0, x1, fx)| src[x0] * (1.0 - fx) + src[x1] * fx),
+        );
+    }
+    for (line, &(y0, y1, fy)) in out.chunks_exact_mut(cols).zip(ys) {
+        let top = &across[y0 * cols..(y0 + 1) * cols];
+        let bottom = &across[y1 * cols..(y1 + 1) * cols];
+        for ((o, t), b) in line.iter_mut().zip(top).zip(bottom) {
+            *o += t * (1.0 - fy) + b * fy;
+        }
+    }
 }
 
 /// The image bilinearly interpolated at (row, column); outside it, the nearest border
@@ -628,6 +659,35 @@ mod tests {
                 crate::same_bits(&got, &expected),
                 "{rows}x{cols}, sigma {sigma}"
             );
+        }
+    }
+
+    /// Planes resized in f32 and added match `resize_bilinear` to f32 rounding, up and
+    /// down, and add to what `out` held.
+    #[test]
+    fn planes_added_resized_match_the_bilinear_resize() {
+        let plane = Array2::from_shape_fn((6, 5), |(i, j)| ((i * 7 + j * 3) % 11) as f32 - 4.5);
+        for (rows, cols) in [(12, 10), (13, 7), (3, 2), (6, 5)] {
+            let want = resize_bilinear(&plane, rows, cols);
+            let taps = |n_out, n_in| -> Vec<(usize, usize, f32)> {
+                let t = bilinear_taps(n_out, n_in);
+                t.into_iter().map(|(a, b, f)| (a, b, f as f32)).collect()
+            };
+            let mut out = vec![1.0f32; rows * cols];
+            let mut across = Vec::new();
+            add_resized(
+                plane.view(),
+                &taps(rows, 6),
+                &taps(cols, 5),
+                &mut across,
+                &mut out,
+            );
+            for (o, w) in out.iter().zip(want.iter()) {
+                assert!(
+                    (o - 1.0 - w).abs() < 1e-5,
+                    "{o} against 1 + {w} at {rows}×{cols}"
+                );
+            }
         }
     }
 

@@ -318,11 +318,7 @@ mod tests {
 
     /// As `scene`, but cells further than `sight` px from the point see it at `sight`.
     fn scene_seeing(point: (f64, f64), sight: f64, rng: &mut Rng) -> (FeatureMap, Array2<f32>) {
-        let fm = FeatureMap {
-            data: ndarray::Array3::zeros((5, 16, 16)),
-            image_rows: 64,
-            image_columns: 64,
-        };
+        let fm = FeatureMap::new(ndarray::Array3::zeros((5, 16, 16)), 64, 64);
         let rows = Array2::from_shape_fn((256, 5), |(k, c)| {
             let p = fm.cell_to_pixel((k / 16) as f64, (k % 16) as f64);
             let noise = rng.uniform() - 0.5;
