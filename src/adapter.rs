@@ -2039,21 +2039,38 @@ mod synthetic {
         let (h, w) = (50, 48);
         assert!(h * w > 2 * SCORE_CHUNK && (h * w) % SCORE_CHUNK != 0);
         let (target, _) = slice_on((h, w), Some((20, 20)), Some((35, 10)), &mut rng);
-        // The first channels at half the resolution (2 × 2 means), the others as they are.
-        let n_coarse = C / 2 + 1;
-        let coarse = Array3::from_shape_fn((n_coarse, h / 2, w / 2), |(c, i, j)| {
-            let d = &target.data;
-            (d[[c, 2 * i, 2 * j]]
-                + d[[c, 2 * i + 1, 2 * j]]
-                + d[[c, 2 * i, 2 * j + 1]]
-                + d[[c, 2 * i + 1, 2 * j + 1]])
-                / 4.0
-        });
-        let fine = target.data.slice(s![n_coarse.., .., ..]).to_owned();
-        let split = FeatureMap::stacked(vec![coarse, fine], h * 4, w * 4);
-        assert_eq!(split.coarse.len(), 1);
-        let one_grid = FeatureMap::new(split.data.clone(), h * 4, w * 4);
-        for pools in [vec![], vec![3]] {
+        // Channels at half the resolution (2 × 2 means), the others as they are: the
+        // first ones coarse, or a coarse run between two fine ones.
+        let halved = |channels: std::ops::Range<usize>| {
+            Array3::from_shape_fn((channels.len(), h / 2, w / 2), |(c, i, j)| {
+                let (d, c) = (&target.data, channels.start + c);
+                (d[[c, 2 * i, 2 * j]]
+                    + d[[c, 2 * i + 1, 2 * j]]
+                    + d[[c, 2 * i, 2 * j + 1]]
+                    + d[[c, 2 * i + 1, 2 * j + 1]])
+                    / 4.0
+            })
+        };
+        let as_is =
+            |channels: std::ops::Range<usize>| target.data.slice(s![channels, .., ..]).to_owned();
+        let first = C / 2 + 1;
+        let layouts = || {
+            [
+                (vec![halved(0..first), as_is(first..C)], vec![first]),
+                (
+                    vec![as_is(0..3), halved(3..first), as_is(first..C)],
+                    vec![0, first],
+                ),
+            ]
+        };
+        let cases = layouts()
+            .into_iter()
+            .chain(layouts())
+            .zip([vec![], vec![], vec![3], vec![3]]);
+        for ((maps, fine_starts), pools) in cases {
+            let split = FeatureMap::stacked(maps, h * 4, w * 4);
+            assert_eq!(split.coarse.len(), 1);
+            let one_grid = FeatureMap::new(split.data.clone(), h * 4, w * 4);
             let config = TrainConfig {
                 steps: 100,
                 context: Context {
@@ -2076,7 +2093,9 @@ mod synthetic {
             let Some((runs, layers)) = adapter.coarse_first_layers(&split, width) else {
                 panic!("the coarse channels were not split off");
             };
-            assert_eq!(runs, vec![n_coarse..width]);
+            let starts: Vec<usize> = runs.iter().map(|r| r.start).collect();
+            assert_eq!(starts, fine_starts);
+            assert_eq!(runs.last().map(|r| r.end), Some(width));
             assert_eq!(layers.len(), 2);
             assert!(adapter.coarse_first_layers(&one_grid, width).is_none());
             let chunked = adapter.scores(&split).unwrap();

@@ -188,8 +188,8 @@ enum Slot {
 }
 
 /// Bytes of feature maps kept at most: a few localizers' worth. By size, not count: a
-/// LiteMedSAM map is 4 MiB, a `litemedsam-hyper` one 24 MiB (and a 9-slice stack of
-/// those must fit while it is analysed).
+/// LiteMedSAM map is 4 MiB, a `litemedsam-hyper` one 28 MiB with its coarse part (and a
+/// 9-slice stack of those must fit while it is analysed).
 const KEEP_BYTES: usize = 320 << 20;
 
 impl Slots {
