@@ -273,7 +273,8 @@ pub struct FeatureMap {
     pub image_columns: usize,
     /// Channels of `data` that were resized from a coarser grid (a hypercolumn's), also
     /// kept on their own grid: a linear layer over them can run there and have its output
-    /// resized instead, with a quarter of the products (`adapter`).
+    /// resized instead, with a quarter of the products (`adapter`). Whoever changes those
+    /// channels of `data` changes these too, or clears them.
     pub coarse: Vec<CoarseChannels>,
 }
 
@@ -324,7 +325,7 @@ impl FeatureMap {
                     out.assign(&image::resize_bilinear(&plane.to_owned(), h, w));
                 }
             }
-            if (mh, mw) != (h, w) {
+            if (mh, mw) != (h, w) && n > 0 {
                 coarse.push(CoarseChannels { first: c, map: m });
             }
             c += n;
@@ -344,10 +345,14 @@ impl FeatureMap {
         let mut c = 0;
         let channels = self.channels();
         while c < channels {
-            match self.coarse.iter().find(|p| p.first == c) {
+            match self
+                .coarse
+                .iter()
+                .find(|p| p.first == c && p.map.dim().0 > 0)
+            {
                 Some(p) => {
                     parts.push(p.map.view());
-                    c += p.map.dim().0.max(1);
+                    c += p.map.dim().0;
                 }
                 None => {
                     let end = self
