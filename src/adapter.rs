@@ -1977,6 +1977,30 @@ mod synthetic {
         assert!(crate::same_bits(&during, &after));
     }
 
+    /// A contrastive adapter with a classification member, on the features, the pools
+    /// given and the position (no slice mean: a larger target grid's would lie far from
+    /// the template's).
+    fn position_ensemble(training: &[TrainingSlice], pools: Vec<usize>) -> Adapter {
+        let config = TrainConfig {
+            steps: 100,
+            context: Context {
+                pools,
+                global: false,
+                position: true,
+            },
+            ensemble: vec![Method::Classification],
+            ..TrainConfig::default()
+        };
+        Adapter::train(
+            Method::Contrastive,
+            vec!["A".into(), "B".into()],
+            training,
+            config,
+            ("synthetic", "0"),
+        )
+        .unwrap()
+    }
+
     /// `scores` a chunk of cells at a time gives the bits of `scores_and_rows` over the
     /// whole slice: with the slice mean and position columns, over several chunks and a
     /// partial one, for an ensemble of contrastive and classification models.
@@ -1995,25 +2019,7 @@ mod synthetic {
         let (target, _) = slice_on((h, w), Some((20, 20)), Some((35, 10)), &mut rng);
         // With pools the whole slice is scored at once; the same bits either way.
         for pools in [vec![], vec![3]] {
-            let config = TrainConfig {
-                steps: 100,
-                // No slice mean: the larger grid's would lie far from the template's.
-                context: Context {
-                    pools,
-                    global: false,
-                    position: true,
-                },
-                ensemble: vec![Method::Classification],
-                ..TrainConfig::default()
-            };
-            let adapter = Adapter::train(
-                Method::Contrastive,
-                vec!["A".into(), "B".into()],
-                &training,
-                config,
-                ("synthetic", "0"),
-            )
-            .unwrap();
+            let adapter = position_ensemble(&training, pools);
             assert_eq!(adapter.members.len(), 1);
             let chunked = adapter.scores(&target).unwrap();
             let (whole, _) = adapter.scores_and_rows(&target).unwrap();
@@ -2071,24 +2077,7 @@ mod synthetic {
             let split = FeatureMap::stacked(maps, h * 4, w * 4);
             assert_eq!(split.coarse.len(), 1);
             let one_grid = FeatureMap::new(split.data.clone(), h * 4, w * 4);
-            let config = TrainConfig {
-                steps: 100,
-                context: Context {
-                    pools,
-                    global: false,
-                    position: true,
-                },
-                ensemble: vec![Method::Classification],
-                ..TrainConfig::default()
-            };
-            let adapter = Adapter::train(
-                Method::Contrastive,
-                vec!["A".into(), "B".into()],
-                &training,
-                config,
-                ("synthetic", "0"),
-            )
-            .unwrap();
+            let adapter = position_ensemble(&training, pools);
             let width = adapter.feature_mean.len();
             let Some((runs, layers)) = adapter.coarse_first_layers(&split, width) else {
                 panic!("the coarse channels were not split off");
