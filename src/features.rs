@@ -86,8 +86,15 @@ impl FeatureCache {
             let maps = (0..parts)
                 .map(|_| r.dim().and_then(|d| r.map(d)))
                 .collect::<Option<Vec<_>>>()?;
-            // An empty grid cannot be resized onto the others.
-            if maps.iter().any(|m| m.dim().1 == 0 || m.dim().2 == 0) {
+            // An empty grid cannot be resized onto the others; and the stacked map is a few
+            // times the parts (a hypercolumn: twice), not the product of a damaged file's
+            // largest height, width and channel count.
+            let h = maps.iter().map(|m| m.dim().1).max()?;
+            let w = maps.iter().map(|m| m.dim().2).max()?;
+            let channels: usize = maps.iter().map(|m| m.dim().0).sum();
+            let values: usize = maps.iter().map(|m| m.len()).sum();
+            let stacked = channels.checked_mul(h)?.checked_mul(w)?;
+            if maps.iter().any(|m| m.dim().1 == 0 || m.dim().2 == 0) || stacked > 16 * values {
                 return None;
             }
             FeatureMap::stacked(maps, rows, columns)
@@ -403,6 +410,16 @@ mod tests {
         let mut lying = bytes.clone();
         lying[5..9].copy_from_slice(&1000u32.to_le_bytes());
         std::fs::write(&path, &lying).unwrap();
+        assert!(cache.load("hyper").is_none());
+        // Parts whose grids would stack to far more than they hold: 64 channels of one
+        // cell beside one channel of 64 × 64 would make 64 × 64 × 64 values.
+        let mut tall = b"SCFM2".to_vec();
+        let u32s = |v: &[u32]| v.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+        tall.extend(u32s(&[2, 8, 8, 64, 1, 1]));
+        tall.extend(std::iter::repeat_n(0u8, 4 * 64));
+        tall.extend(u32s(&[1, 64, 64]));
+        tall.extend(std::iter::repeat_n(0u8, 4 * 64 * 64));
+        std::fs::write(&path, &tall).unwrap();
         assert!(cache.load("hyper").is_none());
         // The old format: C, h, w, rows, columns, values.
         let mut old = b"SCFM1".to_vec();
