@@ -156,7 +156,9 @@ impl FeatureCache {
         if crate::image::is_posterised(pixels)? {
             key.push_str("-smoothed");
         }
-        if let Some(fm) = self.load(&key) {
+        // The key hashes the slice's size too: a map for another size is a damaged file.
+        let sized = |fm: &FeatureMap| (fm.image_rows, fm.image_columns) == pixels.dim();
+        if let Some(fm) = self.load(&key).filter(sized) {
             return Ok((fm, false));
         }
         let normalized = crate::image::normalize(pixels)?;

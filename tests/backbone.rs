@@ -300,6 +300,35 @@ fn hypercolumn_stacks_the_output_and_stage_two() {
         let d = max_abs_diff(up.iter().copied(), ours.iter().copied());
         assert!(d <= 1e-4, "channel {c}: max abs diff {d}");
     }
+    // The output is also kept on its own grid, and the cache gives it back so.
+    assert_eq!(fm.coarse.len(), 1);
+    assert_eq!(
+        (fm.coarse[0].first, fm.coarse[0].map.dim()),
+        (0, (256, 64, 64))
+    );
+    let d = max_abs_diff(
+        fm.coarse[0].map.iter().copied(),
+        reference.data.iter().copied(),
+    );
+    assert!(d <= 1e-4, "coarse part: max abs diff {d}");
+    let dir = tempfile::tempdir().unwrap();
+    let cache = scout::features::FeatureCache::new(dir.path(), &hyper);
+    let (stored, computed) = cache.features(&hyper, &slice_input()).unwrap();
+    assert!(computed);
+    let (loaded, computed) = cache.features(&hyper, &slice_input()).unwrap();
+    assert!(!computed);
+    assert_eq!(loaded.data, stored.data);
+    assert_eq!(loaded.coarse[0].map, stored.coarse[0].map);
+    // A file under the key of a slice of another size is damage, computed again.
+    let smaller = image::resize_bilinear(&slice_input(), 128, 128);
+    let file = |pixels: &Array2<f32>| {
+        let key = scout::features::pixel_hash(pixels);
+        dir.path().join(hyper.checksum()).join(format!("{key}.fm"))
+    };
+    std::fs::copy(file(&slice_input()), file(&smaller)).unwrap();
+    let (fresh, computed) = cache.features(&hyper, &smaller).unwrap();
+    assert!(computed);
+    assert_eq!((fresh.image_rows, fresh.image_columns), (128, 128));
     // Stage 2 is its own map: finite, and varying over the slice in every channel.
     for c in 256..384 {
         let plane = fm.data.index_axis(ndarray::Axis(0), c);
