@@ -2001,22 +2001,29 @@ mod synthetic {
         .unwrap()
     }
 
+    /// A training slice (its map and cells) and a target of `h` × `w` cells, more than two
+    /// chunks and a partial one, with features as `slice` makes them and a blob of each
+    /// label.
+    fn over_chunks(seed: u64, (h, w): (usize, usize)) -> (FeatureMap, Array2<u8>, FeatureMap) {
+        assert!(h * w > 2 * SCORE_CHUNK && (h * w) % SCORE_CHUNK != 0);
+        let mut rng = Rng::new(seed);
+        let (fm, cells) = slice(Some((6, 6)), Some((16, 17)), &mut rng);
+        let (target, _) = slice_on((h, w), Some((20, 20)), Some((35, 10)), &mut rng);
+        (fm, cells, target)
+    }
+
     /// `scores` a chunk of cells at a time gives the bits of `scores_and_rows` over the
     /// whole slice: with the slice mean and position columns, over several chunks and a
     /// partial one, for an ensemble of contrastive and classification models.
     #[test]
     fn scores_by_chunks_equal_scores_over_the_whole_slice() {
-        let mut rng = Rng::new(8);
-        let (fm, cells) = slice(Some((6, 6)), Some((16, 17)), &mut rng);
+        // 2.4 chunks of cells.
+        let (h, w) = (50, 49);
+        let (fm, cells, target) = over_chunks(8, (h, w));
         let training = [TrainingSlice {
             features: &fm,
             cells,
         }];
-        // 2.4 chunks of cells.
-        let (h, w) = (50, 49);
-        assert!(h * w > 2 * SCORE_CHUNK && (h * w) % SCORE_CHUNK != 0);
-        // Features as `slice` makes them, with a blob of each label, on the larger grid.
-        let (target, _) = slice_on((h, w), Some((20, 20)), Some((35, 10)), &mut rng);
         // With pools the whole slice is scored at once; the same bits either way.
         for pools in [vec![], vec![3]] {
             let adapter = position_ensemble(&training, pools);
@@ -2036,15 +2043,12 @@ mod synthetic {
     /// one grid but for rounding, and chunks and the whole slice give the same bits.
     #[test]
     fn coarse_channels_are_scored_on_their_grid() {
-        let mut rng = Rng::new(9);
-        let (fm, cells) = slice(Some((6, 6)), Some((16, 17)), &mut rng);
+        let (h, w) = (50, 48);
+        let (fm, cells, target) = over_chunks(9, (h, w));
         let training = [TrainingSlice {
             features: &fm,
             cells,
         }];
-        let (h, w) = (50, 48);
-        assert!(h * w > 2 * SCORE_CHUNK && (h * w) % SCORE_CHUNK != 0);
-        let (target, _) = slice_on((h, w), Some((20, 20)), Some((35, 10)), &mut rng);
         // Channels at half the resolution (2 × 2 means), the others as they are: the
         // first ones coarse, or a coarse run between two fine ones.
         let halved = |channels: std::ops::Range<usize>| {
