@@ -29,7 +29,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .ok_or_else(|| format!("{}: not a feature map of this backbone", fm_path.display()))?;
     let (rows, cols) = (fm.image_rows, fm.image_columns);
     const N: u32 = 20;
+    let whole = fm;
     for (task, adapter) in &bundle.tasks {
+        let fm = adapter.features(&whole);
         let time = |f: &mut dyn FnMut()| {
             f();
             let t = Instant::now();

@@ -277,7 +277,8 @@ impl Engine {
                         .tasks
                         .iter()
                         .map(|(_, a)| {
-                            (!a.alignment.is_empty()).then(|| Prior::estimate(&a.alignment, &fm, 1))
+                            (!a.alignment.is_empty())
+                                .then(|| Prior::estimate(&a.alignment, &a.features(&fm), 1))
                         })
                         .collect();
                     log::debug!(
@@ -309,6 +310,7 @@ impl Engine {
                 // adapter refines with its intensities.
                 let mut pixels: Option<ndarray::Array2<f32>> = None;
                 for ((task, adapter), prior) in lr.bundle.tasks.iter().zip(&priors) {
+                    let fm = adapter.features(&fm);
                     // The standardised rows only for the votes: without them the scores
                     // are computed a chunk of cells at a time (`Adapter::scores`).
                     let (scores, rows) = if adapter.votes.is_empty() {

@@ -338,6 +338,21 @@ impl FeatureMap {
         }
     }
 
+    /// The coarsest of the maps `stacked` built this map from (the first among equals), as
+    /// a map of its own; None for a map of one grid.
+    pub fn coarsest(&self) -> Option<FeatureMap> {
+        let part = self
+            .coarse
+            .iter()
+            .filter(|p| p.map.dim().0 > 0)
+            .min_by_key(|p| p.map.dim().1 * p.map.dim().2)?;
+        Some(FeatureMap::new(
+            part.map.clone(),
+            self.image_rows,
+            self.image_columns,
+        ))
+    }
+
     /// The maps `stacked` builds this map from, in channel order: each coarse part on its
     /// grid, and the runs of channels between them on the map's.
     pub fn parts(&self) -> Vec<ndarray::ArrayView3<'_, f32>> {

@@ -398,6 +398,20 @@ fn concatenate_labels(parts: &[Array3<f32>]) -> Result<Array3<f32>, AdapterError
         .map_err(|e| AdapterError::NoTraining(e.to_string()))
 }
 
+/// The cases with each feature map cut to its coarsest part (a one-grid map stays).
+fn coarsest_parts(cases: &[(Case, Vec<FeatureMap>)]) -> Vec<(Case, Vec<FeatureMap>)> {
+    cases
+        .iter()
+        .map(|(case, fms)| {
+            let parts = fms
+                .iter()
+                .map(|fm| fm.coarsest().unwrap_or_else(|| fm.clone()))
+                .collect();
+            (case.clone(), parts)
+        })
+        .collect()
+}
+
 /// Trains adapters for `task` on the template cases' slices, and on `augmented` copies of
 /// them (training material only: the layout, alignment and patches are the templates').
 pub fn train_task(
@@ -412,11 +426,22 @@ pub fn train_task(
     let names = task.label_names();
     // A landmark's region is a disk drawn around a point, its edge no edge in the image:
     // negatives just outside it would teach the adapter an edge that is not there.
-    let structures_only = TrainConfig {
-        borders: config.borders && matches!(task, Task::Structures { .. }),
+    let landmarks = matches!(task, Task::Landmarks { .. });
+    let for_task = TrainConfig {
+        borders: config.borders && !landmarks,
+        coarse_landmarks: config.coarse_landmarks && landmarks,
         ..config.clone()
     };
-    let config = &structures_only;
+    let config = &for_task;
+    // What the adapters will read (`Adapter::features`), for everything trained here.
+    let (templates_read, augmented_read);
+    let (templates, augmented) = if config.coarse_landmarks {
+        templates_read = coarsest_parts(templates);
+        augmented_read = coarsest_parts(augmented);
+        (&templates_read[..], &augmented_read[..])
+    } else {
+        (templates, augmented)
+    };
     let mut material: Vec<(Array2<u8>, &FeatureMap)> = Vec::new();
     for (case, fms) in templates.iter().chain(augmented) {
         for (i, fm) in fms.iter().enumerate() {
@@ -841,6 +866,11 @@ pub fn evaluate(
             .collect();
         let mut align_ms = Vec::new();
         for (ci, (case, fms)) in tests.iter().enumerate() {
+            // The adapters of a task read the same part of a map (`Adapter::features`).
+            let fms: Vec<_> = match trained.adapters.first() {
+                Some(a) => fms.iter().map(|fm| a.features(fm)).collect(),
+                None => fms.iter().map(std::borrow::Cow::Borrowed).collect(),
+            };
             let prior = opts.align.map(|_| {
                 let t = Instant::now();
                 let p = Prior::estimate(
@@ -852,7 +882,7 @@ pub fn evaluate(
                 p
             });
             let mut per_slice: Vec<Vec<Option<Finding>>> = Vec::new();
-            for (si, (s, fm)) in case.slices.iter().zip(fms).enumerate() {
+            for (si, (s, fm)) in case.slices.iter().zip(&fms).enumerate() {
                 if let (Some(AlignMode::Only), Some(prior)) = (opts.align, &prior) {
                     let mut none = vec![None; prior.points.len()];
                     if si == case.center {
@@ -1410,6 +1440,113 @@ pub fn folds_table(reports: &[Report]) -> String {
 mod tests {
     use super::*;
     use crate::dataset::{LandmarkTruth, Slice};
+
+    /// Templates whose maps are a coarse part (4 channels, 8 × 8) stacked with a finer one
+    /// (3 channels, 16 × 16) over a 64 × 64 slice with a landmark and a labelled square;
+    /// the coarse part carries the landmark's signal.
+    fn two_grid_templates() -> Vec<(Case, Vec<FeatureMap>)> {
+        let mut rng = crate::adapter::Rng::new(7);
+        (0..3)
+            .map(|t| {
+                let point = (20.0 + 4.0 * t as f64, 30.0 - 4.0 * t as f64);
+                let square = |r: usize, c: usize| (36..52).contains(&r) && (8..28).contains(&c);
+                let case = Case {
+                    name: format!("t{t}"),
+                    slices: vec![Slice {
+                        pixels: Array2::from_shape_fn((64, 64), |(r, c)| (r * 64 + c) as f32),
+                        labels: Some(Array2::from_shape_fn((64, 64), |(r, c)| {
+                            u8::from(square(r, c))
+                        })),
+                        k: None,
+                    }],
+                    center: 0,
+                    landmarks: BTreeMap::from([(
+                        "p".to_string(),
+                        LandmarkTruth {
+                            row: point.0,
+                            column: point.1,
+                            k: None,
+                        },
+                    )]),
+                };
+                let coarse = Array3::from_shape_fn((4, 8, 8), |(ch, i, j)| {
+                    let (r, c) = (i as f64 * 8.0 + 3.5, j as f64 * 8.0 + 3.5);
+                    let near = (r - point.0).hypot(c - point.1) < 10.0;
+                    f32::from(near) * (ch + 1) as f32 + 0.3 * rng.normal()
+                });
+                let fine = Array3::from_shape_fn((3, 16, 16), |(ch, i, j)| {
+                    let (r, c) = (i * 4 + 2, j * 4 + 2);
+                    f32::from(square(r, c)) * (ch + 1) as f32 + 0.3 * rng.normal()
+                });
+                let fm = FeatureMap::stacked(vec![coarse, fine], 64, 64);
+                (case, vec![fm])
+            })
+            .collect()
+    }
+
+    /// With `coarse_landmarks` a landmark adapter is trained and scored on the maps'
+    /// coarse part alone — the same adapter as one trained on those parts as maps of their
+    /// own — and a structure adapter of the same configuration on all the channels.
+    #[test]
+    fn coarse_landmarks_read_the_coarse_part_only() {
+        let templates = two_grid_templates();
+        let config = TrainConfig {
+            steps: 100,
+            coarse_landmarks: true,
+            ..TrainConfig::default()
+        };
+        let landmarks = Task::Landmarks {
+            names: vec!["p".to_string()],
+            radius: 8.0,
+        };
+        let bb = ("test", "0");
+        let train = |task: &Task, templates: &[(Case, Vec<FeatureMap>)], config: &TrainConfig| {
+            let mut a = train_task(
+                task,
+                Method::Classification,
+                false,
+                templates,
+                &[],
+                config,
+                bb,
+            )
+            .unwrap();
+            assert_eq!(a.len(), 1);
+            a.remove(0)
+        };
+        let coarse = train(&landmarks, &templates, &config);
+        assert!(coarse.train.coarse_landmarks);
+        assert_eq!(coarse.feature_mean.len(), 4);
+        let parts: Vec<(Case, Vec<FeatureMap>)> = templates
+            .iter()
+            .map(|(c, fms)| (c.clone(), vec![fms[0].coarsest().unwrap()]))
+            .collect();
+        let plain = train(
+            &landmarks,
+            &parts,
+            &TrainConfig {
+                coarse_landmarks: false,
+                ..config.clone()
+            },
+        );
+        assert_eq!(coarse.feature_mean, plain.feature_mean);
+        let target = &templates[1].1[0];
+        let read = coarse.features(target);
+        assert_eq!((read.channels(), read.grid()), (4, (8, 8)));
+        let scores = coarse.scores(&read).unwrap();
+        assert_eq!(scores, plain.scores(&parts[1].1[0]).unwrap());
+        // Read whole, the map does not fit the adapter.
+        assert!(coarse.scores(target).is_err());
+        // A one-grid map is read as it is.
+        let one = FeatureMap::new(target.data.clone(), 64, 64);
+        assert_eq!(coarse.features(&one).channels(), 7);
+
+        let structures = Task::Structures { values: vec![1] };
+        let whole = train(&structures, &templates, &config);
+        assert!(!whole.train.coarse_landmarks);
+        assert_eq!(whole.feature_mean.len(), 7);
+        assert_eq!(whole.features(target).channels(), 7);
+    }
 
     /// A bright blob and its landmark move together; labels follow; gamma keeps the range.
     #[test]

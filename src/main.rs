@@ -272,6 +272,10 @@ struct ContextArgs {
     /// 0.9–1.1), so a patient lying turned still fits the templates' layout.
     #[arg(long)]
     pose: bool,
+    /// Landmark adapters read only the coarsest output of a multi-output backbone (e.g.
+    /// `litemedsam-hyper`'s plain encoder output); structure adapters read all of it.
+    #[arg(long)]
+    coarse_landmarks: bool,
 }
 
 impl From<ContextArgs> for scout::adapter::Context {
@@ -495,6 +499,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 atlas: context.atlas,
                 fragments: context.fragments,
                 pose: context.pose,
+                coarse_landmarks: context.coarse_landmarks,
                 align,
                 context: context.into(),
                 ..Default::default()
@@ -578,6 +583,7 @@ fn run(cli: Cli) -> Result<(), String> {
                         atlas: context.atlas,
                         fragments: context.fragments,
                         pose: context.pose,
+                        coarse_landmarks: context.coarse_landmarks,
                         context: scout::adapter::Context {
                             pools: context.pools.clone(),
                             global: context.global_context,

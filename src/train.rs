@@ -156,6 +156,7 @@ pub fn train_dataset(
         (config.atlas, " --atlas"),
         (config.fragments, " --fragments"),
         (config.pose, " --pose"),
+        (config.coarse_landmarks, " --coarse-landmarks"),
     ] {
         if on {
             options.push_str(flag);
