@@ -27,6 +27,8 @@ pub enum AdapterError {
     },
     #[error("feature maps have {actual} channels, the adapter expects {expected}")]
     Channels { expected: usize, actual: usize },
+    #[error("coarse landmarks need a backbone with several outputs: these feature maps have one grid, no coarser part to read")]
+    OneGrid,
     #[error("ensemble {ensemble:?} with method {method}: each method at most once (a second copy of one would be the same adapter)")]
     Ensemble {
         method: Method,

@@ -398,16 +398,19 @@ fn concatenate_labels(parts: &[Array3<f32>]) -> Result<Array3<f32>, AdapterError
         .map_err(|e| AdapterError::NoTraining(e.to_string()))
 }
 
-/// The cases with each feature map cut to its coarsest part (a one-grid map stays).
-fn coarsest_parts(cases: &[(Case, Vec<FeatureMap>)]) -> Vec<(Case, Vec<FeatureMap>)> {
+/// The cases with each feature map cut to its coarsest part; a map of one grid has none,
+/// and asking for it there is a mistake in the options, not a no-op.
+fn coarsest_parts(
+    cases: &[(Case, Vec<FeatureMap>)],
+) -> Result<Vec<(Case, Vec<FeatureMap>)>, AdapterError> {
     cases
         .iter()
         .map(|(case, fms)| {
             let parts = fms
                 .iter()
-                .map(|fm| fm.coarsest().unwrap_or_else(|| fm.clone()))
-                .collect();
-            (case.clone(), parts)
+                .map(|fm| fm.coarsest().ok_or(AdapterError::OneGrid))
+                .collect::<Result<_, _>>()?;
+            Ok((case.clone(), parts))
         })
         .collect()
 }
@@ -436,8 +439,8 @@ pub fn train_task(
     // What the adapters will read (`Adapter::features`), for everything trained here.
     let (templates_read, augmented_read);
     let (templates, augmented) = if config.coarse_landmarks {
-        templates_read = coarsest_parts(templates);
-        augmented_read = coarsest_parts(augmented);
+        templates_read = coarsest_parts(templates)?;
+        augmented_read = coarsest_parts(augmented)?;
         (&templates_read[..], &augmented_read[..])
     } else {
         (templates, augmented)
@@ -1540,6 +1543,20 @@ mod tests {
         // A one-grid map is read as it is.
         let one = FeatureMap::new(target.data.clone(), 64, 64);
         assert_eq!(coarse.features(&one).channels(), 7);
+
+        // Asked of maps of one grid (the coarse parts are), it is refused, not ignored.
+        assert!(matches!(
+            train_task(
+                &landmarks,
+                Method::Classification,
+                false,
+                &parts,
+                &[],
+                &config,
+                bb
+            ),
+            Err(AdapterError::OneGrid)
+        ));
 
         let structures = Task::Structures { values: vec![1] };
         let whole = train(&structures, &templates, &config);
