@@ -569,6 +569,13 @@ impl<'a> ContextColumns<'a> {
     }
 }
 
+/// A contrastive model's references of one label through its branch and the head's
+/// reference half (`terms`, references × classes), and their row-wise exponentials.
+struct ReferenceTerms {
+    terms: Array2<f32>,
+    exp: Array2<f32>,
+}
+
 /// Cells of `Adapter::scores` per chunk: its rows (384 columns) and hidden layers fit in
 /// the cache. 512 to 2048 measured the same on the chest.
 const SCORE_CHUNK: usize = 1024;
@@ -578,7 +585,10 @@ const SCORE_CHUNK: usize = 1024;
 /// output resized. Bilinear resizing weighs cells with weights that sum to one, and a
 /// column's standardisation is affine, so W·std(resize(x)) = resize(W·std(x)): the same
 /// values but for rounding, for a quarter of those products (chest: 256 of the 384
-/// channels, 805 → 402 million multiply-adds per slice). The other columns' product is
+/// channels, 805 → 402 million multiply-adds per slice). With pools, the pooled columns
+/// are taken as planes too: per pool, the product over the raw planes is box-averaged per
+/// hidden unit (spine: 898 → 130 columns per cell; structures' scores 189 → 115 ms with
+/// the standard-layout `w_fine` and `reference_terms`). The other columns' product is
 /// taken per cell and the two added. (`scores` and `scores_and_rows` both take this path
 /// when a map has coarse channels, so their scores stay the same bits.)
 struct CoarseFirstLayer {
@@ -589,17 +599,22 @@ struct CoarseFirstLayer {
     resized: Array2<f32>,
 }
 
-/// The context columns that are not coarse channels, as runs in order; `None` when the
-/// map has no coarse channels.
-fn fine_runs(fm: &FeatureMap, width: usize) -> Option<Vec<std::ops::Range<usize>>> {
+/// The context columns that `CoarseFirstLayer` does not take as planes, as runs in order;
+/// `None` when the map has no coarse channels. Taken as planes: the coarse channels, and
+/// every pooled column (the `pools` blocks after the map's `channels`).
+fn fine_runs(fm: &FeatureMap, pools: usize, width: usize) -> Option<Vec<std::ops::Range<usize>>> {
     if fm.coarse.is_empty() {
         return None;
     }
+    let channels = fm.channels();
+    let mut planes: Vec<_> = fm.coarse.iter().map(|p| (p.first, p.map.dim().0)).collect();
+    if pools > 0 {
+        planes.push((channels, channels * pools));
+    }
+    planes.sort_unstable();
     let mut runs = Vec::new();
     let mut start = 0;
-    let mut coarse: Vec<_> = fm.coarse.iter().map(|p| (p.first, p.map.dim().0)).collect();
-    coarse.sort_unstable();
-    for (first, n) in coarse {
+    for (first, n) in planes {
         if first > start {
             runs.push(start..first);
         }
@@ -950,8 +965,10 @@ impl Adapter {
         let cells = h * w;
         // Pooled columns are box means over whole planes: per chunk they would be taken
         // again or copied (the spine's scores, 4096 cells and 770 columns, took 1 ms more
-        // either way). A basic model, or another standardisation, reads other rows.
-        if !self.train.context.pools.is_empty()
+        // either way); on a map with coarse channels they are not columns of the chunks
+        // (`CoarseFirstLayer`). A basic model, or another standardisation, reads other
+        // rows.
+        if (!self.train.context.pools.is_empty() && fm.coarse.is_empty())
             || cells <= SCORE_CHUNK
             || all().any(|a| matches!(a.model, Model::Basic { .. }) || !a.shares(self))
         {
@@ -972,6 +989,7 @@ impl Adapter {
             Some((runs, _)) => runs.iter().flat_map(|r| r.clone()).collect(),
             None => (0..columns.width()).collect(),
         };
+        let refs: Vec<_> = all().map(|a| a.reference_terms()).collect();
         let mut sum = Array2::zeros((cells, self.labels.len()));
         for start in (0..cells).step_by(SCORE_CHUNK) {
             let range = start..(start + SCORE_CHUNK).min(cells);
@@ -986,13 +1004,13 @@ impl Adapter {
             let mut chunk_sum = sum.slice_mut(s![range.clone(), ..]);
             match &split {
                 Some((_, layers)) => {
-                    for (a, layer) in all().zip(layers) {
-                        chunk_sum += &a.split_scores(layer, x.view(), range.clone())?;
+                    for ((a, layer), refs) in all().zip(layers).zip(&refs) {
+                        chunk_sum += &a.split_scores(layer, x.view(), range.clone(), refs)?;
                     }
                 }
                 None => {
-                    for a in all() {
-                        chunk_sum += &a.row_scores(None, x.view())?;
+                    for (a, refs) in all().zip(&refs) {
+                        chunk_sum += &a.row_scores(None, x.view(), refs)?;
                     }
                 }
             }
@@ -1025,7 +1043,7 @@ impl Adapter {
         {
             let x = columns_of(standard.view(), &runs);
             for (a, layer) in all().zip(&layers) {
-                sum += &a.split_scores(layer, x.view(), 0..h * w)?;
+                sum += &a.split_scores(layer, x.view(), 0..h * w, &a.reference_terms())?;
             }
             sum /= (1 + self.members.len()) as f32;
             return Ok((label_planes(&sum, h, w), standard));
@@ -1035,9 +1053,9 @@ impl Adapter {
                 Some(raw) if !a.shares(self) => {
                     let mut x = raw.clone();
                     standardize(&mut x, &a.feature_mean, &a.feature_std);
-                    a.row_scores(Some(raw), x.view())?
+                    a.row_scores(Some(raw), x.view(), &a.reference_terms())?
                 }
-                raw => a.row_scores(raw.as_ref(), standard.view())?,
+                raw => a.row_scores(raw.as_ref(), standard.view(), &a.reference_terms())?,
             };
         }
         sum /= (1 + self.members.len()) as f32;
@@ -1088,6 +1106,7 @@ impl Adapter {
         &self,
         raw: Option<&Array2<f32>>,
         x: ArrayView2<f32>,
+        refs: &[ReferenceTerms],
     ) -> Result<Array2<f32>, AdapterError> {
         if x.ncols() != self.feature_mean.len() {
             return Err(AdapterError::Channels {
@@ -1095,7 +1114,33 @@ impl Adapter {
                 actual: x.ncols(),
             });
         }
-        self.scores_from(raw, x.nrows(), |net| net.forward(x))
+        self.scores_from(raw, x.nrows(), refs, |net| net.forward(x))
+    }
+
+    /// A contrastive model's `ReferenceTerms`, one per label (none for the other models):
+    /// the same for every cell, so taken once per slice rather than once per chunk of
+    /// cells (the spine structures' 5 × 32 references through the branch cost as much as
+    /// a tenth of the slice's cells).
+    fn reference_terms(&self) -> Vec<ReferenceTerms> {
+        let Model::Contrastive {
+            branch,
+            head,
+            references,
+        } = &self.model
+        else {
+            return Vec::new();
+        };
+        let e = head.w.ncols() / 2;
+        references
+            .iter()
+            .map(|refs| {
+                let terms = branch
+                    .forward(refs.view())
+                    .dot(&head.w.slice(s![.., ..e]).t());
+                let exp = exp_rows(&terms);
+                ReferenceTerms { terms, exp }
+            })
+            .collect()
     }
 
     /// The net that reads the cells' rows: the classifier, or the contrastive branch.
@@ -1115,8 +1160,18 @@ impl Adapter {
         fm: &FeatureMap,
         width: usize,
     ) -> Option<(Vec<std::ops::Range<usize>>, Vec<CoarseFirstLayer>)> {
-        let runs = fine_runs(fm, width)?;
+        let pools = &self.train.context.pools;
+        let runs = fine_runs(fm, pools.len(), width)?;
         let (h, w) = fm.grid();
+        let channels = fm.channels();
+        // The map's channels that are no coarse part's, as planes of cells.
+        let fine_channels = fine_runs(fm, 0, channels)?;
+        let data = fm.data.as_standard_layout();
+        let data = data.to_shape((channels, h * w)).ok()?;
+        let taps = |n_out, n_in| -> Vec<(usize, usize, f32)> {
+            let taps = crate::image::bilinear_taps(n_out, n_in);
+            taps.into_iter().map(|(a, b, f)| (a, b, f as f32)).collect()
+        };
         let layers = self
             .members
             .iter()
@@ -1127,21 +1182,20 @@ impl Adapter {
                     return None;
                 }
                 let hidden = first.w.nrows();
-                let w_fine = columns_of(first.w.view(), &runs).into_owned();
+                // In standard layout: its transpose then makes the chunks' products
+                // column-major like the rows (`concatenate` along columns does not give
+                // it, and a row-major product took ~25 ms more per spine slice in the
+                // layers after it).
+                let w_fine = columns_of(first.w.view(), &runs)
+                    .as_standard_layout()
+                    .into_owned();
                 let mut resized = Array2::<f32>::zeros((h * w, hidden).f());
-                let taps = |n_out, n_in| -> Vec<(usize, usize, f32)> {
-                    let taps = crate::image::bilinear_taps(n_out, n_in);
-                    taps.into_iter().map(|(a, b, f)| (a, b, f as f32)).collect()
-                };
-                let mut across = Vec::new();
-                for part in &fm.coarse {
-                    let (n, ph, pw) = part.map.dim();
-                    let columns = part.first..part.first + n;
+                // W·((x − m)/s) = (W/s)·x − (W/s)·m: the planes are read as they are,
+                // with no standardised copy of them. (W/s, and (W/s)·m, over `columns`.)
+                let scaled = |columns: std::ops::Range<usize>| {
                     if columns.end > width {
                         return None;
                     }
-                    // W·((x − m)/s) = (W/s)·x − (W/s)·m: the planes are read as they are,
-                    // with no standardised copy of them.
                     let mean = a.feature_mean.slice(s![columns.clone()]);
                     let mut scaled = first.w.slice(s![.., columns.clone()]).to_owned();
                     for (mut column, s) in scaled
@@ -1152,25 +1206,65 @@ impl Adapter {
                         column /= *s;
                     }
                     let offsets = scaled.dot(&mean);
-                    let planes = part.map.as_standard_layout();
-                    let planes = planes.to_shape((n, ph * pw)).ok()?;
-                    let product = planes.t().dot(&scaled.t());
-                    let (ys, xs) = (taps(h, ph), taps(w, pw));
-                    for ((plane, mut out), offset) in product
+                    Some((scaled, offsets))
+                };
+                let mut across = Vec::new();
+                // The channels as they are (their coarse parts), then each pool's block of
+                // every channel: a box mean weighs cells with weights that sum to one too,
+                // so W·std(mean(x)) = mean(W·std(x)), one plane per hidden unit instead of
+                // one per channel and a product over the raw planes.
+                let blocks = std::iter::once(None).chain(pools.iter().map(|&k| Some(k / 2)));
+                for (block, radius) in blocks.enumerate() {
+                    let start = block * channels;
+                    let mut pooled = radius.map(|_| Array2::<f32>::zeros((h * w, hidden).f()));
+                    let target = pooled.as_mut().unwrap_or(&mut resized);
+                    for part in &fm.coarse {
+                        let (n, ph, pw) = part.map.dim();
+                        let (scaled, offsets) = scaled(start + part.first..start + part.first + n)?;
+                        let planes = part.map.as_standard_layout();
+                        let planes = planes.to_shape((n, ph * pw)).ok()?;
+                        let product = planes.t().dot(&scaled.t());
+                        let (ys, xs) = (taps(h, ph), taps(w, pw));
+                        for ((plane, mut out), offset) in product
+                            .columns()
+                            .into_iter()
+                            .zip(target.columns_mut())
+                            .zip(&offsets)
+                        {
+                            let mut plane = plane.to_shape((ph, pw)).ok()?.into_owned();
+                            // A pool's offsets are taken off after its mean, all at once.
+                            if radius.is_none() {
+                                plane -= *offset;
+                            }
+                            crate::image::add_resized(
+                                plane.view(),
+                                &ys,
+                                &xs,
+                                &mut across,
+                                out.as_slice_mut()?,
+                            );
+                        }
+                    }
+                    let (Some(radius), Some(mut sums)) = (radius, pooled) else {
+                        continue;
+                    };
+                    for run in &fine_channels {
+                        let (scaled, _) = scaled(start + run.start..start + run.end)?;
+                        sums += &data.slice(s![run.clone(), ..]).t().dot(&scaled.t());
+                    }
+                    let (_, offsets) = scaled(start..start + channels)?;
+                    let (mut row_sums, mut means) = (vec![0f32; h * w], vec![0f32; h * w]);
+                    for ((plane, mut out), offset) in sums
                         .columns()
                         .into_iter()
                         .zip(resized.columns_mut())
                         .zip(&offsets)
                     {
-                        let mut plane = plane.to_shape((ph, pw)).ok()?.into_owned();
-                        plane -= *offset;
-                        crate::image::add_resized(
-                            plane.view(),
-                            &ys,
-                            &xs,
-                            &mut across,
-                            out.as_slice_mut()?,
-                        );
+                        let plane = plane.as_slice()?;
+                        crate::image::box_mean(plane, h, w, radius, &mut row_sums, &mut means);
+                        for (o, m) in out.iter_mut().zip(&means) {
+                            *o += m - offset;
+                        }
                     }
                 }
                 Some(CoarseFirstLayer { w_fine, resized })
@@ -1186,6 +1280,7 @@ impl Adapter {
         layer: &CoarseFirstLayer,
         x: ArrayView2<f32>,
         range: std::ops::Range<usize>,
+        refs: &[ReferenceTerms],
     ) -> Result<Array2<f32>, AdapterError> {
         if x.ncols() != layer.w_fine.ncols() || x.nrows() != range.len() {
             return Err(AdapterError::Channels {
@@ -1193,7 +1288,7 @@ impl Adapter {
                 actual: x.ncols(),
             });
         }
-        self.scores_from(None, x.nrows(), |net| {
+        self.scores_from(None, x.nrows(), refs, |net| {
             let mut product = x.dot(&layer.w_fine.t());
             // Column by column: a chunk of the column-major `resized` is not contiguous,
             // and `+=` over the two would go element by element across its columns.
@@ -1206,11 +1301,13 @@ impl Adapter {
     }
 
     /// Scores (cells × L) of this adapter's own model, from `forward`, which runs a net
-    /// (classifier, or contrastive branch) on the cells; a basic model reads `raw`.
+    /// (classifier, or contrastive branch) on the cells; a basic model reads `raw`, a
+    /// contrastive one its `reference_terms` `refs`.
     fn scores_from(
         &self,
         raw: Option<&Array2<f32>>,
         cells: usize,
+        refs: &[ReferenceTerms],
         forward: impl FnOnce(&Mlp) -> Array2<f32>,
     ) -> Result<Array2<f32>, AdapterError> {
         let n = self.labels.len();
@@ -1235,11 +1332,13 @@ impl Adapter {
                 }
                 p
             }
-            Model::Contrastive {
-                branch,
-                head,
-                references,
-            } => {
+            Model::Contrastive { branch, head, .. } => {
+                if refs.len() != n {
+                    return Err(AdapterError::NoTraining(format!(
+                        "{} labels' reference terms for {n} labels",
+                        refs.len()
+                    )));
+                }
                 let e = head.w.ncols() / 2;
                 // The head is linear in [e_ref, e_tgt]: split it into its two halves.
                 let target_terms = forward(branch).dot(&head.w.slice(s![.., e..]).t()) + &head.b;
@@ -1250,11 +1349,14 @@ impl Adapter {
                 // maximum; the shifts cancel in the ratio).
                 let target_exp = exp_rows(&target_terms);
                 let mut p = Array2::zeros((cells, n));
-                for (l, refs) in references.iter().enumerate() {
-                    let ref_terms = branch
-                        .forward(refs.view())
-                        .dot(&head.w.slice(s![.., ..e]).t());
-                    let ref_exp = exp_rows(&ref_terms);
+                for (
+                    l,
+                    ReferenceTerms {
+                        terms: ref_terms,
+                        exp: ref_exp,
+                    },
+                ) in refs.iter().enumerate()
+                {
                     let denominators = target_exp.dot(&ref_exp.t());
                     let n_refs = ref_terms.nrows().max(1) as f32;
                     for (r, dens) in denominators.rows().into_iter().enumerate() {
@@ -2057,8 +2159,9 @@ mod synthetic {
     }
 
     /// A map whose first channels came from a coarser grid is scored with the first
-    /// layer over them on that grid: the scores equal those of the same values taken as
-    /// one grid but for rounding, and chunks and the whole slice give the same bits.
+    /// layer over them on that grid (and over the pooled columns as planes): the scores
+    /// equal those of the same values taken as one grid but for rounding, and chunks and
+    /// the whole slice give the same bits.
     #[test]
     fn coarse_channels_are_scored_on_their_grid() {
         let (h, w) = (50, 48);
@@ -2104,6 +2207,11 @@ mod synthetic {
             let Some((runs, layers)) = adapter.coarse_first_layers(&split, width) else {
                 panic!("the coarse channels were not split off");
             };
+            // The pooled columns are taken as planes too: the last run starts after them.
+            let mut fine_starts = fine_starts;
+            if !adapter.train.context.pools.is_empty() {
+                fine_starts.push(2 * C);
+            }
             let starts: Vec<usize> = runs.iter().map(|r| r.start).collect();
             assert_eq!(starts, fine_starts);
             assert_eq!(runs.last().map(|r| r.end), Some(width));
