@@ -562,8 +562,7 @@ mod tests {
     #[test]
     fn spine_adapter_swaps_the_spine_rules_adapter_and_backbone() {
         let text = crate::config::DEFAULT_CONFIG_TOML;
-        let swapped =
-            with_spine_adapter(text, "/tmp/x.adapter", "litemedsam-hyper").expect("spine rule");
+        let swapped = with_spine_adapter(text, "/tmp/x.adapter", "litemedsam").expect("spine rule");
         let before = crate::config::Config::from_toml(text, "embedded").expect("embedded");
         let after = crate::config::Config::from_toml(&swapped, "swapped").expect("swapped");
         let spine = |c: &crate::config::Config| {
@@ -577,7 +576,8 @@ mod tests {
             spine(&after).adapter,
             std::path::PathBuf::from("/tmp/x.adapter")
         );
-        assert_eq!(spine(&after).backbone, "litemedsam-hyper");
+        assert_eq!(spine(&before).backbone, "litemedsam-hyper");
+        assert_eq!(spine(&after).backbone, "litemedsam");
         assert_eq!(before.rules.len(), after.rules.len());
         for (b, a) in before
             .rules
@@ -592,7 +592,11 @@ mod tests {
                 b.name
             );
         }
-        let no_backbone = text.replacen("backbone = \"\"\n# \"center\"", "# \"center\"", 1);
+        let no_backbone = text.replacen(
+            "backbone = \"litemedsam-hyper\"\n# \"center\"",
+            "# \"center\"",
+            1,
+        );
         assert_ne!(no_backbone, text);
         assert!(
             with_spine_adapter(&no_backbone, "/tmp/x.adapter", "b").is_none(),

@@ -215,7 +215,8 @@ fn check_config_reports_every_problem_with_lines_and_serve_refuses_the_same() {
         "{out}"
     );
     assert!(!out.contains("rule spine"), "{out}");
-    // A damaged model: the manifest's checksum no longer matches.
+    // A damaged model: the manifest's checksum no longer matches (the encoder's, under
+    // both backbones that run it).
     let sha = manifest
         .lines()
         .find_map(|l| l.trim().strip_prefix("sha256 = \""))
@@ -224,7 +225,7 @@ fn check_config_reports_every_problem_with_lines_and_serve_refuses_the_same() {
         .to_string();
     std::fs::write(
         models.join("models.toml"),
-        manifest.replacen(&sha, &"0".repeat(64), 1),
+        manifest.replace(&sha, &"0".repeat(64)),
     )
     .unwrap();
     let (ok, out) = scout(&["check-config", files.to_str().unwrap()], root);

@@ -393,7 +393,8 @@ fn rules_on_two_backbones_answer_the_same_localizer() {
         let run = setup(&[]);
         let mut text = std::fs::read_to_string(&run.cfg).unwrap() + &rule(adapter, backbone);
         if backbone == "no-such-backbone" {
-            // A second rule on the same missing backbone is reported too (loaded once).
+            // A second rule on the same missing backbone is reported too (loaded once):
+            // the first rule that names a backbone, spine.
             text = text.replacen(
                 "backbone = \"litemedsam-hyper\"",
                 "backbone = \"no-such-backbone\"",
@@ -411,13 +412,13 @@ fn rules_on_two_backbones_answer_the_same_localizer() {
         assert!(stderr.contains(expect), "{backbone}: {stderr}");
         if backbone == "no-such-backbone" {
             assert!(
-                stderr.contains("rule chest: backbone no-such-backbone"),
+                stderr.contains("rule spine: backbone no-such-backbone"),
                 "{stderr}"
             );
         }
         if backbone == "tiny-dinov2-test" {
             assert!(
-                stderr.contains("trained on backbone litemedsam")
+                stderr.contains("trained on backbone litemedsam-hyper")
                     && stderr.contains("from tiny-dinov2-test"),
                 "{stderr}"
             );
@@ -432,7 +433,7 @@ fn rules_on_two_backbones_answer_the_same_localizer() {
     assert!(
         agent
             .wait_log(
-                &["analysis: backbone litemedsam, ", "tiny-dinov2-test"],
+                &["analysis: backbone litemedsam-hyper, tiny-dinov2-test,"],
                 Duration::from_secs(30)
             )
             .is_some(),
@@ -806,7 +807,17 @@ fn aligned_spine_adapter_reports_every_vertebra_through_the_agent() {
         "one alignment template per template case"
     );
     let shipped = format!("{}/models/adapters/spine.adapter", root.display());
-    let errors = spine_s06_through_the_agent(&shared, &[(&shipped, &file.display().to_string())]);
+    // This adapter reads the plain encoder's features (the shipped one the multi-layer
+    // features, `litemedsam-hyper`): the spine rule is moved to that backbone.
+    let on_plain = (
+        "backbone = \"litemedsam-hyper\"\n# \"center\"",
+        "backbone = \"litemedsam\"\n# \"center\"",
+    );
+    let edits = |file: &Path| {
+        let file = file.display().to_string();
+        spine_s06_through_the_agent(&shared, &[(&shipped, &file), on_plain])
+    };
+    let errors = edits(&file);
     eprintln!("s06 through the agent (aligned adapter): {errors:?}");
     assert_all_found_and_most_within_10px(&errors);
 
@@ -844,7 +855,7 @@ fn aligned_spine_adapter_reports_every_vertebra_through_the_agent() {
     assert!(landmarks.patches[4].is_some());
     let file = dir.path().join("spine-patches.adapter");
     bundle.save(&file).unwrap();
-    let refined = spine_s06_through_the_agent(&shared, &[(&shipped, &file.display().to_string())]);
+    let refined = edits(&file);
     eprintln!("s06 through the agent (aligned adapter, L5 patch): {refined:?}");
     for l in 0..4 {
         let (a, b) = (errors[l].unwrap()[0], refined[l].unwrap()[0]);
