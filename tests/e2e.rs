@@ -808,16 +808,16 @@ fn aligned_spine_adapter_reports_every_vertebra_through_the_agent() {
     );
     let shipped = format!("{}/models/adapters/spine.adapter", root.display());
     // This adapter reads the plain encoder's features (the shipped one the multi-layer
-    // features, `litemedsam-hyper`): the spine rule is moved to that backbone.
+    // features, `litemedsam-hyper`): the spine rule is moved to `litemedsam` with it.
     let on_plain = (
         "backbone = \"litemedsam-hyper\"\n# \"center\"",
         "backbone = \"litemedsam\"\n# \"center\"",
     );
-    let edits = |file: &Path| {
+    let through_the_agent = |file: &Path| {
         let file = file.display().to_string();
         spine_s06_through_the_agent(&shared, &[(&shipped, &file), on_plain])
     };
-    let errors = edits(&file);
+    let errors = through_the_agent(&file);
     eprintln!("s06 through the agent (aligned adapter): {errors:?}");
     assert_all_found_and_most_within_10px(&errors);
 
@@ -855,7 +855,7 @@ fn aligned_spine_adapter_reports_every_vertebra_through_the_agent() {
     assert!(landmarks.patches[4].is_some());
     let file = dir.path().join("spine-patches.adapter");
     bundle.save(&file).unwrap();
-    let refined = edits(&file);
+    let refined = through_the_agent(&file);
     eprintln!("s06 through the agent (aligned adapter, L5 patch): {refined:?}");
     for l in 0..4 {
         let (a, b) = (errors[l].unwrap()[0], refined[l].unwrap()[0]);
