@@ -193,11 +193,60 @@ struct Slots {
 
 enum Slot {
     Running,
-    Ready(std::sync::Arc<FeatureMap>),
+    Ready(Kept),
+}
+
+/// A ready map as the store keeps it. A map of several grids is kept as the parts
+/// `FeatureMap::stacked` builds it from (a `litemedsam-hyper` map: 12 instead of 28 MiB,
+/// its coarse channels on their own grid only) and stacked again when it is read: the 9
+/// maps of a stack analysed with `slices = "all"` are held until the series is analysed.
+enum Kept {
+    Whole(std::sync::Arc<FeatureMap>),
+    Parts {
+        parts: Vec<ndarray::Array3<f32>>,
+        image_rows: usize,
+        image_columns: usize,
+    },
+}
+
+impl Kept {
+    fn of(fm: std::sync::Arc<FeatureMap>) -> Kept {
+        if fm.coarse.is_empty() {
+            return Kept::Whole(fm);
+        }
+        Kept::Parts {
+            parts: fm.parts().into_iter().map(|p| p.to_owned()).collect(),
+            image_rows: fm.image_rows,
+            image_columns: fm.image_columns,
+        }
+    }
+
+    fn map(&self) -> std::sync::Arc<FeatureMap> {
+        match self {
+            Kept::Whole(fm) => fm.clone(),
+            Kept::Parts {
+                parts,
+                image_rows,
+                image_columns,
+            } => std::sync::Arc::new(FeatureMap::stacked(
+                parts.clone(),
+                *image_rows,
+                *image_columns,
+            )),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        let values = match self {
+            Kept::Whole(fm) => fm.data.len() + fm.coarse.iter().map(|p| p.map.len()).sum::<usize>(),
+            Kept::Parts { parts, .. } => parts.iter().map(|p| p.len()).sum(),
+        };
+        values * std::mem::size_of::<f32>()
+    }
 }
 
 /// Bytes of feature maps kept at most: a few localizers' worth. By size, not count: a
-/// LiteMedSAM map is 4 MiB, a `litemedsam-hyper` one 28 MiB with its coarse part (and a
+/// LiteMedSAM map is 4 MiB, a `litemedsam-hyper` one 12 MiB as kept (`Kept`; and a
 /// 9-slice stack of those must fit while it is analysed).
 const KEEP_BYTES: usize = 320 << 20;
 
@@ -206,30 +255,26 @@ impl Slots {
     /// newest always stays).
     fn insert_ready(&mut self, uid: &str, fm: std::sync::Arc<FeatureMap>, keep: usize) {
         self.remove_ready(uid);
-        self.bytes += map_bytes(&fm);
-        self.map.insert(uid.to_string(), Slot::Ready(fm));
+        let kept = Kept::of(fm);
+        self.bytes += kept.bytes();
+        self.map.insert(uid.to_string(), Slot::Ready(kept));
         self.order.push_back(uid.to_string());
         while self.bytes > keep && self.order.len() > 1 {
             if let Some(old) = self.order.pop_front() {
-                if let Some(Slot::Ready(fm)) = self.map.remove(&old) {
-                    self.bytes -= map_bytes(&fm);
+                if let Some(Slot::Ready(kept)) = self.map.remove(&old) {
+                    self.bytes -= kept.bytes();
                 }
             }
         }
     }
 
     fn remove_ready(&mut self, uid: &str) {
-        if let Some(Slot::Ready(fm)) = self.map.get(uid) {
-            self.bytes -= map_bytes(fm);
+        if let Some(Slot::Ready(kept)) = self.map.get(uid) {
+            self.bytes -= kept.bytes();
             self.map.remove(uid);
             self.order.retain(|u| u != uid);
         }
     }
-}
-
-fn map_bytes(fm: &FeatureMap) -> usize {
-    let coarse: usize = fm.coarse.iter().map(|p| p.map.len()).sum();
-    (fm.data.len() + coarse) * std::mem::size_of::<f32>()
 }
 
 impl FeatureStore {
@@ -255,7 +300,7 @@ impl FeatureStore {
         let mut slots = self.lock();
         loop {
             match slots.map.get(uid) {
-                Some(Slot::Ready(fm)) => return Ok(fm.clone()),
+                Some(Slot::Ready(kept)) => return Ok(kept.map()),
                 Some(Slot::Running) => {
                     slots = self.changed.wait(slots).unwrap_or_else(|p| p.into_inner());
                 }
@@ -463,6 +508,42 @@ mod tests {
             .collect();
         assert_eq!(names, ["blocked.fm"], "temp file left behind");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A map of several grids is kept as its parts, counted as such, and read back as the
+    /// same map to the bit; a map of one grid is kept as it is.
+    #[test]
+    fn hypercolumns_are_kept_as_their_parts() {
+        let mut rng = crate::adapter::Rng::new(2);
+        let mut noise = |d| ndarray::Array3::from_shape_fn(d, |_| rng.normal());
+        let (coarse, fine) = (noise((3, 4, 5)), noise((2, 8, 10)));
+        let fm = std::sync::Arc::new(FeatureMap::stacked(vec![coarse, fine], 32, 40));
+        assert_eq!(fm.data.len(), 5 * 80);
+        let mut slots = Slots::default();
+        slots.insert_ready("h", fm.clone(), usize::MAX);
+        assert_eq!(
+            slots.bytes,
+            (3 * 20 + 2 * 80) * 4,
+            "the parts, not the stacked map"
+        );
+        let Some(Slot::Ready(kept)) = slots.map.get("h") else {
+            panic!("not kept");
+        };
+        let back = kept.map();
+        assert!(crate::same_bits(&back.data, &fm.data));
+        assert_eq!(back.coarse.len(), 1);
+        assert_eq!(back.coarse[0].first, fm.coarse[0].first);
+        assert!(crate::same_bits(&back.coarse[0].map, &fm.coarse[0].map));
+        assert_eq!((back.image_rows, back.image_columns), (32, 40));
+        let one = map(2);
+        slots.insert_ready("one", one.clone(), usize::MAX);
+        let Some(Slot::Ready(kept)) = slots.map.get("one") else {
+            panic!("not kept");
+        };
+        assert!(
+            std::sync::Arc::ptr_eq(&kept.map(), &one),
+            "a one-grid map is shared"
+        );
     }
 
     /// The store is bounded by bytes: small maps stay many, large ones few, the newest
