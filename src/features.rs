@@ -200,10 +200,12 @@ enum Slot {
 /// `FeatureMap::stacked` builds it from (a `litemedsam-hyper` map: 12 instead of 28 MiB,
 /// its coarse channels on their own grid only) and stacked again when it is read: the 9
 /// maps of a stack analysed with `slices = "all"` are held until the series is analysed.
+/// Cheap to clone: the map is stacked after the store's lock is released.
+#[derive(Clone)]
 enum Kept {
     Whole(std::sync::Arc<FeatureMap>),
     Parts {
-        parts: Vec<ndarray::Array3<f32>>,
+        parts: std::sync::Arc<Vec<ndarray::Array3<f32>>>,
         image_rows: usize,
         image_columns: usize,
     },
@@ -215,7 +217,7 @@ impl Kept {
             return Kept::Whole(fm);
         }
         Kept::Parts {
-            parts: fm.parts().into_iter().map(|p| p.to_owned()).collect(),
+            parts: std::sync::Arc::new(fm.parts().into_iter().map(|p| p.to_owned()).collect()),
             image_rows: fm.image_rows,
             image_columns: fm.image_columns,
         }
@@ -229,7 +231,7 @@ impl Kept {
                 image_rows,
                 image_columns,
             } => std::sync::Arc::new(FeatureMap::stacked(
-                parts.clone(),
+                parts.to_vec(),
                 *image_rows,
                 *image_columns,
             )),
@@ -300,7 +302,11 @@ impl FeatureStore {
         let mut slots = self.lock();
         loop {
             match slots.map.get(uid) {
-                Some(Slot::Ready(kept)) => return Ok(kept.map()),
+                Some(Slot::Ready(kept)) => {
+                    let kept = kept.clone();
+                    drop(slots);
+                    return Ok(kept.map());
+                }
                 Some(Slot::Running) => {
                     slots = self.changed.wait(slots).unwrap_or_else(|p| p.into_inner());
                 }
