@@ -255,9 +255,8 @@ const KEEP_BYTES: usize = 320 << 20;
 impl Slots {
     /// Stores a computed map; the oldest ones go while the maps pass `keep` bytes (the
     /// newest always stays).
-    fn insert_ready(&mut self, uid: &str, fm: std::sync::Arc<FeatureMap>, keep: usize) {
+    fn insert_ready(&mut self, uid: &str, kept: Kept, keep: usize) {
         self.remove_ready(uid);
-        let kept = Kept::of(fm);
         self.bytes += kept.bytes();
         self.map.insert(uid.to_string(), Slot::Ready(kept));
         self.order.push_back(uid.to_string());
@@ -320,14 +319,17 @@ impl FeatureStore {
             .map_err(BackboneError::from)
             .and_then(|px| crate::image::normalize(&px).map_err(BackboneError::from))
             .and_then(|n| self.backbone.features(&n));
+        let encoder = started.elapsed();
+        // The parts are copied before the lock is taken: readers do not wait on it.
+        let result = result.map(|fm| {
+            let fm = std::sync::Arc::new(fm);
+            (Kept::of(fm.clone()), fm)
+        });
         let mut slots = self.lock();
         let out = match result {
-            Ok(fm) => {
-                crate::metrics::METRICS
-                    .encoder_seconds
-                    .observe(started.elapsed());
-                let fm = std::sync::Arc::new(fm);
-                slots.insert_ready(uid, fm.clone(), KEEP_BYTES);
+            Ok((kept, fm)) => {
+                crate::metrics::METRICS.encoder_seconds.observe(encoder);
+                slots.insert_ready(uid, kept, KEEP_BYTES);
                 Ok(fm)
             }
             Err(e) => {
@@ -526,7 +528,7 @@ mod tests {
         let fm = std::sync::Arc::new(FeatureMap::stacked(vec![coarse, fine], 32, 40));
         assert_eq!(fm.data.len(), 5 * 80);
         let mut slots = Slots::default();
-        slots.insert_ready("h", fm.clone(), usize::MAX);
+        slots.insert_ready("h", Kept::of(fm.clone()), usize::MAX);
         assert_eq!(
             slots.bytes,
             (3 * 20 + 2 * 80) * 4,
@@ -542,7 +544,7 @@ mod tests {
         assert!(crate::same_bits(&back.coarse[0].map, &fm.coarse[0].map));
         assert_eq!((back.image_rows, back.image_columns), (32, 40));
         let one = map(2);
-        slots.insert_ready("one", one.clone(), usize::MAX);
+        slots.insert_ready("one", Kept::of(one.clone()), usize::MAX);
         let Some(Slot::Ready(kept)) = slots.map.get("one") else {
             panic!("not kept");
         };
@@ -559,21 +561,21 @@ mod tests {
         let one = 16 * 16 * 4;
         let mut slots = Slots::default();
         for i in 0..10 {
-            slots.insert_ready(&format!("small{i}"), map(1), 8 * one);
+            slots.insert_ready(&format!("small{i}"), Kept::of(map(1)), 8 * one);
         }
         assert_eq!(slots.order.len(), 8);
         assert_eq!(slots.bytes, 8 * one);
         assert!(!slots.map.contains_key("small0") && !slots.map.contains_key("small1"));
-        slots.insert_ready("large", map(6), 8 * one);
+        slots.insert_ready("large", Kept::of(map(6)), 8 * one);
         assert_eq!(slots.order, ["small8", "small9", "large"]);
         assert_eq!(slots.bytes, 8 * one);
-        slots.insert_ready("huge", map(20), 8 * one);
+        slots.insert_ready("huge", Kept::of(map(20)), 8 * one);
         assert_eq!(
             slots.order,
             ["huge"],
             "the newest stays even alone over the bound"
         );
-        slots.insert_ready("huge", map(20), 8 * one);
+        slots.insert_ready("huge", Kept::of(map(20)), 8 * one);
         assert_eq!(
             (slots.order.len(), slots.bytes),
             (1, 20 * one),
