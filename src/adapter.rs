@@ -580,50 +580,95 @@ struct ReferenceTerms {
 /// the cache. 512 to 2048 measured the same on the chest.
 const SCORE_CHUNK: usize = 1024;
 
-/// An adapter's first layer over a feature map's coarse channels (`FeatureMap::coarse`, the
-/// encoder's 64 × 64 output under the 128 × 128 hypercolumn), run on their own grid and its
-/// output resized. Bilinear resizing weighs cells with weights that sum to one, and a
-/// column's standardisation is affine, so W·std(resize(x)) = resize(W·std(x)): the same
-/// values but for rounding, for a quarter of those products (chest: 256 of the 384
-/// channels, 805 → 402 million multiply-adds per slice). With pools, the pooled columns
-/// are taken as planes too: per pool, the product over the raw planes is box-averaged per
-/// hidden unit (spine: 898 → 130 columns per cell; structures' scores 189 → 115 ms with
-/// the standard-layout `w_fine` and `reference_terms`). The other columns' product is
-/// taken per cell and the two added. (`scores` and `scores_and_rows` both take this path
-/// when a map has coarse channels, so their scores stay the same bits.)
+/// An adapter's first layer over a feature map's channels and their pools, when the map
+/// has coarse channels (`FeatureMap::coarse`, the encoder's 64 × 64 output under the
+/// 128 × 128 hypercolumn), taken as planes of hidden units rather than per cell:
+/// - the coarse channels' product runs on their own grid and is resized. Bilinear
+///   resizing weighs cells with weights that sum to one, and a column's standardisation is
+///   affine, so W·std(resize(x)) = resize(W·std(x)): the same values but for rounding, for
+///   a quarter of those products (chest: 256 of the 384 channels, 805 → 402 million
+///   multiply-adds per slice);
+/// - per pool, the product over the raw planes is box-averaged per hidden unit (a box
+///   mean's weights sum to one too), one plane per hidden unit instead of one per channel;
+/// - the fine channels' product is one product over the whole slice.
+///
+/// The other columns (position, slice mean) are taken per cell and the two added (spine:
+/// 1154 → 2 columns per cell). Every adapter of an ensemble reads the same planes, so
+/// their weights are stacked into one product per part. (`scores` and `scores_and_rows`
+/// both take this path when a map has coarse channels, so their scores stay the same
+/// bits.)
 struct CoarseFirstLayer {
     /// The first layer's weights over the other columns (hidden × their count).
     w_fine: Array2<f32>,
-    /// The coarse columns' product, resized to the map's grid (cells × hidden,
-    /// column-major: one plane per hidden unit).
+    /// The planes' part of the first layer's product (cells × hidden, column-major: one
+    /// plane per hidden unit).
     resized: Array2<f32>,
 }
 
-/// The context columns that `CoarseFirstLayer` does not take as planes, as runs in order;
-/// `None` when the map has no coarse channels. Taken as planes: the coarse channels, and
-/// every pooled column (the `pools` blocks after the map's `channels`).
-fn fine_runs(fm: &FeatureMap, pools: usize, width: usize) -> Option<Vec<std::ops::Range<usize>>> {
+/// The runs of a map's channels that are no coarse part's; `None` when the map has no
+/// coarse channels.
+fn fine_channels(fm: &FeatureMap) -> Option<Vec<std::ops::Range<usize>>> {
     if fm.coarse.is_empty() {
         return None;
     }
-    let channels = fm.channels();
-    let mut planes: Vec<_> = fm.coarse.iter().map(|p| (p.first, p.map.dim().0)).collect();
-    if pools > 0 {
-        planes.push((channels, channels * pools));
-    }
-    planes.sort_unstable();
+    let mut parts: Vec<_> = fm.coarse.iter().map(|p| (p.first, p.map.dim().0)).collect();
+    parts.sort_unstable();
     let mut runs = Vec::new();
     let mut start = 0;
-    for (first, n) in planes {
+    for (first, n) in parts {
         if first > start {
             runs.push(start..first);
         }
         start = start.max(first + n);
     }
-    if start < width {
-        runs.push(start..width);
+    if start < fm.channels() {
+        runs.push(start..fm.channels());
     }
     Some(runs)
+}
+
+/// `job` of every item, in order: the items are shared out over the machine's cores in
+/// contiguous runs, each thread with its own scratch buffer.
+fn in_parallel<T: Send, R: Send>(
+    items: Vec<T>,
+    job: impl Fn(&mut Vec<f32>, T) -> R + Sync,
+) -> Vec<R> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = threads.clamp(1, items.len().max(1));
+    let share = items.len().div_ceil(threads).max(1);
+    let mut items = items.into_iter();
+    let mut shares: Vec<Vec<T>> = Vec::with_capacity(threads);
+    loop {
+        let next: Vec<T> = items.by_ref().take(share).collect();
+        if next.is_empty() {
+            break;
+        }
+        shares.push(next);
+    }
+    let run = |share: Vec<T>| {
+        let mut scratch = Vec::new();
+        share
+            .into_iter()
+            .map(|item| job(&mut scratch, item))
+            .collect::<Vec<R>>()
+    };
+    let run = &run;
+    std::thread::scope(|scope| {
+        let mut shares = shares.into_iter();
+        let here = shares.next();
+        let others: Vec<_> = shares
+            .map(|share| scope.spawn(move || run(share)))
+            .collect();
+        let mut out = here.map(run).unwrap_or_default();
+        for other in others {
+            out.extend(
+                other
+                    .join()
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e)),
+            );
+        }
+        out
+    })
 }
 
 /// The columns `runs` of `rows`, side by side (a view when there is one run).
@@ -956,9 +1001,9 @@ impl Adapter {
     /// A chunk of `SCORE_CHUNK` cells at a time: the chunk's standardised rows and the
     /// models' layers stay in cache, where the whole slice's rows (25 MB for the
     /// 384-channel features on a 128 × 128 grid) and hidden layers went through memory
-    /// (chest: 24 → 20 ms per slice). Rows are independent and each chunk's matrix products
-    /// sum over the same columns in the same order, so the scores are the same bits as
-    /// `scores_and_rows`'s.
+    /// (chest: 24 → 20 ms per slice); the chunks are shared out over the cores. Rows are
+    /// independent and each chunk's matrix products sum over the same columns in the same
+    /// order, so the scores are the same bits as `scores_and_rows`'s.
     pub fn scores(&self, fm: &FeatureMap) -> Result<Array3<f32>, AdapterError> {
         let all = || self.members.iter().chain(std::iter::once(self));
         let (_, h, w) = fm.data.dim();
@@ -983,16 +1028,26 @@ impl Adapter {
             });
         }
         let split = self.coarse_first_layers(fm, columns.width());
-        // With the coarse channels' product taken on their grid, a chunk needs only the
-        // other columns.
+        // With the channels and their pools taken as planes, a chunk needs only the other
+        // columns.
         let built: Vec<usize> = match &split {
             Some((runs, _)) => runs.iter().flat_map(|r| r.clone()).collect(),
             None => (0..columns.width()).collect(),
         };
         let refs: Vec<_> = all().map(|a| a.reference_terms()).collect();
-        let mut sum = Array2::zeros((cells, self.labels.len()));
-        for start in (0..cells).step_by(SCORE_CHUNK) {
-            let range = start..(start + SCORE_CHUNK).min(cells);
+        let n_labels = self.labels.len();
+        let mut sum = Array2::zeros((cells, n_labels));
+        // The chunks over the cores: besides the products, the rows' columns, the
+        // activations and the softmax run in each chunk's own thread.
+        let chunks: Vec<_> = sum
+            .as_slice_mut()
+            .map(|s| s.chunks_mut(SCORE_CHUNK * n_labels.max(1)))
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .collect();
+        let done = in_parallel(chunks, |_, (i, out)| {
+            let range = i * SCORE_CHUNK..(i * SCORE_CHUNK + SCORE_CHUNK).min(cells);
             let mut x = Vec::with_capacity(range.len() * built.len());
             for &k in &built {
                 columns.append(k, range.clone(), &mut x);
@@ -1001,7 +1056,8 @@ impl Adapter {
             }
             let x = Array2::from_shape_vec((range.len(), built.len()).f(), x)
                 .expect("chunk × columns values");
-            let mut chunk_sum = sum.slice_mut(s![range.clone(), ..]);
+            let mut chunk_sum = ndarray::ArrayViewMut2::from_shape((range.len(), n_labels), out)
+                .expect("chunk × labels scores");
             match &split {
                 Some((_, layers)) => {
                     for ((a, layer), refs) in all().zip(layers).zip(&refs) {
@@ -1014,7 +1070,9 @@ impl Adapter {
                     }
                 }
             }
-        }
+            Ok::<_, AdapterError>(())
+        });
+        done.into_iter().collect::<Result<Vec<()>, _>>()?;
         sum /= (1 + self.members.len()) as f32;
         Ok(label_planes(&sum, h, w))
     }
@@ -1153,123 +1211,159 @@ impl Adapter {
     }
 
     /// Per adapter of `scores` (the members, then this one), its `CoarseFirstLayer` on
-    /// `fm`, with the runs of the other columns among `width` context columns; `None`
-    /// when the map has no coarse channels or a model has no first layer to split.
+    /// `fm`, with the runs of the columns taken per cell among `width` context columns;
+    /// `None` when the map has no coarse channels or a model has no first layer to split.
+    ///
+    /// The planes are packed once per product, not once per adapter and block; their
+    /// resizes and box means, one per hidden unit, are spread over the cores.
     fn coarse_first_layers(
         &self,
         fm: &FeatureMap,
         width: usize,
     ) -> Option<(Vec<std::ops::Range<usize>>, Vec<CoarseFirstLayer>)> {
         let pools = &self.train.context.pools;
-        let runs = fine_runs(fm, pools.len(), width)?;
+        let fine_channels = fine_channels(fm)?;
         let (h, w) = fm.grid();
+        let cells = h * w;
         let channels = fm.channels();
-        // The map's channels that are no coarse part's, as planes of cells.
-        let fine_channels = fine_runs(fm, 0, channels)?;
+        let blocks = 1 + pools.len();
+        let per_cell = blocks * channels..width;
+        let runs: Vec<_> = std::iter::once(per_cell)
+            .filter(|r| !r.is_empty())
+            .collect();
         let data = fm.data.as_standard_layout();
-        let data = data.to_shape((channels, h * w)).ok()?;
+        let data = data.to_shape((channels, cells)).ok()?;
+        let adapters: Vec<&Adapter> = self.members.iter().chain(std::iter::once(self)).collect();
+        let firsts = adapters
+            .iter()
+            .map(|a| {
+                let first = a.net()?.layers.first()?;
+                (first.w.ncols() == width && a.feature_mean.len() == width).then_some(first)
+            })
+            .collect::<Option<Vec<_>>>()?;
+        // One hidden width for all, so that the stacked products' rows are (block, adapter,
+        // unit) in a plain order (an ensemble's methods are trained with one config).
+        let hidden = firsts.first()?.w.nrows();
+        if firsts.iter().any(|f| f.w.nrows() != hidden) || blocks * channels > width {
+            return None;
+        }
+        let units = adapters.len() * hidden;
+        // W·((x − m)/s) = (W/s)·x − (W/s)·m: the planes are read as they are, with no
+        // standardised copy of them, and every (W/s)·m is taken off once at the end (each
+        // resize and box mean keeps a constant). Per block of columns (0: the channels as
+        // they are, then each pool's block of every channel), W/s over the columns `within`
+        // the map's channels, every adapter's stacked: (adapter, unit) × columns.
+        let scaled = |block: usize, within: std::ops::Range<usize>| {
+            let columns = block * channels + within.start..block * channels + within.end;
+            let mut weights = Vec::with_capacity(adapters.len());
+            for (a, first) in adapters.iter().zip(&firsts) {
+                let mut scaled = first.w.slice(s![.., columns.clone()]).to_owned();
+                for (mut column, s) in scaled
+                    .columns_mut()
+                    .into_iter()
+                    .zip(a.feature_std.slice(s![columns.clone()]))
+                {
+                    column /= *s;
+                }
+                weights.push(scaled);
+            }
+            let views: Vec<_> = weights.iter().map(|w| w.view()).collect();
+            ndarray::concatenate(Axis(0), &views).ok()
+        };
+        // Per (adapter, unit), (W/s)·m over every column taken as planes.
+        let mut offsets = Vec::with_capacity(units);
+        for (a, first) in adapters.iter().zip(&firsts) {
+            let planar = ..blocks * channels;
+            let mean = &a.feature_mean.slice(s![planar]) / &a.feature_std.slice(s![planar]);
+            offsets.extend(first.w.slice(s![.., planar]).dot(&mean));
+        }
+        // The fine channels' product of `block` for the adapters' units `rows`, into the
+        // columns of `out`. The first run writes, not adds: the zeroed pages are not read.
+        let fine_product =
+            |block: usize, rows: std::ops::Range<usize>, out: &mut Array2<f32>| -> Option<()> {
+                for (i, run) in fine_channels.iter().enumerate() {
+                    let weights = scaled(block, run.clone())?;
+                    let weights = weights.slice(s![rows.clone(), ..]);
+                    let planes = data.slice(s![run.clone(), ..]);
+                    let beta = if i == 0 { 0.0 } else { 1.0 };
+                    ndarray::linalg::general_mat_mul(1.0, &planes.t(), &weights.t(), beta, out);
+                }
+                Some(())
+            };
+        // The planes, column-major (a plane per column): per adapter its hidden units'
+        // (cells × hidden), and per pool every adapter's, box-averaged at the end (cells ×
+        // (adapter, unit)). No array here reaches 32 MiB: glibc maps those afresh on every
+        // call, and on a VM their pages' faults cost more than the products.
+        let mut resized = Vec::with_capacity(adapters.len());
+        for i in 0..adapters.len() {
+            let mut planes = Array2::<f32>::zeros((cells, hidden).f());
+            fine_product(0, i * hidden..(i + 1) * hidden, &mut planes)?;
+            resized.push(planes);
+        }
+        let mut pooled = Vec::with_capacity(pools.len());
+        for block in 1..blocks {
+            let mut planes = Array2::<f32>::zeros((cells, units).f());
+            fine_product(block, 0..units, &mut planes)?;
+            pooled.push(planes);
+        }
         let taps = |n_out, n_in| -> Vec<(usize, usize, f32)> {
             let taps = crate::image::bilinear_taps(n_out, n_in);
             taps.into_iter().map(|(a, b, f)| (a, b, f as f32)).collect()
         };
-        let layers = self
-            .members
-            .iter()
-            .chain(std::iter::once(self))
-            .map(|a| {
-                let first = a.net()?.layers.first()?;
-                if first.w.ncols() != width || a.feature_mean.len() != width {
-                    return None;
+        for part in &fm.coarse {
+            let (n, ph, pw) = part.map.dim();
+            let weights = (0..blocks)
+                .map(|block| scaled(block, part.first..part.first + n))
+                .collect::<Option<Vec<_>>>()?;
+            let views: Vec<_> = weights.iter().map(|w| w.view()).collect();
+            let weights = ndarray::concatenate(Axis(0), &views).ok()?;
+            let planes = part.map.as_standard_layout();
+            let planes = planes.to_shape((n, ph * pw)).ok()?;
+            // (block, adapter, unit) × the part's cells: a row per plane, in the order of
+            // the planes of `resized` and then `pooled`.
+            let product = weights.dot(&planes);
+            let mut targets = Vec::with_capacity(product.nrows());
+            for planes in resized.iter_mut().chain(pooled.iter_mut()) {
+                targets.extend(planes.as_slice_memory_order_mut()?.chunks_exact_mut(cells));
+            }
+            let (ys, xs) = (taps(h, ph), taps(w, pw));
+            let jobs: Vec<_> = targets.into_iter().zip(product.rows()).collect();
+            in_parallel(jobs, |across, (out, plane)| {
+                if let Ok(plane) = plane.to_shape((ph, pw)) {
+                    crate::image::add_resized(plane.view(), &ys, &xs, across, out);
                 }
-                let hidden = first.w.nrows();
+            });
+        }
+        let mut jobs = Vec::with_capacity(units);
+        for planes in resized.iter_mut() {
+            jobs.extend(planes.as_slice_memory_order_mut()?.chunks_exact_mut(cells));
+        }
+        let jobs: Vec<_> = jobs.into_iter().zip(&offsets).enumerate().collect();
+        in_parallel(jobs, |scratch, (unit, (out, &offset))| {
+            scratch.resize(2 * cells, 0.0);
+            let (row_sums, means) = scratch.split_at_mut(cells);
+            for (&k, sums) in pools.iter().zip(&pooled) {
+                if let Some(plane) = sums.column(unit).to_slice() {
+                    crate::image::box_mean(plane, h, w, k / 2, row_sums, means);
+                    out.iter_mut().zip(means.iter()).for_each(|(o, m)| *o += m);
+                }
+            }
+            out.iter_mut().for_each(|o| *o -= offset);
+        });
+        let layers = firsts
+            .iter()
+            .zip(resized)
+            .map(|(first, resized)| {
                 // In standard layout: its transpose then makes the chunks' products
-                // column-major like the rows (`concatenate` along columns does not give
+                // column-major like the planes (`concatenate` along columns does not give
                 // it, and a row-major product took ~25 ms more per spine slice in the
                 // layers after it).
                 let w_fine = columns_of(first.w.view(), &runs)
                     .as_standard_layout()
                     .into_owned();
-                let mut resized = Array2::<f32>::zeros((h * w, hidden).f());
-                // W·((x − m)/s) = (W/s)·x − (W/s)·m: the planes are read as they are,
-                // with no standardised copy of them. (W/s, and (W/s)·m, over `columns`.)
-                let scaled = |columns: std::ops::Range<usize>| {
-                    if columns.end > width {
-                        return None;
-                    }
-                    let mean = a.feature_mean.slice(s![columns.clone()]);
-                    let mut scaled = first.w.slice(s![.., columns.clone()]).to_owned();
-                    for (mut column, s) in scaled
-                        .columns_mut()
-                        .into_iter()
-                        .zip(a.feature_std.slice(s![columns]))
-                    {
-                        column /= *s;
-                    }
-                    let offsets = scaled.dot(&mean);
-                    Some((scaled, offsets))
-                };
-                let mut across = Vec::new();
-                // The channels as they are (their coarse parts), then each pool's block of
-                // every channel: a box mean weighs cells with weights that sum to one too,
-                // so W·std(mean(x)) = mean(W·std(x)), one plane per hidden unit instead of
-                // one per channel and a product over the raw planes.
-                let blocks = std::iter::once(None).chain(pools.iter().map(|&k| Some(k / 2)));
-                for (block, radius) in blocks.enumerate() {
-                    let start = block * channels;
-                    let mut pooled = radius.map(|_| Array2::<f32>::zeros((h * w, hidden).f()));
-                    let target = pooled.as_mut().unwrap_or(&mut resized);
-                    for part in &fm.coarse {
-                        let (n, ph, pw) = part.map.dim();
-                        let (scaled, offsets) = scaled(start + part.first..start + part.first + n)?;
-                        let planes = part.map.as_standard_layout();
-                        let planes = planes.to_shape((n, ph * pw)).ok()?;
-                        let product = planes.t().dot(&scaled.t());
-                        let (ys, xs) = (taps(h, ph), taps(w, pw));
-                        for ((plane, mut out), offset) in product
-                            .columns()
-                            .into_iter()
-                            .zip(target.columns_mut())
-                            .zip(&offsets)
-                        {
-                            let mut plane = plane.to_shape((ph, pw)).ok()?.into_owned();
-                            // A pool's offsets are taken off after its mean, all at once.
-                            if radius.is_none() {
-                                plane -= *offset;
-                            }
-                            crate::image::add_resized(
-                                plane.view(),
-                                &ys,
-                                &xs,
-                                &mut across,
-                                out.as_slice_mut()?,
-                            );
-                        }
-                    }
-                    let (Some(radius), Some(mut sums)) = (radius, pooled) else {
-                        continue;
-                    };
-                    for run in &fine_channels {
-                        let (scaled, _) = scaled(start + run.start..start + run.end)?;
-                        sums += &data.slice(s![run.clone(), ..]).t().dot(&scaled.t());
-                    }
-                    let (_, offsets) = scaled(start..start + channels)?;
-                    let (mut row_sums, mut means) = (vec![0f32; h * w], vec![0f32; h * w]);
-                    for ((plane, mut out), offset) in sums
-                        .columns()
-                        .into_iter()
-                        .zip(resized.columns_mut())
-                        .zip(&offsets)
-                    {
-                        let plane = plane.as_slice()?;
-                        crate::image::box_mean(plane, h, w, radius, &mut row_sums, &mut means);
-                        for (o, m) in out.iter_mut().zip(&means) {
-                            *o += m - offset;
-                        }
-                    }
-                }
-                Some(CoarseFirstLayer { w_fine, resized })
+                CoarseFirstLayer { w_fine, resized }
             })
-            .collect::<Option<Vec<_>>>()?;
+            .collect();
         Some((runs, layers))
     }
 
@@ -1289,12 +1383,17 @@ impl Adapter {
             });
         }
         self.scores_from(None, x.nrows(), refs, |net| {
-            let mut product = x.dot(&layer.w_fine.t());
-            // Column by column: a chunk of the column-major `resized` is not contiguous,
-            // and `+=` over the two would go element by element across its columns.
+            // Column-major like `resized` and the layers after it; column by column, as a
+            // chunk of `resized` is not contiguous.
             let resized = layer.resized.slice(s![range, ..]);
+            let mut product = Array2::<f32>::zeros(resized.raw_dim().f());
             for (mut p, r) in product.columns_mut().into_iter().zip(resized.columns()) {
-                p += &r;
+                p.assign(&r);
+            }
+            // Not with no columns (the chest's): matrixmultiply then only scales the
+            // product by beta, element by element, which took longer than the products.
+            if x.ncols() > 0 {
+                ndarray::linalg::general_mat_mul(1.0, &x, &layer.w_fine.t(), 1.0, &mut product);
             }
             net.forward_from_product(product)
         })
@@ -2187,18 +2286,16 @@ mod synthetic {
         let first = C / 2 + 1;
         let layouts = || {
             [
-                (vec![halved(0..first), as_is(first..C)], vec![first]),
-                (
-                    vec![as_is(0..3), halved(3..first), as_is(first..C)],
-                    vec![0, first],
-                ),
+                vec![halved(0..first), as_is(first..C)],
+                vec![as_is(0..3), halved(3..first), as_is(first..C)],
             ]
         };
-        let cases = layouts()
-            .into_iter()
-            .chain(layouts())
-            .zip([vec![], vec![], vec![3], vec![3]]);
-        for ((maps, fine_starts), pools) in cases {
+        let cases =
+            layouts()
+                .into_iter()
+                .chain(layouts())
+                .zip([vec![], vec![], vec![3], vec![3, 5]]);
+        for (maps, pools) in cases {
             let split = FeatureMap::stacked(maps, h * 4, w * 4);
             assert_eq!(split.coarse.len(), 1);
             let one_grid = FeatureMap::new(split.data.clone(), h * 4, w * 4);
@@ -2207,14 +2304,10 @@ mod synthetic {
             let Some((runs, layers)) = adapter.coarse_first_layers(&split, width) else {
                 panic!("the coarse channels were not split off");
             };
-            // The pooled columns are taken as planes too: the last run starts after them.
-            let mut fine_starts = fine_starts;
-            if !adapter.train.context.pools.is_empty() {
-                fine_starts.push(2 * C);
-            }
-            let starts: Vec<usize> = runs.iter().map(|r| r.start).collect();
-            assert_eq!(starts, fine_starts);
-            assert_eq!(runs.last().map(|r| r.end), Some(width));
+            // Every channel and pooled column is taken as planes: per cell, the position.
+            let pools = adapter.train.context.pools.len();
+            assert_eq!(runs, vec![(1 + pools) * C..width]);
+            assert_eq!(width - (1 + pools) * C, 2);
             assert_eq!(layers.len(), 2);
             assert!(adapter.coarse_first_layers(&one_grid, width).is_none());
             let chunked = adapter.scores(&split).unwrap();
