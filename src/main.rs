@@ -276,6 +276,9 @@ struct ContextArgs {
     /// `litemedsam-hyper`'s plain encoder output); structure adapters read all of it.
     #[arg(long)]
     coarse_landmarks: bool,
+    /// Hidden units per layer of the adapters' nets.
+    #[arg(long, default_value_t = 128)]
+    hidden: usize,
 }
 
 impl From<ContextArgs> for scout::adapter::Context {
@@ -500,6 +503,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 fragments: context.fragments,
                 pose: context.pose,
                 coarse_landmarks: context.coarse_landmarks,
+                hidden: context.hidden,
                 align,
                 context: context.into(),
                 ..Default::default()
@@ -584,6 +588,7 @@ fn run(cli: Cli) -> Result<(), String> {
                         fragments: context.fragments,
                         pose: context.pose,
                         coarse_landmarks: context.coarse_landmarks,
+                        hidden: context.hidden,
                         context: scout::adapter::Context {
                             pools: context.pools.clone(),
                             global: context.global_context,
