@@ -275,7 +275,7 @@ pub fn structure_findings(
     let Some(shape) = shape else {
         return found;
     };
-    let shaped = shaped_findings(scores, Some(shape), None);
+    let shaped = choose_by_layout(scores, Some(shape), None, Some(&found));
     for (f, g) in found.iter_mut().zip(shaped) {
         let Some(g) = g else { continue };
         let (r, c) = (g.point.0.round(), g.point.1.round());
@@ -362,6 +362,50 @@ pub fn merge_fragments(scores: &Array3<f32>, found: &mut [Option<Finding>]) {
             f.confidence = f.mass / pixels as f64;
         }
     }
+}
+
+/// `cands` (per label, its own regions) and, per label with a region of its own, the
+/// arg-max region of another label (`findings`) nearest to its best one, unless one of its
+/// own regions holds that region's point: scored by the label's own mass there and placed
+/// at the region's point. One per label: the layout tries every combination of
+/// candidates (and, with a pose, every pose of each).
+fn with_look_alikes(
+    scores: &Array3<f32>,
+    argmax: &[Option<Finding>],
+    mut cands: Vec<Vec<Finding>>,
+) -> Vec<Vec<Finding>> {
+    for (l, cs) in cands.iter_mut().enumerate() {
+        let Some(best) = cs.first() else { continue };
+        let distance = |f: &Finding| (f.point.0 - best.point.0).hypot(f.point.1 - best.point.1);
+        let held = |f: &Finding| {
+            let p = (f.point.0.round() as usize, f.point.1.round() as usize);
+            cs.iter().any(|c| c.mask.get(p).copied().unwrap_or(false))
+        };
+        let Some(region) = argmax
+            .iter()
+            .flatten()
+            .filter(|f| f.label != l && !held(f))
+            .min_by(|a, b| distance(a).total_cmp(&distance(b)))
+        else {
+            continue;
+        };
+        let plane = scores.index_axis(Axis(0), l);
+        let mut mass = 0.0;
+        Zip::from(&region.mask).and(&plane).for_each(|&m, &s| {
+            if m {
+                mass += s as f64;
+            }
+        });
+        let pixels = region.mask.iter().filter(|m| **m).count().max(1);
+        cs.push(Finding {
+            label: l,
+            mask: region.mask.clone(),
+            mass,
+            point: region.point,
+            confidence: mass / pixels as f64,
+        });
+    }
+    cands
 }
 
 /// Whether a landmark's finding at `point` in another slice of a stack may vote for the
@@ -610,6 +654,52 @@ mod tests {
             plain[1].as_ref().unwrap().point
         );
         assert!(none[2].is_none());
+    }
+
+    #[test]
+    fn a_structure_scored_as_its_neighbour_is_placed_by_the_layout() {
+        // Six bodies 20 rows apart, structures A–E on bodies 1–5 in the templates. The
+        // target's scores shift the top by one (as spine case s08's): A on body 0 (the
+        // one above), B on body 1 (A's) and weakly on body 2, C on bodies 2 and 3; D and
+        // E where they belong. A's own scores have no region on body 1.
+        let mut s = Array3::<f32>::zeros((5, 130, 40));
+        let body = |s: &mut Array3<f32>, l: usize, b: usize, v: f32| {
+            for r in 5 + 20 * b..13 + 20 * b {
+                for c in 16..24 {
+                    s[[l, r, c]] = v;
+                }
+            }
+        };
+        body(&mut s, 0, 0, 0.9);
+        body(&mut s, 1, 1, 0.9);
+        body(&mut s, 1, 2, 0.35);
+        body(&mut s, 2, 2, 0.6);
+        body(&mut s, 2, 3, 0.8);
+        body(&mut s, 3, 4, 0.8);
+        body(&mut s, 4, 5, 0.8);
+        let at = |b: usize| Some((9.5 + 20.0 * b as f64, 20.0));
+        let templates: Vec<Vec<Option<(f64, f64)>>> = (0..3)
+            .map(|t| {
+                (1..=5)
+                    .map(|b| at(b).map(|(r, c)| (r + t as f64, c)))
+                    .collect()
+            })
+            .collect();
+        let shape = ShapeModel::fit(&templates).unwrap();
+        let row = |f: &Option<Finding>| f.as_ref().map(|f| f.point.0.round());
+        // Each label from its own scores: A stays on body 0.
+        let own = shaped_findings(&s, Some(&shape), None);
+        assert_eq!(row(&own[0]), Some(9.0));
+        let found = structure_findings(&s, Some(&shape));
+        let rows: Vec<_> = found.iter().map(row).collect();
+        let expected: Vec<_> = (1..=5)
+            .map(|b| Some((8.5 + 20.0 * b as f64).round()))
+            .collect();
+        assert_eq!(rows, expected);
+        // A took body 1, B's arg-max region, with A's own (zero) mass.
+        let a = found[0].as_ref().unwrap();
+        assert!(a.mask[[30, 20]] && !a.mask[[10, 20]]);
+        assert_eq!(a.mass, 0.0);
     }
 
     /// A found landmark at `point` (mass 10, no mask) in an image of `dim`.
@@ -1241,6 +1331,20 @@ pub fn shaped_findings(
     shape: Option<&ShapeModel>,
     prior: Option<&Prior>,
 ) -> Vec<Option<Finding>> {
+    choose_by_layout(scores, shape, prior, None)
+}
+
+/// `shaped_findings`; given the arg-max findings (`look_alikes`), each label may also take
+/// another label's arg-max region (scored by its own mass there, `with_look_alikes`):
+/// where the scores shift a run of look-alike structures by one (a vertebral body scored
+/// as its neighbour), the region the label belongs to is then among its candidates, and
+/// the layout can place it there.
+fn choose_by_layout(
+    scores: &Array3<f32>,
+    shape: Option<&ShapeModel>,
+    prior: Option<&Prior>,
+    look_alikes: Option<&[Option<Finding>]>,
+) -> Vec<Option<Finding>> {
     let (n, rows, cols) = scores.dim();
     let shape = shape.filter(|s| s.mean.len() == n);
     let prior = prior.filter(|p| p.points.len() == n);
@@ -1278,6 +1382,10 @@ pub fn shaped_findings(
             found
         })
         .collect();
+    let cands = match look_alikes {
+        Some(argmax) => with_look_alikes(scores, argmax, cands),
+        None => cands,
+    };
     // Relative to each landmark's best-placed candidate: the prior ranks candidates, it
     // never makes leaving a landmark out more attractive.
     let prior_costs: Vec<Vec<f64>> = cands
