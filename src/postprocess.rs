@@ -390,19 +390,19 @@ fn with_look_alikes(
             continue;
         };
         let plane = scores.index_axis(Axis(0), l);
-        let mut mass = 0.0;
+        let (mut mass, mut pixels) = (0.0, 0usize);
         Zip::from(&region.mask).and(&plane).for_each(|&m, &s| {
             if m {
                 mass += s as f64;
+                pixels += 1;
             }
         });
-        let pixels = region.mask.iter().filter(|m| **m).count().max(1);
         cs.push(Finding {
             label: l,
             mask: region.mask.clone(),
             mass,
             point: region.point,
-            confidence: mass / pixels as f64,
+            confidence: mass / pixels.max(1) as f64,
         });
     }
     cands
