@@ -671,22 +671,6 @@ fn in_parallel<T: Send, R: Send>(
     })
 }
 
-/// The columns `runs` of `rows`, side by side (a view when there is one run).
-fn columns_of<'a>(
-    rows: ArrayView2<'a, f32>,
-    runs: &[std::ops::Range<usize>],
-) -> ndarray::CowArray<'a, f32, ndarray::Ix2> {
-    match runs {
-        [run] => rows.slice_move(s![.., run.clone()]).into(),
-        _ => {
-            let parts: Vec<_> = runs.iter().map(|r| rows.slice(s![.., r.clone()])).collect();
-            ndarray::concatenate(Axis(1), &parts)
-                .unwrap_or_else(|_| Array2::zeros((rows.nrows(), 0)))
-                .into()
-        }
-    }
-}
-
 /// Scores as rows of cells (cells × L, cells row-major over an h × w grid) as planes
 /// (L × h × w).
 fn label_planes(rows: &Array2<f32>, h: usize, w: usize) -> Array3<f32> {
@@ -1031,7 +1015,7 @@ impl Adapter {
         // With the channels and their pools taken as planes, a chunk needs only the other
         // columns.
         let built: Vec<usize> = match &split {
-            Some((runs, _)) => runs.iter().flat_map(|r| r.clone()).collect(),
+            Some((per_cell, _)) => per_cell.clone().collect(),
             None => (0..columns.width()).collect(),
         };
         let refs: Vec<_> = all().map(|a| a.reference_terms()).collect();
@@ -1097,9 +1081,10 @@ impl Adapter {
             (self.standardized_rows(fm)?, None)
         };
         let mut sum = Array2::zeros((h * w, self.labels.len()));
-        if let (None, Some((runs, layers))) = (&raw, self.coarse_first_layers(fm, standard.ncols()))
+        if let (None, Some((per_cell, layers))) =
+            (&raw, self.coarse_first_layers(fm, standard.ncols()))
         {
-            let x = columns_of(standard.view(), &runs);
+            let x = standard.slice(s![.., per_cell]);
             for (a, layer) in all().zip(&layers) {
                 sum += &a.split_scores(layer, x.view(), 0..h * w, &a.reference_terms())?;
             }
@@ -1211,7 +1196,8 @@ impl Adapter {
     }
 
     /// Per adapter of `scores` (the members, then this one), its `CoarseFirstLayer` on
-    /// `fm`, with the runs of the columns taken per cell among `width` context columns;
+    /// `fm`, with the columns taken per cell among `width` context columns (those after
+    /// the channels and their pools: position, slice mean; possibly none);
     /// `None` when the map has no coarse channels or a model has no first layer to split.
     ///
     /// The planes are packed once per product, not once per adapter and block; their
@@ -1220,7 +1206,7 @@ impl Adapter {
         &self,
         fm: &FeatureMap,
         width: usize,
-    ) -> Option<(Vec<std::ops::Range<usize>>, Vec<CoarseFirstLayer>)> {
+    ) -> Option<(std::ops::Range<usize>, Vec<CoarseFirstLayer>)> {
         let pools = &self.train.context.pools;
         let fine_channels = fine_channels(fm)?;
         let (h, w) = fm.grid();
@@ -1228,9 +1214,6 @@ impl Adapter {
         let channels = fm.channels();
         let blocks = 1 + pools.len();
         let per_cell = blocks * channels..width;
-        let runs: Vec<_> = std::iter::once(per_cell)
-            .filter(|r| !r.is_empty())
-            .collect();
         let data = fm.data.as_standard_layout();
         let data = data.to_shape((channels, cells)).ok()?;
         let adapters: Vec<&Adapter> = self.members.iter().chain(std::iter::once(self)).collect();
@@ -1353,22 +1336,16 @@ impl Adapter {
         let layers = firsts
             .iter()
             .zip(resized)
-            .map(|(first, resized)| {
-                // In standard layout: its transpose then makes the chunks' products
-                // column-major like the planes (`concatenate` along columns does not give
-                // it, and a row-major product took ~25 ms more per spine slice in the
-                // layers after it).
-                let w_fine = columns_of(first.w.view(), &runs)
-                    .as_standard_layout()
-                    .into_owned();
-                CoarseFirstLayer { w_fine, resized }
+            .map(|(first, resized)| CoarseFirstLayer {
+                w_fine: first.w.slice(s![.., per_cell.clone()]).to_owned(),
+                resized,
             })
             .collect();
-        Some((runs, layers))
+        Some((per_cell, layers))
     }
 
-    /// `row_scores` of the cells `range` from the rows' other columns `x` (those of
-    /// `fine_runs`) and the coarse channels' resized product in `layer`.
+    /// `row_scores` of the cells `range` from their columns taken per cell `x` (those
+    /// `coarse_first_layers` names) and the planes' product in `layer`.
     fn split_scores(
         &self,
         layer: &CoarseFirstLayer,
@@ -2301,12 +2278,12 @@ mod synthetic {
             let one_grid = FeatureMap::new(split.data.clone(), h * 4, w * 4);
             let adapter = position_ensemble(&training, pools);
             let width = adapter.feature_mean.len();
-            let Some((runs, layers)) = adapter.coarse_first_layers(&split, width) else {
+            let Some((per_cell, layers)) = adapter.coarse_first_layers(&split, width) else {
                 panic!("the coarse channels were not split off");
             };
             // Every channel and pooled column is taken as planes: per cell, the position.
             let pools = adapter.train.context.pools.len();
-            assert_eq!(runs, vec![(1 + pools) * C..width]);
+            assert_eq!(per_cell, (1 + pools) * C..width);
             assert_eq!(width - (1 + pools) * C, 2);
             assert_eq!(layers.len(), 2);
             assert!(adapter.coarse_first_layers(&one_grid, width).is_none());

@@ -276,9 +276,9 @@ struct ContextArgs {
     /// `litemedsam-hyper`'s plain encoder output); structure adapters read all of it.
     #[arg(long)]
     coarse_landmarks: bool,
-    /// Hidden units per layer of the adapters' nets.
-    #[arg(long, default_value_t = 128)]
-    hidden: usize,
+    /// Hidden units per layer of the adapters' nets (at least 1).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u16).range(1..))]
+    hidden: u16,
 }
 
 impl From<ContextArgs> for scout::adapter::Context {
@@ -503,7 +503,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 fragments: context.fragments,
                 pose: context.pose,
                 coarse_landmarks: context.coarse_landmarks,
-                hidden: context.hidden,
+                hidden: context.hidden.into(),
                 align,
                 context: context.into(),
                 ..Default::default()
@@ -588,7 +588,7 @@ fn run(cli: Cli) -> Result<(), String> {
                         fragments: context.fragments,
                         pose: context.pose,
                         coarse_landmarks: context.coarse_landmarks,
-                        hidden: context.hidden,
+                        hidden: context.hidden.into(),
                         context: scout::adapter::Context {
                             pools: context.pools.clone(),
                             global: context.global_context,
