@@ -112,8 +112,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let with = |atlas, fragments| {
                 time(&mut || {
                     let mut s = up.clone();
-                    let f =
-                        postprocess::structures(&mut s, adapter.shape.as_ref(), atlas, fragments);
+                    let f = postprocess::structures(
+                        &mut s,
+                        adapter.shape.as_ref(),
+                        atlas,
+                        fragments,
+                        None,
+                    );
                     std::hint::black_box(f);
                 })
             };

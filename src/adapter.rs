@@ -110,6 +110,8 @@ pub struct TrainConfig {
     pub layout_fill: bool,
     /// Landmarks in a stack of slices: only findings within the landmark radius (in-plane)
     /// of the localizer slice's point vote for the 3D point (`postprocess::near_anchor`).
+    /// Structures: the localizer slice's structures are the prior of the layout in the
+    /// stack's other slices (`postprocess::stack_prior`).
     #[serde(default)]
     pub stack_anchor: bool,
     /// Structures: refit the upsampled scores to the slice's intensity edges

@@ -292,7 +292,12 @@ impl Engine {
                     vec![None; lr.bundle.tasks.len()]
                 };
             let mut structures: Vec<Structure> = Vec::new();
-            for &ii in &analysed {
+            // The centre slice first: with `stack_anchor`, the structures it finds are the
+            // prior of the stack's other slices (`postprocess::stack_prior`), per adapter.
+            let mut anchors: Vec<Option<Prior>> = vec![None; lr.bundle.tasks.len()];
+            let order = analysed.iter().filter(|&&ii| ii == center);
+            let order = order.chain(analysed.iter().filter(|&&ii| ii != center));
+            for &ii in order {
                 let img = &images[ii];
                 let inst_err =
                     |source: Box<dyn std::error::Error + Send + Sync>| AnalysisError::Instance {
@@ -309,7 +314,9 @@ impl Engine {
                 // The encoder's input is not kept: the slice is read once more, when an
                 // adapter refines with its intensities.
                 let mut pixels: Option<ndarray::Array2<f32>> = None;
-                for ((task, adapter), prior) in lr.bundle.tasks.iter().zip(&priors) {
+                for (((task, adapter), prior), anchor) in
+                    lr.bundle.tasks.iter().zip(&priors).zip(&mut anchors)
+                {
                     let fm = adapter.features(&fm);
                     // The standardised rows only for the votes: without them the scores
                     // are computed a chunk of cells at a time (`Adapter::scores`).
@@ -337,8 +344,14 @@ impl Engine {
                             adapter.shape.as_ref(),
                             adapter.atlas.as_ref(),
                             adapter.train.fragments,
+                            anchor.as_ref(),
                         ),
                     };
+                    if let (Task::Structures { .. }, true) =
+                        (task, adapter.train.stack_anchor && ii == center)
+                    {
+                        *anchor = Some(postprocess::stack_prior(&found));
+                    }
                     if let (Some(prior), true) = (prior, ii == center) {
                         postprocess::fill_from_prior(
                             &mut found,
@@ -430,6 +443,9 @@ impl Engine {
                 );
             }
             structures.sort_by_key(|s| s.value);
+            for s in &mut structures {
+                s.masks.sort_by_key(|(ii, _)| *ii);
+            }
             stack_results.push(StackResult {
                 plane: stack.plane,
                 images,

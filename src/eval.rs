@@ -1069,7 +1069,15 @@ pub fn evaluate(
         for (ci, (case, fms)) in tests.iter().enumerate() {
             let mut inter = vec![0usize; values.len()];
             let mut union = vec![0usize; values.len()];
-            for (si, (s, fm)) in case.slices.iter().zip(fms).enumerate() {
+            // The localizer slice first: with `stack_anchor` its structures are the prior
+            // of the stack's other slices (`postprocess::stack_prior`).
+            let mut anchor: Option<Prior> = None;
+            let order = std::iter::once(case.center)
+                .chain((0..case.slices.len()).filter(|&i| i != case.center));
+            for si in order {
+                let (Some(s), Some(fm)) = (case.slices.get(si), fms.get(si)) else {
+                    continue;
+                };
                 let Some(gt) = s.labels.as_ref() else {
                     continue;
                 };
@@ -1087,7 +1095,11 @@ pub fn evaluate(
                     first.and_then(|a| a.shape.as_ref()),
                     first.and_then(|a| a.atlas.as_ref()),
                     first.is_some_and(|a| a.train.fragments),
+                    anchor.as_ref(),
                 );
+                if si == case.center && first.is_some_and(|a| a.train.stack_anchor) {
+                    anchor = Some(postprocess::stack_prior(&found));
+                }
                 adapter_ms.push(t.elapsed().as_secs_f64() * 1000.0);
                 let mut pred_masks: Vec<Option<Array2<bool>>> = Vec::with_capacity(values.len());
                 for (l, f) in found.iter().enumerate() {

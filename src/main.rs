@@ -248,8 +248,9 @@ struct ContextArgs {
     /// where the layout of the found ones puts it, when that is certain to the radius.
     #[arg(long)]
     layout_fill: bool,
-    /// Landmarks in a stack: only findings near the localizer slice's point (within the
-    /// radius, in-plane) vote for the 3D point.
+    /// In a stack: only landmark findings near the localizer slice's point (within the
+    /// radius, in-plane) vote for the 3D point; the localizer slice's structures are the
+    /// prior of the structure layout in the other slices.
     #[arg(long)]
     stack_anchor: bool,
     /// Structures: refit the upsampled scores to the slice's intensity edges (guided

@@ -264,18 +264,20 @@ pub fn findings(scores: &Array3<f32>) -> Vec<Option<Finding>> {
 }
 
 /// Structures: the findings of `findings` (their masks drawn at 0.5), except where the
-/// templates' layout of the structures (`shape`) places a label elsewhere — a region the
+/// templates' layout of the structures (`shape`), and the `prior` where there is one (a
+/// stack's localizer slice, `stack_prior`), place a label elsewhere — a region the
 /// arg-max gave to nothing or to a look-alike neighbour: there the layout's choice among
 /// the candidate regions (`shaped_findings`) is taken, mask and all.
 pub fn structure_findings(
     scores: &Array3<f32>,
     shape: Option<&ShapeModel>,
+    prior: Option<&Prior>,
 ) -> Vec<Option<Finding>> {
     let mut found = findings(scores);
-    let Some(shape) = shape else {
+    if shape.is_none() && prior.is_none() {
         return found;
-    };
-    let shaped = choose_by_layout(scores, Some(shape), None, Some(&found));
+    }
+    let shaped = choose_by_layout(scores, shape, prior, Some(&found));
     for (f, g) in found.iter_mut().zip(shaped) {
         let Some(g) = g else { continue };
         let (r, c) = (g.point.0.round(), g.point.1.round());
@@ -303,11 +305,12 @@ pub fn structures(
     shape: Option<&ShapeModel>,
     atlas: Option<&crate::atlas::StructureAtlas>,
     fragments: bool,
+    prior: Option<&Prior>,
 ) -> Vec<Option<Finding>> {
-    let mut found = structure_findings(scores, shape);
+    let mut found = structure_findings(scores, shape, prior);
     if let Some(atlas) = atlas {
         atlas.apply(scores, &found);
-        found = structure_findings(scores, shape);
+        found = structure_findings(scores, shape, prior);
     }
     if fragments {
         merge_fragments(scores, &mut found);
@@ -415,6 +418,28 @@ fn with_look_alikes(
 /// the same label over a neighbour in a lateral slice is the look-alike, however strong.
 pub fn near_anchor(point: (f64, f64), anchor: Option<(f64, f64)>, radius: f64) -> bool {
     anchor.is_none_or(|a| (point.0 - a.0).hypot(point.1 - a.1) <= radius)
+}
+
+/// With `TrainConfig::stack_anchor`, the structures the stack's localizer slice found, as
+/// the prior of its other slices' layout: each centred where the localizer slice has it,
+/// with its equivalent radius (√(area/π)) as the spread. A body lies where the localizer
+/// slice saw it in the slices beside it too, so a candidate a whole body away (a run of
+/// look-alikes taken one body up or down) costs ~2σ per structure, while the outline a
+/// lateral slice cuts through the same body moves its centre by far less.
+pub fn stack_prior(anchor: &[Option<Finding>]) -> Prior {
+    Prior {
+        points: anchor
+            .iter()
+            .map(|f| {
+                let f = f.as_ref()?;
+                let pixels = f.mask.iter().filter(|m| **m).count();
+                Some(crate::align::PriorPoint {
+                    point: f.point,
+                    spread: (pixels as f64 / std::f64::consts::PI).sqrt().max(1.0),
+                })
+            })
+            .collect(),
+    }
 }
 
 /// A 3D landmark from a stack of slices: the slices whose finding carries at least half
@@ -635,7 +660,7 @@ mod tests {
             vec![Some((14.0, 20.0)), Some((33.0, 20.0)), Some((54.0, 20.0))],
         ])
         .unwrap();
-        let found = structure_findings(&s, Some(&shape));
+        let found = structure_findings(&s, Some(&shape), None);
         let a = found[0].as_ref().unwrap();
         assert_eq!(
             a.mask,
@@ -648,7 +673,7 @@ mod tests {
         let c = found[2].as_ref().unwrap().point;
         assert!((c.0 - 52.5).abs() < 1.0, "{c:?}");
         // No layout: the arg-max findings as they are.
-        let none = structure_findings(&s, None);
+        let none = structure_findings(&s, None, None);
         assert_eq!(
             none[1].as_ref().unwrap().point,
             plain[1].as_ref().unwrap().point
@@ -690,7 +715,7 @@ mod tests {
         // Each label from its own scores: A stays on body 0.
         let own = shaped_findings(&s, Some(&shape), None);
         assert_eq!(row(&own[0]), Some(9.0));
-        let found = structure_findings(&s, Some(&shape));
+        let found = structure_findings(&s, Some(&shape), None);
         let rows: Vec<_> = found.iter().map(row).collect();
         let expected: Vec<_> = (1..=5)
             .map(|b| Some((8.5 + 20.0 * b as f64).round()))
@@ -700,6 +725,65 @@ mod tests {
         let a = found[0].as_ref().unwrap();
         assert!(a.mask[[30, 20]] && !a.mask[[10, 20]]);
         assert_eq!(a.mass, 0.0);
+    }
+
+    #[test]
+    fn a_lateral_slice_keeps_the_bodies_its_localizer_slice_found() {
+        // Six bodies 20 rows apart, structures A–E on bodies 1–5. The localizer slice
+        // scores each on its own body; a lateral slice scores each more on the body above
+        // (as spine case s08's slices beside k*), so the layout, the same one body up,
+        // takes the whole run up by one body there — unless the localizer slice's bodies
+        // are its prior.
+        let body = |s: &mut Array3<f32>, l: usize, b: usize, v: f32| {
+            for r in 5 + 20 * b..13 + 20 * b {
+                for c in 16..24 {
+                    s[[l, r, c]] = v;
+                }
+            }
+        };
+        let mut localizer = Array3::<f32>::zeros((5, 130, 40));
+        let mut lateral = localizer.clone();
+        for l in 0..5 {
+            body(&mut localizer, l, l + 1, 0.9);
+            body(&mut lateral, l, l, 0.9);
+            body(&mut lateral, l, l + 1, 0.6);
+        }
+        let at = |b: usize| (9.5 + 20.0 * b as f64, 20.0);
+        let templates: Vec<Vec<Option<(f64, f64)>>> = (0..3)
+            .map(|t| (1..=5).map(|b| Some((at(b).0 + t as f64, 20.0))).collect())
+            .collect();
+        let shape = ShapeModel::fit(&templates).unwrap();
+        let rows = |found: &[Option<Finding>]| -> Vec<Option<f64>> {
+            found
+                .iter()
+                .map(|f| f.as_ref().map(|f| f.point.0.round()))
+                .collect()
+        };
+        // A body's centroid (rows 5 + 20 b to 12 + 20 b), rounded.
+        let bodies = |first: usize| -> Vec<Option<f64>> {
+            (first..first + 5)
+                .map(|b| Some((8.5 + 20.0 * b as f64).round()))
+                .collect()
+        };
+        let anchor = structure_findings(&localizer, Some(&shape), None);
+        assert_eq!(rows(&anchor), bodies(1));
+        let alone = structure_findings(&lateral, Some(&shape), None);
+        assert_eq!(rows(&alone), bodies(0));
+        let prior = stack_prior(&anchor);
+        // 8 × 8 pixels: the equivalent radius √(64/π).
+        let spread = prior.points[0].map(|p| p.spread);
+        assert!((spread.unwrap() - 4.51).abs() < 0.01, "{spread:?}");
+        let anchored = structure_findings(&lateral, Some(&shape), Some(&prior));
+        assert_eq!(rows(&anchored), bodies(1));
+        // With the prior alone (no layout) too; and a structure the localizer slice did
+        // not find has no prior.
+        let mut partial = anchor.clone();
+        partial[4] = None;
+        let prior = stack_prior(&partial);
+        assert!(prior.points[4].is_none());
+        let anchored = structure_findings(&lateral, None, Some(&prior));
+        assert_eq!(rows(&anchored)[..4], bodies(1)[..4]);
+        assert_eq!(rows(&anchored)[4], bodies(0)[4]);
     }
 
     /// A found landmark at `point` (mass 10, no mask) in an image of `dim`.

@@ -677,8 +677,9 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         adapter.shape.as_ref(),
         adapter.atlas.as_ref(),
         adapter.train.fragments,
+        None,
     );
-    let plain = scout::postprocess::structure_findings(&plain, adapter.shape.as_ref());
+    let plain = scout::postprocess::structure_findings(&plain, adapter.shape.as_ref(), None);
     let truth = slice.labels.as_ref().unwrap();
     for (l, name) in ["Right lung", "Left lung", "Heart"].iter().enumerate() {
         let got = &masks[*name];
