@@ -635,8 +635,10 @@ fn in_parallel<T: Send, R: Send>(
     items: Vec<T>,
     job: impl Fn(&mut Vec<f32>, T) -> R + Sync,
 ) -> Vec<R> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = threads.clamp(1, items.len().max(1));
+    // Asked once: on Linux the answer reads the cgroup's CPU quota from files.
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = cores.clamp(1, items.len().max(1));
     let share = items.len().div_ceil(threads).max(1);
     let mut items = items.into_iter();
     let mut shares: Vec<Vec<T>> = Vec::with_capacity(threads);

@@ -424,8 +424,9 @@ pub fn near_anchor(point: (f64, f64), anchor: Option<(f64, f64)>, radius: f64) -
 /// the prior of its other slices' layout: each centred where the localizer slice has it,
 /// with its equivalent radius (√(area/π)) as the spread. A body lies where the localizer
 /// slice saw it in the slices beside it too, so a candidate a whole body away (a run of
-/// look-alikes taken one body up or down) costs ~2σ per structure, while the outline a
-/// lateral slice cuts through the same body moves its centre by far less.
+/// look-alikes taken one body up or down) lies ≈ 2.4 σ off for a body seen whole (spine
+/// s08), while the outline a lateral slice cuts through the same body moves its centre by
+/// far less.
 pub fn stack_prior(anchor: &[Option<Finding>]) -> Prior {
     Prior {
         points: anchor
@@ -681,20 +682,42 @@ mod tests {
         assert!(none[2].is_none());
     }
 
+    /// Label `l` scored `v` on body `b` of a column of bodies (8 × 8 pixels, 20 rows apart,
+    /// in a 130 × 40 image of five labels).
+    fn body(s: &mut Array3<f32>, l: usize, b: usize, v: f32) {
+        for r in 5 + 20 * b..13 + 20 * b {
+            for c in 16..24 {
+                s[[l, r, c]] = v;
+            }
+        }
+    }
+
+    /// The layout of three templates with structures A–E on bodies 1–5 (`body`).
+    fn five_bodies_layout() -> ShapeModel {
+        let templates: Vec<Vec<Option<(f64, f64)>>> = (0..3)
+            .map(|t| {
+                (1..=5)
+                    .map(|b| Some((9.5 + 20.0 * b as f64 + t as f64, 20.0)))
+                    .collect()
+            })
+            .collect();
+        ShapeModel::fit(&templates).unwrap()
+    }
+
+    /// The rows of body `first` and the four below it (their centroids, rounded).
+    fn five_bodies_from(first: usize) -> Vec<Option<f64>> {
+        (first..first + 5)
+            .map(|b| Some((8.5 + 20.0 * b as f64).round()))
+            .collect()
+    }
+
     #[test]
     fn a_structure_scored_as_its_neighbour_is_placed_by_the_layout() {
-        // Six bodies 20 rows apart, structures A–E on bodies 1–5 in the templates. The
-        // target's scores shift the top by one (as spine case s08's): A on body 0 (the
-        // one above), B on body 1 (A's) and weakly on body 2, C on bodies 2 and 3; D and
-        // E where they belong. A's own scores have no region on body 1.
+        // Six bodies, structures A–E on bodies 1–5 in the templates. The target's scores
+        // shift the top by one (as spine case s08's): A on body 0 (the one above), B on
+        // body 1 (A's) and weakly on body 2, C on bodies 2 and 3; D and E where they
+        // belong. A's own scores have no region on body 1.
         let mut s = Array3::<f32>::zeros((5, 130, 40));
-        let body = |s: &mut Array3<f32>, l: usize, b: usize, v: f32| {
-            for r in 5 + 20 * b..13 + 20 * b {
-                for c in 16..24 {
-                    s[[l, r, c]] = v;
-                }
-            }
-        };
         body(&mut s, 0, 0, 0.9);
         body(&mut s, 1, 1, 0.9);
         body(&mut s, 1, 2, 0.35);
@@ -702,25 +725,14 @@ mod tests {
         body(&mut s, 2, 3, 0.8);
         body(&mut s, 3, 4, 0.8);
         body(&mut s, 4, 5, 0.8);
-        let at = |b: usize| Some((9.5 + 20.0 * b as f64, 20.0));
-        let templates: Vec<Vec<Option<(f64, f64)>>> = (0..3)
-            .map(|t| {
-                (1..=5)
-                    .map(|b| at(b).map(|(r, c)| (r + t as f64, c)))
-                    .collect()
-            })
-            .collect();
-        let shape = ShapeModel::fit(&templates).unwrap();
+        let shape = five_bodies_layout();
         let row = |f: &Option<Finding>| f.as_ref().map(|f| f.point.0.round());
         // Each label from its own scores: A stays on body 0.
         let own = shaped_findings(&s, Some(&shape), None);
         assert_eq!(row(&own[0]), Some(9.0));
         let found = structure_findings(&s, Some(&shape), None);
         let rows: Vec<_> = found.iter().map(row).collect();
-        let expected: Vec<_> = (1..=5)
-            .map(|b| Some((8.5 + 20.0 * b as f64).round()))
-            .collect();
-        assert_eq!(rows, expected);
+        assert_eq!(rows, five_bodies_from(1));
         // A took body 1, B's arg-max region, with A's own (zero) mass.
         let a = found[0].as_ref().unwrap();
         assert!(a.mask[[30, 20]] && !a.mask[[10, 20]]);
@@ -729,18 +741,10 @@ mod tests {
 
     #[test]
     fn a_lateral_slice_keeps_the_bodies_its_localizer_slice_found() {
-        // Six bodies 20 rows apart, structures A–E on bodies 1–5. The localizer slice
-        // scores each on its own body; a lateral slice scores each more on the body above
-        // (as spine case s08's slices beside k*), so the layout, the same one body up,
-        // takes the whole run up by one body there — unless the localizer slice's bodies
-        // are its prior.
-        let body = |s: &mut Array3<f32>, l: usize, b: usize, v: f32| {
-            for r in 5 + 20 * b..13 + 20 * b {
-                for c in 16..24 {
-                    s[[l, r, c]] = v;
-                }
-            }
-        };
+        // Six bodies, structures A–E on bodies 1–5. The localizer slice scores each on its
+        // own body; a lateral slice scores each more on the body above (as spine case
+        // s08's slices beside k*), so the layout, the same one body up, takes the whole
+        // run up by one body there — unless the localizer slice's bodies are its prior.
         let mut localizer = Array3::<f32>::zeros((5, 130, 40));
         let mut lateral = localizer.clone();
         for l in 0..5 {
@@ -748,23 +752,14 @@ mod tests {
             body(&mut lateral, l, l, 0.9);
             body(&mut lateral, l, l + 1, 0.6);
         }
-        let at = |b: usize| (9.5 + 20.0 * b as f64, 20.0);
-        let templates: Vec<Vec<Option<(f64, f64)>>> = (0..3)
-            .map(|t| (1..=5).map(|b| Some((at(b).0 + t as f64, 20.0))).collect())
-            .collect();
-        let shape = ShapeModel::fit(&templates).unwrap();
+        let shape = five_bodies_layout();
         let rows = |found: &[Option<Finding>]| -> Vec<Option<f64>> {
             found
                 .iter()
                 .map(|f| f.as_ref().map(|f| f.point.0.round()))
                 .collect()
         };
-        // A body's centroid (rows 5 + 20 b to 12 + 20 b), rounded.
-        let bodies = |first: usize| -> Vec<Option<f64>> {
-            (first..first + 5)
-                .map(|b| Some((8.5 + 20.0 * b as f64).round()))
-                .collect()
-        };
+        let bodies = five_bodies_from;
         let anchor = structure_findings(&localizer, Some(&shape), None);
         assert_eq!(rows(&anchor), bodies(1));
         let alone = structure_findings(&lateral, Some(&shape), None);
