@@ -208,11 +208,15 @@ impl Storescp {
         v
     }
 
+    /// At least `count` received files of `prefix` (fewer at `timeout`), each read whole:
+    /// storescp names a file before it has written all of it, and a test that opened one
+    /// early read a truncated object.
     pub fn wait_for(&self, prefix: &str, count: usize, timeout: Duration) -> Vec<PathBuf> {
         let deadline = Instant::now() + timeout;
         loop {
             let v = self.received(prefix);
-            if v.len() >= count || Instant::now() > deadline {
+            let whole = v.iter().all(|p| open_file(p).is_ok());
+            if (v.len() >= count && whole) || Instant::now() > deadline {
                 return v;
             }
             std::thread::sleep(Duration::from_millis(50));
