@@ -111,7 +111,9 @@ pub struct TrainConfig {
     /// Landmarks in a stack of slices: only findings within the landmark radius (in-plane)
     /// of the localizer slice's point vote for the 3D point (`postprocess::near_anchor`).
     /// Structures: the localizer slice's structures are the prior of the layout in the
-    /// stack's other slices (`postprocess::stack_prior`).
+    /// stack's other slices (`postprocess::stack_prior`), and a structure's region there
+    /// is cut past the reach the templates' stacks show around its section in the
+    /// localizer slice (`stack`).
     #[serde(default)]
     pub stack_anchor: bool,
     /// Structures: refit the upsampled scores to the slice's intensity edges
@@ -458,6 +460,11 @@ pub struct Adapter {
     /// Structures: the templates' atlas, when trained with `atlas`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub atlas: Option<crate::atlas::StructureAtlas>,
+    /// Structures, when trained with `stack_anchor` on stacks: per structure, how far its
+    /// sections in a stack's other slices reach past its section in the centre slice, in
+    /// equivalent radii of that section (`stack::learn_reach`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stack_reach: Vec<Option<f64>>,
 }
 
 /// Features of all cells as rows (h·w × columns, cells row-major over the grid): the
@@ -843,6 +850,7 @@ impl Adapter {
             members,
             votes: Vec::new(),
             atlas: None,
+            stack_reach: Vec::new(),
         })
     }
 
@@ -877,6 +885,19 @@ impl Adapter {
             .position(|v| v.as_ref().is_some_and(|v| !v.fits(c)))
         {
             return Err(format!("vote model {i} does not fit {c} feature columns"));
+        }
+        if !self.stack_reach.is_empty()
+            && (self.stack_reach.len() != n
+                || self
+                    .stack_reach
+                    .iter()
+                    .flatten()
+                    .any(|r| !r.is_finite() || *r < 0.0))
+        {
+            return Err(format!(
+                "{} stack reaches for {n} labels, or one not a finite share ≥ 0",
+                self.stack_reach.len()
+            ));
         }
         if self.atlas.as_ref().is_some_and(|a| !a.fits(n)) {
             return Err(format!(

@@ -293,8 +293,10 @@ impl Engine {
                 };
             let mut structures: Vec<Structure> = Vec::new();
             // The centre slice first: with `stack_anchor`, the structures it finds are the
-            // prior of the stack's other slices (`postprocess::stack_prior`), per adapter.
-            let mut anchors: Vec<Option<Prior>> = vec![None; lr.bundle.tasks.len()];
+            // prior of the stack's other slices and bound how far their regions reach there
+            // (`stack::Anchor`), per adapter.
+            let mut anchors: Vec<crate::stack::Anchor> =
+                lr.bundle.tasks.iter().map(|_| Default::default()).collect();
             let order = analysed.iter().filter(|&&ii| ii == center);
             let order = order.chain(analysed.iter().filter(|&&ii| ii != center));
             for &ii in order {
@@ -339,19 +341,13 @@ impl Engine {
                             adapter.shape.as_ref(),
                             prior.as_ref(),
                         ),
-                        Task::Structures { .. } => postprocess::structures(
+                        Task::Structures { .. } => anchor.structures(
                             &mut up,
-                            adapter.shape.as_ref(),
-                            adapter.atlas.as_ref(),
-                            adapter.train.fragments,
-                            anchor.as_ref(),
+                            Some(adapter),
+                            ii == center,
+                            crate::stack::cell_side(&scores, fm.image_rows, fm.image_columns),
                         ),
                     };
-                    if let (Task::Structures { .. }, true) =
-                        (task, adapter.train.stack_anchor && ii == center)
-                    {
-                        *anchor = Some(postprocess::stack_prior(&found));
-                    }
                     if let (Some(prior), true) = (prior, ii == center) {
                         postprocess::fill_from_prior(
                             &mut found,

@@ -519,6 +519,29 @@ pub fn train_task(
             a.shape =
                 crate::postprocess::ShapeModel::fit(&centroids).map(|s| s.with_pose(config.pose));
         }
+        if let (Task::Structures { values }, true) = (task, config.stack_anchor) {
+            let values: Vec<u8> = group.iter().map(|&l| values[l]).collect();
+            let stacks = templates.iter().map(|(case, _)| {
+                let maps: Vec<&Array2<u8>> = case
+                    .slices
+                    .iter()
+                    .filter_map(|s| s.labels.as_ref())
+                    .collect();
+                // With a slice unlabelled the maps no longer line up with the slices
+                // (the centre's index would be off): such a template teaches nothing.
+                let center = if maps.len() == case.slices.len() {
+                    case.center
+                } else {
+                    usize::MAX
+                };
+                (maps, center)
+            });
+            let reach = crate::stack::learn_reach(stacks, &values);
+            // Templates of one slice each teach nothing here: the file stays as before.
+            if reach.iter().any(Option::is_some) {
+                a.stack_reach = reach;
+            }
+        }
         if let (Task::Structures { values }, true) = (task, config.atlas) {
             let values: Vec<u8> = group.iter().map(|&l| values[l]).collect();
             let maps = templates
@@ -1070,8 +1093,8 @@ pub fn evaluate(
             let mut inter = vec![0usize; values.len()];
             let mut union = vec![0usize; values.len()];
             // The localizer slice first: with `stack_anchor` its structures are the prior
-            // of the stack's other slices (`postprocess::stack_prior`).
-            let mut anchor: Option<Prior> = None;
+            // of the stack's other slices and bound how far their regions reach there.
+            let mut anchor = crate::stack::Anchor::default();
             let order = std::iter::once(case.center)
                 .chain((0..case.slices.len()).filter(|&i| i != case.center));
             for si in order {
@@ -1089,17 +1112,12 @@ pub fn evaluate(
                     let guide = crate::image::normalize(&s.pixels).map_err(BackboneError::from)?;
                     postprocess::refine_to_edges(&mut up, &guide, fm.grid().0);
                 }
-                let first = trained.adapters.first();
-                let found = postprocess::structures(
+                let found = anchor.structures(
                     &mut up,
-                    first.and_then(|a| a.shape.as_ref()),
-                    first.and_then(|a| a.atlas.as_ref()),
-                    first.is_some_and(|a| a.train.fragments),
-                    anchor.as_ref(),
+                    trained.adapters.first(),
+                    si == case.center,
+                    crate::stack::cell_side(&scores, rows, cols),
                 );
-                if si == case.center && first.is_some_and(|a| a.train.stack_anchor) {
-                    anchor = Some(postprocess::stack_prior(&found));
-                }
                 adapter_ms.push(t.elapsed().as_secs_f64() * 1000.0);
                 let mut pred_masks: Vec<Option<Array2<bool>>> = Vec::with_capacity(values.len());
                 for (l, f) in found.iter().enumerate() {
@@ -1575,6 +1593,84 @@ mod tests {
         assert!(!whole.train.coarse_landmarks);
         assert_eq!(whole.feature_mean.len(), 7);
         assert_eq!(whole.features(target).channels(), 7);
+    }
+
+    /// With `stack_anchor`, a structure adapter learns from the templates' stacks how far
+    /// a structure reaches past its section in the centre slice; templates of one slice
+    /// teach it nothing.
+    #[test]
+    fn stack_anchor_learns_the_structures_reach_from_template_stacks() {
+        // Three-slice stacks of a 16 × 20 rectangle, the lateral slices shifted down by 2
+        // rows: 10 % of their pixels lie 1 or 2 pixels past the centre's rectangle.
+        let stack = |t: usize| {
+            let rect = |top: usize| {
+                Array2::from_shape_fn((64, 64), |(r, c)| {
+                    u8::from((top..top + 16).contains(&r) && (20..40).contains(&c))
+                })
+            };
+            let slices: Vec<Slice> = [22, 20, 22]
+                .iter()
+                .map(|&top| Slice {
+                    pixels: Array2::from_elem((64, 64), t as f32),
+                    labels: Some(rect(top)),
+                    k: None,
+                })
+                .collect();
+            let fms = slices
+                .iter()
+                .map(|s| {
+                    let labels = s.labels.clone().unwrap_or_default();
+                    let data = Array3::from_shape_fn((2, 16, 16), |(ch, i, j)| {
+                        f32::from(labels[[i * 4 + 2, j * 4 + 2]]) * (ch + 1) as f32
+                    });
+                    FeatureMap::new(data, 64, 64)
+                })
+                .collect();
+            let case = Case {
+                name: format!("t{t}"),
+                slices,
+                center: 1,
+                landmarks: BTreeMap::new(),
+            };
+            (case, fms)
+        };
+        let templates: Vec<(Case, Vec<FeatureMap>)> = (0..2).map(stack).collect();
+        let structures = Task::Structures { values: vec![1] };
+        let train = |templates: &[(Case, Vec<FeatureMap>)], stack_anchor: bool| {
+            let config = TrainConfig {
+                steps: 20,
+                stack_anchor,
+                ..TrainConfig::default()
+            };
+            train_task(
+                &structures,
+                Method::Classification,
+                false,
+                templates,
+                &[],
+                &config,
+                ("test", "0"),
+            )
+            .unwrap()
+            .remove(0)
+        };
+        let a = train(&templates, true);
+        let equivalent = (320.0 / std::f64::consts::PI).sqrt();
+        assert_eq!(a.stack_reach.len(), 1);
+        let reach = a.stack_reach[0].unwrap_or(0.0);
+        assert!((reach - 2.0 / equivalent).abs() < 1e-9, "{reach}");
+        assert!(a.validate().is_ok());
+        assert!(train(&templates, false).stack_reach.is_empty());
+        let single: Vec<(Case, Vec<FeatureMap>)> = templates
+            .iter()
+            .map(|(c, fms)| {
+                let mut c = c.clone();
+                c.slices.truncate(1);
+                c.center = 0;
+                (c, vec![fms[0].clone()])
+            })
+            .collect();
+        assert!(train(&single, true).stack_reach.is_empty());
     }
 
     /// A bright blob and its landmark move together; labels follow; gamma keeps the range.

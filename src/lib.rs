@@ -36,6 +36,7 @@ pub mod seg;
 pub mod series;
 pub mod spool;
 pub mod sr;
+pub mod stack;
 pub mod synth;
 pub mod templates;
 pub mod train;

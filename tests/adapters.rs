@@ -243,6 +243,15 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
     // A structure atlas with a value that is no share of templates.
     let err = refused(&|json| json["tasks"][1][1]["atlas"]["maps"][0][5] = serde_json::json!(2.0));
     assert!(err.contains("structure atlas"), "{err}");
+    // A stack reach that is no distance (images teach none: the field is added here).
+    assert!(structures.stack_reach.is_empty(), "one-slice templates");
+    let labels = structures.labels.len();
+    let err = refused(&|json| {
+        let mut reach = vec![serde_json::Value::Null; labels];
+        reach[0] = serde_json::json!(-0.5);
+        json["tasks"][1][1]["stack_reach"] = serde_json::json!(reach);
+    });
+    assert!(err.contains("stack reach"), "{err}");
     // A layout that does not describe the adapter's labels.
     let err = refused(&|json| {
         json["tasks"][1][1]["shape"] =
