@@ -151,10 +151,12 @@ pub fn cut(found: &mut [Option<Finding>], allowed: &[Option<Array2<bool>>], scor
             continue;
         }
         let plane = scores.index_axis(ndarray::Axis(0), finding.label);
-        let (mut mass, mut rows, mut cols, mut pixels) = (0.0, 0.0, 0.0, 0usize);
+        let (mut mass, mut rows, mut cols, mut pixels, mut removed) =
+            (0.0, 0.0, 0.0, 0usize, 0usize);
         Zip::indexed(&mut finding.mask)
             .and(region)
             .for_each(|(r, c), m, &keep| {
+                removed += usize::from(*m && !keep);
                 *m &= keep;
                 if *m {
                     let s = plane.get((r, c)).copied().unwrap_or(0.0) as f64;
@@ -166,6 +168,9 @@ pub fn cut(found: &mut [Option<Finding>], allowed: &[Option<Array2<bool>>], scor
             });
         if pixels == 0 {
             *f = None;
+            continue;
+        }
+        if removed == 0 {
             continue;
         }
         finding.mass = mass;
@@ -428,6 +433,16 @@ mod tests {
             found[1].as_ref().map(|f| f.mass),
             Some(50.0),
             "no region: untouched"
+        );
+        // A region wholly inside keeps its figures as the regions gave them.
+        let mut inside = vec![Some(Finding {
+            mask: disk(dim, (10.0, 10.0), 2.0),
+            ..wide_region(0)
+        })];
+        cut(&mut inside, &allowed, &scores);
+        assert_eq!(
+            inside[0].as_ref().map(|f| (f.mass, f.point)),
+            Some((50.0, (10.0, 15.5)))
         );
         // A region wholly outside is absent.
         let mut far = vec![Some(Finding {
