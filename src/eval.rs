@@ -521,20 +521,12 @@ pub fn train_task(
         }
         if let (Task::Structures { values }, true) = (task, config.stack_anchor) {
             let values: Vec<u8> = group.iter().map(|&l| values[l]).collect();
-            let stacks = templates.iter().map(|(case, _)| {
-                let maps: Vec<&Array2<u8>> = case
-                    .slices
-                    .iter()
-                    .filter_map(|s| s.labels.as_ref())
-                    .collect();
-                // With a slice unlabelled the maps no longer line up with the slices
-                // (the centre's index would be off): such a template teaches nothing.
-                let center = if maps.len() == case.slices.len() {
-                    case.center
-                } else {
-                    usize::MAX
-                };
-                (maps, center)
+            // A template with a slice unlabelled teaches nothing: its maps would not line
+            // up with its slices.
+            let stacks = templates.iter().filter_map(|(case, _)| {
+                let maps: Option<Vec<&Array2<u8>>> =
+                    case.slices.iter().map(|s| s.labels.as_ref()).collect();
+                Some((maps?, case.center))
             });
             let reach = crate::stack::learn_reach(stacks, &values);
             // Templates of one slice each teach nothing here: the file stays as before.
