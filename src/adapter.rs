@@ -111,7 +111,7 @@ pub struct TrainConfig {
     /// Landmarks in a stack of slices: only findings within the landmark radius (in-plane)
     /// of the localizer slice's point vote for the 3D point (`postprocess::near_anchor`).
     /// Structures: the localizer slice's structures are the prior of the layout in the
-    /// stack's other slices (`postprocess::stack_prior`), and a structure's region there
+    /// stack's other slices (`stack::prior`), and a structure's region there
     /// is cut past the reach the templates' stacks show around its section in the
     /// localizer slice (`stack`).
     #[serde(default)]

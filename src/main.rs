@@ -250,7 +250,9 @@ struct ContextArgs {
     layout_fill: bool,
     /// In a stack: only landmark findings near the localizer slice's point (within the
     /// radius, in-plane) vote for the 3D point; the localizer slice's structures are the
-    /// prior of the structure layout in the other slices.
+    /// prior of the structure layout in the other slices, and each structure's region there
+    /// is cut to the reach of its section in the localizer slice, learned from the
+    /// templates' stacks.
     #[arg(long)]
     stack_anchor: bool,
     /// Structures: refit the upsampled scores to the slice's intensity edges (guided

@@ -265,7 +265,7 @@ pub fn findings(scores: &Array3<f32>) -> Vec<Option<Finding>> {
 
 /// Structures: the findings of `findings` (their masks drawn at 0.5), except where the
 /// templates' layout of the structures (`shape`), and the `prior` where there is one (a
-/// stack's localizer slice, `stack_prior`), place a label elsewhere — a region the
+/// stack's localizer slice, `stack::prior`), place a label elsewhere — a region the
 /// arg-max gave to nothing or to a look-alike neighbour: there the layout's choice among
 /// the candidate regions (`shaped_findings`) is taken, mask and all.
 pub fn structure_findings(
@@ -418,29 +418,6 @@ fn with_look_alikes(
 /// the same label over a neighbour in a lateral slice is the look-alike, however strong.
 pub fn near_anchor(point: (f64, f64), anchor: Option<(f64, f64)>, radius: f64) -> bool {
     anchor.is_none_or(|a| (point.0 - a.0).hypot(point.1 - a.1) <= radius)
-}
-
-/// With `TrainConfig::stack_anchor`, the structures the stack's localizer slice found, as
-/// the prior of its other slices' layout: each centred where the localizer slice has it,
-/// with its equivalent radius (√(area/π)) as the spread. A body lies where the localizer
-/// slice saw it in the slices beside it too, so a candidate a whole body away (a run of
-/// look-alikes taken one body up or down) lies ≈ 2.4 σ off for a body seen whole (spine
-/// s08), while the outline a lateral slice cuts through the same body moves its centre by
-/// far less.
-pub fn stack_prior(anchor: &[Option<Finding>]) -> Prior {
-    Prior {
-        points: anchor
-            .iter()
-            .map(|f| {
-                let f = f.as_ref()?;
-                let pixels = f.mask.iter().filter(|m| **m).count();
-                Some(crate::align::PriorPoint {
-                    point: f.point,
-                    spread: (pixels as f64 / std::f64::consts::PI).sqrt().max(1.0),
-                })
-            })
-            .collect(),
-    }
 }
 
 /// A 3D landmark from a stack of slices: the slices whose finding carries at least half
@@ -764,7 +741,7 @@ mod tests {
         assert_eq!(rows(&anchor), bodies(1));
         let alone = structure_findings(&lateral, Some(&shape), None);
         assert_eq!(rows(&alone), bodies(0));
-        let prior = stack_prior(&anchor);
+        let prior = crate::stack::prior(&anchor);
         // 8 × 8 pixels: the equivalent radius √(64/π).
         let spread = prior.points[0].map(|p| p.spread);
         assert!((spread.unwrap() - 4.51).abs() < 0.01, "{spread:?}");
@@ -774,7 +751,7 @@ mod tests {
         // not find has no prior.
         let mut partial = anchor.clone();
         partial[4] = None;
-        let prior = stack_prior(&partial);
+        let prior = crate::stack::prior(&partial);
         assert!(prior.points[4].is_none());
         let anchored = structure_findings(&lateral, None, Some(&prior));
         assert_eq!(rows(&anchored)[..4], bodies(1)[..4]);

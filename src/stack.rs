@@ -5,8 +5,9 @@
 //! their section in slice k* for 99 % of their pixels. A region of the body's label that
 //! reaches further out in a lateral slice is the adapter's spill into the soft tissue or a
 //! neighbour around it. The reach is learned per structure from the templates' stacks (a
-//! structure whose sections do not nest gets a reach large enough to change nothing), as a
+//! structure whose sections do not nest gets the larger reach its templates show), as a
 //! share of the section's equivalent radius so that it keeps to another field of view.
+//! The same centre slice also places the structures of the others (`prior`).
 
 use ndarray::{Array2, Array3, Zip};
 
@@ -15,7 +16,7 @@ use crate::align::Prior;
 use crate::postprocess::{self, Finding};
 
 /// What a stack's centre slice passes on to the structures of its other slices, with
-/// `TrainConfig::stack_anchor`: the layout prior (`postprocess::stack_prior`) and where
+/// `TrainConfig::stack_anchor`: the layout prior (`prior`) and where
 /// each structure's region may stay (`allowed`, `cut`). `scout eval` and the agent both take a
 /// stack's structures through it, centre slice first.
 #[derive(Debug, Default)]
@@ -44,11 +45,40 @@ impl Anchor {
         );
         cut(&mut found, &self.allowed, scores);
         if let (true, Some(a)) = (centre, adapter.filter(|a| a.train.stack_anchor)) {
-            self.prior = Some(postprocess::stack_prior(&found));
+            self.prior = Some(prior(&found));
             self.allowed = allowed(&found, &a.stack_reach, cell);
         }
         found
     }
+}
+
+/// With `TrainConfig::stack_anchor`, the structures the stack's localizer slice found, as
+/// the prior of its other slices' layout: each centred where the localizer slice has it,
+/// with its equivalent radius (√(area/π)) as the spread. A body lies where the localizer
+/// slice saw it in the slices beside it too, so a candidate a whole body away (a run of
+/// look-alikes taken one body up or down) lies ≈ 2.4 σ off for a body seen whole (spine
+/// s08), while the outline a lateral slice cuts through the same body moves its centre by
+/// far less.
+pub fn prior(anchor: &[Option<Finding>]) -> Prior {
+    Prior {
+        points: anchor
+            .iter()
+            .map(|f| {
+                let f = f.as_ref()?;
+                let pixels = f.mask.iter().filter(|m| **m).count();
+                Some(crate::align::PriorPoint {
+                    point: f.point,
+                    spread: equivalent_radius(pixels).max(1.0),
+                })
+            })
+            .collect(),
+    }
+}
+
+/// The radius of a disk of `pixels` pixels, √(pixels/π): a section's size, whatever its
+/// shape.
+fn equivalent_radius(pixels: usize) -> f64 {
+    (pixels as f64 / std::f64::consts::PI).sqrt()
 }
 
 /// The share of a structure's off-centre pixels the learned reach must hold, per template.
@@ -97,7 +127,7 @@ pub fn learn_reach<'a>(
             d.sort_by(f32::total_cmp);
             // Nearest rank: the smallest distance that holds `HELD` of the pixels.
             let rank = ((HELD * d.len() as f64).ceil() as usize).clamp(1, d.len());
-            let share = d[rank - 1] as f64 / (area as f64 / std::f64::consts::PI).sqrt();
+            let share = d[rank - 1] as f64 / equivalent_radius(area);
             reach[l] = Some(reach[l].map_or(share, |r: f64| r.max(share)));
         }
     }
@@ -122,7 +152,7 @@ pub fn allowed(
             if area == 0 {
                 return None;
             }
-            let grow = r * (area as f64 / std::f64::consts::PI).sqrt() + slack;
+            let grow = r * equivalent_radius(area) + slack;
             Some(distance_outside(&f.mask).mapv(|d| f64::from(d) <= grow))
         })
         .collect()
