@@ -307,6 +307,15 @@ impl Engine {
                         sop_instance_uid: img.sop_instance_uid.clone(),
                         source,
                     };
+                let on_centre_grid =
+                    ii == center || images[center].geometry.same_grid(&img.geometry);
+                if !on_centre_grid {
+                    log::debug!(
+                        "rule {}: {} is off the centre slice's pixel grid; its structures are not anchored",
+                        rule.name,
+                        img.sop_instance_uid
+                    );
+                }
                 let t = std::time::Instant::now();
                 let fm = lr
                     .store
@@ -341,6 +350,16 @@ impl Engine {
                             adapter.shape.as_ref(),
                             prior.as_ref(),
                         ),
+                        // The centre slice's structures reach the others by pixel: a slice
+                        // off its grid is taken on its own.
+                        Task::Structures { .. } if !on_centre_grid => {
+                            crate::stack::Anchor::default().structures(
+                                &mut up,
+                                Some(adapter),
+                                false,
+                                crate::stack::cell_side(&scores, fm.image_rows, fm.image_columns),
+                            )
+                        }
                         Task::Structures { .. } => anchor.structures(
                             &mut up,
                             Some(adapter),

@@ -103,6 +103,32 @@ impl SliceGeometry {
         Some((row, column))
     }
 
+    /// Whether `other` lies on this slice's pixel grid moved along the normal: same size,
+    /// parallel, and its first and last pixels over this slice's own (within half a
+    /// pixel). What a stack's centre slice passes on to the others by pixel (`stack`)
+    /// holds only then. False when either lacks its geometry.
+    pub fn same_grid(&self, other: &SliceGeometry) -> bool {
+        if (self.rows, self.columns) != (other.rows, other.columns) {
+            return false;
+        }
+        let (Some(a), Some(b)) = (self.normal(), other.normal()) else {
+            return false;
+        };
+        if dot(a, b).abs() < 0.9999 {
+            return false;
+        }
+        let last = (
+            f64::from(self.rows.max(1) - 1),
+            f64::from(self.columns.max(1) - 1),
+        );
+        [(0.0, 0.0), last].iter().all(|&(r, c)| {
+            other
+                .pixel_to_patient(r, c)
+                .and_then(|p| self.patient_to_pixel(p))
+                .is_some_and(|(pr, pc)| (pr - r).abs() <= 0.5 && (pc - c).abs() <= 0.5)
+        })
+    }
+
     /// Patient coordinates (mm) of the centre of pixel (row, column), PS3.3 C.7.6.2.1.1.
     pub fn pixel_to_patient(&self, row: f64, column: f64) -> Option<[f64; 3]> {
         let o = self.orientation?;
@@ -119,6 +145,40 @@ impl SliceGeometry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slices_share_a_grid_only_when_moved_along_their_normal() {
+        // Sagittal: rows along z, columns along y; the normal is x.
+        let centre = g([0.0, 1.0, 0.0, 0.0, 0.0, -1.0]);
+        let moved = |d: [f64; 3]| SliceGeometry {
+            position: centre
+                .position
+                .map(|p| [p[0] + d[0], p[1] + d[1], p[2] + d[2]]),
+            ..centre.clone()
+        };
+        assert!(centre.same_grid(&moved([5.0, 0.0, 0.0])));
+        assert!(
+            centre.same_grid(&moved([-20.0, 0.2, 0.0])),
+            "0.4 of a column off"
+        );
+        assert!(
+            !centre.same_grid(&moved([5.0, 2.0, 0.0])),
+            "four columns off"
+        );
+        assert!(!centre.same_grid(&moved([5.0, 0.0, 1.0])), "one row off");
+        let smaller = SliceGeometry {
+            rows: 128,
+            ..moved([5.0, 0.0, 0.0])
+        };
+        assert!(!centre.same_grid(&smaller));
+        let tilted = g([0.0, 1.0, 0.0, 0.1, 0.0, -0.995]);
+        assert!(!centre.same_grid(&tilted));
+        let unknown = SliceGeometry {
+            orientation: None,
+            ..centre.clone()
+        };
+        assert!(!centre.same_grid(&unknown) && !unknown.same_grid(&centre));
+    }
 
     fn g(o: [f64; 6]) -> SliceGeometry {
         SliceGeometry {
