@@ -82,6 +82,9 @@ pub struct Dataset {
     pub landmarks: LandmarkTable,
     /// Landmark names in first-seen order of the CSV.
     pub landmark_names: Vec<String>,
+    /// Whether the images are stored as negatives (air bright) and are read inverted
+    /// (`inverted`).
+    pub negatives: bool,
 }
 
 /// Slices per volume case and their spacing, per EVALUATION.md.
@@ -130,7 +133,17 @@ impl Dataset {
             cases,
             landmarks,
             landmark_names,
+            negatives: false,
         })
+    }
+
+    /// The same data set, its images read inverted when `negatives`: a set stored as
+    /// negatives, as the chest-xr PNGs are (air bright: in every one of their label maps
+    /// the lungs are brighter than the heart), reaches the adapters as positives, the way
+    /// the agent reads any image (`image::read_dicom` inverts MONOCHROME1), so templates
+    /// and the images an adapter later sees agree.
+    pub fn inverted(self, negatives: bool) -> Dataset {
+        Dataset { negatives, ..self }
     }
 
     /// Reads one case: its slices (the 9-slice stack for volumes) and landmarks.
@@ -145,7 +158,10 @@ impl Dataset {
                 } else {
                     self.dir.join("images").join(format!("{name}.dcm"))
                 };
-                let pixels = image::read_any(&img)?;
+                let mut pixels = image::read_any(&img)?;
+                if self.negatives {
+                    image::invert(&mut pixels);
+                }
                 let lab = self.dir.join("labels").join(format!("{name}.png"));
                 let labels = if lab.exists() {
                     Some(read_label_png(&lab)?)
@@ -198,7 +214,13 @@ impl Dataset {
                 let slices = ks
                     .iter()
                     .map(|&k| Slice {
-                        pixels: img.slice_k(k),
+                        pixels: {
+                            let mut pixels = img.slice_k(k);
+                            if self.negatives {
+                                image::invert(&mut pixels);
+                            }
+                            pixels
+                        },
                         labels: lab
                             .as_ref()
                             .map(|l| l.slice_k(k).mapv(|v| v.round().clamp(0.0, 255.0) as u8)),

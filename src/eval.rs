@@ -296,6 +296,8 @@ pub struct Timing {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub dataset: String,
+    /// Whether the data set's images were read inverted (`Dataset::negatives`).
+    pub negatives: bool,
     pub method: String,
     pub binary: bool,
     pub sam: Option<SamRefine>,
@@ -810,6 +812,7 @@ pub fn evaluate(
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
+        negatives: dataset.negatives,
         method: opts.method.to_string(),
         binary: opts.binary,
         sam: opts.sam,
@@ -1318,8 +1321,13 @@ impl Overlay {
 /// The human-readable table of a report.
 pub fn table(r: &Report) -> String {
     let mut out = format!(
-        "{} — {}{}{}{}, backbone {}, templates {}, {} test cases, landmark radius {} px\n",
+        "{}{} — {}{}{}{}, backbone {}, templates {}, {} test cases, landmark radius {} px\n",
         r.dataset,
+        if r.negatives {
+            " (negatives, read inverted)"
+        } else {
+            ""
+        },
         r.method,
         if r.binary {
             " (binary)"

@@ -273,21 +273,28 @@ pub fn read_dicom(path: &Path) -> Result<Array2<f32>, ImageError> {
     }
     let (rows, cols) = (decoded.rows() as usize, decoded.columns() as usize);
     let options = ConvertOptions::new().with_modality_lut(ModalityLutOption::Default);
-    let mut values: Vec<f32> = decoded
+    let values: Vec<f32> = decoded
         .to_vec_frame_with_options(0, &options)
         .map_err(|e| read_err(path, e))?;
+    let mut pixels = Array2::from_shape_vec((rows, cols), values).map_err(|e| read_err(path, e))?;
     // The conversion ignores the photometric interpretation, and every model and template
     // sees high = bright (MONOCHROME2); a radiograph stored as MONOCHROME1 would otherwise
     // reach them as its negative.
     if decoded.photometric_interpretation() == &PhotometricInterpretation::Monochrome1 {
-        let (lo, hi) = values
-            .iter()
-            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), v| {
-                (a.min(*v), b.max(*v))
-            });
-        values.iter_mut().for_each(|v| *v = lo + hi - *v);
+        invert(&mut pixels);
     }
-    Array2::from_shape_vec((rows, cols), values).map_err(|e| read_err(path, e))
+    Ok(pixels)
+}
+
+/// Turns a negative into its positive within the image's own range (lowest + highest −
+/// value), as MONOCHROME1 is displayed.
+pub fn invert(pixels: &mut Array2<f32>) {
+    let (lo, hi) = pixels
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), v| {
+            (a.min(*v), b.max(*v))
+        });
+    pixels.mapv_inplace(|v| lo + hi - v);
 }
 
 /// A grayscale PNG (8 or 16 bit); colour images are converted to luma.

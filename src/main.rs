@@ -78,6 +78,8 @@ enum Cmd {
         #[arg(long)]
         align: bool,
         #[command(flatten)]
+        data: DataArgs,
+        #[command(flatten)]
         context: ContextArgs,
         #[command(flatten)]
         model: ModelArgs,
@@ -85,6 +87,8 @@ enum Cmd {
     /// Evaluate a method on a data set with the protocol of EVALUATION.md.
     Eval {
         dataset: PathBuf,
+        #[command(flatten)]
+        data: DataArgs,
         #[arg(long, default_value_t = 5)]
         templates: usize,
         #[arg(long, value_enum, default_value_t = Method::Contrastive)]
@@ -211,6 +215,24 @@ enum BenchCmd {
 enum SlicesArg {
     Center,
     All,
+}
+
+/// How a data set's images are read.
+#[derive(clap::Args)]
+struct DataArgs {
+    /// The images are stored as negatives (air bright, as chest-xr's PNGs are): read them
+    /// inverted, as the agent reads a MONOCHROME1 image, so that an adapter learns from
+    /// what it will be shown.
+    #[arg(long)]
+    negatives: bool,
+}
+
+impl DataArgs {
+    fn open(&self, dir: &std::path::Path) -> Result<scout::dataset::Dataset, String> {
+        scout::dataset::Dataset::open(dir)
+            .map(|d| d.inverted(self.negatives))
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// Context appended to each cell's features (adapters remember it).
@@ -487,11 +509,12 @@ fn run(cli: Cli) -> Result<(), String> {
             radius,
             out,
             align,
+            data,
             context,
             model,
         } => {
             let m = load_models(&model)?;
-            let ds = scout::dataset::Dataset::open(&dataset).map_err(|e| e.to_string())?;
+            let ds = data.open(&dataset)?;
             let config = scout::adapter::TrainConfig {
                 shape: context.shape,
                 patches: context.patches,
@@ -527,6 +550,7 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Cmd::Eval {
             dataset,
+            data,
             templates,
             method,
             binary,
@@ -553,7 +577,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 return Err("--atlas needs one multi-label adapter, not --binary".into());
             }
             let m = load_models(&model)?;
-            let ds = scout::dataset::Dataset::open(&dataset).map_err(|e| e.to_string())?;
+            let ds = data.open(&dataset)?;
             let decoder = if sam {
                 Some(
                     scout::sam::Sam::load(&m.manifest, m.backbone.id())

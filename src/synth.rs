@@ -25,6 +25,8 @@ pub struct SynthSpec {
     pub slice_gap_mm: f64,
     /// Pixel values per slice (rows × columns each, one plane); empty: the phantom.
     pub images: Vec<ndarray::Array2<u16>>,
+    /// The images are negatives (air bright): written as MONOCHROME1.
+    pub negatives: bool,
 }
 
 impl Default for SynthSpec {
@@ -39,6 +41,7 @@ impl Default for SynthSpec {
             images_in_acquisition: false,
             slice_gap_mm: 5.0,
             images: Vec::new(),
+            negatives: false,
         }
     }
 }
@@ -228,7 +231,11 @@ pub fn write_series(dir: &Path, spec: &SynthSpec) -> Result<SynthSeries, String>
                 DataElement::new(
                     tags::PHOTOMETRIC_INTERPRETATION,
                     VR::CS,
-                    PrimitiveValue::from("MONOCHROME2"),
+                    PrimitiveValue::from(if spec.negatives {
+                        "MONOCHROME1"
+                    } else {
+                        "MONOCHROME2"
+                    }),
                 ),
                 DataElement::new(tags::ROWS, VR::US, dicom_value!(U16, [spec.rows])),
                 DataElement::new(tags::COLUMNS, VR::US, dicom_value!(U16, [spec.columns])),

@@ -142,6 +142,7 @@ pub fn train_dataset(
     let mut options = String::new();
     let ctx = &config.context;
     for (on, flag) in [
+        (ds.negatives, " --negatives"),
         (config.shape, " --shape"),
         (ctx.global, " --global-context"),
         (ctx.position, " --position"),

@@ -472,6 +472,7 @@ fn rules_on_two_backbones_answer_the_same_localizer() {
 /// (`three_d`: voted over a stack).
 fn real_images_through_the_agent(
     images: Vec<ndarray::Array2<u16>>,
+    negatives: bool,
     plane: scout::geometry::Plane,
     description: &str,
     rule: &str,
@@ -491,6 +492,7 @@ fn real_images_through_the_agent(
             series_description: description.into(),
             images_in_acquisition: true,
             images,
+            negatives,
             ..SynthSpec::default()
         },
     );
@@ -524,6 +526,7 @@ fn spine_s06_through_the_agent(shared: &Path, edits: &[(&str, &str)]) -> Vec<Opt
             .iter()
             .map(|s| s.pixels.mapv(|v| v.clamp(0.0, 65535.0) as u16))
             .collect(),
+        false,
         scout::geometry::Plane::Sagittal,
         "SYNTH LOCALIZER",
         "spine",
@@ -590,7 +593,10 @@ fn assert_all_found_and_most_within_10px(errors: &[Option<[f64; 2]>]) {
 /// The shipped chest adapter (on the multi-layer backbone) through the agent: a chest
 /// radiograph that is not one of its templates, sent as a one-image coronal localizer,
 /// comes back as an SR with all four lung landmarks on their pixels (SR point = sidecar
-/// pixel, checked by `check_sr`) and a valid SEG of the lungs and heart.
+/// pixel, checked by `check_sr`) and a valid SEG of the lungs and heart. The data set's
+/// PNGs are negatives (air bright) and the adapter learned from their positives
+/// (`scout train --negatives`): the image goes out with its stored values as MONOCHROME1,
+/// which the agent must read inverted to find the lungs.
 #[test]
 fn real_chest_landmarks_through_the_multi_layer_backbone() {
     let t = "real_chest_landmarks_through_the_multi_layer_backbone";
@@ -598,14 +604,16 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
     if !dcmtk(t) || !dicom3tools(t) {
         return;
     }
-    let ds = scout::dataset::Dataset::open(&shared.join("chest-xr")).unwrap();
-    let case = ds.load_case("JPCLN020").unwrap();
+    let stored = scout::dataset::Dataset::open(&shared.join("chest-xr")).unwrap();
     // The data set's reader gives the 8-bit PNG as 0..1: back to its grey values.
-    let grey = case.slices[0]
+    let grey = stored.load_case("JPCLN020").unwrap().slices[0]
         .pixels
         .mapv(|v| (v * 255.0).round().clamp(0.0, 255.0) as u16);
+    let ds = stored.inverted(true);
+    let case = ds.load_case("JPCLN020").unwrap();
     let (run, series, points) = real_images_through_the_agent(
         vec![grey],
+        true,
         scout::geometry::Plane::Coronal,
         "CHEST LOCALIZER",
         "chest",
