@@ -146,6 +146,15 @@ impl Dataset {
         Dataset { negatives, ..self }
     }
 
+    /// An image of the data set as the adapters are to see it: inverted within its own
+    /// range when the set is stored as negatives.
+    fn positive(&self, mut pixels: Array2<f32>) -> Array2<f32> {
+        if self.negatives {
+            image::invert(&mut pixels);
+        }
+        pixels
+    }
+
     /// Reads one case: its slices (the 9-slice stack for volumes) and landmarks.
     pub fn load_case(&self, name: &str) -> Result<Case, DatasetError> {
         let landmarks = self.landmarks.get(name).cloned().unwrap_or_default();
@@ -158,10 +167,7 @@ impl Dataset {
                 } else {
                     self.dir.join("images").join(format!("{name}.dcm"))
                 };
-                let mut pixels = image::read_any(&img)?;
-                if self.negatives {
-                    image::invert(&mut pixels);
-                }
+                let pixels = self.positive(image::read_any(&img)?);
                 let lab = self.dir.join("labels").join(format!("{name}.png"));
                 let labels = if lab.exists() {
                     Some(read_label_png(&lab)?)
@@ -214,13 +220,7 @@ impl Dataset {
                 let slices = ks
                     .iter()
                     .map(|&k| Slice {
-                        pixels: {
-                            let mut pixels = img.slice_k(k);
-                            if self.negatives {
-                                image::invert(&mut pixels);
-                            }
-                            pixels
-                        },
+                        pixels: self.positive(img.slice_k(k)),
                         labels: lab
                             .as_ref()
                             .map(|l| l.slice_k(k).mapv(|v| v.round().clamp(0.0, 255.0) as u8)),
