@@ -350,22 +350,18 @@ impl Engine {
                             adapter.shape.as_ref(),
                             prior.as_ref(),
                         ),
-                        // The centre slice's structures reach the others by pixel: a slice
-                        // off its grid is taken on its own.
-                        Task::Structures { .. } if !on_centre_grid => {
-                            crate::stack::Anchor::default().structures(
+                        Task::Structures { .. } => {
+                            // The centre slice's structures reach the others by pixel: a
+                            // slice off its grid is taken on its own.
+                            let mut alone = crate::stack::Anchor::default();
+                            let anchor = if on_centre_grid { anchor } else { &mut alone };
+                            anchor.structures(
                                 &mut up,
                                 Some(adapter),
-                                false,
+                                ii == center,
                                 crate::stack::cell_side(&scores, fm.image_rows, fm.image_columns),
                             )
                         }
-                        Task::Structures { .. } => anchor.structures(
-                            &mut up,
-                            Some(adapter),
-                            ii == center,
-                            crate::stack::cell_side(&scores, fm.image_rows, fm.image_columns),
-                        ),
                     };
                     if let (Some(prior), true) = (prior, ii == center) {
                         postprocess::fill_from_prior(
