@@ -107,26 +107,34 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             String::new()
         };
         // Taking the structures: as `structure_findings` alone, then with the adapter's
-        // atlas and fragment merging, where it has them.
-        let atlas = if structures && (adapter.atlas.is_some() || adapter.train.fragments) {
-            let with = |atlas, fragments| {
+        // atlas, enclosed structures and fragment merging, where it has them.
+        let atlas = if structures
+            && (adapter.atlas.is_some() || adapter.enclosed.is_some() || adapter.train.fragments)
+        {
+            let with = |atlas, enclosed, fragments| {
                 time(&mut || {
                     let mut s = up.clone();
                     let f = postprocess::structures(
                         &mut s,
                         adapter.shape.as_ref(),
                         atlas,
+                        enclosed,
                         fragments,
                         None,
                     );
                     std::hint::black_box(f);
                 })
             };
-            let plain = with(None, false);
-            let weighed = with(adapter.atlas.as_ref(), false);
-            let full = with(adapter.atlas.as_ref(), adapter.train.fragments);
+            let plain = with(None, None, false);
+            let weighed = with(adapter.atlas.as_ref(), None, false);
+            let enclosed = with(adapter.atlas.as_ref(), adapter.enclosed.as_ref(), false);
+            let full = with(
+                adapter.atlas.as_ref(),
+                adapter.enclosed.as_ref(),
+                adapter.train.fragments,
+            );
             format!(
-                ", structures {plain:.1} ms, with the atlas {weighed:.1} ms, and fragments {full:.1} ms"
+                ", structures {plain:.1} ms, with the atlas {weighed:.1} ms, the enclosed {enclosed:.1} ms, and fragments {full:.1} ms"
             )
         } else {
             String::new()

@@ -129,6 +129,11 @@ pub struct TrainConfig {
     /// are filled.
     #[serde(default)]
     pub atlas: bool,
+    /// Structures: weigh the scores of a structure that lies between others (in every
+    /// template) by the templates' masks of it, mapped through the structures found
+    /// around it (`enclosed`).
+    #[serde(default)]
+    pub enclosed: bool,
     /// Structures: give each structure the foreground fragments that touch its region and
     /// no other's (`postprocess::merge_fragments`): a body whose scores are split with its
     /// look-alike neighbours is taken whole.
@@ -185,6 +190,7 @@ impl Default for TrainConfig {
             guided: false,
             votes: false,
             atlas: false,
+            enclosed: false,
             fragments: false,
             pose: false,
             coarse_landmarks: false,
@@ -460,6 +466,10 @@ pub struct Adapter {
     /// Structures: the templates' atlas, when trained with `atlas`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub atlas: Option<crate::atlas::StructureAtlas>,
+    /// Structures: the templates' outlines and masks, when trained with `enclosed` and a
+    /// structure lies between the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enclosed: Option<crate::enclosed::EnclosedModel>,
     /// Structures, when trained with `stack_anchor` on stacks: per structure, how far its
     /// sections in a stack's other slices reach past its section in the centre slice, in
     /// equivalent radii of that section (`stack::learn_reach`).
@@ -850,6 +860,7 @@ impl Adapter {
             members,
             votes: Vec::new(),
             atlas: None,
+            enclosed: None,
             stack_reach: Vec::new(),
         })
     }
@@ -902,6 +913,11 @@ impl Adapter {
         if self.atlas.as_ref().is_some_and(|a| !a.fits(n)) {
             return Err(format!(
                 "the structure atlas does not fit {n} labels (map sizes, shares in 0..1)"
+            ));
+        }
+        if self.enclosed.as_ref().is_some_and(|e| !e.fits(n)) {
+            return Err(format!(
+                "the enclosed structures' templates do not fit {n} labels (outlines, grids)"
             ));
         }
         if let Some(shape) = &self.shape {

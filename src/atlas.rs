@@ -227,12 +227,22 @@ impl StructureAtlas {
                         continue;
                     };
                     let s = &mut scores[[l, r, c]];
-                    let a = *s * p;
-                    let b = (1.0 - *s) * (1.0 - p);
-                    *s = if a + b > 0.0 { a / (a + b) } else { 0.0 };
+                    *s = weigh(*s, p);
                 }
             }
         }
+    }
+}
+
+/// A score s weighed by a prior p as two independent pieces of evidence: s·p / (s·p +
+/// (1−s)(1−p)); 0 where both are certain and disagree.
+pub(crate) fn weigh(s: f32, p: f32) -> f32 {
+    let a = s * p;
+    let b = (1.0 - s) * (1.0 - p);
+    if a + b > 0.0 {
+        a / (a + b)
+    } else {
+        0.0
     }
 }
 
@@ -325,13 +335,13 @@ mod tests {
             let spill = (55..62).any(|r| (28..34).any(|c| m[[r, c]]));
             (hole, spill)
         };
-        let plain = structures(&mut scores.clone(), None, None, false, None);
+        let plain = structures(&mut scores.clone(), None, None, None, false, None);
         assert_eq!(
             heart(&plain),
             (false, true),
             "the hole and the spill are there"
         );
-        let with = structures(&mut scores, None, Some(&atlas), false, None);
+        let with = structures(&mut scores, None, Some(&atlas), None, false, None);
         assert_eq!(heart(&with), (true, false), "filled and cut");
         // The lungs the adapter was sure of stay as they were.
         for l in 0..2 {

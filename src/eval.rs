@@ -543,6 +543,13 @@ pub fn train_task(
                 .flat_map(|(case, _)| case.slices.iter().filter_map(|s| s.labels.as_ref()));
             a.atlas = crate::atlas::StructureAtlas::fit(maps, &values);
         }
+        if let (Task::Structures { values }, true) = (task, config.enclosed) {
+            let values: Vec<u8> = group.iter().map(|&l| values[l]).collect();
+            let maps = templates.iter().filter_map(|(case, _)| {
+                case.slices.get(case.center).and_then(|s| s.labels.as_ref())
+            });
+            a.enclosed = crate::enclosed::EnclosedModel::fit(maps, &values);
+        }
         out.push(a);
     }
     Ok(out)

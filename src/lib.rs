@@ -15,6 +15,7 @@ pub mod config;
 pub mod dataset;
 pub mod derived;
 pub mod dimse;
+pub mod enclosed;
 pub mod eval;
 pub mod features;
 pub mod geometry;

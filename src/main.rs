@@ -289,6 +289,11 @@ struct ContextArgs {
     /// frame of all of them (an atlas of their label maps), cutting spill and filling holes.
     #[arg(long)]
     atlas: bool,
+    /// Structures: weigh the scores of a structure that lies between the others in every
+    /// template (the heart between the lungs) by the templates' masks of it, each mapped
+    /// through the structures found around it (affine fit of their outlines).
+    #[arg(long)]
+    enclosed: bool,
     /// Structures: give each structure the foreground fragments (where the labels' scores
     /// sum to 0.5 or more) that touch its region and no other's.
     #[arg(long)]
@@ -526,6 +531,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 guided: context.guided,
                 votes: context.votes,
                 atlas: context.atlas,
+                enclosed: context.enclosed,
                 fragments: context.fragments,
                 pose: context.pose,
                 coarse_landmarks: context.coarse_landmarks,
@@ -572,9 +578,12 @@ fn run(cli: Cli) -> Result<(), String> {
             context,
             model,
         } => {
-            if binary && context.atlas {
-                // The atlas's frame is the union of all the structures of one adapter.
-                return Err("--atlas needs one multi-label adapter, not --binary".into());
+            if binary && (context.atlas || context.enclosed) {
+                // The atlas's frame is the union of all the structures of one adapter, and
+                // an enclosed structure is placed through the others of its adapter.
+                return Err(
+                    "--atlas and --enclosed need one multi-label adapter, not --binary".into(),
+                );
             }
             let m = load_models(&model)?;
             let ds = data.open(&dataset)?;
@@ -612,6 +621,7 @@ fn run(cli: Cli) -> Result<(), String> {
                         guided: context.guided,
                         votes: context.votes,
                         atlas: context.atlas,
+                        enclosed: context.enclosed,
                         fragments: context.fragments,
                         pose: context.pose,
                         coarse_landmarks: context.coarse_landmarks,

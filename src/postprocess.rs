@@ -298,18 +298,24 @@ pub fn structure_findings(
 
 /// Structures as `structure_findings` finds them, weighed first by the templates' `atlas`
 /// when the adapter has one (its frame is placed by the structures found without it, then
-/// the scores are weighed and the structures found again), and with `fragments` given the
-/// foreground fragments that touch them (`merge_fragments`).
+/// the scores are weighed and the structures found again), and the `enclosed` ones by the
+/// templates' masks mapped through the structures found around them (the same first
+/// structures), and with `fragments` given the foreground fragments that touch them
+/// (`merge_fragments`).
 pub fn structures(
     scores: &mut Array3<f32>,
     shape: Option<&ShapeModel>,
     atlas: Option<&crate::atlas::StructureAtlas>,
+    enclosed: Option<&crate::enclosed::EnclosedModel>,
     fragments: bool,
     prior: Option<&Prior>,
 ) -> Vec<Option<Finding>> {
     let mut found = structure_findings(scores, shape, prior);
-    if let Some(atlas) = atlas {
-        atlas.apply(scores, &found);
+    // Both priors are placed by the structures found without either, and the structures
+    // are found again once: a second search with the layout and its poses cost the chest
+    // as much again as the enclosed prior itself.
+    let weighed = atlas.map(|a| a.apply(scores, &found)).is_some();
+    if enclosed.is_some_and(|e| e.apply(scores, &found)) || weighed {
         found = structure_findings(scores, shape, prior);
     }
     if fragments {

@@ -40,6 +40,7 @@ impl Anchor {
             scores,
             adapter.and_then(|a| a.shape.as_ref()),
             adapter.and_then(|a| a.atlas.as_ref()),
+            adapter.and_then(|a| a.enclosed.as_ref()),
             adapter.is_some_and(|a| a.train.fragments),
             self.prior.as_ref(),
         );

@@ -155,6 +155,7 @@ pub fn train_dataset(
         (config.guided, " --guided"),
         (config.votes, " --votes"),
         (config.atlas, " --atlas"),
+        (config.enclosed, " --enclosed"),
         (config.fragments, " --fragments"),
         (config.pose, " --pose"),
         (config.coarse_landmarks, " --coarse-landmarks"),

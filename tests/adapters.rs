@@ -144,6 +144,7 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
             stack_anchor: true,
             votes: true,
             atlas: true,
+            enclosed: true,
             fragments: true,
             pose: true,
             ..Default::default()
@@ -165,6 +166,9 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
         .atlas
         .as_ref()
         .is_some_and(|a| a.fits(structures.labels.len())));
+    // Side by side, the square and the disk enclose nothing: no frame, the file as before
+    // (the shipped chest adapter's heart frame is checked in `e2e.rs`).
+    assert!(structures.train.enclosed && structures.enclosed.is_none());
     // Border negatives are for structures only.
     assert!(!landmarks.train.borders && structures.train.borders);
     assert!(
@@ -175,6 +179,7 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
             && bundle.provenance.contains("--stack-anchor")
             && bundle.provenance.contains("--votes")
             && bundle.provenance.contains("--atlas")
+            && bundle.provenance.contains("--enclosed")
             && bundle.provenance.contains("--fragments")
             && bundle.provenance.contains("--pose"),
         "{}",
@@ -194,6 +199,8 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
             a.atlas.as_ref().map(|a| &a.maps),
             b.atlas.as_ref().map(|b| &b.maps)
         );
+        let enclosed = |x: &scout::adapter::Adapter| serde_json::to_string(&x.enclosed).unwrap();
+        assert_eq!(enclosed(a), enclosed(b));
         assert_eq!(a.votes.len(), b.votes.len());
         for (va, vb) in a.votes.iter().flatten().zip(b.votes.iter().flatten()) {
             assert_eq!((&va.weights, va.bias), (&vb.weights, vb.bias));

@@ -672,10 +672,21 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         fm.image_rows,
         fm.image_columns,
     );
-    // `scout eval`'s steps: edges, then the atlas and the fragments.
+    // `scout eval`'s steps: edges, then the atlas, the heart placed through the lungs,
+    // and the fragments.
     assert!(
         adapter.atlas.is_some(),
         "the shipped chest adapter has an atlas"
+    );
+    let enclosed: Vec<bool> = adapter
+        .enclosed
+        .as_ref()
+        .map(|e| e.frames.iter().map(Option::is_some).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        enclosed,
+        [false, false, true],
+        "the shipped chest adapter places the heart through the lungs"
     );
     let mut refined = plain.clone();
     let guide = scout::image::normalize(&slice.pixels).unwrap();
@@ -684,6 +695,7 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         &mut refined,
         adapter.shape.as_ref(),
         adapter.atlas.as_ref(),
+        adapter.enclosed.as_ref(),
         adapter.train.fragments,
         None,
     );
