@@ -130,8 +130,8 @@ pub struct TrainConfig {
     #[serde(default)]
     pub atlas: bool,
     /// Structures: weigh the scores of a structure that lies between others (in every
-    /// template) by the templates' masks of it, mapped through the structures found
-    /// around it (`enclosed`).
+    /// template) by the templates' share of it in a frame that the structures found around
+    /// it place on the target (`enclosed`).
     #[serde(default)]
     pub enclosed: bool,
     /// Structures: give each structure the foreground fragments that touch its region and
@@ -466,8 +466,8 @@ pub struct Adapter {
     /// Structures: the templates' atlas, when trained with `atlas`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub atlas: Option<crate::atlas::StructureAtlas>,
-    /// Structures: the templates' outlines and masks, when trained with `enclosed` and a
-    /// structure lies between the others.
+    /// Structures: per structure that lies between the others, its frame (the mean outline
+    /// of those around it and the templates' share of it), when trained with `enclosed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enclosed: Option<crate::enclosed::EnclosedModel>,
     /// Structures, when trained with `stack_anchor` on stacks: per structure, how far its
@@ -917,7 +917,7 @@ impl Adapter {
         }
         if self.enclosed.as_ref().is_some_and(|e| !e.fits(n)) {
             return Err(format!(
-                "the enclosed structures' templates do not fit {n} labels (outlines, grids)"
+                "the enclosed structures' frames do not fit {n} labels (outlines, shares)"
             ));
         }
         if let Some(shape) = &self.shape {

@@ -290,8 +290,8 @@ struct ContextArgs {
     #[arg(long)]
     atlas: bool,
     /// Structures: weigh the scores of a structure that lies between the others in every
-    /// template (the heart between the lungs) by the templates' masks of it, each mapped
-    /// through the structures found around it (affine fit of their outlines).
+    /// template (the heart between the lungs) by the templates' share of it, in a frame
+    /// that the structures found around it place (affine fit of their outlines).
     #[arg(long)]
     enclosed: bool,
     /// Structures: give each structure the foreground fragments (where the labels' scores

@@ -299,9 +299,9 @@ pub fn structure_findings(
 /// Structures as `structure_findings` finds them, weighed first by the templates' `atlas`
 /// when the adapter has one (its frame is placed by the structures found without it, then
 /// the scores are weighed and the structures found again), and the `enclosed` ones by the
-/// templates' masks mapped through the structures found around them (the same first
-/// structures), and with `fragments` given the foreground fragments that touch them
-/// (`merge_fragments`).
+/// templates' share of them in a frame placed by the structures found around them (the
+/// same first structures), and with `fragments` given the foreground fragments that touch
+/// them (`merge_fragments`).
 pub fn structures(
     scores: &mut Array3<f32>,
     shape: Option<&ShapeModel>,
