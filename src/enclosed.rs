@@ -150,7 +150,7 @@ impl EnclosedModel {
                 continue;
             };
             // Outside the mapped grid's box the prior is `EPS`: only the pixels inside it
-            // are sampled (the heart's box covers a sixth of a chest image).
+            // are sampled (the shipped heart frame's box: 23 % of the frame).
             let box_of = mapped_box(&forward, &frame.share, self.grid);
             let pixel = |t: f32, n: usize| (t * n as f32).floor().clamp(0.0, n as f32) as usize;
             let (r0, r1, c0, c1) = box_of.map_or((0, 0, 0, 0), |[y0, y1, x0, x1]| {
@@ -251,20 +251,11 @@ fn apply_affine(m: &[f32; 6], [y, x]: Point) -> Point {
 /// Centroid of a mask, normalised; None when it is empty.
 fn centroid(mask: &Array2<bool>) -> Option<Point> {
     let (rows, cols) = mask.dim();
-    let (mut n, mut sr, mut sc) = (0usize, 0f64, 0f64);
-    for ((r, c), m) in mask.indexed_iter() {
-        if *m {
-            n += 1;
-            sr += r as f64;
-            sc += c as f64;
-        }
-    }
-    (n > 0).then(|| {
-        [
-            ((sr / n as f64 + 0.5) / rows as f64) as f32,
-            ((sc / n as f64 + 0.5) / cols as f64) as f32,
-        ]
-    })
+    let (r, c) = crate::templates::centroid_where(mask, |m| *m)?;
+    Some([
+        ((r + 0.5) / rows as f64) as f32,
+        ((c + 0.5) / cols as f64) as f32,
+    ])
 }
 
 /// `RAYS` outline points of a mask, normalised: along each ray from the centroid (at
@@ -309,15 +300,13 @@ fn inside_hull(p: Point, points: &[Point]) -> bool {
     let cross = |o: (f64, f64), a: (f64, f64), b: (f64, f64)| {
         (a.0 - o.0) * (b.1 - o.1) - (a.1 - o.1) * (b.0 - o.0)
     };
+    // The lower half over the points in order, the upper half over them reversed; each
+    // half's last point starts the other.
     let mut hull: Vec<(f64, f64)> = Vec::new();
-    for pass in 0..2 {
+    let reversed: Vec<(f64, f64)> = pts.iter().rev().copied().collect();
+    for half in [&pts, &reversed] {
         let start = hull.len();
-        let iter: Box<dyn Iterator<Item = &(f64, f64)>> = if pass == 0 {
-            Box::new(pts.iter())
-        } else {
-            Box::new(pts.iter().rev())
-        };
-        for &q in iter {
+        for &q in half {
             while hull.len() >= start + 2
                 && cross(hull[hull.len() - 2], hull[hull.len() - 1], q) <= 0.0
             {

@@ -100,9 +100,14 @@ pub fn cell_labels(regions: &Array2<u8>, fm: &FeatureMap) -> Array2<u8> {
 
 /// The centroid (row, column) of the pixels with `value` (None if there are none).
 pub fn label_centroid(labels: &Array2<u8>, value: u8) -> Option<(f64, f64)> {
+    centroid_where(labels, |v| *v == value)
+}
+
+/// The centroid (row, column) of the pixels where `inside` holds (None if there are none).
+pub fn centroid_where<T>(map: &Array2<T>, inside: impl Fn(&T) -> bool) -> Option<(f64, f64)> {
     let (mut n, mut r, mut c) = (0.0, 0.0, 0.0);
-    for ((i, j), v) in labels.indexed_iter() {
-        if *v == value {
+    for ((i, j), v) in map.indexed_iter() {
+        if inside(v) {
             n += 1.0;
             r += i as f64;
             c += j as f64;
