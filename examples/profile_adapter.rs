@@ -107,11 +107,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             String::new()
         };
         // Taking the structures: as `structure_findings` alone, then with the adapter's
-        // atlas, enclosed structures and fragment merging, where it has them.
+        // atlas, enclosed structures, fragment merging and convex structures, where it has
+        // them.
         let atlas = if structures
-            && (adapter.atlas.is_some() || adapter.enclosed.is_some() || adapter.train.fragments)
+            && (adapter.atlas.is_some()
+                || adapter.enclosed.is_some()
+                || adapter.train.fragments
+                || !adapter.convex.is_empty())
         {
-            let with = |atlas, enclosed, fragments| {
+            let with = |atlas, enclosed, fragments, convex: &[bool]| {
                 time(&mut || {
                     let mut s = up.clone();
                     let f = postprocess::structures(
@@ -120,21 +124,51 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         atlas,
                         enclosed,
                         fragments,
+                        convex,
                         None,
                     );
                     std::hint::black_box(f);
                 })
             };
-            let plain = with(None, None, false);
-            let weighed = with(adapter.atlas.as_ref(), None, false);
-            let enclosed = with(adapter.atlas.as_ref(), adapter.enclosed.as_ref(), false);
+            let plain = with(None, None, false, &[]);
+            let weighed = with(adapter.atlas.as_ref(), None, false, &[]);
+            let enclosed = with(
+                adapter.atlas.as_ref(),
+                adapter.enclosed.as_ref(),
+                false,
+                &[],
+            );
+            let fragments = with(
+                adapter.atlas.as_ref(),
+                adapter.enclosed.as_ref(),
+                adapter.train.fragments,
+                &[],
+            );
             let full = with(
                 adapter.atlas.as_ref(),
                 adapter.enclosed.as_ref(),
                 adapter.train.fragments,
+                &adapter.convex,
             );
+            // The convex step alone, on what the steps before it found: its cost is below
+            // the spread of the whole chain's.
+            let mut taken = up.clone();
+            let found = postprocess::structures(
+                &mut taken,
+                adapter.shape.as_ref(),
+                adapter.atlas.as_ref(),
+                adapter.enclosed.as_ref(),
+                adapter.train.fragments,
+                &[],
+                None,
+            );
+            let alone = time(&mut || {
+                let mut f = found.clone();
+                scout::convex::fill(&mut f, &adapter.convex, &taken);
+                std::hint::black_box(f);
+            });
             format!(
-                ", structures {plain:.1} ms, with the atlas {weighed:.1} ms, the enclosed {enclosed:.1} ms, and fragments {full:.1} ms"
+                ", structures {plain:.1} ms, with the atlas {weighed:.1} ms, the enclosed {enclosed:.1} ms, fragments {fragments:.1} ms, and convex {full:.1} ms (the convex step alone {alone:.2} ms)"
             )
         } else {
             String::new()

@@ -134,6 +134,10 @@ pub struct TrainConfig {
     /// it place on the target (`enclosed`).
     #[serde(default)]
     pub enclosed: bool,
+    /// Structures: draw a structure that every template shows convex (the heart) as the
+    /// convex hull of its region, less the other structures' regions (`convex`).
+    #[serde(default)]
+    pub convex: bool,
     /// Structures: give each structure the foreground fragments that touch its region and
     /// no other's (`postprocess::merge_fragments`): a body whose scores are split with its
     /// look-alike neighbours is taken whole.
@@ -191,6 +195,7 @@ impl Default for TrainConfig {
             votes: false,
             atlas: false,
             enclosed: false,
+            convex: false,
             fragments: false,
             pose: false,
             coarse_landmarks: false,
@@ -470,6 +475,10 @@ pub struct Adapter {
     /// of those around it and the templates' share of it), when trained with `enclosed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enclosed: Option<crate::enclosed::EnclosedModel>,
+    /// Structures: per structure, whether it is drawn as its convex hull (every template
+    /// shows it convex), when trained with `convex` and some structure is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub convex: Vec<bool>,
     /// Structures, when trained with `stack_anchor` on stacks: per structure, how far its
     /// sections in a stack's other slices reach past its section in the centre slice, in
     /// equivalent radii of that section (`stack::learn_reach`).
@@ -861,6 +870,7 @@ impl Adapter {
             votes: Vec::new(),
             atlas: None,
             enclosed: None,
+            convex: Vec::new(),
             stack_reach: Vec::new(),
         })
     }
@@ -914,6 +924,9 @@ impl Adapter {
             return Err(format!(
                 "the structure atlas does not fit {n} labels (map sizes, shares in 0..1)"
             ));
+        }
+        if !self.convex.is_empty() && self.convex.len() != n {
+            return Err(format!("{} convex flags for {n} labels", self.convex.len()));
         }
         if self.enclosed.as_ref().is_some_and(|e| !e.fits(n)) {
             return Err(format!(
@@ -2444,5 +2457,10 @@ mod synthetic {
         let mut damaged = both.clone();
         damaged.members[0].feature_std = Array1::zeros(3);
         assert!(damaged.validate().unwrap_err().contains("ensemble member"));
+        let mut flags = both.clone();
+        flags.convex = vec![true];
+        assert!(flags.validate().unwrap_err().contains("convex flags"));
+        flags.convex = vec![true, false];
+        assert!(flags.validate().is_ok());
     }
 }

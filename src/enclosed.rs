@@ -289,35 +289,14 @@ fn outline(mask: &Array2<bool>) -> Vec<Point> {
         .collect()
 }
 
-/// Whether `p` lies strictly inside the convex hull of `points` (monotone chain).
+/// Whether `p` lies strictly inside the convex hull of `points`.
 fn inside_hull(p: Point, points: &[Point]) -> bool {
-    let mut pts: Vec<(f64, f64)> = points.iter().map(|q| (q[0] as f64, q[1] as f64)).collect();
-    pts.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    pts.dedup();
-    if pts.len() < 3 {
-        return false;
-    }
-    let cross = |o: (f64, f64), a: (f64, f64), b: (f64, f64)| {
-        (a.0 - o.0) * (b.1 - o.1) - (a.1 - o.1) * (b.0 - o.0)
-    };
-    // The lower half over the points in order, the upper half over them reversed; each
-    // half's last point starts the other.
-    let mut hull: Vec<(f64, f64)> = Vec::new();
-    let reversed: Vec<(f64, f64)> = pts.iter().rev().copied().collect();
-    for half in [&pts, &reversed] {
-        let start = hull.len();
-        for &q in half {
-            while hull.len() >= start + 2
-                && cross(hull[hull.len() - 2], hull[hull.len() - 1], q) <= 0.0
-            {
-                hull.pop();
-            }
-            hull.push(q);
-        }
-        hull.pop();
-    }
+    let hull =
+        crate::convex::convex_hull(points.iter().map(|q| (q[0] as f64, q[1] as f64)).collect());
     let p = (p[0] as f64, p[1] as f64);
-    hull.len() >= 3 && (0..hull.len()).all(|i| cross(hull[i], hull[(i + 1) % hull.len()], p) > 0.0)
+    hull.len() >= 3
+        && (0..hull.len())
+            .all(|i| crate::convex::cross(hull[i], hull[(i + 1) % hull.len()], p) > 0.0)
 }
 
 /// The share at normalised (u, v), bilinear between cell centres, 0 outside.
@@ -552,14 +531,14 @@ mod tests {
             let spill = (72..80).any(|r| (37..44).any(|c| h[[r, c]]));
             (bottom, spill)
         };
-        let plain = structures(&mut scores.clone(), None, None, None, false, None);
+        let plain = structures(&mut scores.clone(), None, None, None, false, &[], None);
         assert_eq!(
             heart(&plain),
             (false, true),
             "the test's scores miss and spill"
         );
         let mut weighed = scores.clone();
-        let with = structures(&mut weighed, None, None, Some(&m), false, None);
+        let with = structures(&mut weighed, None, None, Some(&m), false, &[], None);
         assert_eq!(heart(&with), (true, false));
         // The lungs' scores are not touched.
         assert!(crate::same_bits(
@@ -570,7 +549,7 @@ mod tests {
         let mut alone = scores.clone();
         alone.slice_mut(ndarray::s![..2, .., ..]).fill(0.0);
         let before = alone.clone();
-        let found = structures(&mut alone.clone(), None, None, None, false, None);
+        let found = structures(&mut alone.clone(), None, None, None, false, &[], None);
         assert!(!m.apply(&mut alone, &found));
         assert!(crate::same_bits(alone.iter(), before.iter()));
     }

@@ -550,6 +550,17 @@ pub fn train_task(
             });
             a.enclosed = crate::enclosed::EnclosedModel::fit(maps, &values);
         }
+        if let (Task::Structures { values }, true) = (task, config.convex) {
+            let values: Vec<u8> = group.iter().map(|&l| values[l]).collect();
+            let maps = templates.iter().filter_map(|(case, _)| {
+                case.slices.get(case.center).and_then(|s| s.labels.as_ref())
+            });
+            let convex = crate::convex::learn(maps, &values);
+            // None convex: the file stays as it was.
+            if convex.iter().any(|c| *c) {
+                a.convex = convex;
+            }
+        }
         out.push(a);
     }
     Ok(out)

@@ -12,6 +12,7 @@ pub mod atlas;
 pub mod backbone;
 pub mod bench;
 pub mod config;
+pub mod convex;
 pub mod dataset;
 pub mod derived;
 pub mod dimse;

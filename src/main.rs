@@ -294,6 +294,10 @@ struct ContextArgs {
     /// that the structures found around it place (affine fit of their outlines).
     #[arg(long)]
     enclosed: bool,
+    /// Structures: draw a structure that every template shows convex (the heart) as the
+    /// convex hull of its region, less the other structures' regions.
+    #[arg(long)]
+    convex: bool,
     /// Structures: give each structure the foreground fragments (where the labels' scores
     /// sum to 0.5 or more) that touch its region and no other's.
     #[arg(long)]
@@ -532,6 +536,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 votes: context.votes,
                 atlas: context.atlas,
                 enclosed: context.enclosed,
+                convex: context.convex,
                 fragments: context.fragments,
                 pose: context.pose,
                 coarse_landmarks: context.coarse_landmarks,
@@ -622,6 +627,7 @@ fn run(cli: Cli) -> Result<(), String> {
                         votes: context.votes,
                         atlas: context.atlas,
                         enclosed: context.enclosed,
+                        convex: context.convex,
                         fragments: context.fragments,
                         pose: context.pose,
                         coarse_landmarks: context.coarse_landmarks,

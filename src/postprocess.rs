@@ -35,6 +35,30 @@ impl Finding {
     }
 }
 
+/// Sets a finding's mass, point and confidence from its mask and its label's plane of
+/// `scores` (labels × rows × columns), after its mask changed: the score-weighted centroid
+/// as `findings` takes it. A finding with no pixel left keeps its point.
+pub fn measure(finding: &mut Finding, scores: &Array3<f32>) {
+    let plane = scores.index_axis(Axis(0), finding.label);
+    let (mut mass, mut rows, mut cols, mut pixels) = (0.0, 0.0, 0.0, 0usize);
+    for ((r, c), &m) in finding.mask.indexed_iter() {
+        if m {
+            let s = plane.get((r, c)).copied().unwrap_or(0.0) as f64;
+            mass += s;
+            rows += s * r as f64;
+            cols += s * c as f64;
+            pixels += 1;
+        }
+    }
+    finding.mass = mass;
+    if mass > 0.0 {
+        finding.point = (rows / mass, cols / mass);
+    }
+    if pixels > 0 {
+        finding.confidence = mass / pixels as f64;
+    }
+}
+
 /// Per-label scores at image resolution (L × rows × cols).
 pub fn upsample_scores(scores: &Array3<f32>, rows: usize, cols: usize) -> Array3<f32> {
     let n = scores.dim().0;
@@ -300,14 +324,16 @@ pub fn structure_findings(
 /// when the adapter has one (its frame is placed by the structures found without it, then
 /// the scores are weighed and the structures found again), and the `enclosed` ones by the
 /// templates' share of them in a frame placed by the structures found around them (the
-/// same first structures), and with `fragments` given the foreground fragments that touch
-/// them (`merge_fragments`).
+/// same first structures), with `fragments` given the foreground fragments that touch
+/// them (`merge_fragments`), and the `convex` ones (per structure; none when empty) drawn
+/// as their hulls (`convex::fill`).
 pub fn structures(
     scores: &mut Array3<f32>,
     shape: Option<&ShapeModel>,
     atlas: Option<&crate::atlas::StructureAtlas>,
     enclosed: Option<&crate::enclosed::EnclosedModel>,
     fragments: bool,
+    convex: &[bool],
     prior: Option<&Prior>,
 ) -> Vec<Option<Finding>> {
     let mut found = structure_findings(scores, shape, prior);
@@ -321,6 +347,7 @@ pub fn structures(
     if fragments {
         merge_fragments(scores, &mut found);
     }
+    crate::convex::fill(&mut found, convex, scores);
     found
 }
 

@@ -42,6 +42,7 @@ impl Anchor {
             adapter.and_then(|a| a.atlas.as_ref()),
             adapter.and_then(|a| a.enclosed.as_ref()),
             adapter.is_some_and(|a| a.train.fragments),
+            adapter.map_or(&[][..], |a| &a.convex[..]),
             self.prior.as_ref(),
         );
         cut(&mut found, &self.allowed, scores);
@@ -181,34 +182,20 @@ pub fn cut(found: &mut [Option<Finding>], allowed: &[Option<Array2<bool>>], scor
         if finding.is_placed() || region.dim() != finding.mask.dim() {
             continue;
         }
-        let plane = scores.index_axis(ndarray::Axis(0), finding.label);
-        let (mut mass, mut rows, mut cols, mut pixels, mut removed) =
-            (0.0, 0.0, 0.0, 0usize, 0usize);
-        Zip::indexed(&mut finding.mask)
+        let mut removed = 0usize;
+        Zip::from(&mut finding.mask)
             .and(region)
-            .for_each(|(r, c), m, &keep| {
+            .for_each(|m, &keep| {
                 removed += usize::from(*m && !keep);
                 *m &= keep;
-                if *m {
-                    let s = plane.get((r, c)).copied().unwrap_or(0.0) as f64;
-                    mass += s;
-                    rows += s * r as f64;
-                    cols += s * c as f64;
-                    pixels += 1;
-                }
             });
-        if pixels == 0 {
+        if !finding.mask.iter().any(|m| *m) {
             *f = None;
             continue;
         }
-        if removed == 0 {
-            continue;
+        if removed > 0 {
+            postprocess::measure(finding, scores);
         }
-        finding.mass = mass;
-        if mass > 0.0 {
-            finding.point = (rows / mass, cols / mass);
-        }
-        finding.confidence = mass / pixels as f64;
     }
 }
 
@@ -277,10 +264,11 @@ fn lower_envelope(f: &[f64]) -> Vec<f64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn disk(dim: (usize, usize), centre: (f64, f64), radius: f64) -> Array2<bool> {
+    /// The pixels within `radius` of `centre`.
+    pub(crate) fn disk(dim: (usize, usize), centre: (f64, f64), radius: f64) -> Array2<bool> {
         Array2::from_shape_fn(dim, |(r, c)| {
             (r as f64 - centre.0).hypot(c as f64 - centre.1) <= radius
         })

@@ -156,6 +156,7 @@ pub fn train_dataset(
         (config.votes, " --votes"),
         (config.atlas, " --atlas"),
         (config.enclosed, " --enclosed"),
+        (config.convex, " --convex"),
         (config.fragments, " --fragments"),
         (config.pose, " --pose"),
         (config.coarse_landmarks, " --coarse-landmarks"),

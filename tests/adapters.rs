@@ -145,6 +145,7 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
             votes: true,
             atlas: true,
             enclosed: true,
+            convex: true,
             fragments: true,
             pose: true,
             ..Default::default()
@@ -169,6 +170,9 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
     // Side by side, the square and the disk enclose nothing: no frame, the file as before
     // (the shipped chest adapter's heart frame is checked in `e2e.rs`).
     assert!(structures.train.enclosed && structures.enclosed.is_none());
+    // The square and the disk are convex in every template; landmarks have no regions.
+    assert_eq!(structures.convex, vec![true, true]);
+    assert!(landmarks.convex.is_empty());
     // Border negatives are for structures only.
     assert!(!landmarks.train.borders && structures.train.borders);
     assert!(
@@ -180,6 +184,7 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
             && bundle.provenance.contains("--votes")
             && bundle.provenance.contains("--atlas")
             && bundle.provenance.contains("--enclosed")
+            && bundle.provenance.contains("--convex")
             && bundle.provenance.contains("--fragments")
             && bundle.provenance.contains("--pose"),
         "{}",
@@ -201,6 +206,7 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
         );
         let enclosed = |x: &scout::adapter::Adapter| serde_json::to_string(&x.enclosed).unwrap();
         assert_eq!(enclosed(a), enclosed(b));
+        assert_eq!(a.convex, b.convex);
         assert_eq!(a.votes.len(), b.votes.len());
         for (va, vb) in a.votes.iter().flatten().zip(b.votes.iter().flatten()) {
             assert_eq!((&va.weights, va.bias), (&vb.weights, vb.bias));

@@ -673,7 +673,7 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         fm.image_columns,
     );
     // `scout eval`'s steps: edges, then the atlas, the heart placed through the lungs,
-    // and the fragments.
+    // the fragments, and the heart drawn convex.
     assert!(
         adapter.atlas.is_some(),
         "the shipped chest adapter has an atlas"
@@ -688,6 +688,11 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         [false, false, true],
         "the shipped chest adapter places the heart through the lungs"
     );
+    assert_eq!(
+        adapter.convex,
+        [false, false, true],
+        "the shipped chest adapter draws the heart, and only the heart, convex"
+    );
     let mut refined = plain.clone();
     let guide = scout::image::normalize(&slice.pixels).unwrap();
     scout::postprocess::refine_to_edges(&mut refined, &guide, fm.grid().0);
@@ -697,6 +702,7 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         adapter.atlas.as_ref(),
         adapter.enclosed.as_ref(),
         adapter.train.fragments,
+        &adapter.convex,
         None,
     );
     let plain = scout::postprocess::structure_findings(&plain, adapter.shape.as_ref(), None);
