@@ -9,7 +9,8 @@
 //! in each of the first three sets of five). At inference a convex structure's region is
 //! replaced by its hull, less the pixels of the other structures' regions. chest-xr, the
 //! shipped configuration, 3 folds: heart IoU 82.1 → 83.4 (worst fold 79.7 → 81.8), the
-//! lungs and landmarks unchanged; drawing the spine's bodies convex anyway cost 2 IoU.
+//! lungs and landmarks unchanged. Drawing the spine's bodies convex anyway cost 0.3 IoU
+//! over the stacks (first split: L1 +1.6, L4 −1.4, L5 −1.5).
 
 use ndarray::{s, Array2, Array3};
 
