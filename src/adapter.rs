@@ -138,6 +138,10 @@ pub struct TrainConfig {
     /// convex hull of its region, less the other structures' regions (`convex`).
     #[serde(default)]
     pub convex: bool,
+    /// Structures: let SAM's decoder redraw, from its region's box, each structure it
+    /// redraws faithfully from the templates' own boxes (`sam::Sam::learn_redraws`).
+    #[serde(default)]
+    pub sam_redraw: bool,
     /// Structures: give each structure the foreground fragments that touch its region and
     /// no other's (`postprocess::merge_fragments`): a body whose scores are split with its
     /// look-alike neighbours is taken whole.
@@ -196,6 +200,7 @@ impl Default for TrainConfig {
             atlas: false,
             enclosed: false,
             convex: false,
+            sam_redraw: false,
             fragments: false,
             pose: false,
             coarse_landmarks: false,
@@ -479,6 +484,10 @@ pub struct Adapter {
     /// shows it convex), when trained with `convex` and some structure is.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub convex: Vec<bool>,
+    /// Structures: per structure, whether SAM's decoder redraws it (`sam::Sam::redraw`),
+    /// when trained with `sam_redraw` and SAM redraws some structure faithfully.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sam_redraw: Vec<bool>,
     /// Structures, when trained with `stack_anchor` on stacks: per structure, how far its
     /// sections in a stack's other slices reach past its section in the centre slice, in
     /// equivalent radii of that section (`stack::learn_reach`).
@@ -871,6 +880,7 @@ impl Adapter {
             atlas: None,
             enclosed: None,
             convex: Vec::new(),
+            sam_redraw: Vec::new(),
             stack_reach: Vec::new(),
         })
     }
@@ -927,6 +937,12 @@ impl Adapter {
         }
         if !self.convex.is_empty() && self.convex.len() != n {
             return Err(format!("{} convex flags for {n} labels", self.convex.len()));
+        }
+        if !self.sam_redraw.is_empty() && self.sam_redraw.len() != n {
+            return Err(format!(
+                "{} SAM redraw flags for {n} labels",
+                self.sam_redraw.len()
+            ));
         }
         if self.enclosed.as_ref().is_some_and(|e| !e.fits(n)) {
             return Err(format!(
@@ -1238,6 +1254,11 @@ impl Adapter {
                 ReferenceTerms { terms, exp }
             })
             .collect()
+    }
+
+    /// Whether SAM's decoder redraws structure `l` (`sam_redraw`).
+    pub fn redraws(&self, l: usize) -> bool {
+        self.sam_redraw.get(l).copied().unwrap_or(false)
     }
 
     /// The net that reads the cells' rows: the classifier, or the contrastive branch.
@@ -2461,6 +2482,9 @@ mod synthetic {
         flags.convex = vec![true];
         assert!(flags.validate().unwrap_err().contains("convex flags"));
         flags.convex = vec![true, false];
+        flags.sam_redraw = vec![true];
+        assert!(flags.validate().unwrap_err().contains("SAM redraw flags"));
+        flags.sam_redraw = vec![true, false];
         assert!(flags.validate().is_ok());
     }
 }

@@ -44,7 +44,11 @@ pub enum AnalysisError {
 }
 
 /// A rule's adapter bundle, checked against the rule's backbone and codes.
-fn load_rule(rule: &Rule, store: Arc<FeatureStore>) -> Result<LoadedRule, AnalysisError> {
+fn load_rule(
+    rule: &Rule,
+    store: Arc<FeatureStore>,
+    manifest: &Manifest,
+) -> Result<LoadedRule, AnalysisError> {
     let bb = store.backbone();
     let err = |detail: String| AnalysisError::Rule {
         rule: rule.name.clone(),
@@ -86,11 +90,25 @@ fn load_rule(rule: &Rule, store: Arc<FeatureStore>) -> Result<LoadedRule, Analys
         rule.adapter.display(),
         bundle.summary()
     );
+    // Loaded only for an adapter that has SAM redraw a structure: a missing decoder is then
+    // the rule's error at start-up, not a mask drawn otherwise than measured.
+    let sam = if bundle
+        .tasks
+        .iter()
+        .any(|(_, a)| a.sam_redraw.contains(&true))
+    {
+        let sam = crate::sam::Sam::for_backbone(manifest, bb.id())
+            .map_err(|e| err(format!("the adapter has SAM redraw structures: {e}")))?;
+        Some(sam)
+    } else {
+        None
+    };
     Ok(LoadedRule {
         rule: rule.clone(),
         bundle,
         bundle_sha: backbone::hex(&Sha256::digest(&bytes))[..16].to_string(),
         store,
+        sam,
     })
 }
 
@@ -101,6 +119,8 @@ struct LoadedRule {
     bundle_sha: String,
     /// Features from the rule's backbone.
     store: Arc<FeatureStore>,
+    /// SAM's decoder, for an adapter that has it redraw structures.
+    sam: Option<crate::sam::Sam>,
 }
 
 pub struct Engine {
@@ -158,7 +178,7 @@ impl Engine {
                     }
                 },
             };
-            match load_rule(rule, store) {
+            match load_rule(rule, store, &manifest) {
                 Ok(r) => rules.push(r),
                 Err(e) => problems.push(e.to_string()),
             }
@@ -355,12 +375,29 @@ impl Engine {
                             // slice off its grid is taken on its own.
                             let mut alone = crate::stack::Anchor::default();
                             let anchor = if on_centre_grid { anchor } else { &mut alone };
-                            anchor.structures(
+                            let mut found = anchor.structures(
                                 &mut up,
                                 Some(adapter),
                                 ii == center,
                                 crate::stack::cell_side(&scores, fm.image_rows, fm.image_columns),
-                            )
+                            );
+                            // After the anchor: the other slices' prior is the adapter's
+                            // own region, as `scout eval` measures it.
+                            if let Some(sam) = &lr.sam {
+                                for (l, f) in found.iter_mut().enumerate() {
+                                    let Some(f) = f.as_mut().filter(|_| adapter.redraws(l)) else {
+                                        continue;
+                                    };
+                                    let redrawn = sam
+                                        .redraw(&fm, &f.mask)
+                                        .map_err(|e| inst_err(Box::new(e)))?;
+                                    if let Some(mask) = redrawn {
+                                        f.mask = mask;
+                                        postprocess::measure(f, &up);
+                                    }
+                                }
+                            }
+                            found
                         }
                     };
                     if let (Some(prior), true) = (prior, ii == center) {

@@ -566,6 +566,38 @@ pub fn train_task(
     Ok(out)
 }
 
+/// With `sam_redraw`: per structure adapter among `adapters` (trained for `task` on
+/// `templates`), which of its structures SAM's decoder redraws (`Sam::learn_redraws` on
+/// each template's slice k*); the flags stay empty when it redraws none.
+pub fn learn_sam_redraws(
+    adapters: &mut [Adapter],
+    task: &Task,
+    templates: &[(Case, Vec<FeatureMap>)],
+    sam: &Sam,
+) -> Result<(), BackboneError> {
+    let Task::Structures { values } = task else {
+        return Ok(());
+    };
+    let names = task.label_names();
+    for a in adapters.iter_mut() {
+        // An adapter's labels are the task's names, in the order of its group.
+        let values: Vec<u8> = a
+            .labels
+            .iter()
+            .filter_map(|l| names.iter().position(|n| n == l).map(|i| values[i]))
+            .collect();
+        let slices = templates.iter().filter_map(|(case, fms)| {
+            let labels = case.slices.get(case.center)?.labels.as_ref()?;
+            Some((fms.get(case.center)?, labels))
+        });
+        let redraw = sam.learn_redraws(slices, &values)?;
+        if redraw.iter().any(|r| *r) {
+            a.sam_redraw = redraw;
+        }
+    }
+    Ok(())
+}
+
 /// Per label of `group`, the offset model of `votes`, fit on the cells near the landmark
 /// in slice k* of the templates and their augmented copies (a copy counts as its
 /// template when one is left out to choose the ridge strength).
@@ -688,40 +720,10 @@ pub fn refine_with_sam(
                 prompts.push(point(finding.point, PointLabel::Foreground));
             }
             // Points first, then the box corners, as SAM's ONNX decoder expects.
-            let (rows, cols) = finding.mask.dim();
-            let (mut r0, mut c0, mut r1, mut c1) = (rows, cols, 0, 0);
-            for &(r, c) in &pixels {
-                (r0, c0, r1, c1) = (r0.min(r), c0.min(c), r1.max(r), c1.max(c));
-            }
-            // A margin of 5 % of the box, as a box drawn by hand would have.
-            let (mr, mc) = (
-                (r1 - r0.min(r1)) as f64 * 0.05,
-                (c1 - c0.min(c1)) as f64 * 0.05,
-            );
-            let top_left = ((r0 as f64 - mr).max(0.0), (c0 as f64 - mc).max(0.0));
-            let bottom_right = (
-                (r1 as f64 + mr).min(rows as f64 - 1.0),
-                (c1 as f64 + mc).min(cols as f64 - 1.0),
-            );
-            prompts.push(point(top_left, PointLabel::BoxTopLeft));
-            prompts.push(point(bottom_right, PointLabel::BoxBottomRight));
+            prompts.extend(crate::sam::box_prompt(&finding.mask).into_iter().flatten());
         }
     }
     sam.mask(fm, &prompts)
-}
-
-/// Intersection over union of two masks (1 when both are empty).
-fn mask_iou(a: &Array2<bool>, b: &Array2<bool>) -> f64 {
-    let (mut inter, mut union) = (0usize, 0usize);
-    for (x, y) in a.iter().zip(b.iter()) {
-        inter += usize::from(*x && *y);
-        union += usize::from(*x || *y);
-    }
-    if union == 0 {
-        1.0
-    } else {
-        inter as f64 / union as f64
-    }
 }
 
 struct Progress {
@@ -767,9 +769,9 @@ pub fn evaluate(
             "augmentation needs a finite rotation, and scale and gamma > 0 (got {a:?})"
         )));
     }
-    if opts.sam.is_some() && sam.is_none() {
+    if (opts.sam.is_some() || opts.train.sam_redraw) && sam.is_none() {
         return Err(EvalError::Setup(
-            "--sam needs a SAM decoder for this backbone in the manifest".into(),
+            "--sam and --sam-redraw need a SAM decoder for this backbone in the manifest".into(),
         ));
     }
     // Load every case and its features (cached on disk).
@@ -853,13 +855,13 @@ pub fn evaluate(
     } else {
         Vec::new()
     };
-    let train_timed = |task: &Task, timing: &mut Timing| -> Result<Trained, AdapterError> {
+    let train_timed = |task: &Task, timing: &mut Timing| -> Result<Trained, EvalError> {
         let t = Instant::now();
         let config = TrainConfig {
             align: opts.train.align || opts.align.is_some(),
             ..opts.train.clone()
         };
-        let adapters = train_task(
+        let mut adapters = train_task(
             task,
             opts.method,
             opts.binary,
@@ -868,6 +870,9 @@ pub fn evaluate(
             &config,
             bb,
         )?;
+        if let (true, Some(sam)) = (config.sam_redraw, sam) {
+            learn_sam_redraws(&mut adapters, task, templ, sam)?;
+        }
         timing.train_s += t.elapsed().as_secs_f64();
         Ok(Trained { adapters })
     };
@@ -1144,9 +1149,18 @@ pub fn evaluate(
                             let m = refine_with_sam(sam, fm, f, how, seed)?;
                             sam_ms.push(t.elapsed().as_secs_f64() * 1000.0);
                             let accept = m.predicted_iou >= how.min_predicted_iou
-                                && mask_iou(&m.mask, &f.mask) >= how.min_agreement;
+                                && crate::sam::mask_iou(&m.mask, &f.mask) >= how.min_agreement;
                             sam_accepted.push(accept);
                             Some(if accept { m.mask } else { f.mask.clone() })
+                        }
+                        (Some(f), None, Some(sam))
+                            if trained.adapters.first().is_some_and(|a| a.redraws(l)) =>
+                        {
+                            let t = Instant::now();
+                            let m = sam.redraw(fm, &f.mask)?;
+                            sam_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+                            sam_accepted.push(m.is_some());
+                            Some(m.unwrap_or_else(|| f.mask.clone()))
                         }
                         (Some(f), _, _) => Some(f.mask.clone()),
                         (None, _, _) => None,

@@ -298,6 +298,12 @@ struct ContextArgs {
     /// convex hull of its region, less the other structures' regions.
     #[arg(long)]
     convex: bool,
+    /// Structures: let SAM's decoder redraw, from its region's box, each structure that
+    /// SAM redraws from the templates' own boxes at IoU 0.85 or more (the lungs, not the
+    /// heart); its mask is kept where SAM's predicted IoU is 0.8 or more and it overlaps the
+    /// region at 0.5 or more.
+    #[arg(long)]
+    sam_redraw: bool,
     /// Structures: give each structure the foreground fragments (where the labels' scores
     /// sum to 0.5 or more) that touch its region and no other's.
     #[arg(long)]
@@ -537,6 +543,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 atlas: context.atlas,
                 enclosed: context.enclosed,
                 convex: context.convex,
+                sam_redraw: context.sam_redraw,
                 fragments: context.fragments,
                 pose: context.pose,
                 coarse_landmarks: context.coarse_landmarks,
@@ -545,10 +552,21 @@ fn run(cli: Cli) -> Result<(), String> {
                 context: context.into(),
                 ..Default::default()
             };
+            let decoder = if config.sam_redraw {
+                Some(
+                    scout::sam::Sam::for_backbone(&m.manifest, m.backbone.id())
+                        .map_err(|e| e.to_string())?,
+                )
+            } else {
+                None
+            };
             let bundle = scout::train::train_dataset(
                 &ds,
-                &m.backbone,
-                &m.cache,
+                &scout::train::Models {
+                    backbone: &m.backbone,
+                    cache: &m.cache,
+                    sam: decoder.as_ref(),
+                },
                 templates,
                 method,
                 radius,
@@ -592,9 +610,9 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             let m = load_models(&model)?;
             let ds = data.open(&dataset)?;
-            let decoder = if sam {
+            let decoder = if sam || context.sam_redraw {
                 Some(
-                    scout::sam::Sam::load(&m.manifest, m.backbone.id())
+                    scout::sam::Sam::for_backbone(&m.manifest, m.backbone.id())
                         .map_err(|e| e.to_string())?,
                 )
             } else {
@@ -628,6 +646,7 @@ fn run(cli: Cli) -> Result<(), String> {
                         atlas: context.atlas,
                         enclosed: context.enclosed,
                         convex: context.convex,
+                        sam_redraw: context.sam_redraw,
                         fragments: context.fragments,
                         pose: context.pose,
                         coarse_landmarks: context.coarse_landmarks,

@@ -94,15 +94,35 @@ fn file_error(path: &Path, detail: impl std::fmt::Display) -> AdapterError {
     }
 }
 
+/// The models `train_dataset` reads the templates with.
+pub struct Models<'a> {
+    pub backbone: &'a Backbone,
+    pub cache: &'a FeatureCache,
+    /// SAM's decoder for the backbone's maps: needed with `TrainConfig::sam_redraw` only.
+    pub sam: Option<&'a crate::sam::Sam>,
+}
+
 pub fn train_dataset(
     ds: &Dataset,
-    backbone: &Backbone,
-    cache: &FeatureCache,
+    models: &Models,
     n_templates: usize,
     method: Method,
     radius: f64,
     config: &TrainConfig,
 ) -> Result<Bundle, EvalError> {
+    let Models {
+        backbone,
+        cache,
+        sam,
+    } = *models;
+    let sam = match (config.sam_redraw, sam) {
+        (true, None) => {
+            return Err(EvalError::Setup(
+                "--sam-redraw needs a SAM decoder for this backbone in the manifest".into(),
+            ))
+        }
+        (on, sam) => sam.filter(|_| on),
+    };
     let names: Vec<&String> = ds.cases.iter().take(n_templates.max(1)).collect();
     let mut templates: Vec<(Case, Vec<FeatureMap>)> = Vec::new();
     for n in &names {
@@ -129,7 +149,11 @@ pub fn train_dataset(
     let values = crate::templates::structure_values(templates.iter().map(|(c, _)| c));
     if !values.is_empty() {
         let task = Task::Structures { values };
-        for a in train_task(&task, method, false, &templates, &augmented, config, bb)? {
+        let mut adapters = train_task(&task, method, false, &templates, &augmented, config, bb)?;
+        if let Some(sam) = sam {
+            crate::eval::learn_sam_redraws(&mut adapters, &task, &templates, sam)?;
+        }
+        for a in adapters {
             tasks.push((task.clone(), a));
         }
     }
@@ -157,6 +181,7 @@ pub fn train_dataset(
         (config.atlas, " --atlas"),
         (config.enclosed, " --enclosed"),
         (config.convex, " --convex"),
+        (config.sam_redraw, " --sam-redraw"),
         (config.fragments, " --fragments"),
         (config.pose, " --pose"),
         (config.coarse_landmarks, " --coarse-landmarks"),

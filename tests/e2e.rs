@@ -343,8 +343,11 @@ fn rules_on_two_backbones_answer_the_same_localizer() {
     let cache = scout::features::FeatureCache::new(&work.path().join("features"), &tiny);
     let bundle = scout::train::train_dataset(
         &ds,
-        &tiny,
-        &cache,
+        &scout::train::Models {
+            backbone: &tiny,
+            cache: &cache,
+            sam: None,
+        },
         3,
         scout::adapter::Method::Classification,
         // The fixture's grid is 4×4 cells of 64 pixels: a landmark's disk must hold one.
@@ -673,7 +676,7 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         fm.image_columns,
     );
     // `scout eval`'s steps: edges, then the atlas, the heart placed through the lungs,
-    // the fragments, and the heart drawn convex.
+    // the fragments, the heart drawn convex, and the lungs redrawn by SAM.
     assert!(
         adapter.atlas.is_some(),
         "the shipped chest adapter has an atlas"
@@ -693,10 +696,15 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         [false, false, true],
         "the shipped chest adapter draws the heart, and only the heart, convex"
     );
+    assert_eq!(
+        adapter.sam_redraw,
+        [true, true, false],
+        "the shipped chest adapter has SAM redraw the lungs, not the heart"
+    );
     let mut refined = plain.clone();
     let guide = scout::image::normalize(&slice.pixels).unwrap();
     scout::postprocess::refine_to_edges(&mut refined, &guide, fm.grid().0);
-    let refined = scout::postprocess::structures(
+    let mut refined = scout::postprocess::structures(
         &mut refined,
         adapter.shape.as_ref(),
         adapter.atlas.as_ref(),
@@ -704,6 +712,26 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         adapter.train.fragments,
         &adapter.convex,
         None,
+    );
+    let manifest = scout::backbone::Manifest::load(&root.join("models/models.toml")).unwrap();
+    let sam = scout::sam::Sam::for_backbone(&manifest, backbone.id()).unwrap();
+    let mut redrawn = 0;
+    for (l, f) in refined.iter_mut().enumerate() {
+        let f = f.as_mut().unwrap();
+        if adapter.redraws(l) {
+            let mask = sam
+                .redraw(&fm, &f.mask)
+                .unwrap()
+                .expect("SAM's lung accepted");
+            let agreement = iou(&mask, &f.mask);
+            eprintln!("structure {l}: SAM's mask against the adapter's region, IoU {agreement:.4}");
+            redrawn += usize::from(agreement < 0.98);
+            f.mask = mask;
+        }
+    }
+    assert_eq!(
+        redrawn, 2,
+        "SAM left a lung as the adapter drew it: no teeth"
     );
     let plain = scout::postprocess::structure_findings(&plain, adapter.shape.as_ref(), None);
     let truth = slice.labels.as_ref().unwrap();
@@ -816,8 +844,11 @@ fn aligned_spine_adapter_reports_every_vertebra_through_the_agent() {
     let config = shipped_spine_config(true);
     let bundle = scout::train::train_dataset(
         &ds,
-        &backbone,
-        &cache,
+        &scout::train::Models {
+            backbone: &backbone,
+            cache: &cache,
+            sam: None,
+        },
         5,
         scout::adapter::Method::Contrastive,
         10.0,
