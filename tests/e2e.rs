@@ -326,8 +326,9 @@ fn localizer_in_sr_and_seg_out_valid_and_on_the_right_pixels() {
 /// A rule on a second backbone (the tiny DINOv2 fixture, an adapter trained on synthetic
 /// images) beside the default rules: both rules answer the same localizer, each from its
 /// own backbone's features (the tiny rule analyses every slice, so its store is filled
-/// while the series arrives); a rule whose adapter was made on another backbone, or that
-/// names a backbone the manifest lacks, is refused at load with the rule's name.
+/// while the series arrives); a rule whose adapter was made on another backbone, that
+/// names a backbone the manifest lacks, or whose adapter has SAM redraw a structure on a
+/// backbone with no SAM decoder, is refused at load with the rule's name.
 #[test]
 fn rules_on_two_backbones_answer_the_same_localizer() {
     let t = "rules_on_two_backbones_answer_the_same_localizer";
@@ -360,6 +361,11 @@ fn rules_on_two_backbones_answer_the_same_localizer() {
     .unwrap();
     let adapter = work.path().join("tiny.adapter");
     bundle.save(&adapter).unwrap();
+    // The same adapter with SAM to redraw a structure: this backbone has no decoder.
+    let mut redrawn = bundle.clone();
+    redrawn.tasks[1].1.sam_redraw = vec![true, false];
+    let redrawn_adapter = work.path().join("tiny-sam.adapter");
+    redrawn.save(&redrawn_adapter).unwrap();
     let rule = |adapter: &Path, backbone: &str| {
         let code =
             |v: &str| format!("{{ scheme = \"99SCOUT\", value = \"{v}\", meaning = \"{v}\" }}");
@@ -392,6 +398,11 @@ fn rules_on_two_backbones_answer_the_same_localizer() {
             "no-such-backbone",
             "rule tiny: backbone no-such-backbone",
         ),
+        (
+            redrawn_adapter.as_path(),
+            "tiny-dinov2-test",
+            "rule tiny: the adapter has SAM redraw structures",
+        ),
     ] {
         let run = setup(&[]);
         let mut text = std::fs::read_to_string(&run.cfg).unwrap() + &rule(adapter, backbone);
@@ -419,7 +430,7 @@ fn rules_on_two_backbones_answer_the_same_localizer() {
                 "{stderr}"
             );
         }
-        if backbone == "tiny-dinov2-test" {
+        if adapter == shipped {
             assert!(
                 stderr.contains("trained on backbone litemedsam-hyper")
                     && stderr.contains("from tiny-dinov2-test"),
