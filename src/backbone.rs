@@ -341,16 +341,20 @@ impl FeatureMap {
     /// The coarsest of the maps `stacked` built this map from (the first among equals), as
     /// a map of its own; None for a map of one grid.
     pub fn coarsest(&self) -> Option<FeatureMap> {
-        let part = self
-            .coarse
-            .iter()
-            .filter(|p| p.map.dim().0 > 0)
-            .min_by_key(|p| p.map.dim().1 * p.map.dim().2)?;
         Some(FeatureMap::new(
-            part.map.clone(),
+            self.coarsest_part()?.clone(),
             self.image_rows,
             self.image_columns,
         ))
+    }
+
+    /// `coarsest`'s channels, borrowed.
+    pub fn coarsest_part(&self) -> Option<&Array3<f32>> {
+        self.coarse
+            .iter()
+            .map(|p| &p.map)
+            .filter(|m| m.dim().0 > 0)
+            .min_by_key(|m| m.dim().1 * m.dim().2)
     }
 
     /// The maps `stacked` builds this map from, in channel order: each coarse part on its

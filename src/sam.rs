@@ -175,8 +175,7 @@ impl Sam {
         let prompts: Vec<(f32, f32, f32)> = points.iter().map(to_model).collect();
         // A map of several outputs (`litemedsam-hyper`) holds the decoder's embedding as
         // its coarsest part; the finer channels were never SAM's.
-        let coarsest = features.coarsest();
-        let embedding = coarsest.as_ref().map_or(&features.data, |c| &c.data);
+        let embedding = features.coarsest_part().unwrap_or(&features.data);
         let (low_res_logits, predicted_iou) = self.decode_raw(embedding, &prompts)?;
         let up = image::resize_bilinear(&low_res_logits, rows, cols);
         Ok(SamMask {
