@@ -11,9 +11,22 @@ use crate::templates::Task;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-/// Bundle formats this build reads: 1, and 2 = adapters with ensemble members, which a
-/// build that reads only 1 would otherwise load without them and score differently.
-pub const FORMATS: std::ops::RangeInclusive<u32> = 1..=2;
+/// Bundle formats this build reads: 1; 2 = adapters with ensemble members, which a build
+/// that reads only 1 would otherwise load without them and score differently; 3 =
+/// structures SAM redraws (`Adapter::sam_redraw`), which an older build would draw
+/// without SAM.
+pub const FORMATS: std::ops::RangeInclusive<u32> = 1..=3;
+
+/// The least format that holds `tasks`.
+fn format_of(tasks: &[(Task, Adapter)]) -> u32 {
+    if tasks.iter().any(|(_, a)| a.sam_redraw.contains(&true)) {
+        3
+    } else if tasks.iter().any(|(_, a)| !a.members.is_empty()) {
+        2
+    } else {
+        1
+    }
+}
 
 /// The content of a `.adapter` file: one adapter per task, same backbone.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -76,6 +89,13 @@ impl Bundle {
                 b.format,
                 FORMATS.start(),
                 FORMATS.end()
+            )));
+        }
+        if b.format < format_of(&b.tasks) {
+            return Err(err(format!(
+                "format {} cannot hold what its adapters use (format {} at least)",
+                b.format,
+                format_of(&b.tasks)
             )));
         }
         for (_, a) in &b.tasks {
@@ -213,9 +233,8 @@ pub fn train_dataset(
     for (_, a) in tasks.iter_mut() {
         a.provenance = provenance.clone();
     }
-    let ensembles = tasks.iter().any(|(_, a)| !a.members.is_empty());
     Ok(Bundle {
-        format: if ensembles { 2 } else { 1 },
+        format: format_of(&tasks),
         tasks,
         provenance,
     })

@@ -280,8 +280,11 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
     });
     assert!(err.contains("ensemble member"), "{err}");
     // A format this build does not know.
-    let err = refused(&|json| json["format"] = serde_json::json!(3));
-    assert!(err.contains("format 3"), "{err}");
+    let err = refused(&|json| json["format"] = serde_json::json!(4));
+    assert!(err.contains("format 4"), "{err}");
+    // A format too old for what the file holds (ensemble members need 2).
+    let err = refused(&|json| json["format"] = serde_json::json!(1));
+    assert!(err.contains("format 2 at least"), "{err}");
     // An adapter made for another backbone is refused with a clear error.
     let m =
         Manifest::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/models.toml")).unwrap();

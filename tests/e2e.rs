@@ -712,6 +712,8 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         [true, true, false],
         "the shipped chest adapter has SAM redraw the lungs, not the heart"
     );
+    // A build from before SAM redrew refuses the file rather than draw the lungs without it.
+    assert_eq!(bundle.format, 3);
     let mut refined = plain.clone();
     let guide = scout::image::normalize(&slice.pixels).unwrap();
     scout::postprocess::refine_to_edges(&mut refined, &guide, fm.grid().0);
