@@ -364,6 +364,7 @@ fn rules_on_two_backbones_answer_the_same_localizer() {
     // The same adapter with SAM to redraw a structure: this backbone has no decoder.
     let mut redrawn = bundle.clone();
     redrawn.tasks[1].1.sam_redraw = vec![true, false];
+    redrawn.format = 3;
     let redrawn_adapter = work.path().join("tiny-sam.adapter");
     redrawn.save(&redrawn_adapter).unwrap();
     let rule = |adapter: &Path, backbone: &str| {
