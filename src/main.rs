@@ -601,11 +601,14 @@ fn run(cli: Cli) -> Result<(), String> {
             context,
             model,
         } => {
-            if binary && (context.atlas || context.enclosed) {
+            if binary && (context.atlas || context.enclosed || context.convex || context.sam_redraw)
+            {
                 // The atlas's frame is the union of all the structures of one adapter, and
-                // an enclosed structure is placed through the others of its adapter.
+                // an enclosed structure is placed through the others of its adapter; the
+                // structures' steps read the convex and SAM flags of that one adapter.
                 return Err(
-                    "--atlas and --enclosed need one multi-label adapter, not --binary".into(),
+                    "--atlas, --enclosed, --convex and --sam-redraw need one multi-label adapter, not --binary"
+                        .into(),
                 );
             }
             let m = load_models(&model)?;

@@ -123,6 +123,24 @@ fn only_a_missing_task_kind_is_an_error() {
     assert!(err.to_string().contains("no label maps"), "{err}");
 }
 
+/// The structures' steps that read one adapter's per-structure state refuse `--binary`
+/// (one adapter per label) instead of reading the first adapter's alone.
+#[test]
+fn one_adapter_steps_refuse_binary_adapters() {
+    for option in ["--atlas", "--enclosed", "--convex", "--sam-redraw"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_scout"))
+            .args(["eval", "no-such-dataset", "--binary", option])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{option}: accepted");
+        assert!(
+            stderr.contains("need one multi-label adapter, not --binary"),
+            "{option}: {stderr}"
+        );
+    }
+}
+
 #[test]
 fn trained_adapters_round_trip_through_an_adapter_file() {
     let tmp = tempfile::tempdir().unwrap();
