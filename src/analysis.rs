@@ -44,10 +44,12 @@ pub enum AnalysisError {
 }
 
 /// A rule's adapter bundle, checked against the rule's backbone and codes.
+/// `decoders`: SAM decoders loaded so far, by backbone id, shared by the rules on it.
 fn load_rule(
     rule: &Rule,
     store: Arc<FeatureStore>,
     manifest: &Manifest,
+    decoders: &mut Vec<(String, Arc<crate::sam::Sam>)>,
 ) -> Result<LoadedRule, AnalysisError> {
     let bb = store.backbone();
     let err = |detail: String| AnalysisError::Rule {
@@ -97,9 +99,16 @@ fn load_rule(
         .iter()
         .any(|(_, a)| a.sam_redraw.contains(&true))
     {
-        let sam = crate::sam::Sam::for_backbone(manifest, bb.id())
-            .map_err(|e| err(format!("the adapter has SAM redraw structures: {e}")))?;
-        Some(sam)
+        match decoders.iter().find(|(id, _)| id == bb.id()) {
+            Some((_, sam)) => Some(sam.clone()),
+            None => {
+                let sam = crate::sam::Sam::for_backbone(manifest, bb.id())
+                    .map_err(|e| err(format!("the adapter has SAM redraw structures: {e}")))?;
+                let sam = Arc::new(sam);
+                decoders.push((bb.id().to_string(), sam.clone()));
+                Some(sam)
+            }
+        }
     } else {
         None
     };
@@ -120,7 +129,7 @@ struct LoadedRule {
     /// Features from the rule's backbone.
     store: Arc<FeatureStore>,
     /// SAM's decoder, for an adapter that has it redraw structures.
-    sam: Option<crate::sam::Sam>,
+    sam: Option<Arc<crate::sam::Sam>>,
 }
 
 pub struct Engine {
@@ -151,6 +160,7 @@ impl Engine {
         let mut stores: Vec<Arc<FeatureStore>> = Vec::new();
         // Backbones that did not load, with why: tried once, reported for every rule.
         let mut failed: Vec<(String, String)> = Vec::new();
+        let mut decoders = Vec::new();
         let mut rules = Vec::new();
         let mut problems = Vec::new();
         for rule in &config.rules {
@@ -178,7 +188,7 @@ impl Engine {
                     }
                 },
             };
-            match load_rule(rule, store, &manifest) {
+            match load_rule(rule, store, &manifest, &mut decoders) {
                 Ok(r) => rules.push(r),
                 Err(e) => problems.push(e.to_string()),
             }

@@ -729,6 +729,7 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
     );
     let manifest = scout::backbone::Manifest::load(&root.join("models/models.toml")).unwrap();
     let sam = scout::sam::Sam::for_backbone(&manifest, backbone.id()).unwrap();
+    let truth = slice.labels.as_ref().unwrap();
     let mut redrawn = 0;
     for (l, f) in refined.iter_mut().enumerate() {
         let f = f.as_mut().unwrap();
@@ -738,7 +739,12 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
                 .unwrap()
                 .expect("SAM's lung accepted");
             let agreement = iou(&mask, &f.mask);
-            eprintln!("structure {l}: SAM's mask against the adapter's region, IoU {agreement:.4}");
+            let label = truth.mapv(|v| v as usize == l + 1);
+            eprintln!(
+                "structure {l}: SAM's mask against the adapter's region, IoU {agreement:.4}; against the truth, the region {:.3}, SAM's mask {:.3}",
+                iou(&f.mask, &label),
+                iou(&mask, &label)
+            );
             redrawn += usize::from(agreement < 0.98);
             f.mask = mask;
         }
@@ -748,7 +754,6 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         "SAM left a lung as the adapter drew it: no teeth"
     );
     let plain = scout::postprocess::structure_findings(&plain, adapter.shape.as_ref(), None);
-    let truth = slice.labels.as_ref().unwrap();
     for (l, name) in ["Right lung", "Left lung", "Heart"].iter().enumerate() {
         let got = &masks[*name];
         let to_truth = iou(got, &truth.mapv(|v| v as usize == l + 1));
