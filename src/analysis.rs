@@ -394,18 +394,8 @@ impl Engine {
                             // After the anchor: the other slices' prior is the adapter's
                             // own region, as `scout eval` measures it.
                             if let Some(sam) = &lr.sam {
-                                for (l, f) in found.iter_mut().enumerate() {
-                                    let Some(f) = f.as_mut().filter(|_| adapter.redraws(l)) else {
-                                        continue;
-                                    };
-                                    let redrawn = sam
-                                        .redraw(&fm, &f.mask)
-                                        .map_err(|e| inst_err(Box::new(e)))?;
-                                    if let Some(mask) = redrawn {
-                                        f.mask = mask;
-                                        postprocess::measure(f, &up);
-                                    }
-                                }
+                                sam.redraw_structures(&fm, &mut found, |l| adapter.redraws(l), &up)
+                                    .map_err(|e| inst_err(Box::new(e)))?;
                             }
                             found
                         }

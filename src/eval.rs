@@ -1130,13 +1130,22 @@ pub fn evaluate(
                     let guide = crate::image::normalize(&s.pixels).map_err(BackboneError::from)?;
                     postprocess::refine_to_edges(&mut up, &guide, fm.grid().0);
                 }
-                let found = anchor.structures(
+                let mut found = anchor.structures(
                     &mut up,
                     trained.adapters.first(),
                     si == case.center,
                     crate::stack::cell_side(&scores, rows, cols),
                 );
                 adapter_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+                if let (None, Some(sam), Some(a)) = (&opts.sam, sam, trained.adapters.first()) {
+                    let t = Instant::now();
+                    let calls = sam.redraw_structures(fm, &mut found, |l| a.redraws(l), &up)?;
+                    if !calls.is_empty() {
+                        let each = t.elapsed().as_secs_f64() * 1000.0 / calls.len() as f64;
+                        sam_ms.extend(std::iter::repeat_n(each, calls.len()));
+                        sam_accepted.extend(calls);
+                    }
+                }
                 let mut pred_masks: Vec<Option<Array2<bool>>> = Vec::with_capacity(values.len());
                 for (l, f) in found.iter().enumerate() {
                     let mask = match (f, &opts.sam, sam) {
@@ -1152,15 +1161,6 @@ pub fn evaluate(
                                 && crate::sam::mask_iou(&m.mask, &f.mask) >= how.min_agreement;
                             sam_accepted.push(accept);
                             Some(if accept { m.mask } else { f.mask.clone() })
-                        }
-                        (Some(f), None, Some(sam))
-                            if trained.adapters.first().is_some_and(|a| a.redraws(l)) =>
-                        {
-                            let t = Instant::now();
-                            let m = sam.redraw(fm, &f.mask)?;
-                            sam_ms.push(t.elapsed().as_secs_f64() * 1000.0);
-                            sam_accepted.push(m.is_some());
-                            Some(m.unwrap_or_else(|| f.mask.clone()))
                         }
                         (Some(f), _, _) => Some(f.mask.clone()),
                         (None, _, _) => None,

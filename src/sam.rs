@@ -6,6 +6,7 @@
 
 use crate::backbone::{load_onnx, read_verified, BackboneError, FeatureMap, Manifest, Runnable};
 use crate::image;
+use crate::postprocess::{self, Finding};
 use ndarray::{Array2, Array3};
 use tract_onnx::prelude::*;
 
@@ -200,6 +201,38 @@ impl Sam {
         Ok((m.predicted_iou >= MIN_PREDICTED_IOU && agreement >= MIN_AGREEMENT).then_some(m.mask))
     }
 
+    /// Redraws the structures of `found` (score order) that `redraws` names (`redraw`),
+    /// and takes each accepted mask's pixels out of the other structures' regions:
+    /// the templates' label maps give each pixel one structure, and where SAM's outline
+    /// and another structure's region meet (the lungs and the heart's side), SAM's is the
+    /// one it was accepted for. A region that would lose every pixel keeps them. Returns,
+    /// per decoder call, whether its mask was accepted. `scores`: the labels' scores at
+    /// image resolution, which place the changed findings' points (`postprocess::measure`).
+    pub fn redraw_structures(
+        &self,
+        features: &FeatureMap,
+        found: &mut [Option<Finding>],
+        redraws: impl Fn(usize) -> bool,
+        scores: &Array3<f32>,
+    ) -> Result<Vec<bool>, BackboneError> {
+        let mut accepted = Vec::new();
+        let mut drawn: Vec<usize> = Vec::new();
+        for (l, f) in found.iter_mut().enumerate() {
+            let Some(f) = f.as_mut().filter(|f| redraws(l) && !f.is_placed()) else {
+                continue;
+            };
+            let mask = self.redraw(features, &f.mask)?;
+            accepted.push(mask.is_some());
+            if let Some(mask) = mask {
+                f.mask = mask;
+                postprocess::measure(f, scores);
+                drawn.push(l);
+            }
+        }
+        give_way(found, &drawn, scores);
+        Ok(accepted)
+    }
+
     /// Per structure value, whether SAM redraws it faithfully (`FAITHFUL_IOU`): prompted with
     /// the box of each template's mask of it, its mean IoU with those masks. `templates`:
     /// each template's map of slice k* and that slice's label map.
@@ -230,6 +263,35 @@ impl Sam {
                 n > 0 && mean >= FAITHFUL_IOU
             })
             .collect())
+    }
+}
+
+/// Takes the pixels of the structures `drawn` (indices into `found`) out of the others'
+/// regions (`Sam::redraw_structures`); a region that would lose every pixel keeps them.
+fn give_way(found: &mut [Option<Finding>], drawn: &[usize], scores: &Array3<f32>) {
+    for &d in drawn {
+        let Some(taken) = found
+            .get(d)
+            .and_then(|f| f.as_ref())
+            .map(|f| f.mask.clone())
+        else {
+            continue;
+        };
+        for (l, f) in found.iter_mut().enumerate() {
+            let Some(f) = f.as_mut().filter(|_| !drawn.contains(&l)) else {
+                continue;
+            };
+            if f.mask.dim() != taken.dim() {
+                continue;
+            }
+            let left = ndarray::Zip::from(&f.mask)
+                .and(&taken)
+                .map_collect(|&m, &t| m && !t);
+            if left != f.mask && left.iter().any(|m| *m) {
+                f.mask = left;
+                postprocess::measure(f, scores);
+            }
+        }
     }
 }
 
@@ -311,6 +373,47 @@ mod tests {
 
     /// A backbone that runs the decoder's model file with extra outputs shares its decoder;
     /// one that runs another model has none.
+    /// A redrawn structure's pixels leave the others' regions, whose points follow; a
+    /// region it covers whole keeps its pixels, and redrawn ones are not touched.
+    #[test]
+    fn other_structures_give_way_to_a_redrawn_one() {
+        let region = |r: std::ops::Range<usize>, c: std::ops::Range<usize>, label| {
+            let mut mask = Array2::from_elem((20, 20), false);
+            mask.slice_mut(ndarray::s![r, c]).fill(true);
+            let mut f = Finding {
+                label,
+                mask,
+                mass: 0.0,
+                point: (0.0, 0.0),
+                confidence: 0.0,
+            };
+            postprocess::measure(&mut f, &Array3::from_elem((4, 20, 20), 1.0));
+            f
+        };
+        let mut found = vec![
+            Some(region(0..10, 0..10, 0)),
+            Some(region(0..10, 5..15, 1)),
+            Some(region(2..4, 2..4, 2)),
+            None,
+            Some(region(0..10, 8..12, 3)),
+        ];
+        // 0 was redrawn; 4 too, over 1's right edge.
+        let drawn = [0, 4];
+        let before = found.clone();
+        give_way(&mut found, &drawn, &Array3::from_elem((5, 20, 20), 1.0));
+        let f1 = found[1].as_ref().unwrap();
+        let expected = region(0..10, 12..15, 1);
+        assert_eq!(f1.mask, expected.mask);
+        assert_eq!(f1.point, (4.5, 13.0));
+        let same = |l: usize| {
+            let (a, b) = (found[l].as_ref().unwrap(), before[l].as_ref().unwrap());
+            a.mask == b.mask && a.point == b.point
+        };
+        assert!(same(2), "wholly covered: kept");
+        assert!(same(0) && same(4), "redrawn: not touched");
+        assert!(found[3].is_none());
+    }
+
     #[test]
     fn a_decoder_serves_the_backbones_of_its_model() {
         let m = Manifest::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/models.toml"))
