@@ -142,6 +142,10 @@ pub struct TrainConfig {
     /// redraws faithfully from the templates' own boxes (`sam::Sam::learn_redraws`).
     #[serde(default)]
     pub sam_redraw: bool,
+    /// Landmarks, with `sam_redraw` on the structures: place a landmark also at the extreme
+    /// of a structure SAM redraws, when the templates show it there (`extremes`).
+    #[serde(default)]
+    pub extremes: bool,
     /// Structures: give each structure the foreground fragments that touch its region and
     /// no other's (`postprocess::merge_fragments`): a body whose scores are split with its
     /// look-alike neighbours is taken whole.
@@ -201,6 +205,7 @@ impl Default for TrainConfig {
             enclosed: false,
             convex: false,
             sam_redraw: false,
+            extremes: false,
             fragments: false,
             pose: false,
             coarse_landmarks: false,
@@ -488,6 +493,11 @@ pub struct Adapter {
     /// when trained with `sam_redraw` and SAM redraws some structure faithfully.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sam_redraw: Vec<bool>,
+    /// Landmarks: per landmark, the structure extreme that places it beside the adapter's
+    /// point where SAM drew that structure (`extremes`), when trained with `extremes` and
+    /// some landmark has one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extremes: Vec<Option<crate::extremes::Extreme>>,
     /// Structures, when trained with `stack_anchor` on stacks: per structure, how far its
     /// sections in a stack's other slices reach past its section in the centre slice, in
     /// equivalent radii of that section (`stack::learn_reach`).
@@ -881,6 +891,7 @@ impl Adapter {
             enclosed: None,
             convex: Vec::new(),
             sam_redraw: Vec::new(),
+            extremes: Vec::new(),
             stack_reach: Vec::new(),
         })
     }
@@ -942,6 +953,14 @@ impl Adapter {
             return Err(format!(
                 "{} SAM redraw flags for {n} labels",
                 self.sam_redraw.len()
+            ));
+        }
+        if !self.extremes.is_empty()
+            && (self.extremes.len() != n || self.extremes.iter().flatten().any(|e| !e.is_valid()))
+        {
+            return Err(format!(
+                "{} structure extremes for {n} labels, or one with no direction or band",
+                self.extremes.len()
             ));
         }
         if self.enclosed.as_ref().is_some_and(|e| !e.fits(n)) {

@@ -355,9 +355,18 @@ impl Engine {
                 // The encoder's input is not kept: the slice is read once more, when an
                 // adapter refines with its intensities.
                 let mut pixels: Option<ndarray::Array2<f32>> = None;
-                for (((task, adapter), prior), anchor) in
-                    lr.bundle.tasks.iter().zip(&priors).zip(&mut anchors)
-                {
+                // Structures first: the masks SAM draws place landmarks on their extremes
+                // (`extremes`).
+                let tasks = &lr.bundle.tasks;
+                let task_order = (0..tasks.len())
+                    .filter(|&t| matches!(tasks[t].0, Task::Structures { .. }))
+                    .chain(
+                        (0..tasks.len()).filter(|&t| matches!(tasks[t].0, Task::Landmarks { .. })),
+                    );
+                let mut drawn: Vec<(u8, ndarray::Array2<bool>)> = Vec::new();
+                for ti in task_order {
+                    let ((task, adapter), prior) = (&tasks[ti], &priors[ti]);
+                    let anchor = &mut anchors[ti];
                     let fm = adapter.features(&fm);
                     // The standardised rows only for the votes: without them the scores
                     // are computed a chunk of cells at a time (`Adapter::scores`).
@@ -393,9 +402,16 @@ impl Engine {
                             );
                             // After the anchor: the other slices' prior is the adapter's
                             // own region, as `scout eval` measures it.
-                            if let Some(sam) = &lr.sam {
-                                sam.redraw_structures(&fm, &mut found, |l| adapter.redraws(l), &up)
+                            if let (Some(sam), Task::Structures { values }) = (&lr.sam, task) {
+                                let calls = sam
+                                    .redraw_structures(&fm, &mut found, |l| adapter.redraws(l), &up)
                                     .map_err(|e| inst_err(Box::new(e)))?;
+                                for (l, _) in calls.into_iter().filter(|c| c.1) {
+                                    if let (Some(&v), Some(Some(f))) = (values.get(l), found.get(l))
+                                    {
+                                        drawn.push((v, f.mask.clone()));
+                                    }
+                                }
                             }
                             found
                         }
@@ -432,6 +448,12 @@ impl Engine {
                         let slice = normalized_pixels(&mut pixels, &img.path)
                             .map_err(|e| inst_err(Box::new(e)))?;
                         patch::refine_findings(&mut found, &adapter.patches, slice, &fm);
+                    }
+                    // As `scout eval` places them: in the localizer slice.
+                    if matches!(task, Task::Landmarks { .. }) && ii == center {
+                        let masks: Vec<(u8, &ndarray::Array2<bool>)> =
+                            drawn.iter().map(|(v, m)| (*v, m)).collect();
+                        crate::extremes::refine_findings(&mut found, &adapter.extremes, &masks);
                     }
                     match task {
                         Task::Landmarks { names, radius } => {

@@ -566,6 +566,192 @@ pub fn train_task(
     Ok(out)
 }
 
+/// One slice's structures as `scout eval` takes them before SAM: the scores at image
+/// resolution, refined to the edges with `guided`, then the structure steps through
+/// `anchor` (`centre`: the stack's localizer slice). Returns the findings and the scores.
+fn slice_structures(
+    trained: &Trained,
+    fm: &FeatureMap,
+    s: &crate::dataset::Slice,
+    guided: bool,
+    anchor: &mut crate::stack::Anchor,
+    centre: bool,
+) -> Result<(Vec<Option<Finding>>, Array3<f32>), EvalError> {
+    let scores = trained.scores(fm)?;
+    let (rows, cols) = s.pixels.dim();
+    let mut up = postprocess::upsample_scores(&scores, rows, cols);
+    if guided {
+        let guide = crate::image::normalize(&s.pixels).map_err(BackboneError::from)?;
+        postprocess::refine_to_edges(&mut up, &guide, fm.grid().0);
+    }
+    let found = anchor.structures(
+        &mut up,
+        trained.adapters.first(),
+        centre,
+        crate::stack::cell_side(&scores, rows, cols),
+    );
+    Ok((found, up))
+}
+
+/// One template's structures as SAM drew them when the template was left out
+/// (`left_out_sam_masks`): per structure SAM redraws, its label value and SAM's accepted
+/// mask.
+pub type LeftOutMasks = Vec<(u8, Option<Array2<bool>>)>;
+
+/// With `extremes`, per template: SAM's masks of the structures `structures` redraws
+/// (label values `values`, score order) in its slice k*, as the agent would draw them
+/// were the template a new case: the structures found by an adapter trained (as
+/// `structures` was, with `method` and `config`) on the other templates and their
+/// `augmented` copies (`TEMPLATE_AUGMENTS` per template, in order), then redrawn by SAM
+/// (`Sam::redraw_structures`); None where SAM's mask was not accepted. A box drawn around
+/// the template's own mask would hand SAM the extremes the rules read (a box's corner is
+/// the costophrenic angle).
+#[allow(clippy::too_many_arguments)]
+pub fn left_out_sam_masks(
+    structures: &Adapter,
+    values: &[u8],
+    method: Method,
+    templates: &[(Case, Vec<FeatureMap>)],
+    augmented: &[(Case, Vec<FeatureMap>)],
+    config: &TrainConfig,
+    backbone: (&str, &str),
+    sam: &Sam,
+) -> Result<Vec<LeftOutMasks>, EvalError> {
+    let task = Task::Structures {
+        values: values.to_vec(),
+    };
+    let per = augmented.len() / templates.len().max(1);
+    let mut out = Vec::new();
+    for (i, (case, fms)) in templates.iter().enumerate() {
+        let (Some(slice), Some(fm)) = (case.slices.get(case.center), fms.get(case.center)) else {
+            out.push(Vec::new());
+            continue;
+        };
+        let others: Vec<_> = templates
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| *k != i)
+            .map(|(_, t)| t.clone())
+            .collect();
+        let others_augmented: Vec<_> = augmented
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| k / per.max(1) != i)
+            .map(|(_, t)| t.clone())
+            .collect();
+        let adapters = train_task(
+            &task,
+            method,
+            false,
+            &others,
+            &others_augmented,
+            config,
+            backbone,
+        )?;
+        let left_out = Trained { adapters };
+        let (mut found, up) = slice_structures(
+            &left_out,
+            fm,
+            slice,
+            config.guided,
+            &mut crate::stack::Anchor::default(),
+            true,
+        )?;
+        let calls = sam.redraw_structures(fm, &mut found, |l| structures.redraws(l), &up)?;
+        out.push(
+            calls
+                .into_iter()
+                .filter_map(|(l, accepted)| {
+                    let mask = found
+                        .get(l)?
+                        .as_ref()
+                        .filter(|_| accepted)
+                        .map(|f| f.mask.clone());
+                    Some((*values.get(l)?, mask))
+                })
+                .collect(),
+        );
+    }
+    Ok(out)
+}
+
+/// With `extremes`: per landmark adapter among `landmarks` (trained for `task` on
+/// `templates`), the extreme of a structure SAM redraws that places each landmark
+/// (`extremes::learn`, on each template's true masks and on `left_out`, the SAM masks
+/// of `left_out_sam_masks`; when several structures have one, the one SAM's masks keep
+/// closest). The rules stay empty when no landmark has one.
+pub fn learn_extremes(
+    landmarks: &mut [Adapter],
+    task: &Task,
+    templates: &[(Case, Vec<FeatureMap>)],
+    left_out: &[LeftOutMasks],
+) {
+    let Task::Landmarks { radius, .. } = task else {
+        return;
+    };
+    let mut drawn: Vec<u8> = left_out.iter().flatten().map(|(v, _)| *v).collect();
+    drawn.sort_unstable();
+    drawn.dedup();
+    // Per structure, each template's true mask in slice k*.
+    let truths: Vec<Vec<Option<Array2<bool>>>> = drawn
+        .iter()
+        .map(|&v| {
+            templates
+                .iter()
+                .map(|(case, _)| {
+                    let labels = case.slices.get(case.center)?.labels.as_ref()?;
+                    Some(labels.mapv(|x| x == v)).filter(|m| m.iter().any(|x| *x))
+                })
+                .collect()
+        })
+        .collect();
+    for a in landmarks.iter_mut() {
+        let rules: Vec<Option<crate::extremes::Extreme>> = a
+            .labels
+            .iter()
+            .map(|name| {
+                drawn
+                    .iter()
+                    .zip(&truths)
+                    .filter_map(|(&v, truths)| {
+                        // Every template: its landmark in slice k*, its true mask there.
+                        let views = templates
+                            .iter()
+                            .zip(truths)
+                            .zip(left_out)
+                            .map(|(((case, _), truth), sam)| {
+                                let t = case.landmarks.get(name)?;
+                                let k = case.slices.get(case.center)?.k;
+                                if t.k.zip(k).is_some_and(|(tk, k)| (tk - k as f64).abs() > 0.5) {
+                                    return None;
+                                }
+                                Some(crate::extremes::TemplateView {
+                                    landmark: (t.row, t.column),
+                                    truth: truth.as_ref()?,
+                                    sam: sam.iter().find(|(s, _)| *s == v)?.1.as_ref(),
+                                })
+                            })
+                            .collect::<Option<Vec<_>>>()?;
+                        crate::extremes::learn(v, &views, *radius)
+                    })
+                    .min_by(|a, b| a.1.total_cmp(&b.1))
+                    .map(|(rule, on_sam)| {
+                        log::info!(
+                            "landmark {name}: at structure {}'s extreme {:?} (band {} px); SAM's masks of the left-out templates keep it {on_sam:.1} px off",
+                            rule.structure,
+                            rule.direction,
+                            rule.band
+                        );
+                        rule
+                    })
+            })
+            .collect();
+        if rules.iter().any(Option::is_some) {
+            a.extremes = rules;
+        }
+    }
+}
+
 /// With `sam_redraw`: per structure adapter among `adapters` (trained for `task` on
 /// `templates`), which of its structures SAM's decoder redraws (`Sam::learn_redraws` on
 /// each template's slice k*); the flags stay empty when it redraws none.
@@ -881,13 +1067,57 @@ pub fn evaluate(
     let mut sam_accepted: Vec<bool> = Vec::new();
     let mut overlays: BTreeMap<String, Overlay> = BTreeMap::new();
 
+    // With `extremes`, the structures SAM redraws place landmarks too: their adapter is
+    // trained first.
+    let landmarks_wanted =
+        !dataset.landmark_names.is_empty() && opts.only != Some(TaskKind::Structures);
+    let mut structures_trained = match (opts.train.extremes, sam) {
+        (true, Some(_)) if landmarks_wanted && !values.is_empty() => {
+            let task = Task::Structures {
+                values: values.clone(),
+            };
+            Some(train_timed(&task, &mut timing)?)
+        }
+        _ => None,
+    };
+
     // Landmarks.
-    if !dataset.landmark_names.is_empty() && opts.only != Some(TaskKind::Structures) {
+    if landmarks_wanted {
         let task = Task::Landmarks {
             names: dataset.landmark_names.clone(),
             radius: opts.landmark_radius,
         };
-        let trained = train_timed(&task, &mut timing)?;
+        let mut trained = train_timed(&task, &mut timing)?;
+        let extremes = match (
+            structures_trained.as_ref().and_then(|t| t.adapters.first()),
+            sam,
+        ) {
+            (Some(st), Some(sam)) => {
+                let t = Instant::now();
+                let config = TrainConfig {
+                    align: opts.train.align || opts.align.is_some(),
+                    ..opts.train.clone()
+                };
+                let left_out = left_out_sam_masks(
+                    st,
+                    &values,
+                    opts.method,
+                    templ,
+                    &augmented,
+                    &config,
+                    bb,
+                    sam,
+                )?;
+                learn_extremes(&mut trained.adapters, &task, templ, &left_out);
+                timing.train_s += t.elapsed().as_secs_f64();
+                trained
+                    .adapters
+                    .first()
+                    .filter(|a| !a.extremes.is_empty())
+                    .map(|l| (l.extremes.clone(), st, sam))
+            }
+            _ => None,
+        };
         let names = &dataset.landmark_names;
         let mut errors3: Vec<Vec<Option<f64>>> = vec![Vec::new(); names.len()];
         let mut errors2: Vec<Vec<Option<f64>>> = vec![Vec::new(); names.len()];
@@ -910,6 +1140,7 @@ pub fn evaluate(
             .collect();
         let mut align_ms = Vec::new();
         for (ci, (case, fms)) in tests.iter().enumerate() {
+            let fms_whole = fms;
             // The adapters of a task read the same part of a map (`Adapter::features`).
             let fms: Vec<_> = match trained.adapters.first() {
                 Some(a) => fms.iter().map(|fm| a.features(fm)).collect(),
@@ -974,8 +1205,33 @@ pub fn evaluate(
                     let pixels = crate::image::normalize(&s.pixels).map_err(BackboneError::from)?;
                     patch::refine_findings(&mut found, &patches, &pixels, fm);
                 }
-                per_slice.push(found);
                 adapter_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+                if let (Some((rules, structures, sam)), true) = (&extremes, si == case.center) {
+                    // The structures of slice k* as the structures task takes them (their
+                    // time is not the landmarks'), SAM's accepted masks placing the
+                    // landmarks on their extremes.
+                    let st = Trained {
+                        adapters: vec![(*structures).clone()],
+                    };
+                    let whole = &fms_whole[si];
+                    let (mut drawn, up) = slice_structures(
+                        &st,
+                        whole,
+                        s,
+                        opts.train.guided,
+                        &mut crate::stack::Anchor::default(),
+                        true,
+                    )?;
+                    let calls =
+                        sam.redraw_structures(whole, &mut drawn, |l| structures.redraws(l), &up)?;
+                    let masks: Vec<(u8, &Array2<bool>)> = calls
+                        .iter()
+                        .filter(|c| c.1)
+                        .filter_map(|&(l, _)| Some((*values.get(l)?, &drawn[l].as_ref()?.mask)))
+                        .collect();
+                    crate::extremes::refine_findings(&mut found, rules, &masks);
+                }
+                per_slice.push(found);
             }
             let center = &per_slice[case.center];
             let mut points_3d: Vec<Option<(f64, f64, f64)>> = (0..names.len())
@@ -1103,7 +1359,10 @@ pub fn evaluate(
         let task = Task::Structures {
             values: values.clone(),
         };
-        let trained = train_timed(&task, &mut timing)?;
+        let trained = match structures_trained.take() {
+            Some(t) => t,
+            None => train_timed(&task, &mut timing)?,
+        };
         let mut ious: Vec<Vec<f64>> = vec![Vec::new(); values.len()];
         let mut empty = vec![(0usize, 0usize); values.len()];
         let progress = Progress::new(tests.len() as u64, "structures");
@@ -1123,19 +1382,14 @@ pub fn evaluate(
                     continue;
                 };
                 let t = Instant::now();
-                let scores = trained.scores(fm)?;
-                let (rows, cols) = s.pixels.dim();
-                let mut up = postprocess::upsample_scores(&scores, rows, cols);
-                if opts.train.guided {
-                    let guide = crate::image::normalize(&s.pixels).map_err(BackboneError::from)?;
-                    postprocess::refine_to_edges(&mut up, &guide, fm.grid().0);
-                }
-                let mut found = anchor.structures(
-                    &mut up,
-                    trained.adapters.first(),
+                let (mut found, up) = slice_structures(
+                    &trained,
+                    fm,
+                    s,
+                    opts.train.guided,
+                    &mut anchor,
                     si == case.center,
-                    crate::stack::cell_side(&scores, rows, cols),
-                );
+                )?;
                 adapter_ms.push(t.elapsed().as_secs_f64() * 1000.0);
                 if let (None, Some(sam), Some(a)) = (&opts.sam, sam, trained.adapters.first()) {
                     let t = Instant::now();
@@ -1143,7 +1397,7 @@ pub fn evaluate(
                     if !calls.is_empty() {
                         let each = t.elapsed().as_secs_f64() * 1000.0 / calls.len() as f64;
                         sam_ms.extend(std::iter::repeat_n(each, calls.len()));
-                        sam_accepted.extend(calls);
+                        sam_accepted.extend(calls.iter().map(|c| c.1));
                     }
                 }
                 let mut pred_masks: Vec<Option<Array2<bool>>> = Vec::with_capacity(values.len());
@@ -1192,7 +1446,7 @@ pub fn evaluate(
                 if si == case.center {
                     let o = overlays.entry(case.name.clone()).or_default();
                     o.predicted = Some(pred_masks.iter().enumerate().fold(
-                        Array2::zeros((rows, cols)),
+                        Array2::zeros(s.pixels.dim()),
                         |mut acc: Array2<u8>, (l, m)| {
                             if let Some(m) = m {
                                 acc.zip_mut_with(m, |a, b| {

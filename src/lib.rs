@@ -18,6 +18,7 @@ pub mod derived;
 pub mod dimse;
 pub mod enclosed;
 pub mod eval;
+pub mod extremes;
 pub mod features;
 pub mod geometry;
 pub mod image;

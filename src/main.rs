@@ -304,6 +304,12 @@ struct ContextArgs {
     /// region at 0.5 or more.
     #[arg(long)]
     sam_redraw: bool,
+    /// Landmarks, with --sam-redraw: place a landmark also at the extreme of a structure
+    /// SAM redraws (the centroid of its top rows, its lowest lateral corner...) when the
+    /// templates' masks give their landmarks back there and SAM's masks of them keep it
+    /// within half the landmark radius: the mean of that point and the adapter's.
+    #[arg(long, requires = "sam_redraw")]
+    extremes: bool,
     /// Structures: give each structure the foreground fragments (where the labels' scores
     /// sum to 0.5 or more) that touch its region and no other's.
     #[arg(long)]
@@ -544,6 +550,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 enclosed: context.enclosed,
                 convex: context.convex,
                 sam_redraw: context.sam_redraw,
+                extremes: context.extremes,
                 fragments: context.fragments,
                 pose: context.pose,
                 coarse_landmarks: context.coarse_landmarks,
@@ -601,13 +608,18 @@ fn run(cli: Cli) -> Result<(), String> {
             context,
             model,
         } => {
-            if binary && (context.atlas || context.enclosed || context.convex || context.sam_redraw)
+            if binary
+                && (context.atlas
+                    || context.enclosed
+                    || context.convex
+                    || context.sam_redraw
+                    || context.extremes)
             {
                 // The atlas's frame is the union of all the structures of one adapter, and
                 // an enclosed structure is placed through the others of its adapter; the
                 // structures' steps read the convex and SAM flags of that one adapter.
                 return Err(
-                    "--atlas, --enclosed, --convex and --sam-redraw need one multi-label adapter, not --binary"
+                    "--atlas, --enclosed, --convex, --sam-redraw and --extremes need one multi-label adapter, not --binary"
                         .into(),
                 );
             }
@@ -650,6 +662,7 @@ fn run(cli: Cli) -> Result<(), String> {
                         enclosed: context.enclosed,
                         convex: context.convex,
                         sam_redraw: context.sam_redraw,
+                        extremes: context.extremes,
                         fragments: context.fragments,
                         pose: context.pose,
                         coarse_landmarks: context.coarse_landmarks,

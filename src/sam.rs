@@ -206,7 +206,7 @@ impl Sam {
     /// the templates' label maps give each pixel one structure, and where SAM's outline
     /// and another structure's region meet (the lungs and the heart's side), SAM's is the
     /// one it was accepted for. A region that would lose every pixel keeps them. Returns,
-    /// per decoder call, whether its mask was accepted. `scores`: the labels' scores at
+    /// per decoder call, the structure and whether its mask was accepted. `scores`: the labels' scores at
     /// image resolution, which place the changed findings' points (`postprocess::measure`).
     pub fn redraw_structures(
         &self,
@@ -214,7 +214,7 @@ impl Sam {
         found: &mut [Option<Finding>],
         redraws: impl Fn(usize) -> bool,
         scores: &Array3<f32>,
-    ) -> Result<Vec<bool>, BackboneError> {
+    ) -> Result<Vec<(usize, bool)>, BackboneError> {
         let mut accepted = Vec::new();
         let mut drawn: Vec<usize> = Vec::new();
         for (l, f) in found.iter_mut().enumerate() {
@@ -222,7 +222,7 @@ impl Sam {
                 continue;
             };
             let mask = self.redraw(features, &f.mask)?;
-            accepted.push(mask.is_some());
+            accepted.push((l, mask.is_some()));
             if let Some(mask) = mask {
                 f.mask = mask;
                 postprocess::measure(f, scores);

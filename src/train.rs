@@ -14,12 +14,15 @@ use std::path::Path;
 /// Bundle formats this build reads: 1; 2 = adapters with ensemble members, which a build
 /// that reads only 1 would otherwise load without them and score differently; 3 =
 /// structures SAM redraws (`Adapter::sam_redraw`), which an older build would draw
-/// without SAM.
+/// without SAM, or landmarks placed also on their extremes (`Adapter::extremes`).
 pub const FORMATS: std::ops::RangeInclusive<u32> = 1..=3;
 
 /// The least format that holds `tasks`.
 fn format_of(tasks: &[(Task, Adapter)]) -> u32 {
-    if tasks.iter().any(|(_, a)| a.sam_redraw.contains(&true)) {
+    if tasks
+        .iter()
+        .any(|(_, a)| a.sam_redraw.contains(&true) || a.extremes.iter().any(Option::is_some))
+    {
         3
     } else if tasks.iter().any(|(_, a)| !a.members.is_empty()) {
         2
@@ -103,6 +106,26 @@ impl Bundle {
                 .map_err(|d| err(format!("adapter {}: {d}", a.labels.join(","))))?;
             a.check_backbone(backbone.id(), backbone.checksum())?;
         }
+        // A landmark placed on a structure's extreme reads SAM's mask of that structure:
+        // another adapter of the file must redraw it.
+        let redrawn = |value: u8| {
+            b.tasks.iter().any(|(t, a)| match t {
+                Task::Structures { values } => values
+                    .iter()
+                    .position(|v| *v == value)
+                    .is_some_and(|l| a.redraws(l)),
+                Task::Landmarks { .. } => false,
+            })
+        };
+        for (_, a) in &b.tasks {
+            if let Some(e) = a.extremes.iter().flatten().find(|e| !redrawn(e.structure)) {
+                return Err(err(format!(
+                    "adapter {}: a landmark lies on structure {}'s extreme, which no adapter of the file has SAM redraw",
+                    a.labels.join(","),
+                    e.structure
+                )));
+            }
+        }
         Ok(b)
     }
 }
@@ -182,6 +205,20 @@ pub fn train_dataset(
             "the data set has neither landmarks nor label maps".into(),
         ));
     }
+    if let (true, Some(sam)) = (config.extremes, sam) {
+        let structures = tasks.iter().find_map(|(t, a)| match t {
+            Task::Structures { values } => Some((a.clone(), values.clone())),
+            Task::Landmarks { .. } => None,
+        });
+        if let Some((st, values)) = structures {
+            let left_out = crate::eval::left_out_sam_masks(
+                &st, &values, method, &templates, &augmented, config, bb, sam,
+            )?;
+            for (task, a) in tasks.iter_mut() {
+                crate::eval::learn_extremes(std::slice::from_mut(a), task, &templates, &left_out);
+            }
+        }
+    }
     // The options as `scout train` spells them, so the line can be run again.
     let mut options = String::new();
     let ctx = &config.context;
@@ -202,6 +239,7 @@ pub fn train_dataset(
         (config.enclosed, " --enclosed"),
         (config.convex, " --convex"),
         (config.sam_redraw, " --sam-redraw"),
+        (config.extremes, " --extremes"),
         (config.fragments, " --fragments"),
         (config.pose, " --pose"),
         (config.coarse_landmarks, " --coarse-landmarks"),

@@ -757,7 +757,7 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
     let accepted = sam
         .redraw_structures(&fm, &mut refined, |l| adapter.redraws(l), &edged)
         .unwrap();
-    assert_eq!(accepted, [true, true]);
+    assert_eq!(accepted, [(0, true), (1, true)]);
     let after = &refined[2].as_ref().unwrap().mask;
     let label = truth.mapv(|v| v == 3);
     eprintln!(
@@ -806,22 +806,53 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         &fm,
         scores.view(),
     );
+    // Then the apices, halfway to the centroid of the top rows of SAM's lung.
+    let on_extremes: Vec<Option<(u8, [i8; 2])>> = landmarks
+        .extremes
+        .iter()
+        .map(|e| e.map(|e| (e.structure, e.direction)))
+        .collect();
+    assert_eq!(
+        on_extremes,
+        [Some((1, [-1, 0])), None, Some((2, [-1, 0])), None],
+        "the shipped chest adapter places the apices on the lungs' tops, not the costophrenic angles on their corners"
+    );
+    let mut placed = voted.clone();
+    let lungs: Vec<(u8, &ndarray::Array2<bool>)> = (0..2)
+        .map(|l| (l as u8 + 1, &refined[l].as_ref().unwrap().mask))
+        .collect();
+    scout::extremes::refine_findings(&mut placed, &landmarks.extremes, &lungs);
     let mut moved = 0.0f64;
+    let mut to_extreme = 0.0f64;
     for (l, name) in ds.landmark_names.iter().enumerate() {
         let (r, c) = geometry.patient_to_pixel(points[name].unwrap()).unwrap();
-        let (v, p) = (
+        let (e, v, p) = (
+            placed[l].as_ref().unwrap().point,
             voted[l].as_ref().unwrap().point,
             centroids[l].as_ref().unwrap().point,
         );
+        let truth = &case.landmarks[name];
+        eprintln!(
+            "{name}: the votes' point {:.1} px from the truth, the agent's {:.1} ({:.3} px from eval's, which moved {:.2} px on the extreme)",
+            (v.0 - truth.row).hypot(v.1 - truth.column),
+            (r - truth.row).hypot(c - truth.column),
+            (r - e.0).hypot(c - e.1),
+            (e.0 - v.0).hypot(e.1 - v.1)
+        );
         assert!(
-            (r - v.0).hypot(c - v.1) < 0.5,
-            "{name}: agent ({r}, {c}), eval {v:?}"
+            (r - e.0).hypot(c - e.1) < 0.05,
+            "{name}: agent ({r}, {c}), eval {e:?}"
         );
         moved = moved.max((p.0 - v.0).hypot(p.1 - v.1));
+        to_extreme = to_extreme.max((e.0 - v.0).hypot(e.1 - v.1));
     }
     assert!(
         moved > 1.0,
         "the votes moved no landmark: the check has no teeth"
+    );
+    assert!(
+        to_extreme > 0.25,
+        "the lungs' tops moved no apex past the check's tolerance: it has no teeth"
     );
 }
 

@@ -1,0 +1,303 @@
+//! Landmarks at a structure's extreme (issue #7). Many landmarks are defined on a
+//! structure's outline: the apex of a lung is its top, a costophrenic angle its lowest
+//! lateral corner (chest-xr's README: derived from the manual masks). Where SAM draws that
+//! structure faithfully (`sam::Sam::redraw_structures`), its mask places the landmark
+//! beside the landmark adapter's own point.
+//!
+//! A rule is learned per landmark from the templates, in two checks:
+//! - on their true masks, the rule gives every template's landmark back within `EXACT_PX`:
+//!   the centroid of the structure's pixels within `band` of its extreme along `direction`
+//!   (one of the 8 grid directions, bands `BANDS`);
+//! - on SAM's masks drawn from the boxes of those true masks (as `Sam::learn_redraws`
+//!   checks the structure), the rule's points lie within half the landmark radius of the
+//!   templates' landmarks on average: SAM rounds a thin tip (the costophrenic recess) off,
+//!   and a rule on such a tip fails here.
+//!
+//! At inference, a landmark with a rule is placed at the mean of the adapter's point and
+//! the rule's point on SAM's mask of the structure, when SAM's mask was accepted on that
+//! image: two estimates, one from the landmark's surroundings, one from the outline.
+
+use ndarray::Array2;
+use serde::{Deserialize, Serialize};
+
+use crate::postprocess::Finding;
+
+/// Pixels: how closely a rule must give back every template's landmark from its true mask.
+pub const EXACT_PX: f64 = 1.5;
+/// Band depths tried (pixels along the direction; 0: the extreme pixels alone).
+const BANDS: [f64; 3] = [0.0, 2.0, 5.0];
+
+/// A landmark placed on a structure's extreme.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Extreme {
+    /// The structure's label value (as in the structure task's `values`).
+    pub structure: u8,
+    /// (row, column) steps, each −1, 0 or 1, not both 0.
+    pub direction: [i8; 2],
+    /// Pixels within this depth of the extreme count (in units of the direction's steps).
+    pub band: f64,
+}
+
+impl Extreme {
+    /// Whether the rule can be applied (a damaged adapter file is refused at load).
+    pub fn is_valid(&self) -> bool {
+        self.direction != [0, 0]
+            && self.direction.iter().all(|d| (-1..=1).contains(d))
+            && self.band.is_finite()
+            && self.band >= 0.0
+    }
+
+    /// The rule's point (row, column) on `mask`: the centroid of its pixels within `band`
+    /// of the extreme along `direction`. None for an empty mask.
+    pub fn point(&self, mask: &Array2<bool>) -> Option<(f64, f64)> {
+        let [dr, dc] = self.direction.map(f64::from);
+        let along = |r: usize, c: usize| dr * r as f64 + dc * c as f64;
+        let top = mask
+            .indexed_iter()
+            .filter(|(_, m)| **m)
+            .map(|((r, c), _)| along(r, c))
+            .fold(f64::NEG_INFINITY, f64::max);
+        if top == f64::NEG_INFINITY {
+            return None;
+        }
+        let (mut sr, mut sc, mut n) = (0.0, 0.0, 0usize);
+        for ((r, c), _) in mask.indexed_iter().filter(|(_, m)| **m) {
+            // A small slack: the band's edge falls on whole pixels.
+            if along(r, c) >= top - self.band - 1e-9 {
+                sr += r as f64;
+                sc += c as f64;
+                n += 1;
+            }
+        }
+        Some((sr / n as f64, sc / n as f64))
+    }
+}
+
+/// Every rule tried: 8 directions × `BANDS`.
+fn candidates(structure: u8) -> impl Iterator<Item = Extreme> {
+    (-1i8..=1)
+        .flat_map(|dr| (-1i8..=1).map(move |dc| [dr, dc]))
+        .filter(|d| *d != [0, 0])
+        .flat_map(move |direction| {
+            BANDS.into_iter().map(move |band| Extreme {
+                structure,
+                direction,
+                band,
+            })
+        })
+}
+
+/// One template's landmark and masks of a structure, for `learn`.
+pub struct TemplateView<'a> {
+    /// The landmark (row, column) in the template's slice k*.
+    pub landmark: (f64, f64),
+    /// The structure's true mask there.
+    pub truth: &'a Array2<bool>,
+    /// SAM's mask drawn from the box of `truth` (None: SAM gave none).
+    pub sam: Option<&'a Array2<bool>>,
+}
+
+/// The rule that gives every template's landmark back from its true mask within
+/// `EXACT_PX` (the closest on average when several do), if SAM's masks keep it within
+/// `radius / 2` on average; None otherwise, or with fewer than two templates.
+pub fn learn(structure: u8, templates: &[TemplateView], radius: f64) -> Option<(Extreme, f64)> {
+    if templates.len() < 2 {
+        return None;
+    }
+    let error = |rule: &Extreme, mask: &Array2<bool>, p: (f64, f64)| {
+        rule.point(mask)
+            .map_or(f64::INFINITY, |q| (q.0 - p.0).hypot(q.1 - p.1))
+    };
+    let (rule, _) = candidates(structure)
+        .filter_map(|rule| {
+            let errors: Vec<f64> = templates
+                .iter()
+                .map(|t| error(&rule, t.truth, t.landmark))
+                .collect();
+            errors
+                .iter()
+                .all(|e| *e <= EXACT_PX)
+                .then(|| (rule, errors.iter().sum::<f64>() / errors.len() as f64))
+        })
+        .min_by(|a, b| a.1.total_cmp(&b.1))?;
+    let on_sam = templates
+        .iter()
+        .map(|t| t.sam.map_or(f64::INFINITY, |m| error(&rule, m, t.landmark)))
+        .sum::<f64>()
+        / templates.len() as f64;
+    (on_sam <= radius / 2.0).then_some((rule, on_sam))
+}
+
+/// Moves each landmark of `found` whose rule's structure has a mask in `masks` (label
+/// value, SAM's accepted mask on this image) to the mean of its point and the rule's.
+pub fn refine_findings(
+    found: &mut [Option<Finding>],
+    rules: &[Option<Extreme>],
+    masks: &[(u8, &Array2<bool>)],
+) {
+    for (f, rule) in found.iter_mut().zip(rules) {
+        let (Some(f), Some(rule)) = (f.as_mut(), rule) else {
+            continue;
+        };
+        let Some(q) = masks
+            .iter()
+            .find(|(v, _)| *v == rule.structure)
+            .and_then(|(_, m)| rule.point(m))
+        else {
+            continue;
+        };
+        f.point = ((f.point.0 + q.0) / 2.0, (f.point.1 + q.1) / 2.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lung-like mask: a triangle whose top is a 3-pixel plateau at row `top`, widening
+    /// downwards, with a thin tip at its lower left.
+    fn lung(top: usize, left: usize) -> Array2<bool> {
+        Array2::from_shape_fn((60, 60), |(r, c)| {
+            let r = r as i64 - top as i64;
+            let c = c as i64 - left as i64;
+            (0..30).contains(&r) && c >= 10 - r / 3 && c <= 12 + r / 3
+        })
+    }
+
+    #[test]
+    fn a_rule_takes_the_centroid_of_the_band_at_the_extreme() {
+        let mask = lung(5, 20);
+        let up = Extreme {
+            structure: 1,
+            direction: [-1, 0],
+            band: 2.0,
+        };
+        // Rows 5–7: columns 30–32 each (r / 3 = 0).
+        assert_eq!(up.point(&mask), Some((6.0, 31.0)));
+        let down_left = Extreme {
+            direction: [1, -1],
+            band: 0.0,
+            ..up
+        };
+        // Row 34 (r = 29) spans columns 21–41; row + (−column) is largest at (34, 21).
+        assert_eq!(down_left.point(&mask), Some((34.0, 21.0)));
+        assert!(up.point(&Array2::from_elem((4, 4), false)).is_none());
+        assert!(up.is_valid());
+        assert!(!Extreme {
+            direction: [0, 0],
+            ..up
+        }
+        .is_valid());
+        assert!(!Extreme {
+            band: f64::NAN,
+            ..up
+        }
+        .is_valid());
+    }
+
+    #[test]
+    fn the_templates_choose_a_rule_and_sams_masks_confirm_it() {
+        let masks: Vec<Array2<bool>> = [(5, 20), (9, 14), (3, 25)]
+            .iter()
+            .map(|&(t, l)| lung(t, l))
+            .collect();
+        let up = Extreme {
+            structure: 2,
+            direction: [-1, 0],
+            band: 2.0,
+        };
+        let apices: Vec<(f64, f64)> = masks.iter().map(|m| up.point(m).unwrap()).collect();
+        let templates: Vec<TemplateView> = masks
+            .iter()
+            .zip(&apices)
+            .map(|(m, &p)| TemplateView {
+                landmark: p,
+                truth: m,
+                sam: Some(m),
+            })
+            .collect();
+        let (rule, on_sam) = learn(2, &templates, 10.0).expect("a rule");
+        assert_eq!(rule.direction, [-1, 0]);
+        assert_eq!(rule.structure, 2);
+        assert_eq!(on_sam, 0.0);
+
+        // SAM's masks lose their top 6 rows: the rule would place the apex 6 px low, more
+        // than half of a 10 px radius.
+        let cut: Vec<Array2<bool>> = masks
+            .iter()
+            .map(|m| {
+                let mut m = m.clone();
+                for mut row in m.rows_mut().into_iter().take(16) {
+                    row.fill(false);
+                }
+                m
+            })
+            .collect();
+        let templates: Vec<TemplateView> = masks
+            .iter()
+            .zip(&cut)
+            .zip(&apices)
+            .map(|((m, c), &p)| TemplateView {
+                landmark: p,
+                truth: m,
+                sam: Some(c),
+            })
+            .collect();
+        assert!(learn(2, &templates, 10.0).is_none(), "SAM misses the top");
+        assert!(
+            learn(2, &templates, 40.0).is_some(),
+            "within a 40 px radius's half"
+        );
+
+        // Landmarks no rule gives back: none.
+        let templates: Vec<TemplateView> = masks
+            .iter()
+            .zip([(20.0, 20.0), (30.0, 40.0), (12.0, 33.0)])
+            .map(|(m, p)| TemplateView {
+                landmark: p,
+                truth: m,
+                sam: Some(m),
+            })
+            .collect();
+        assert!(learn(2, &templates, 10.0).is_none());
+        assert!(learn(2, &templates[..1], 10.0).is_none(), "one template");
+    }
+
+    #[test]
+    fn a_landmark_moves_halfway_to_its_rules_point() {
+        let mask = lung(5, 20);
+        let rule = Extreme {
+            structure: 1,
+            direction: [-1, 0],
+            band: 2.0,
+        };
+        let finding = |point| Finding {
+            label: 0,
+            mask: Array2::from_elem((60, 60), false),
+            mass: 1.0,
+            point,
+            confidence: 1.0,
+        };
+        let mut found = vec![
+            Some(finding((10.0, 35.0))),
+            Some(finding((40.0, 40.0))),
+            None,
+        ];
+        let rules = [
+            Some(rule),
+            Some(Extreme {
+                structure: 3,
+                ..rule
+            }),
+            Some(rule),
+        ];
+        refine_findings(&mut found, &rules, &[(1, &mask)]);
+        assert_eq!(found[0].as_ref().unwrap().point, (8.0, 33.0));
+        assert_eq!(
+            found[1].as_ref().unwrap().point,
+            (40.0, 40.0),
+            "its structure has no mask here"
+        );
+        assert!(found[2].is_none());
+    }
+}
