@@ -617,6 +617,10 @@ pub fn left_out_sam_masks(
     backbone: (&str, &str),
     sam: &Sam,
 ) -> Result<Vec<LeftOutMasks>, EvalError> {
+    // Nothing to draw: no structure adapters to train.
+    if !structures.sam_redraw.contains(&true) {
+        return Ok(vec![Vec::new(); templates.len()]);
+    }
     let task = Task::Structures {
         values: values.to_vec(),
     };
