@@ -1093,10 +1093,12 @@ pub fn evaluate(
         };
         let mut trained = train_timed(&task, &mut timing)?;
         let extremes = match (
-            structures_trained.as_ref().and_then(|t| t.adapters.first()),
+            structures_trained
+                .as_ref()
+                .and_then(|t| Some((t, t.adapters.first()?))),
             sam,
         ) {
-            (Some(st), Some(sam)) => {
+            (Some((st_trained, st)), Some(sam)) => {
                 let t = Instant::now();
                 let config = TrainConfig {
                     align: opts.train.align || opts.align.is_some(),
@@ -1118,7 +1120,7 @@ pub fn evaluate(
                     .adapters
                     .first()
                     .filter(|a| !a.extremes.is_empty())
-                    .map(|l| (l.extremes.clone(), st, sam))
+                    .map(|l| (l.extremes.clone(), st_trained, sam))
             }
             _ => None,
         };
@@ -1214,20 +1216,17 @@ pub fn evaluate(
                     // The structures of slice k* as the structures task takes them (their
                     // time is not the landmarks'), SAM's accepted masks placing the
                     // landmarks on their extremes.
-                    let st = Trained {
-                        adapters: vec![(*structures).clone()],
-                    };
                     let whole = &fms_whole[si];
                     let (mut drawn, up) = slice_structures(
-                        &st,
+                        structures,
                         whole,
                         s,
                         opts.train.guided,
                         &mut crate::stack::Anchor::default(),
                         true,
                     )?;
-                    let calls =
-                        sam.redraw_structures(whole, &mut drawn, |l| structures.redraws(l), &up)?;
+                    let redraws = |l| structures.adapters.first().is_some_and(|a| a.redraws(l));
+                    let calls = sam.redraw_structures(whole, &mut drawn, redraws, &up)?;
                     let masks: Vec<(u8, &Array2<bool>)> = calls
                         .iter()
                         .filter(|c| c.1)
