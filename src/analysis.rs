@@ -453,7 +453,12 @@ impl Engine {
                     if matches!(task, Task::Landmarks { .. }) && ii == center {
                         let masks: Vec<(u8, &ndarray::Array2<bool>)> =
                             drawn.iter().map(|(v, m)| (*v, m)).collect();
-                        crate::extremes::refine_findings(&mut found, &adapter.extremes, &masks);
+                        crate::extremes::refine_findings(
+                            &mut found,
+                            &adapter.extremes,
+                            &masks,
+                            adapter.shape.as_ref(),
+                        );
                     }
                     match task {
                         Task::Landmarks { names, radius } => {

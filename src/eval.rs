@@ -1232,7 +1232,7 @@ pub fn evaluate(
                         .filter(|c| c.1)
                         .filter_map(|&(l, _)| Some((*values.get(l)?, &drawn[l].as_ref()?.mask)))
                         .collect();
-                    crate::extremes::refine_findings(&mut found, rules, &masks);
+                    crate::extremes::refine_findings(&mut found, rules, &masks, shape);
                 }
                 per_slice.push(found);
             }

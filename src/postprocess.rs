@@ -1220,6 +1220,14 @@ impl ShapeModel {
         ShapeModel { pose, ..self }
     }
 
+    /// The in-plane turn (sin, cos) of the pose that explains `points` (per label, None =
+    /// absent) best: a direction of the templates, d, shows in the target as (d_r·cos +
+    /// d_c·sin, −d_r·sin + d_c·cos). No turn without `pose`.
+    pub fn turn(&self, points: &[Option<(f64, f64)>]) -> (f64, f64) {
+        let (_, pose) = self.set_cost(&self.poses(), points);
+        (pose.sin, pose.cos)
+    }
+
     /// The poses a target may take: the templates' own only, unless `pose`.
     fn poses(&self) -> Vec<Pose> {
         if !self.pose {

@@ -821,7 +821,12 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
     let lungs: Vec<(u8, &ndarray::Array2<bool>)> = (0..2)
         .map(|l| (l as u8 + 1, &refined[l].as_ref().unwrap().mask))
         .collect();
-    scout::extremes::refine_findings(&mut placed, &landmarks.extremes, &lungs);
+    scout::extremes::refine_findings(
+        &mut placed,
+        &landmarks.extremes,
+        &lungs,
+        landmarks.shape.as_ref(),
+    );
     let mut moved = 0.0f64;
     let mut to_extreme = 0.0f64;
     for (l, name) in ds.landmark_names.iter().enumerate() {
