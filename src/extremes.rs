@@ -295,6 +295,62 @@ mod tests {
         assert!(learn(2, &templates[..1], 10.0).is_none(), "one template");
     }
 
+    /// The rule is read in the pose the landmarks' layout explains: a target whose
+    /// landmarks lie turned by 10° from the templates' layout turns the rule with them.
+    #[test]
+    fn the_rule_turns_with_the_targets_pose() {
+        let triangle = [(10.0, 30.0), (50.0, 10.0), (50.0, 50.0)];
+        let templates: Vec<Vec<Option<(f64, f64)>>> = [0.0, 1.0, -1.0]
+            .iter()
+            .map(|j| triangle.iter().map(|p| Some((p.0 + j, p.1 - j))).collect())
+            .collect();
+        let layout = crate::postprocess::ShapeModel::fit(&templates)
+            .unwrap()
+            .with_pose(true);
+        let (sin, cos) = 10f64.to_radians().sin_cos();
+        // The templates' offsets from the first point, as a target turned by 10° shows them.
+        let turned: Vec<Option<(f64, f64)>> = triangle
+            .iter()
+            .map(|p| {
+                let d = (p.0 - 10.0, p.1 - 30.0);
+                Some((30.0 + cos * d.0 + sin * d.1, 40.0 - sin * d.0 + cos * d.1))
+            })
+            .collect();
+        // The pose's own cost (its prior) draws the estimate towards the templates' pose.
+        let turn = layout.turn(&turned);
+        let degrees = turn.0.atan2(turn.1).to_degrees();
+        assert!((5.0..=10.0 + 1e-9).contains(&degrees), "{degrees}");
+        assert_eq!(layout.turn(&templates[0]), TEMPLATES_POSE);
+
+        let mask = lung(5, 20);
+        let rule = Extreme {
+            structure: 1,
+            direction: [-1, 0],
+            band: 2.0,
+        };
+        let finding = |point| Finding {
+            label: 0,
+            mask: Array2::from_elem((60, 60), false),
+            mass: 1.0,
+            point,
+            confidence: 1.0,
+        };
+        let mut found: Vec<Option<Finding>> = turned.iter().map(|p| p.map(finding)).collect();
+        refine_findings(
+            &mut found,
+            &[Some(rule), None, None],
+            &[(1, &mask)],
+            Some(&layout),
+        );
+        let q = rule.point(&mask, turn).unwrap();
+        assert_ne!(Some(q), rule.point(&mask, TEMPLATES_POSE));
+        let p = turned[0].unwrap();
+        assert_eq!(
+            found[0].as_ref().unwrap().point,
+            ((p.0 + q.0) / 2.0, (p.1 + q.1) / 2.0)
+        );
+    }
+
     #[test]
     fn a_landmark_moves_halfway_to_its_rules_point() {
         let mask = lung(5, 20);
