@@ -181,6 +181,24 @@ mod tests {
         })
     }
 
+    /// Lung 1's apex: the centroid of its top 3 rows.
+    const APEX: Extreme = Extreme {
+        structure: 1,
+        direction: [-1, 0],
+        band: 2.0,
+    };
+
+    /// A landmark found at `point` (no region of its own).
+    fn finding(point: (f64, f64)) -> Finding {
+        Finding {
+            label: 0,
+            mask: Array2::from_elem((60, 60), false),
+            mass: 1.0,
+            point,
+            confidence: 1.0,
+        }
+    }
+
     #[test]
     fn a_rule_takes_the_centroid_of_the_band_at_the_extreme() {
         let mask = lung(5, 20);
@@ -323,18 +341,7 @@ mod tests {
         assert_eq!(layout.turn(&templates[0]), TEMPLATES_POSE);
 
         let mask = lung(5, 20);
-        let rule = Extreme {
-            structure: 1,
-            direction: [-1, 0],
-            band: 2.0,
-        };
-        let finding = |point| Finding {
-            label: 0,
-            mask: Array2::from_elem((60, 60), false),
-            mass: 1.0,
-            point,
-            confidence: 1.0,
-        };
+        let rule = APEX;
         let mut found: Vec<Option<Finding>> = turned.iter().map(|p| p.map(finding)).collect();
         refine_findings(
             &mut found,
@@ -354,18 +361,7 @@ mod tests {
     #[test]
     fn a_landmark_moves_halfway_to_its_rules_point() {
         let mask = lung(5, 20);
-        let rule = Extreme {
-            structure: 1,
-            direction: [-1, 0],
-            band: 2.0,
-        };
-        let finding = |point| Finding {
-            label: 0,
-            mask: Array2::from_elem((60, 60), false),
-            mass: 1.0,
-            point,
-            confidence: 1.0,
-        };
+        let rule = APEX;
         let mut found = vec![
             Some(finding((10.0, 35.0))),
             Some(finding((40.0, 40.0))),

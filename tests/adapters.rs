@@ -23,6 +23,13 @@ fn backbone() -> &'static Backbone {
     })
 }
 
+/// SAM's decoder for `backbone()`'s maps.
+fn decoder() -> scout::sam::Sam {
+    let m =
+        Manifest::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/models.toml")).unwrap();
+    scout::sam::Sam::for_backbone(&m, backbone().id()).unwrap()
+}
+
 /// Feature cache shared by test runs (keyed by model checksum and pixels, so always valid).
 fn cache() -> FeatureCache {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("feature-cache");
@@ -513,9 +520,7 @@ fn sam_redraws_the_lungs_and_neither_the_heart_nor_the_vertebrae() {
     else {
         return;
     };
-    let m =
-        Manifest::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/models.toml")).unwrap();
-    let sam = scout::sam::Sam::for_backbone(&m, backbone().id()).unwrap();
+    let sam = decoder();
     let redrawn = |ds: &Dataset| {
         let cases: Vec<_> = ds
             .cases
@@ -560,9 +565,7 @@ fn the_apices_lie_on_the_lungs_tops_and_the_corners_get_no_rule() {
     else {
         return;
     };
-    let m =
-        Manifest::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/models.toml")).unwrap();
-    let sam = scout::sam::Sam::for_backbone(&m, backbone().id()).unwrap();
+    let sam = decoder();
     let ds = Dataset::open(&shared.join("chest-xr"))
         .unwrap()
         .inverted(true);
