@@ -591,16 +591,19 @@ fn the_apices_lie_on_the_lungs_tops_and_the_corners_get_no_rule() {
     let task = scout::templates::Task::Structures {
         values: values.clone(),
     };
-    let mut structures = scout::eval::train_task(
-        &task,
-        Method::Classification,
-        false,
-        &templates,
-        &[],
-        &config,
-        bb,
-    )
-    .unwrap();
+    let train = |task: &scout::templates::Task| {
+        scout::eval::train_task(
+            task,
+            Method::Classification,
+            false,
+            &templates,
+            &[],
+            &config,
+            bb,
+        )
+        .unwrap()
+    };
+    let mut structures = train(&task);
     scout::eval::learn_sam_redraws(&mut structures, &task, &templates, &sam).unwrap();
     assert_eq!(structures[0].sam_redraw, [true, true, false]);
     let left_out = scout::eval::left_out_sam_masks(
@@ -632,16 +635,7 @@ fn the_apices_lie_on_the_lungs_tops_and_the_corners_get_no_rule() {
         names: ds.landmark_names.clone(),
         radius: 10.0,
     };
-    let mut landmarks = scout::eval::train_task(
-        &task,
-        Method::Classification,
-        false,
-        &templates,
-        &[],
-        &config,
-        bb,
-    )
-    .unwrap();
+    let mut landmarks = train(&task);
     scout::eval::learn_extremes(&mut landmarks, &task, &templates, &left_out);
     let expected = |n: &str| match n {
         "right_lung_apex" => Some((1, [-1, 0], 2.0)),
