@@ -363,6 +363,10 @@ impl Engine {
                     .chain(
                         (0..tasks.len()).filter(|&t| matches!(tasks[t].0, Task::Landmarks { .. })),
                     );
+                // SAM's masks are kept only for a landmark adapter with extremes to read.
+                let keep_drawn = tasks
+                    .iter()
+                    .any(|(_, a)| a.extremes.iter().any(Option::is_some));
                 let mut drawn: Vec<(u8, ndarray::Array2<bool>)> = Vec::new();
                 for ti in task_order {
                     let ((task, adapter), prior) = (&tasks[ti], &priors[ti]);
@@ -406,7 +410,7 @@ impl Engine {
                                 let calls = sam
                                     .redraw_structures(&fm, &mut found, |l| adapter.redraws(l), &up)
                                     .map_err(|e| inst_err(Box::new(e)))?;
-                                for (l, _) in calls.into_iter().filter(|c| c.1) {
+                                for (l, _) in calls.into_iter().filter(|c| c.1 && keep_drawn) {
                                     if let (Some(&v), Some(Some(f))) = (values.get(l), found.get(l))
                                     {
                                         drawn.push((v, f.mask.clone()));

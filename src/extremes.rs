@@ -149,6 +149,10 @@ pub fn refine_findings(
     masks: &[(u8, &Array2<bool>)],
     layout: Option<&crate::postprocess::ShapeModel>,
 ) {
+    // Most adapters have no rule (spine): no pose search for them.
+    if !rules.iter().any(Option::is_some) || masks.is_empty() {
+        return;
+    }
     let points: Vec<Option<(f64, f64)>> =
         found.iter().map(|f| f.as_ref().map(|f| f.point)).collect();
     let turn = layout.map_or(TEMPLATES_POSE, |s| s.turn(&points));
