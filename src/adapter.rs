@@ -896,6 +896,37 @@ impl Adapter {
         })
     }
 
+    /// The least adapter-file format (`train::FORMATS`) a build must read to use this
+    /// adapter as it was trained: 2 for ensemble members; 3 for anything added since 2
+    /// that a build reading only 2 would load and silently leave out, so scoring or
+    /// placing otherwise: stored models (votes, atlas, enclosed frame, convex and SAM
+    /// flags, extremes, stack reach) and steps that are flags alone (stack anchor, edge
+    /// refinement, fragments, pose, coarse landmarks).
+    pub fn file_format(&self) -> u32 {
+        let t = &self.train;
+        let since_2 = self.votes.iter().any(Option::is_some)
+            || self.atlas.is_some()
+            || self.enclosed.is_some()
+            || self.convex.contains(&true)
+            || self.sam_redraw.contains(&true)
+            || self.extremes.iter().any(Option::is_some)
+            || self.stack_reach.iter().any(Option::is_some)
+            || t.stack_anchor
+            || t.guided
+            || t.fragments
+            || t.pose
+            || t.coarse_landmarks;
+        let members = self.members.iter().map(Adapter::file_format).max();
+        let own = if since_2 {
+            3
+        } else if !self.members.is_empty() {
+            2
+        } else {
+            1
+        };
+        members.map_or(own, |m| m.max(own))
+    }
+
     /// Checks that the stored weights fit together, so that a damaged or hand-edited
     /// adapter file is refused at load instead of failing inside a matrix product.
     pub fn validate(&self) -> Result<(), String> {
@@ -2505,5 +2536,66 @@ mod synthetic {
         assert!(flags.validate().unwrap_err().contains("SAM redraw flags"));
         flags.sam_redraw = vec![true, false];
         assert!(flags.validate().is_ok());
+    }
+
+    #[test]
+    fn a_file_needs_the_format_of_the_newest_step_it_holds() {
+        let mut rng = Rng::new(4);
+        let (f, c) = slice(Some((6, 6)), Some((15, 15)), &mut rng);
+        let t = [TrainingSlice {
+            features: &f,
+            cells: c,
+        }];
+        let plain = Adapter::train(
+            Method::Classification,
+            vec!["A".into(), "B".into()],
+            &t,
+            TrainConfig {
+                steps: 10,
+                ..TrainConfig::default()
+            },
+            ("s", "0"),
+        )
+        .unwrap();
+        assert_eq!(plain.file_format(), 1);
+        let mut ensemble = plain.clone();
+        ensemble.members = vec![plain.clone()];
+        assert_eq!(ensemble.file_format(), 2);
+        // Each step added since format 2, alone, and in a member alone.
+        let steps: [fn(&mut Adapter); 9] = [
+            |a| a.convex = vec![false, true],
+            |a| a.sam_redraw = vec![true, false],
+            |a| a.stack_reach = vec![Some(0.5), None],
+            |a| {
+                a.extremes = vec![
+                    None,
+                    Some(crate::extremes::Extreme {
+                        structure: 1,
+                        direction: [-1, 0],
+                        band: 2.0,
+                    }),
+                ]
+            },
+            |a| a.train.stack_anchor = true,
+            |a| a.train.guided = true,
+            |a| a.train.fragments = true,
+            |a| a.train.pose = true,
+            |a| a.train.coarse_landmarks = true,
+        ];
+        for step in steps {
+            let mut a = plain.clone();
+            step(&mut a);
+            assert_eq!(a.file_format(), 3);
+            let mut m = ensemble.clone();
+            step(&mut m.members[0]);
+            assert_eq!(m.file_format(), 3);
+        }
+        // Flags that stored nothing change nothing.
+        let mut unused = plain.clone();
+        unused.convex = vec![false, false];
+        unused.sam_redraw = vec![false, false];
+        unused.stack_reach = vec![None, None];
+        unused.train.atlas = true;
+        assert_eq!(unused.file_format(), 1);
     }
 }

@@ -12,23 +12,18 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// Bundle formats this build reads: 1; 2 = adapters with ensemble members, which a build
-/// that reads only 1 would otherwise load without them and score differently; 3 =
-/// structures SAM redraws (`Adapter::sam_redraw`), which an older build would draw
-/// without SAM, or landmarks placed also on their extremes (`Adapter::extremes`).
+/// that reads only 1 would otherwise load without them and score differently; 3 = any
+/// step added since 2 (`Adapter::file_format`: votes, atlas, SAM redraw, extremes...),
+/// which a build reading only 2 would leave out.
 pub const FORMATS: std::ops::RangeInclusive<u32> = 1..=3;
 
 /// The least format that holds `tasks`.
 fn format_of(tasks: &[(Task, Adapter)]) -> u32 {
-    if tasks
+    tasks
         .iter()
-        .any(|(_, a)| a.sam_redraw.contains(&true) || a.extremes.iter().any(Option::is_some))
-    {
-        3
-    } else if tasks.iter().any(|(_, a)| !a.members.is_empty()) {
-        2
-    } else {
-        1
-    }
+        .map(|(_, a)| a.file_format())
+        .max()
+        .unwrap_or(1)
 }
 
 /// The content of a `.adapter` file: one adapter per task, same backbone.

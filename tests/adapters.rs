@@ -181,9 +181,9 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
     )
     .unwrap();
     assert_eq!(bundle.tasks.len(), 2, "landmarks and structures");
-    // Ensembles need format 2: a build that reads only 1 refuses the file instead of
-    // scoring without the members.
-    assert_eq!(bundle.format, 2);
+    // Ensembles need format 2 and the steps since (votes, atlas, stack anchor, ...) 3: a
+    // build that reads less refuses the file instead of scoring or placing without them.
+    assert_eq!(bundle.format, 3);
     assert!(bundle.tasks.iter().all(|(_, a)| a.members.len() == 1));
     let (landmarks, structures) = (&bundle.tasks[0].1, &bundle.tasks[1].1);
     assert_eq!(landmarks.patches.len(), landmarks.labels.len());
@@ -307,11 +307,13 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
     // A format this build does not know.
     let err = refused(&|json| json["format"] = serde_json::json!(4));
     assert!(err.contains("format 4"), "{err}");
-    // A format too old for what the file holds (ensemble members need 2).
-    let err = refused(&|json| json["format"] = serde_json::json!(1));
-    assert!(err.contains("format 2 at least"), "{err}");
+    // A format too old for what the file holds.
+    for old in [1, 2] {
+        let err = refused(&|json| json["format"] = serde_json::json!(old));
+        assert!(err.contains("format 3 at least"), "{err}");
+    }
     // Landmarks on structure extremes: one rule per landmark, each on a structure another
-    // adapter of the file has SAM redraw (none here), and format 3.
+    // adapter of the file has SAM redraw (none here).
     let landmark_count = landmarks.labels.len();
     let extremes = |n: usize| {
         let mut rules = vec![serde_json::Value::Null; n];
@@ -340,8 +342,6 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
     std::fs::write(&broken, json.to_string()).unwrap();
     let taken = scout::train::Bundle::load(&broken, backbone()).unwrap();
     assert!(taken.tasks[0].1.extremes[0].is_some());
-    let err = refused(&|json| json["tasks"][0][1]["extremes"] = extremes(landmark_count));
-    assert!(err.contains("format 3 at least"), "{err}");
     // An adapter made for another backbone is refused with a clear error.
     let m =
         Manifest::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/models.toml")).unwrap();
