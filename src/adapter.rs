@@ -146,6 +146,10 @@ pub struct TrainConfig {
     /// of a structure SAM redraws, when the templates show it there (`extremes`).
     #[serde(default)]
     pub extremes: bool,
+    /// Landmarks: take off each landmark's mean error over the templates, each left out in
+    /// turn and placed by an adapter trained on the others (`calibration`).
+    #[serde(default)]
+    pub calibrate: bool,
     /// Structures: give each structure the foreground fragments that touch its region and
     /// no other's (`postprocess::merge_fragments`): a body whose scores are split with its
     /// look-alike neighbours is taken whole.
@@ -206,6 +210,7 @@ impl Default for TrainConfig {
             convex: false,
             sam_redraw: false,
             extremes: false,
+            calibrate: false,
             fragments: false,
             pose: false,
             coarse_landmarks: false,
@@ -498,6 +503,10 @@ pub struct Adapter {
     /// some landmark has one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extremes: Vec<Option<crate::extremes::Extreme>>,
+    /// Landmarks: per landmark, the offset (row, column; pixels) taken off its point in
+    /// slice k*, when trained with `calibrate` (`calibration`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub calibration: Vec<Option<[f64; 2]>>,
     /// Structures, when trained with `stack_anchor` on stacks: per structure, how far its
     /// sections in a stack's other slices reach past its section in the centre slice, in
     /// equivalent radii of that section (`stack::learn_reach`).
@@ -892,6 +901,7 @@ impl Adapter {
             convex: Vec::new(),
             sam_redraw: Vec::new(),
             extremes: Vec::new(),
+            calibration: Vec::new(),
             stack_reach: Vec::new(),
         })
     }
@@ -900,7 +910,7 @@ impl Adapter {
     /// adapter as it was trained: 2 for ensemble members; 3 for anything added since 2
     /// that a build reading only 2 would load and silently leave out, so scoring or
     /// placing otherwise: stored models (votes, atlas, enclosed frame, convex and SAM
-    /// flags, extremes, stack reach) and steps that are flags alone (stack anchor, edge
+    /// flags, extremes, calibration, stack reach) and steps that are flags alone (stack anchor, edge
     /// refinement, fragments, pose, coarse landmarks).
     pub fn file_format(&self) -> u32 {
         let t = &self.train;
@@ -910,6 +920,7 @@ impl Adapter {
             || self.convex.contains(&true)
             || self.sam_redraw.contains(&true)
             || self.extremes.iter().any(Option::is_some)
+            || self.calibration.iter().any(Option::is_some)
             || self.stack_reach.iter().any(Option::is_some)
             || t.stack_anchor
             || t.guided
@@ -994,6 +1005,11 @@ impl Adapter {
                 self.extremes.len()
             ));
         }
+        crate::calibration::validate(
+            &self.calibration,
+            n,
+            self.landmark_radius.unwrap_or(f64::INFINITY),
+        )?;
         if self.enclosed.as_ref().is_some_and(|e| !e.fits(n)) {
             return Err(format!(
                 "the enclosed structures' frames do not fit {n} labels (outlines, shares)"
@@ -2562,7 +2578,7 @@ mod synthetic {
         ensemble.members = vec![plain.clone()];
         assert_eq!(ensemble.file_format(), 2);
         // Each step added since format 2, alone, and in a member alone.
-        let steps: [fn(&mut Adapter); 9] = [
+        let steps: [fn(&mut Adapter); 10] = [
             |a| a.convex = vec![false, true],
             |a| a.sam_redraw = vec![true, false],
             |a| a.stack_reach = vec![Some(0.5), None],
@@ -2581,6 +2597,7 @@ mod synthetic {
             |a| a.train.fragments = true,
             |a| a.train.pose = true,
             |a| a.train.coarse_landmarks = true,
+            |a| a.calibration = vec![Some([0.5, -1.0]), None],
         ];
         for step in steps {
             let mut a = plain.clone();

@@ -463,6 +463,11 @@ impl Engine {
                             &masks,
                             adapter.shape.as_ref(),
                         );
+                        crate::calibration::refine_findings(
+                            &mut found,
+                            &adapter.calibration,
+                            adapter.shape.as_ref(),
+                        );
                     }
                     match task {
                         Task::Landmarks { names, radius } => {

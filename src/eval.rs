@@ -593,6 +593,144 @@ fn slice_structures(
     Ok((found, up))
 }
 
+/// The adapters for `task` trained (with `method` and `config`) on every template but the
+/// `i`th and the `augmented` copies of those (`TEMPLATE_AUGMENTS` per template, in order):
+/// what the agent would bring to that template were it a new case.
+#[allow(clippy::too_many_arguments)]
+fn train_without(
+    i: usize,
+    task: &Task,
+    method: Method,
+    templates: &[(Case, Vec<FeatureMap>)],
+    augmented: &[(Case, Vec<FeatureMap>)],
+    config: &TrainConfig,
+    backbone: (&str, &str),
+) -> Result<Vec<Adapter>, AdapterError> {
+    let per = (augmented.len() / templates.len().max(1)).max(1);
+    let others: Vec<_> = templates
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| *k != i)
+        .map(|(_, t)| t.clone())
+        .collect();
+    let others_augmented: Vec<_> = augmented
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| k / per != i)
+        .map(|(_, t)| t.clone())
+        .collect();
+    train_task(
+        task,
+        method,
+        false,
+        &others,
+        &others_augmented,
+        config,
+        backbone,
+    )
+}
+
+/// The landmarks of one slice k* as the agent places them with `adapter` (one
+/// multi-label adapter, no alignment prior): the layout's choice of regions, the layout
+/// fill, the votes, the template patches and the structures' extremes on `masks` (label
+/// value, SAM's accepted mask). The calibration itself is not taken off.
+fn centre_landmarks(
+    adapter: &Adapter,
+    fm: &FeatureMap,
+    s: &crate::dataset::Slice,
+    radius: f64,
+    masks: &[(u8, &Array2<bool>)],
+) -> Result<Vec<Option<Finding>>, EvalError> {
+    let fm = adapter.features(fm);
+    let (scores, rows) = adapter.scores_and_rows(&fm)?;
+    let (r, c) = s.pixels.dim();
+    let up = postprocess::upsample_scores(&scores, r, c);
+    let shape = adapter.shape.as_ref();
+    let mut found = postprocess::shaped_findings(&up, shape, None);
+    if let (Some(shape), true) = (shape, adapter.train.layout_fill) {
+        postprocess::fill_from_layout(&mut found, shape, radius, (r, c));
+    }
+    crate::votes::refine_findings(&mut found, &adapter.votes, rows.view(), &fm, scores.view());
+    if adapter.patches.iter().any(Option::is_some) {
+        let pixels = crate::image::normalize(&s.pixels).map_err(BackboneError::from)?;
+        patch::refine_findings(&mut found, &adapter.patches, &pixels, &fm);
+    }
+    crate::extremes::refine_findings(&mut found, &adapter.extremes, masks, shape);
+    Ok(found)
+}
+
+/// With `calibrate`: per landmark of `landmarks` (one multi-label adapter trained for
+/// `task` on `templates` and their `augmented` copies, with `method` and `config`), the
+/// offset its pipeline makes (`calibration::learn`): each template in turn is left out,
+/// an adapter trained on the others places its landmarks in its slice k*
+/// (`centre_landmarks`, with `landmarks`' extremes on `left_out`, SAM's masks of
+/// `left_out_sam_masks`), and its errors against the template's own landmarks are
+/// pooled. The offsets stay empty when no landmark has one.
+#[allow(clippy::too_many_arguments)]
+pub fn learn_calibration(
+    landmarks: &mut Adapter,
+    task: &Task,
+    method: Method,
+    templates: &[(Case, Vec<FeatureMap>)],
+    augmented: &[(Case, Vec<FeatureMap>)],
+    config: &TrainConfig,
+    backbone: (&str, &str),
+    left_out: &[LeftOutMasks],
+) -> Result<(), EvalError> {
+    let Task::Landmarks { radius, .. } = task else {
+        return Ok(());
+    };
+    let mut errors: Vec<Vec<(f64, f64)>> = vec![Vec::new(); landmarks.labels.len()];
+    for (i, (case, fms)) in templates.iter().enumerate() {
+        let (Some(slice), Some(fm)) = (case.slices.get(case.center), fms.get(case.center)) else {
+            continue;
+        };
+        let trained = train_without(i, task, method, templates, augmented, config, backbone)?;
+        let Some(mut adapter) = trained.into_iter().next() else {
+            continue;
+        };
+        // The rules the templates chose together (learning them again on fewer templates
+        // would change little and needs SAM's masks drawn from fewer still).
+        adapter.extremes = landmarks.extremes.clone();
+        let masks: Vec<(u8, &Array2<bool>)> = left_out
+            .get(i)
+            .into_iter()
+            .flatten()
+            .filter_map(|(v, m)| Some((*v, m.as_ref()?)))
+            .collect();
+        let found = centre_landmarks(&adapter, fm, slice, *radius, &masks)?;
+        for ((name, f), errors) in adapter.labels.iter().zip(&found).zip(errors.iter_mut()) {
+            let (Some(f), Some(t)) = (f, case.landmarks.get(name)) else {
+                continue;
+            };
+            // A landmark marked in another slice than k* is not placed there.
+            if t.k
+                .zip(slice.k)
+                .is_some_and(|(tk, k)| (tk - k as f64).abs() > 0.5)
+            {
+                continue;
+            }
+            errors.push((f.point.0 - t.row, f.point.1 - t.column));
+        }
+    }
+    let offsets: Vec<Option<[f64; 2]>> = errors
+        .iter()
+        .map(|e| crate::calibration::learn(e))
+        .collect();
+    for ((name, o), e) in landmarks.labels.iter().zip(&offsets).zip(&errors) {
+        if let Some([r, c]) = o {
+            log::info!(
+                "landmark {name}: offset ({r:.2}, {c:.2}) px taken off, from {} left-out templates",
+                e.len()
+            );
+        }
+    }
+    if offsets.iter().any(Option::is_some) {
+        landmarks.calibration = offsets;
+    }
+    Ok(())
+}
+
 /// One template's structures as SAM drew them when the template was left out
 /// (`left_out_sam_masks`): per structure SAM redraws, its label value and SAM's accepted
 /// mask.
@@ -624,34 +762,13 @@ pub fn left_out_sam_masks(
     let task = Task::Structures {
         values: values.to_vec(),
     };
-    let per = augmented.len() / templates.len().max(1);
     let mut out = Vec::new();
     for (i, (case, fms)) in templates.iter().enumerate() {
         let (Some(slice), Some(fm)) = (case.slices.get(case.center), fms.get(case.center)) else {
             out.push(Vec::new());
             continue;
         };
-        let others: Vec<_> = templates
-            .iter()
-            .enumerate()
-            .filter(|(k, _)| *k != i)
-            .map(|(_, t)| t.clone())
-            .collect();
-        let others_augmented: Vec<_> = augmented
-            .iter()
-            .enumerate()
-            .filter(|(k, _)| k / per.max(1) != i)
-            .map(|(_, t)| t.clone())
-            .collect();
-        let adapters = train_task(
-            &task,
-            method,
-            false,
-            &others,
-            &others_augmented,
-            config,
-            backbone,
-        )?;
+        let adapters = train_without(i, &task, method, templates, augmented, config, backbone)?;
         let left_out = Trained { adapters };
         let (mut found, up) = slice_structures(
             &left_out,
@@ -1092,6 +1209,7 @@ pub fn evaluate(
             radius: opts.landmark_radius,
         };
         let mut trained = train_timed(&task, &mut timing)?;
+        let mut left_out = Vec::new();
         let extremes = match (
             structures_trained
                 .as_ref()
@@ -1104,7 +1222,7 @@ pub fn evaluate(
                     align: opts.train.align || opts.align.is_some(),
                     ..opts.train.clone()
                 };
-                let left_out = left_out_sam_masks(
+                left_out = left_out_sam_masks(
                     st,
                     &values,
                     opts.method,
@@ -1124,6 +1242,20 @@ pub fn evaluate(
             }
             _ => None,
         };
+        if let (true, Some(adapter)) = (opts.train.calibrate, trained.adapters.first_mut()) {
+            let t = Instant::now();
+            learn_calibration(
+                adapter,
+                &task,
+                opts.method,
+                templ,
+                &augmented,
+                &opts.train,
+                bb,
+                &left_out,
+            )?;
+            timing.train_s += t.elapsed().as_secs_f64();
+        }
         let names = &dataset.landmark_names;
         let mut errors3: Vec<Vec<Option<f64>>> = vec![Vec::new(); names.len()];
         let mut errors2: Vec<Vec<Option<f64>>> = vec![Vec::new(); names.len()];
@@ -1233,6 +1365,9 @@ pub fn evaluate(
                         .filter_map(|&(l, _)| Some((*values.get(l)?, &drawn[l].as_ref()?.mask)))
                         .collect();
                     crate::extremes::refine_findings(&mut found, rules, &masks, shape);
+                }
+                if let (Some(a), true) = (trained.adapters.first(), si == case.center) {
+                    crate::calibration::refine_findings(&mut found, &a.calibration, shape);
                 }
                 per_slice.push(found);
             }

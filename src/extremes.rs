@@ -172,7 +172,7 @@ pub fn refine_findings(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A lung-like mask: a triangle whose top is a 3-pixel plateau at row `top`, widening
@@ -317,10 +317,14 @@ mod tests {
         assert!(learn(2, &templates[..1], 10.0).is_none(), "one template");
     }
 
-    /// The rule is read in the pose the landmarks' layout explains: a target whose
-    /// landmarks lie turned by 10° from the templates' layout turns the rule with them.
-    #[test]
-    fn the_rule_turns_with_the_targets_pose() {
+    /// A layout (with poses) of three landmarks from three templates, and the three as a
+    /// target turned by 10° from it shows them; the first template's own points.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn turned_by_10_degrees() -> (
+        crate::postprocess::ShapeModel,
+        Vec<Option<(f64, f64)>>,
+        Vec<Option<(f64, f64)>>,
+    ) {
         let triangle = [(10.0, 30.0), (50.0, 10.0), (50.0, 50.0)];
         let templates: Vec<Vec<Option<(f64, f64)>>> = [0.0, 1.0, -1.0]
             .iter()
@@ -330,19 +334,27 @@ mod tests {
             .unwrap()
             .with_pose(true);
         let (sin, cos) = 10f64.to_radians().sin_cos();
-        // The templates' offsets from the first point, as a target turned by 10° shows them.
-        let turned: Vec<Option<(f64, f64)>> = triangle
+        // The templates' offsets from the first point, turned by 10°.
+        let turned = triangle
             .iter()
             .map(|p| {
                 let d = (p.0 - 10.0, p.1 - 30.0);
                 Some((30.0 + cos * d.0 + sin * d.1, 40.0 - sin * d.0 + cos * d.1))
             })
             .collect();
+        (layout, turned, templates[0].clone())
+    }
+
+    /// The rule is read in the pose the landmarks' layout explains: a target whose
+    /// landmarks lie turned by 10° from the templates' layout turns the rule with them.
+    #[test]
+    fn the_rule_turns_with_the_targets_pose() {
+        let (layout, turned, template) = turned_by_10_degrees();
         // The pose's own cost (its prior) draws the estimate towards the templates' pose.
         let turn = layout.turn(&turned);
         let degrees = turn.0.atan2(turn.1).to_degrees();
         assert!((5.0..=10.0 + 1e-9).contains(&degrees), "{degrees}");
-        assert_eq!(layout.turn(&templates[0]), TEMPLATES_POSE);
+        assert_eq!(layout.turn(&template), TEMPLATES_POSE);
 
         let mask = lung(5, 20);
         let rule = APEX;

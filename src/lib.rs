@@ -11,6 +11,7 @@ pub mod analysis;
 pub mod atlas;
 pub mod backbone;
 pub mod bench;
+pub mod calibration;
 pub mod config;
 pub mod convex;
 pub mod dataset;

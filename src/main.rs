@@ -310,6 +310,11 @@ struct ContextArgs {
     /// within half the landmark radius: the mean of that point and the adapter's.
     #[arg(long, requires = "sam_redraw")]
     extremes: bool,
+    /// Landmarks: take off each landmark's mean error over the templates, each left out in
+    /// turn and placed by an adapter trained on the others (shrunk by that mean's standard
+    /// error); one more landmark training per template.
+    #[arg(long, conflicts_with = "align")]
+    calibrate: bool,
     /// Structures: give each structure the foreground fragments (where the labels' scores
     /// sum to 0.5 or more) that touch its region and no other's.
     #[arg(long)]
@@ -551,6 +556,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 convex: context.convex,
                 sam_redraw: context.sam_redraw,
                 extremes: context.extremes,
+                calibrate: context.calibrate,
                 fragments: context.fragments,
                 pose: context.pose,
                 coarse_landmarks: context.coarse_landmarks,
@@ -613,13 +619,14 @@ fn run(cli: Cli) -> Result<(), String> {
                     || context.enclosed
                     || context.convex
                     || context.sam_redraw
-                    || context.extremes)
+                    || context.extremes
+                    || context.calibrate)
             {
                 // The atlas's frame is the union of all the structures of one adapter, and
                 // an enclosed structure is placed through the others of its adapter; the
                 // structures' steps read the convex and SAM flags of that one adapter.
                 return Err(
-                    "--atlas, --enclosed, --convex, --sam-redraw and --extremes need one multi-label adapter, not --binary"
+                    "--atlas, --enclosed, --convex, --sam-redraw, --extremes and --calibrate need one multi-label adapter, not --binary"
                         .into(),
                 );
             }
@@ -663,6 +670,7 @@ fn run(cli: Cli) -> Result<(), String> {
                         convex: context.convex,
                         sam_redraw: context.sam_redraw,
                         extremes: context.extremes,
+                        calibrate: context.calibrate,
                         fragments: context.fragments,
                         pose: context.pose,
                         coarse_landmarks: context.coarse_landmarks,

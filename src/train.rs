@@ -200,7 +200,7 @@ pub fn train_dataset(
             "the data set has neither landmarks nor label maps".into(),
         ));
     }
-    if let (true, Some(sam)) = (config.extremes, sam) {
+    let left_out = if let (true, Some(sam)) = (config.extremes, sam) {
         let structures = tasks.iter().find_map(|(t, a)| match t {
             Task::Structures { values } => Some((a.clone(), values.clone())),
             Task::Landmarks { .. } => None,
@@ -212,6 +212,18 @@ pub fn train_dataset(
             for (task, a) in tasks.iter_mut() {
                 crate::eval::learn_extremes(std::slice::from_mut(a), task, &templates, &left_out);
             }
+            left_out
+        } else {
+            Vec::new()
+        }
+    } else {
+        Vec::new()
+    };
+    if config.calibrate {
+        for (task, a) in tasks.iter_mut() {
+            crate::eval::learn_calibration(
+                a, task, method, &templates, &augmented, config, bb, &left_out,
+            )?;
         }
     }
     // The options as `scout train` spells them, so the line can be run again.
@@ -235,6 +247,7 @@ pub fn train_dataset(
         (config.convex, " --convex"),
         (config.sam_redraw, " --sam-redraw"),
         (config.extremes, " --extremes"),
+        (config.calibrate, " --calibrate"),
         (config.fragments, " --fragments"),
         (config.pose, " --pose"),
         (config.coarse_landmarks, " --coarse-landmarks"),

@@ -6,8 +6,8 @@ mod common;
 
 use ndarray::Array2;
 use scout::adapter::{Method, TrainConfig};
-use scout::backbone::{Backbone, Manifest};
-use scout::dataset::Dataset;
+use scout::backbone::{Backbone, FeatureMap, Manifest};
+use scout::dataset::{Case, Dataset};
 use scout::eval::{evaluate, EvalOptions, TaskKind};
 use scout::features::FeatureCache;
 use std::path::{Path, PathBuf};
@@ -28,6 +28,19 @@ fn decoder() -> scout::sam::Sam {
     let m =
         Manifest::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/models.toml")).unwrap();
     scout::sam::Sam::for_backbone(&m, backbone().id()).unwrap()
+}
+
+/// The first `n` cases of `ds` with their features, as templates.
+fn templates_of(ds: &Dataset, n: usize) -> Vec<(Case, Vec<FeatureMap>)> {
+    ds.cases
+        .iter()
+        .take(n)
+        .map(|name| {
+            let case = ds.load_case(name).unwrap();
+            let fms = scout::eval::case_features(&case, backbone(), &cache()).unwrap();
+            (case, fms)
+        })
+        .collect()
 }
 
 /// Feature cache shared by test runs (keyed by model checksum and pixels, so always valid).
@@ -293,6 +306,13 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
         json["tasks"][1][1]["stack_reach"] = serde_json::json!(reach);
     });
     assert!(err.contains("stack reach"), "{err}");
+    // A landmark offset beyond the landmark radius, or one per label too few.
+    let err = refused(&|json| {
+        json["tasks"][0][1]["calibration"] = serde_json::json!([[0.0, 12.0], null]);
+    });
+    assert!(err.contains("landmark offset 0"), "{err}");
+    let err = refused(&|json| json["tasks"][0][1]["calibration"] = serde_json::json!([null]));
+    assert!(err.contains("landmark offsets"), "{err}");
     // A layout that does not describe the adapter's labels.
     let err = refused(&|json| {
         json["tasks"][1][1]["shape"] =
@@ -569,16 +589,7 @@ fn the_apices_lie_on_the_lungs_tops_and_the_corners_get_no_rule() {
     let ds = Dataset::open(&shared.join("chest-xr"))
         .unwrap()
         .inverted(true);
-    let templates: Vec<_> = ds
-        .cases
-        .iter()
-        .take(5)
-        .map(|n| {
-            let case = ds.load_case(n).unwrap();
-            let fms = scout::eval::case_features(&case, backbone(), &cache()).unwrap();
-            (case, fms)
-        })
-        .collect();
+    let templates = templates_of(&ds, 5);
     let config = TrainConfig {
         shape: true,
         guided: true,
@@ -647,6 +658,85 @@ fn the_apices_lie_on_the_lungs_tops_and_the_corners_get_no_rule() {
         let rule = e.map(|e| (e.structure, e.direction, e.band));
         assert_eq!(rule, expected(n), "{n}");
     }
+}
+
+/// `--calibrate`: each landmark's offset is the shrunk mean of its errors over the
+/// templates, each placed by an adapter trained on the others, as the agent would place
+/// it; here the steps are the layout's choice of regions alone, taken again by hand.
+#[test]
+fn calibration_pools_the_errors_of_the_templates_left_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    common::synthetic_image_dataset(&tmp.path().join("ds"), 4);
+    let ds = Dataset::open(&tmp.path().join("ds")).unwrap();
+    let templates = templates_of(&ds, 4);
+    let config = TrainConfig {
+        steps: 100,
+        shape: true,
+        calibrate: true,
+        ..TrainConfig::default()
+    };
+    let bb = (backbone().id(), backbone().checksum());
+    let task = scout::templates::Task::Landmarks {
+        names: ds.landmark_names.clone(),
+        radius: 10.0,
+    };
+    let train = |templates: &[(Case, Vec<FeatureMap>)]| {
+        let trained = scout::eval::train_task(
+            &task,
+            Method::Classification,
+            false,
+            templates,
+            &[],
+            &config,
+            bb,
+        );
+        trained.unwrap().remove(0)
+    };
+    let mut adapter = train(&templates);
+    scout::eval::learn_calibration(
+        &mut adapter,
+        &task,
+        Method::Classification,
+        &templates,
+        &[],
+        &config,
+        bb,
+        &[],
+    )
+    .unwrap();
+    let mut errors = vec![Vec::new(); adapter.labels.len()];
+    for (i, (case, fms)) in templates.iter().enumerate() {
+        let mut others = templates.clone();
+        others.remove(i);
+        let a = train(&others);
+        let fm = &fms[case.center];
+        let (rows, cols) = case.slices[case.center].pixels.dim();
+        let up = scout::postprocess::upsample_scores(&a.scores(fm).unwrap(), rows, cols);
+        let found = scout::postprocess::shaped_findings(&up, a.shape.as_ref(), None);
+        for ((name, f), e) in a.labels.iter().zip(&found).zip(errors.iter_mut()) {
+            let (f, t) = (f.as_ref().unwrap(), &case.landmarks[name]);
+            e.push((f.point.0 - t.row, f.point.1 - t.column));
+        }
+    }
+    let want: Vec<Option<[f64; 2]>> = errors
+        .iter()
+        .map(|e| scout::calibration::learn(e))
+        .collect();
+    eprintln!(
+        "left-out errors {errors:?}: offsets {:?}",
+        adapter.calibration
+    );
+    assert_eq!(adapter.calibration.len(), want.len());
+    for (got, want) in adapter.calibration.iter().zip(&want) {
+        let (got, want) = (got.unwrap(), want.unwrap());
+        assert!((got[0] - want[0]).abs() < 1e-9 && (got[1] - want[1]).abs() < 1e-9);
+    }
+    assert!(
+        want.iter().flatten().any(|o| o[0].hypot(o[1]) > 0.1),
+        "no offset to take off: the check has no teeth"
+    );
+    assert_eq!(adapter.file_format(), 3);
+    // The agent's steps are checked against `scout eval`'s in `e2e.rs` (chest).
 }
 
 /// The shipped adapters: listed with their SHA-256 and provenance in

@@ -627,7 +627,7 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
     let ds = stored.inverted(true);
     let case = ds.load_case("JPCLN020").unwrap();
     let (run, series, points) = real_images_through_the_agent(
-        vec![grey],
+        vec![grey.clone()],
         true,
         scout::geometry::Plane::Coronal,
         "CHEST LOCALIZER",
@@ -859,6 +859,55 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         to_extreme > 0.25,
         "the lungs' tops moved no apex past the check's tolerance: it has no teeth"
     );
+
+    // An adapter trained with `--calibrate` (the shipped one is not): the same bundle with
+    // offsets, which the agent takes off after the extremes, turned into the layout's pose.
+    assert!(landmarks.calibration.is_empty());
+    let mut calibrated = bundle.clone();
+    let offsets = vec![Some([0.0, -3.0]), None, Some([2.0, 1.5]), None];
+    calibrated.tasks[0].1.calibration = offsets.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("chest-calibrated.adapter");
+    calibrated.save(&file).unwrap();
+    let shipped_line = format!(
+        "adapter = \"{}/models/adapters/chest.adapter\"",
+        root.display()
+    );
+    let calibrated_line = format!("adapter = {:?}", file.display().to_string());
+    let (_run, series, offset_points) = real_images_through_the_agent(
+        vec![grey],
+        true,
+        scout::geometry::Plane::Coronal,
+        "CHEST LOCALIZER",
+        "chest",
+        &[(&shipped_line, &calibrated_line)],
+    );
+    let geometry = scout::spool::read_meta(&series.files[0]).unwrap().geometry;
+    let mut calibrated_steps = placed.clone();
+    scout::calibration::refine_findings(&mut calibrated_steps, &offsets, landmarks.shape.as_ref());
+    for (l, name) in ds.landmark_names.iter().enumerate() {
+        let (r, c) = geometry
+            .patient_to_pixel(offset_points[name].unwrap())
+            .unwrap();
+        let (e, before) = (
+            calibrated_steps[l].as_ref().unwrap().point,
+            placed[l].as_ref().unwrap().point,
+        );
+        eprintln!(
+            "{name}: calibrated, the agent's point {:.3} px from eval's steps, {:.2} px from the uncalibrated",
+            (r - e.0).hypot(c - e.1),
+            (r - before.0).hypot(c - before.1)
+        );
+        assert!(
+            (r - e.0).hypot(c - e.1) < 0.05,
+            "{name}: agent ({r}, {c}), eval {e:?}"
+        );
+        let shift = offsets[l].map_or(0.0, |[a, b]: [f64; 2]| a.hypot(b));
+        assert!(
+            ((r - before.0).hypot(c - before.1) - shift).abs() < 0.05,
+            "{name}: moved by its offset"
+        );
+    }
 }
 
 #[test]
