@@ -910,8 +910,8 @@ impl Adapter {
     /// adapter as it was trained: 2 for ensemble members; 3 for anything added since 2
     /// that a build reading only 2 would load and silently leave out, so scoring or
     /// placing otherwise: stored models (votes, atlas, enclosed frame, convex and SAM
-    /// flags, extremes, calibration, stack reach) and steps that are flags alone (stack anchor, edge
-    /// refinement, fragments, pose, coarse landmarks).
+    /// flags, extremes, calibration, stack reach) and steps that are flags alone (stack
+    /// anchor, edge refinement, fragments, pose, coarse landmarks).
     pub fn file_format(&self) -> u32 {
         let t = &self.train;
         let since_2 = self.votes.iter().any(Option::is_some)
