@@ -403,7 +403,7 @@ fn concatenate_labels(parts: &[Array3<f32>]) -> Result<Array3<f32>, AdapterError
 /// The cases with each feature map cut to its coarsest part; a map of one grid has none,
 /// and asking for it there is a mistake in the options, not a no-op.
 fn coarsest_parts(
-    cases: &[(Case, Vec<FeatureMap>)],
+    cases: &[&(Case, Vec<FeatureMap>)],
 ) -> Result<Vec<(Case, Vec<FeatureMap>)>, AdapterError> {
     cases
         .iter()
@@ -419,15 +419,20 @@ fn coarsest_parts(
 
 /// Trains adapters for `task` on the template cases' slices, and on `augmented` copies of
 /// them (training material only: the layout, alignment and patches are the templates').
-pub fn train_task(
+/// The cases are borrowed, so that a subset of them (`train_without`) costs no copy of
+/// their feature maps (a spine template's stacks and augmented copies on the hypercolumn:
+/// 3.4 GB).
+pub fn train_task<C: std::borrow::Borrow<(Case, Vec<FeatureMap>)>>(
     task: &Task,
     method: Method,
     binary: bool,
-    templates: &[(Case, Vec<FeatureMap>)],
-    augmented: &[(Case, Vec<FeatureMap>)],
+    templates: &[C],
+    augmented: &[C],
     config: &TrainConfig,
     backbone: (&str, &str),
 ) -> Result<Vec<Adapter>, AdapterError> {
+    let templates: Vec<&(Case, Vec<FeatureMap>)> = templates.iter().map(|c| c.borrow()).collect();
+    let augmented: Vec<&(Case, Vec<FeatureMap>)> = augmented.iter().map(|c| c.borrow()).collect();
     let names = task.label_names();
     // A landmark's region is a disk drawn around a point, its edge no edge in the image:
     // negatives just outside it would teach the adapter an edge that is not there.
@@ -441,14 +446,17 @@ pub fn train_task(
     // What the adapters will read (`Adapter::features`), for everything trained here.
     let (templates_read, augmented_read);
     let (templates, augmented) = if config.coarse_landmarks {
-        templates_read = coarsest_parts(templates)?;
-        augmented_read = coarsest_parts(augmented)?;
-        (&templates_read[..], &augmented_read[..])
+        templates_read = coarsest_parts(&templates)?;
+        augmented_read = coarsest_parts(&augmented)?;
+        (
+            templates_read.iter().collect::<Vec<_>>(),
+            augmented_read.iter().collect::<Vec<_>>(),
+        )
     } else {
         (templates, augmented)
     };
     let mut material: Vec<(Array2<u8>, &FeatureMap)> = Vec::new();
-    for (case, fms) in templates.iter().chain(augmented) {
+    for (case, fms) in templates.iter().chain(&augmented) {
         for (i, fm) in fms.iter().enumerate() {
             if let Some(regions) = templates::slice_regions(task, case, i) {
                 material.push((templates::cell_labels(&regions, fm), fm));
@@ -493,12 +501,12 @@ pub fn train_task(
                     crate::postprocess::ShapeModel::fit(&points).map(|s| s.with_pose(config.pose));
             }
             if config.patches {
-                a.patches = landmark_patches(templates, &points, &group, names)?;
+                a.patches = landmark_patches(&templates, &points, &group, names)?;
             }
             if config.votes {
                 a.votes = landmark_votes(
                     &a,
-                    templates.iter().chain(augmented),
+                    templates.iter().chain(&augmented).copied(),
                     &group,
                     names,
                     *radius,
@@ -610,14 +618,12 @@ fn train_without(
     let others: Vec<_> = templates
         .iter()
         .enumerate()
-        .filter(|(k, _)| *k != i)
-        .map(|(_, t)| t.clone())
+        .filter_map(|(k, t)| (k != i).then_some(t))
         .collect();
     let others_augmented: Vec<_> = augmented
         .iter()
         .enumerate()
-        .filter(|(k, _)| k / per != i)
-        .map(|(_, t)| t.clone())
+        .filter_map(|(k, t)| (k / per != i).then_some(t))
         .collect();
     train_task(
         task,
@@ -953,7 +959,7 @@ fn landmark_votes<'a>(
 /// Per label of `group`, the mean of the templates' patches around the landmark in their
 /// slice k* (`points`: per template, per landmark).
 fn landmark_patches(
-    templates: &[(Case, Vec<FeatureMap>)],
+    templates: &[&(Case, Vec<FeatureMap>)],
     points: &[Vec<Option<(f64, f64)>>],
     group: &[usize],
     names: &[String],
