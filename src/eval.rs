@@ -1082,6 +1082,13 @@ pub fn evaluate(
             "augmentation needs a finite rotation, and scale and gamma > 0 (got {a:?})"
         )));
     }
+    if opts.train.calibrate && (opts.binary || opts.align.is_some()) {
+        // The left-out templates are placed by one multi-label adapter without the
+        // alignment prior: their errors would not be the errors of such adapters.
+        return Err(EvalError::Setup(
+            "--calibrate needs one multi-label adapter without --align".into(),
+        ));
+    }
     if (opts.sam.is_some() || opts.train.sam_redraw) && sam.is_none() {
         return Err(EvalError::Setup(
             "--sam and --sam-redraw need a SAM decoder for this backbone in the manifest".into(),

@@ -341,12 +341,10 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
         serde_json::json!(rules)
     };
     let err = refused(&|json| {
-        json["format"] = serde_json::json!(3);
         json["tasks"][0][1]["extremes"] = extremes(landmark_count + 1);
     });
     assert!(err.contains("structure extremes"), "{err}");
     let err = refused(&|json| {
-        json["format"] = serde_json::json!(3);
         json["tasks"][0][1]["extremes"] = extremes(landmark_count);
     });
     assert!(
@@ -356,7 +354,6 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
     // The same rule on a structure the structures' adapter redraws is taken.
     let mut json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    json["format"] = serde_json::json!(3);
     json["tasks"][1][1]["sam_redraw"] = serde_json::json!(vec![true; labels]);
     json["tasks"][0][1]["extremes"] = extremes(landmark_count);
     std::fs::write(&broken, json.to_string()).unwrap();
@@ -737,6 +734,17 @@ fn calibration_pools_the_errors_of_the_templates_left_out() {
     );
     assert_eq!(adapter.file_format(), 3);
     // The agent's steps are checked against `scout eval`'s in `e2e.rs` (chest).
+    // `scout eval` refuses what the left-out templates would not be placed like.
+    for (binary, align) in [(true, None), (false, Some(scout::eval::AlignMode::Prior))] {
+        let opts = EvalOptions {
+            binary,
+            align,
+            train: config.clone(),
+            ..options(Method::Classification)
+        };
+        let err = evaluate(&ds, backbone(), &cache(), None, &opts).unwrap_err();
+        assert!(err.to_string().contains("--calibrate"), "{err}");
+    }
 }
 
 /// The shipped adapters: listed with their SHA-256 and provenance in
