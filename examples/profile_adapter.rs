@@ -9,6 +9,9 @@ use scout::postprocess;
 use std::path::Path;
 use std::time::Instant;
 
+/// A landmark task's names, the points it found and its radius.
+type Found = (Vec<String>, Vec<Option<(f64, f64)>>, f64);
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let (bundle, fm_path, id) = match args.as_slice() {
@@ -30,6 +33,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (rows, cols) = (fm.image_rows, fm.image_columns);
     const N: u32 = 20;
     let whole = fm;
+    // The landmarks found on this map (layout and fill, as the agent places them before
+    // the votes): a structure adapter with a window is timed within their box too.
+    let mut found: Vec<Found> = Vec::new();
+    for (task, adapter) in &bundle.tasks {
+        if let scout::templates::Task::Landmarks { names, radius } = task {
+            let fm = adapter.features(&whole);
+            let up = postprocess::upsample_scores(&adapter.scores(&fm)?, rows, cols);
+            let mut f = postprocess::shaped_findings(&up, adapter.shape.as_ref(), None);
+            if let (Some(shape), true) = (&adapter.shape, adapter.train.layout_fill) {
+                postprocess::fill_from_layout(&mut f, shape, *radius, (rows, cols));
+            }
+            let points = f.iter().map(|f| f.as_ref().map(|f| f.point)).collect();
+            found.push((names.clone(), points, *radius));
+        }
+    }
     for (task, adapter) in &bundle.tasks {
         let fm = adapter.features(&whole);
         let time = |f: &mut dyn FnMut()| {
@@ -82,6 +100,36 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 " ({what}, coarse channels on their grid / as one grid: {} ms)",
                 alone.join(", ")
             )
+        };
+        let window = adapter.window.as_ref().and_then(|w| {
+            let (names, points, radius) = found.first()?;
+            w.around(
+                &w.points_of(names, points),
+                *radius,
+                (rows, cols),
+                fm.grid(),
+            )
+        });
+        let windowed = match &window {
+            Some(window) => {
+                // Alternated with the whole slice's, three times each.
+                let mut pairs = Vec::new();
+                for _ in 0..3 {
+                    let within = time(&mut || {
+                        std::hint::black_box(adapter.scores_within(&fm, window).ok());
+                    });
+                    let all = time(&mut || {
+                        std::hint::black_box(adapter.scores(&fm).ok());
+                    });
+                    pairs.push(format!("{within:.1} / {all:.1}"));
+                }
+                format!(
+                    ", scores within the landmarks' window ({:.1} % of the cells) / whole: {} ms",
+                    100.0 * window.share_of(fm.grid()),
+                    pairs.join(", ")
+                )
+            }
+            None => String::new(),
         };
         let up = postprocess::upsample_scores(&scores, rows, cols);
         let ups = time(&mut || {
@@ -196,7 +244,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             format!(", votes {ms:.1} ms")
         };
         println!(
-            "{task:?}: context rows {ctx:.1} ms, scores (incl. context) {sc:.1} ms{sc_grids}, upsample to {rows}×{cols} {ups:.1} ms, findings {post:.1} ms{edges}{atlas}{votes}"
+            "{task:?}: context rows {ctx:.1} ms, scores (incl. context) {sc:.1} ms{sc_grids}{windowed}, upsample to {rows}×{cols} {ups:.1} ms, findings {post:.1} ms{edges}{atlas}{votes}"
         );
     }
     Ok(())

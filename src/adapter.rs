@@ -166,6 +166,11 @@ pub struct TrainConfig {
     /// structure adapters, so on an adapter it says what that adapter reads.
     #[serde(default)]
     pub coarse_landmarks: bool,
+    /// Structures, in a bundle with landmarks: scored only in the box of the landmarks
+    /// found, grown by how far the templates' structures reach past theirs
+    /// (`window::LandmarkWindow`). Cleared for landmark adapters.
+    #[serde(default)]
+    pub window: bool,
 }
 
 /// How far (in cells, Chebyshev) outside a region `TrainConfig::borders` looks.
@@ -214,6 +219,7 @@ impl Default for TrainConfig {
             fragments: false,
             pose: false,
             coarse_landmarks: false,
+            window: false,
         }
     }
 }
@@ -512,6 +518,10 @@ pub struct Adapter {
     /// equivalent radii of that section (`stack::learn_reach`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stack_reach: Vec<Option<f64>>,
+    /// Structures, when trained with `window`: how far they reach past the box of the
+    /// landmarks, so that they are scored near the landmarks found and nowhere else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<crate::window::LandmarkWindow>,
 }
 
 /// Features of all cells as rows (h·w × columns, cells row-major over the grid): the
@@ -522,7 +532,7 @@ pub struct Adapter {
 /// contiguous plane, so pooling is two running sums per plane (the row-wise version cost
 /// ~150 ms per slice); matrix products take either memory order.
 pub fn context_rows(fm: &FeatureMap, ctx: &Context) -> Array2<f32> {
-    build_context_rows(fm, ctx, |_, _| {})
+    build_context_rows(fm, ctx, Frame::whole(fm), |_, _| {})
 }
 
 /// `context_rows` with every column handed to `finish` (column index, values) as soon as
@@ -532,10 +542,11 @@ pub fn context_rows(fm: &FeatureMap, ctx: &Context) -> Array2<f32> {
 fn build_context_rows(
     fm: &FeatureMap,
     ctx: &Context,
+    frame: Frame,
     finish: impl Fn(usize, &mut [f32]),
 ) -> Array2<f32> {
     let standard = fm.data.as_standard_layout();
-    let columns = ContextColumns::new(standard.view(), ctx);
+    let columns = ContextColumns::new(standard.view(), ctx, frame);
     let cells = columns.cells;
     // Appended column by column, in order: the matrix is not zeroed first (a pass over
     // all of it).
@@ -552,7 +563,27 @@ fn build_context_rows(
 struct ContextColumns<'a> {
     cells: usize,
     grid: (usize, usize),
+    frame: Frame,
     sources: Vec<Source<'a>>,
+}
+
+/// Where a map's cells lie on the grid its position columns are measured over: a crop
+/// (`Adapter::scores_within`) keeps the whole slice's positions.
+#[derive(Debug, Clone, Copy)]
+struct Frame {
+    /// The map's first cell on that grid.
+    origin: (usize, usize),
+    grid: (usize, usize),
+}
+
+impl Frame {
+    /// A map that is the whole grid.
+    fn whole(fm: &FeatureMap) -> Frame {
+        Frame {
+            origin: (0, 0),
+            grid: fm.grid(),
+        }
+    }
 }
 
 enum Source<'a> {
@@ -572,7 +603,7 @@ enum Source<'a> {
 
 impl<'a> ContextColumns<'a> {
     /// From the feature planes (C × h × w, in standard layout).
-    fn new(data: ndarray::ArrayView3<'a, f32>, ctx: &Context) -> Self {
+    fn new(data: ndarray::ArrayView3<'a, f32>, ctx: &Context, frame: Frame) -> Self {
         let (_, h, w) = data.dim();
         let cells = h * w;
         let planes = || data.to_slice().unwrap_or(&[]).chunks_exact(cells.max(1));
@@ -595,6 +626,7 @@ impl<'a> ContextColumns<'a> {
         ContextColumns {
             cells,
             grid: (h, w),
+            frame,
             sources,
         }
     }
@@ -619,8 +651,14 @@ impl<'a> ContextColumns<'a> {
                 out.truncate(start + range.len());
             }
             Source::Constant(v) => out.resize(out.len() + range.len(), *v),
-            Source::Row => out.extend(range.map(|i| ((i / w) as f32 + 0.5) / h as f32)),
-            Source::Column => out.extend(range.map(|i| ((i % w) as f32 + 0.5) / w as f32)),
+            Source::Row => {
+                let (first, n) = (self.frame.origin.0, self.frame.grid.0);
+                out.extend(range.map(|i| ((first + i / w) as f32 + 0.5) / n as f32))
+            }
+            Source::Column => {
+                let (first, n) = (self.frame.origin.1, self.frame.grid.1);
+                out.extend(range.map(|i| ((first + i % w) as f32 + 0.5) / n as f32))
+            }
         }
     }
 }
@@ -903,6 +941,7 @@ impl Adapter {
             extremes: Vec::new(),
             calibration: Vec::new(),
             stack_reach: Vec::new(),
+            window: None,
         })
     }
 
@@ -922,6 +961,7 @@ impl Adapter {
             || self.extremes.iter().any(Option::is_some)
             || self.calibration.iter().any(Option::is_some)
             || self.stack_reach.iter().any(Option::is_some)
+            || self.window.is_some()
             || t.stack_anchor
             || t.guided
             || t.fragments
@@ -982,6 +1022,11 @@ impl Adapter {
                 "{} stack reaches for {n} labels, or one not a finite share ≥ 0",
                 self.stack_reach.len()
             ));
+        }
+        if self.window.as_ref().is_some_and(|w| !w.is_valid()) {
+            return Err(
+                "the landmark window names no landmark, or its share is not finite ≥ 0".into(),
+            );
         }
         if self.atlas.as_ref().is_some_and(|a| !a.fits(n)) {
             return Err(format!(
@@ -1125,6 +1170,45 @@ impl Adapter {
     /// independent and each chunk's matrix products sum over the same columns in the same
     /// order, so the scores are the same bits as `scores_and_rows`'s.
     pub fn scores(&self, fm: &FeatureMap) -> Result<Array3<f32>, AdapterError> {
+        self.scores_in(fm, Frame::whole(fm))
+    }
+
+    /// `scores` of the cells in `window` (labels × the map's grid), 0 elsewhere: the map
+    /// is cropped to the window and the cells its pools and resizes read (`window::crop`),
+    /// so inside it the scores are those of the whole map but for rounding. A slice mean
+    /// (`Context::global`) is the whole map's: with it the whole map is scored.
+    pub fn scores_within(
+        &self,
+        fm: &FeatureMap,
+        window: &crate::window::Window,
+    ) -> Result<Array3<f32>, AdapterError> {
+        let (h, w) = fm.grid();
+        let ctx = &self.train.context;
+        if ctx.global || !window.crops((h, w)) {
+            return self.scores(fm);
+        }
+        let reach = ctx.pools.iter().map(|k| k / 2).max().unwrap_or(0);
+        let (crop, origin) = crate::window::crop(fm, window, reach);
+        let (ch, cw) = crop.grid();
+        let inside = self.scores_in(
+            &crop,
+            Frame {
+                origin,
+                grid: (h, w),
+            },
+        )?;
+        let mut scores = Array3::zeros((self.labels.len(), h, w));
+        let (rows, cols) = (window.rows.clone(), window.columns.clone());
+        let (r0, c0) = (rows.start - origin.0, cols.start - origin.1);
+        if rows.end - origin.0 <= ch && cols.end - origin.1 <= cw {
+            scores
+                .slice_mut(s![.., rows.clone(), cols.clone()])
+                .assign(&inside.slice(s![.., r0..r0 + rows.len(), c0..c0 + cols.len()]));
+        }
+        Ok(scores)
+    }
+
+    fn scores_in(&self, fm: &FeatureMap, frame: Frame) -> Result<Array3<f32>, AdapterError> {
         let all = || self.members.iter().chain(std::iter::once(self));
         let (_, h, w) = fm.data.dim();
         let cells = h * w;
@@ -1137,10 +1221,10 @@ impl Adapter {
             || cells <= SCORE_CHUNK
             || all().any(|a| matches!(a.model, Model::Basic { .. }) || !a.shares(self))
         {
-            return self.scores_and_rows(fm).map(|(scores, _)| scores);
+            return self.scores_and_rows_in(fm, frame).map(|(scores, _)| scores);
         }
         let standard = fm.data.as_standard_layout();
-        let columns = ContextColumns::new(standard.view(), &self.train.context);
+        let columns = ContextColumns::new(standard.view(), &self.train.context, frame);
         if columns.width() != self.feature_mean.len() {
             return Err(AdapterError::Channels {
                 expected: self.feature_mean.len(),
@@ -1204,17 +1288,25 @@ impl Adapter {
         &self,
         fm: &FeatureMap,
     ) -> Result<(Array3<f32>, Array2<f32>), AdapterError> {
+        self.scores_and_rows_in(fm, Frame::whole(fm))
+    }
+
+    fn scores_and_rows_in(
+        &self,
+        fm: &FeatureMap,
+        frame: Frame,
+    ) -> Result<(Array3<f32>, Array2<f32>), AdapterError> {
         let (_, h, w) = fm.data.dim();
         let all = || self.members.iter().chain(std::iter::once(self));
         // The raw rows are kept only for a basic model or another standardisation.
         let keep_raw = all().any(|a| matches!(a.model, Model::Basic { .. }) || !a.shares(self));
         let (standard, raw) = if keep_raw {
-            let raw = self.context_of(fm)?;
+            let raw = self.context_of(fm, frame)?;
             let mut standard = raw.clone();
             standardize(&mut standard, &self.feature_mean, &self.feature_std);
             (standard, Some(raw))
         } else {
-            (self.standardized_rows(fm)?, None)
+            (self.standardized_rows_in(fm, frame)?, None)
         };
         let mut sum = Array2::zeros((h * w, self.labels.len()));
         if let (None, Some((per_cell, layers))) =
@@ -1243,7 +1335,15 @@ impl Adapter {
 
     /// The feature rows of `fm` standardised as this adapter's models see them.
     pub fn standardized_rows(&self, fm: &FeatureMap) -> Result<Array2<f32>, AdapterError> {
-        let rows = build_context_rows(fm, &self.train.context, |k, column| {
+        self.standardized_rows_in(fm, Frame::whole(fm))
+    }
+
+    fn standardized_rows_in(
+        &self,
+        fm: &FeatureMap,
+        frame: Frame,
+    ) -> Result<Array2<f32>, AdapterError> {
+        let rows = build_context_rows(fm, &self.train.context, frame, |k, column| {
             self.standardize_column(k, column)
         });
         self.checked_columns(rows)
@@ -1258,8 +1358,13 @@ impl Adapter {
     }
 
     /// `context_rows` with this adapter's context, checked against its columns.
-    fn context_of(&self, fm: &FeatureMap) -> Result<Array2<f32>, AdapterError> {
-        self.checked_columns(context_rows(fm, &self.train.context))
+    fn context_of(&self, fm: &FeatureMap, frame: Frame) -> Result<Array2<f32>, AdapterError> {
+        self.checked_columns(build_context_rows(
+            fm,
+            &self.train.context,
+            frame,
+            |_, _| {},
+        ))
     }
 
     /// `rows`, when they have as many columns as this adapter's features.
@@ -2443,6 +2548,69 @@ mod synthetic {
         }
     }
 
+    /// Scores within a window are the whole map's there (pools and position, with the
+    /// coarse channels cropped with the map or on a map of one grid), and 0 elsewhere.
+    #[test]
+    fn scores_within_a_window_are_the_whole_maps_there() {
+        use crate::window::Window;
+        let (h, w) = (50, 48);
+        let (fm, cells, target) = over_chunks(9, (h, w));
+        let training = [TrainingSlice {
+            features: &fm,
+            cells,
+        }];
+        let first = C / 2 + 1;
+        let halved = Array3::from_shape_fn((first, h / 2, w / 2), |(c, i, j)| {
+            let d = &target.data;
+            (d[[c, 2 * i, 2 * j]]
+                + d[[c, 2 * i + 1, 2 * j]]
+                + d[[c, 2 * i, 2 * j + 1]]
+                + d[[c, 2 * i + 1, 2 * j + 1]])
+                / 4.0
+        });
+        let fine = target.data.slice(s![first.., .., ..]).to_owned();
+        let split = FeatureMap::stacked(vec![halved, fine], h * 4, w * 4);
+        assert_eq!(split.coarse.len(), 1);
+        let one_grid = FeatureMap::new(split.data.clone(), h * 4, w * 4);
+        let adapter = position_ensemble(&training, vec![3, 5]);
+        let windows = [
+            Window {
+                rows: 11..30,
+                columns: 13..41,
+            },
+            Window {
+                rows: 0..24,
+                columns: 0..26,
+            },
+            Window {
+                rows: 30..50,
+                columns: 0..20,
+            },
+            Window {
+                rows: 21..22,
+                columns: 0..48,
+            },
+        ];
+        for map in [&split, &one_grid] {
+            let whole = adapter.scores(map).unwrap();
+            for window in &windows {
+                let within = adapter.scores_within(map, window).unwrap();
+                assert_eq!(within.dim(), whole.dim());
+                let (mut worst, mut unsure) = (0f32, 0);
+                for ((l, r, c), v) in within.indexed_iter() {
+                    if window.rows.contains(&r) && window.columns.contains(&c) {
+                        worst = worst.max((v - whole[[l, r, c]]).abs());
+                        unsure += usize::from((0.01..0.99).contains(v));
+                    } else {
+                        assert_eq!(*v, 0.0, "label {l} at ({r}, {c}), outside {window:?}");
+                    }
+                }
+                assert!(worst < 1e-5, "{window:?}: scores differ by up to {worst}");
+                assert!(unsure > 5, "{window:?}: {unsure} scores in 0.01..0.99");
+            }
+        }
+    }
+
     #[test]
     fn training_is_deterministic() {
         let mut rng = Rng::new(5);
@@ -2578,7 +2746,7 @@ mod synthetic {
         ensemble.members = vec![plain.clone()];
         assert_eq!(ensemble.file_format(), 2);
         // Each step added since format 2, alone, and in a member alone.
-        let steps: [fn(&mut Adapter); 10] = [
+        let steps: [fn(&mut Adapter); 11] = [
             |a| a.convex = vec![false, true],
             |a| a.sam_redraw = vec![true, false],
             |a| a.stack_reach = vec![Some(0.5), None],
@@ -2598,6 +2766,12 @@ mod synthetic {
             |a| a.train.pose = true,
             |a| a.train.coarse_landmarks = true,
             |a| a.calibration = vec![Some([0.5, -1.0]), None],
+            |a| {
+                a.window = Some(crate::window::LandmarkWindow {
+                    landmarks: vec!["L1".into()],
+                    share: 0.2,
+                })
+            },
         ];
         for step in steps {
             let mut a = plain.clone();
@@ -2613,6 +2787,7 @@ mod synthetic {
         unused.sam_redraw = vec![false, false];
         unused.stack_reach = vec![None, None];
         unused.train.atlas = true;
+        unused.train.window = true;
         assert_eq!(unused.file_format(), 1);
     }
 }

@@ -329,6 +329,13 @@ impl Engine {
                 lr.bundle.tasks.iter().map(|_| Default::default()).collect();
             let order = analysed.iter().filter(|&&ii| ii == center);
             let order = order.chain(analysed.iter().filter(|&&ii| ii != center));
+            // The landmarks the centre slice found (name, point, radius): with a
+            // structure adapter's `window`, the stack's structures are scored around them.
+            let mut centre_points: Vec<(String, (f64, f64), f64)> = Vec::new();
+            let tasks = &lr.bundle.tasks;
+            let windowed = tasks
+                .iter()
+                .any(|(t, a)| matches!(t, Task::Structures { .. }) && a.window.is_some());
             for &ii in order {
                 let img = &images[ii];
                 let inst_err =
@@ -356,13 +363,20 @@ impl Engine {
                 // adapter refines with its intensities.
                 let mut pixels: Option<ndarray::Array2<f32>> = None;
                 // Structures first: the masks SAM draws place landmarks on their extremes
-                // (`extremes`).
-                let tasks = &lr.bundle.tasks;
-                let task_order = (0..tasks.len())
-                    .filter(|&t| matches!(tasks[t].0, Task::Structures { .. }))
-                    .chain(
-                        (0..tasks.len()).filter(|&t| matches!(tasks[t].0, Task::Landmarks { .. })),
-                    );
+                // (`extremes`); landmarks first where the structures are scored around
+                // them (`window`; training refuses both).
+                let is_structures = |t: &usize| matches!(tasks[*t].0, Task::Structures { .. });
+                let task_order: Vec<usize> = if windowed {
+                    (0..tasks.len())
+                        .filter(|t| !is_structures(t))
+                        .chain((0..tasks.len()).filter(is_structures))
+                        .collect()
+                } else {
+                    (0..tasks.len())
+                        .filter(is_structures)
+                        .chain((0..tasks.len()).filter(|t| !is_structures(t)))
+                        .collect()
+                };
                 // SAM's masks are kept only for a landmark adapter with extremes to read.
                 let keep_drawn = tasks
                     .iter()
@@ -374,7 +388,22 @@ impl Engine {
                     let fm = adapter.features(&fm);
                     // The standardised rows only for the votes: without them the scores
                     // are computed a chunk of cells at a time (`Adapter::scores`).
-                    let (scores, rows) = if adapter.votes.is_empty() {
+                    let window = adapter
+                        .window
+                        .as_ref()
+                        .filter(|_| on_centre_grid)
+                        .and_then(|w| {
+                            let points: Vec<Option<(f64, f64)>> = w
+                                .landmarks
+                                .iter()
+                                .map(|n| centre_points.iter().find(|c| &c.0 == n).map(|c| c.1))
+                                .collect();
+                            let slack = centre_points.first()?.2;
+                            w.around(&points, slack, (fm.image_rows, fm.image_columns), fm.grid())
+                        });
+                    let (scores, rows) = if let Some(window) = &window {
+                        adapter.scores_within(&fm, window).map(|s| (s, None))
+                    } else if adapter.votes.is_empty() {
                         adapter.scores(&fm).map(|s| (s, None))
                     } else {
                         adapter.scores_and_rows(&fm).map(|(s, r)| (s, Some(r)))
@@ -471,6 +500,11 @@ impl Engine {
                     }
                     match task {
                         Task::Landmarks { names, radius } => {
+                            if ii == center {
+                                centre_points.extend(names.iter().zip(&found).filter_map(
+                                    |(n, f)| Some((n.clone(), f.as_ref()?.point, *radius)),
+                                ));
+                            }
                             for (name, f) in names.iter().zip(&found) {
                                 let Some(f) = f else { continue };
                                 let (Some(p), Some(frame)) = (

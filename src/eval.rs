@@ -367,11 +367,19 @@ struct Trained {
 impl Trained {
     /// The scores of all adapters' labels (`Adapter::scores`: without the rows, a chunk
     /// of cells at a time).
-    fn scores(&self, fm: &FeatureMap) -> Result<Array3<f32>, AdapterError> {
+    /// Within `window` only, when given (`Adapter::scores_within`).
+    fn scores(
+        &self,
+        fm: &FeatureMap,
+        window: Option<&crate::window::Window>,
+    ) -> Result<Array3<f32>, AdapterError> {
         let parts = self
             .adapters
             .iter()
-            .map(|a| a.scores(fm))
+            .map(|a| match window {
+                Some(w) => a.scores_within(fm, w),
+                None => a.scores(fm),
+            })
             .collect::<Result<Vec<_>, _>>()?;
         concatenate_labels(&parts)
     }
@@ -440,6 +448,7 @@ pub fn train_task<C: std::borrow::Borrow<(Case, Vec<FeatureMap>)>>(
     let for_task = TrainConfig {
         borders: config.borders && !landmarks,
         coarse_landmarks: config.coarse_landmarks && landmarks,
+        window: config.window && !landmarks,
         ..config.clone()
     };
     let config = &for_task;
@@ -544,6 +553,37 @@ pub fn train_task<C: std::borrow::Borrow<(Case, Vec<FeatureMap>)>>(
                 a.stack_reach = reach;
             }
         }
+        if let (Task::Structures { values }, true) = (task, config.window) {
+            let values: Vec<u8> = group.iter().map(|&l| values[l]).collect();
+            let names: std::collections::BTreeSet<&String> = templates
+                .iter()
+                .flat_map(|(c, _)| c.landmarks.keys())
+                .collect();
+            let names: Vec<String> = names.into_iter().cloned().collect();
+            let stacks = templates.iter().map(|(case, _)| {
+                let points = names
+                    .iter()
+                    .map(|n| case.landmarks.get(n).map(|t| (t.row, t.column)))
+                    .collect();
+                let maps = case
+                    .slices
+                    .iter()
+                    .filter_map(|s| s.labels.as_ref())
+                    .collect();
+                (points, maps)
+            });
+            a.window = crate::window::LandmarkWindow::learn(names.clone(), stacks, &values);
+            match &a.window {
+                Some(w) => log::info!(
+                    "structures' window: they reach {:.3} of the side of the box of {} landmarks past it",
+                    w.share,
+                    names.len()
+                ),
+                None => log::warn!(
+                    "structures' window: no template has every landmark; scored over whole slices"
+                ),
+            }
+        }
         if let (Task::Structures { values }, true) = (task, config.atlas) {
             let values: Vec<u8> = group.iter().map(|&l| values[l]).collect();
             let maps = templates
@@ -576,7 +616,8 @@ pub fn train_task<C: std::borrow::Borrow<(Case, Vec<FeatureMap>)>>(
 
 /// One slice's structures as `scout eval` takes them before SAM: the scores at image
 /// resolution, refined to the edges with `guided`, then the structure steps through
-/// `anchor` (`centre`: the stack's localizer slice). Returns the findings and the scores.
+/// `anchor` (`centre`: the stack's localizer slice); scored within `window` alone when
+/// given. Returns the findings and the scores.
 fn slice_structures(
     trained: &Trained,
     fm: &FeatureMap,
@@ -584,8 +625,9 @@ fn slice_structures(
     guided: bool,
     anchor: &mut crate::stack::Anchor,
     centre: bool,
+    window: Option<&crate::window::Window>,
 ) -> Result<(Vec<Option<Finding>>, Array3<f32>), EvalError> {
-    let scores = trained.scores(fm)?;
+    let scores = trained.scores(fm, window)?;
     let (rows, cols) = s.pixels.dim();
     let mut up = postprocess::upsample_scores(&scores, rows, cols);
     if guided {
@@ -783,6 +825,7 @@ pub fn left_out_sam_masks(
             config.guided,
             &mut crate::stack::Anchor::default(),
             true,
+            None,
         )?;
         let calls = sam.redraw_structures(fm, &mut found, |l| structures.redraws(l), &up)?;
         out.push(
@@ -1089,6 +1132,17 @@ pub fn evaluate(
             "--calibrate needs one multi-label adapter without --align".into(),
         ));
     }
+    if opts.train.window
+        && (opts.train.extremes
+            || dataset.landmark_names.is_empty()
+            || opts.only == Some(TaskKind::Structures))
+    {
+        // The structures are scored around the landmarks found: those come first, and
+        // cannot wait for the structures' extremes.
+        return Err(EvalError::Setup(
+            "--window needs the landmarks task (a data set with landmarks, not --only structures) and not --extremes".into(),
+        ));
+    }
     if (opts.sam.is_some() || opts.train.sam_redraw) && sam.is_none() {
         return Err(EvalError::Setup(
             "--sam and --sam-redraw need a SAM decoder for this backbone in the manifest".into(),
@@ -1215,6 +1269,9 @@ pub fn evaluate(
         _ => None,
     };
 
+    // Per test case, its landmarks found in slice k* (in the data set's order): the
+    // structures' `window`.
+    let mut centre_points: BTreeMap<String, Vec<Option<(f64, f64)>>> = BTreeMap::new();
     // Landmarks.
     if landmarks_wanted {
         let task = Task::Landmarks {
@@ -1369,6 +1426,7 @@ pub fn evaluate(
                         opts.train.guided,
                         &mut crate::stack::Anchor::default(),
                         true,
+                        None,
                     )?;
                     let redraws = |l| structures.adapters.first().is_some_and(|a| a.redraws(l));
                     let calls = sam.redraw_structures(whole, &mut drawn, redraws, &up)?;
@@ -1385,6 +1443,10 @@ pub fn evaluate(
                 per_slice.push(found);
             }
             let center = &per_slice[case.center];
+            centre_points.insert(
+                case.name.clone(),
+                center.iter().map(|f| f.as_ref().map(|f| f.point)).collect(),
+            );
             let mut points_3d: Vec<Option<(f64, f64, f64)>> = (0..names.len())
                 .map(|l| {
                     let anchor = center[l]
@@ -1516,6 +1578,7 @@ pub fn evaluate(
         };
         let mut ious: Vec<Vec<f64>> = vec![Vec::new(); values.len()];
         let mut empty = vec![(0usize, 0usize); values.len()];
+        let mut window_shares: Vec<f64> = Vec::new();
         let progress = Progress::new(tests.len() as u64, "structures");
         for (ci, (case, fms)) in tests.iter().enumerate() {
             let mut inter = vec![0usize; values.len()];
@@ -1523,6 +1586,25 @@ pub fn evaluate(
             // The localizer slice first: with `stack_anchor` its structures are the prior
             // of the stack's other slices and bound how far their regions reach there.
             let mut anchor = crate::stack::Anchor::default();
+            // With `window`, the box of the landmarks found in slice k*, for every slice
+            // on its grid (as the agent scores a stack).
+            let landmark_window = trained.adapters.first().and_then(|a| a.window.as_ref());
+            let points = centre_points.get(&case.name);
+            let mut window_of = |si: usize, fm: &FeatureMap, s: &crate::dataset::Slice| {
+                let (w, points) = (landmark_window?, points?);
+                let centre = case.slices.get(case.center)?;
+                if centre.pixels.dim() != s.pixels.dim() {
+                    return None;
+                }
+                let points = w.points_of(&dataset.landmark_names, points);
+                let window = w.around(&points, opts.landmark_radius, s.pixels.dim(), fm.grid());
+                if si == case.center {
+                    if let Some(window) = &window {
+                        window_shares.push(window.share_of(fm.grid()));
+                    }
+                }
+                window
+            };
             let order = std::iter::once(case.center)
                 .chain((0..case.slices.len()).filter(|&i| i != case.center));
             for si in order {
@@ -1533,6 +1615,7 @@ pub fn evaluate(
                     continue;
                 };
                 let t = Instant::now();
+                let window = window_of(si, fm, s);
                 let (mut found, up) = slice_structures(
                     &trained,
                     fm,
@@ -1540,6 +1623,7 @@ pub fn evaluate(
                     opts.train.guided,
                     &mut anchor,
                     si == case.center,
+                    window.as_ref(),
                 )?;
                 adapter_ms.push(t.elapsed().as_secs_f64() * 1000.0);
                 if let (None, Some(sam), Some(a)) = (&opts.sam, sam, trained.adapters.first()) {
@@ -1629,6 +1713,20 @@ pub fn evaluate(
             progress.bar.inc(1);
         }
         progress.bar.finish_and_clear();
+        if !window_shares.is_empty() {
+            let n = window_shares.len() as f64;
+            let (lo, hi) = window_shares
+                .iter()
+                .fold((f64::INFINITY, 0.0f64), |(a, z), &v| (a.min(v), z.max(v)));
+            log::info!(
+                "structures scored within the landmarks' window in {} of {} cases: {:.1} % of the cells (mean; {:.1}–{:.1} %)",
+                window_shares.len(),
+                tests.len(),
+                100.0 * window_shares.iter().sum::<f64>() / n,
+                100.0 * lo,
+                100.0 * hi
+            );
+        }
         for (l, v) in values.iter().enumerate() {
             let n = ious[l].len();
             let iou = if n == 0 {

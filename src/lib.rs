@@ -46,6 +46,7 @@ pub mod templates;
 pub mod train;
 pub mod uid;
 pub mod votes;
+pub mod window;
 
 /// Whether two sequences of floats hold the same bits, value by value, and are as long:
 /// the tests' check of rewrites that must not change a result.

@@ -327,6 +327,11 @@ struct ContextArgs {
     /// `litemedsam-hyper`'s plain encoder output); structure adapters read all of it.
     #[arg(long)]
     coarse_landmarks: bool,
+    /// Structures, with landmarks in the data set: score them only in the box of the
+    /// landmarks found, grown by how far the templates' structures reach past their
+    /// landmarks' box (× 1.25) and the landmark radius; the landmarks are then found first.
+    #[arg(long, conflicts_with = "extremes")]
+    window: bool,
     /// Hidden units per layer of the adapters' nets (at least 1).
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u16).range(1..))]
     hidden: u16,
@@ -560,6 +565,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 fragments: context.fragments,
                 pose: context.pose,
                 coarse_landmarks: context.coarse_landmarks,
+                window: context.window,
                 hidden: context.hidden.into(),
                 align,
                 context: context.into(),
@@ -674,6 +680,7 @@ fn run(cli: Cli) -> Result<(), String> {
                         fragments: context.fragments,
                         pose: context.pose,
                         coarse_landmarks: context.coarse_landmarks,
+                        window: context.window,
                         hidden: context.hidden.into(),
                         context: scout::adapter::Context {
                             pools: context.pools.clone(),

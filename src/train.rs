@@ -121,6 +121,35 @@ impl Bundle {
                 )));
             }
         }
+        // Structures scored around the landmarks found: those landmarks must be the file's,
+        // and found first, so not placed on the structures' extremes.
+        let landmark_names: Vec<&String> = b
+            .tasks
+            .iter()
+            .flat_map(|(t, _)| match t {
+                Task::Landmarks { names, .. } => names.iter().collect(),
+                Task::Structures { .. } => Vec::new(),
+            })
+            .collect();
+        let extremes = b
+            .tasks
+            .iter()
+            .any(|(_, a)| a.extremes.iter().any(Option::is_some));
+        for (_, a) in &b.tasks {
+            let Some(w) = &a.window else { continue };
+            if let Some(n) = w.landmarks.iter().find(|n| !landmark_names.contains(n)) {
+                return Err(err(format!(
+                    "adapter {}: its window is the box of landmark {n}, which no adapter of the file finds",
+                    a.labels.join(",")
+                )));
+            }
+            if extremes {
+                return Err(err(format!(
+                    "adapter {}: its window needs the landmarks first, and the file places landmarks on the structures' extremes",
+                    a.labels.join(",")
+                )));
+            }
+        }
         Ok(b)
     }
 }
@@ -251,6 +280,7 @@ pub fn train_dataset(
         (config.fragments, " --fragments"),
         (config.pose, " --pose"),
         (config.coarse_landmarks, " --coarse-landmarks"),
+        (config.window, " --window"),
     ] {
         if on {
             options.push_str(flag);

@@ -306,6 +306,17 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
         json["tasks"][1][1]["stack_reach"] = serde_json::json!(reach);
     });
     assert!(err.contains("stack reach"), "{err}");
+    // A structures' window with no reach, or around a landmark the file does not find.
+    let err = refused(&|json| {
+        json["tasks"][1][1]["window"] = serde_json::json!({"landmarks": ["A"], "share": -0.1});
+    });
+    assert!(err.contains("landmark window"), "{err}");
+    let landmark = landmarks.labels[0].clone();
+    let err = refused(&|json| {
+        json["tasks"][1][1]["window"] =
+            serde_json::json!({"landmarks": [landmark.clone(), "elsewhere"], "share": 0.1});
+    });
+    assert!(err.contains("landmark elsewhere"), "{err}");
     // A landmark offset beyond the landmark radius, or one per label too few.
     let err = refused(&|json| {
         json["tasks"][0][1]["calibration"] = serde_json::json!([[0.0, 12.0], null]);

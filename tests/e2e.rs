@@ -282,6 +282,21 @@ fn seg_masks(seg_file: &Path) -> BTreeMap<String, ndarray::Array2<bool>> {
         .collect()
 }
 
+/// The one SEG file the destination received in `dir`.
+fn the_seg(dir: &Path) -> PathBuf {
+    let segs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("SG"))
+        })
+        .collect();
+    assert_eq!(segs.len(), 1, "{segs:?}");
+    segs.into_iter().next().unwrap()
+}
+
 fn iou(a: &ndarray::Array2<bool>, b: &ndarray::Array2<bool>) -> f64 {
     let both = a.iter().zip(b).filter(|(x, y)| **x && **y).count();
     let either = a.iter().zip(b).filter(|(x, y)| **x || **y).count();
@@ -532,11 +547,16 @@ fn real_images_through_the_agent(
 /// Sends the shared s06 stack (not one of the adapters' templates s01–s05) through the
 /// agent with `edits` to its configuration; per vertebra, the distance of the SR's point
 /// (projected onto the centre slice k*) from the centroid of that body there, and how far
-/// it lies across the slices from the body's 3D centroid, in voxels (None: absent).
-fn spine_s06_through_the_agent(shared: &Path, edits: &[(&str, &str)]) -> Vec<Option<[f64; 2]>> {
+/// it lies across the slices from the body's 3D centroid, in voxels (None: absent); and,
+/// when the centre slice alone was analysed, per SEG segment the IoU of its mask with the
+/// body there that it overlaps best.
+fn spine_s06_through_the_agent(
+    shared: &Path,
+    edits: &[(&str, &str)],
+) -> (Vec<Option<[f64; 2]>>, Vec<f64>) {
     let ds = scout::dataset::Dataset::open(&shared.join("spine-mr")).unwrap();
     let case = ds.load_case("s06").unwrap();
-    let (_run, series, points) = real_images_through_the_agent(
+    let (run, series, points) = real_images_through_the_agent(
         case.slices
             .iter()
             .map(|s| s.pixels.mapv(|v| v.clamp(0.0, 65535.0) as u16))
@@ -558,7 +578,17 @@ fn spine_s06_through_the_agent(shared: &Path, edits: &[(&str, &str)]) -> Vec<Opt
     let k_of = |i: usize| case.slices[i].k.unwrap() as f64;
     let (k0, k1) = (k_of(0), k_of(1));
     let labels = case.slices[case.center].labels.as_ref().unwrap();
-    ["L1", "L2", "L3", "L4", "L5"]
+    let three_d = edits.iter().any(|(_, to)| to.contains("slices = \"all\""));
+    let mut ious = Vec::new();
+    if !three_d {
+        for mask in seg_masks(&the_seg(&run.out)).values() {
+            let best = (1..=5u8)
+                .map(|v| iou(mask, &labels.mapv(|x| x == v)))
+                .fold(0.0, f64::max);
+            ious.push(best);
+        }
+    }
+    let errors = ["L1", "L2", "L3", "L4", "L5"]
         .iter()
         .enumerate()
         .map(|(l, name)| {
@@ -582,7 +612,8 @@ fn spine_s06_through_the_agent(shared: &Path, edits: &[(&str, &str)]) -> Vec<Opt
                 ]
             })
         })
-        .collect()
+        .collect();
+    (errors, ious)
 }
 
 /// Vertebrae within 10 px of the centroid in the centre slice.
@@ -658,17 +689,7 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
 
     // Structures: the SEG's masks against the truth, and against the same adapter run
     // in-process the way `scout eval` runs it, with and without its edge refinement.
-    let segs: Vec<PathBuf> = std::fs::read_dir(&run.out)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("SG"))
-        })
-        .collect();
-    assert_eq!(segs.len(), 1, "{segs:?}");
-    let masks = seg_masks(&segs[0]);
+    let masks = seg_masks(&the_seg(&run.out));
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let (backbone, cache) = shipped_backbone("litemedsam-hyper");
     let bundle =
@@ -917,10 +938,25 @@ fn real_spine_localizer_landmarks_land_on_the_vertebrae() {
     if !dcmtk(t) || !dicom3tools(t) {
         return;
     }
-    let errors = spine_s06_through_the_agent(&shared, &[]);
-    eprintln!("s06 through the agent (shipped adapter): {errors:?}");
+    let (errors, ious) = spine_s06_through_the_agent(&shared, &[]);
+    eprintln!("s06 through the agent (shipped adapter): {errors:?}, bodies' IoU {ious:?}");
     // Measured: all five within 3.9 px (earlier shipped adapters left L3 absent here).
     assert_all_found_and_most_within_10px(&errors);
+    // The bodies are scored only around the landmarks found (`window`), which must hold
+    // them whole: measured IoU 0.86–0.92.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (backbone, _) = shipped_backbone("litemedsam-hyper");
+    let bundle =
+        scout::train::Bundle::load(&root.join("models/adapters/spine.adapter"), &backbone).unwrap();
+    assert!(
+        bundle.tasks.iter().any(|(_, a)| a.window.is_some()),
+        "the shipped spine adapter scores its structures within the landmarks' window"
+    );
+    assert_eq!(ious.len(), 5, "a body segment per vertebra: {ious:?}");
+    assert!(
+        ious.iter().all(|&i| i >= 0.8),
+        "a body's mask is cut or misplaced: {ious:?}"
+    );
 }
 
 /// The agent's stack path (`slices = "all"`: every slice analysed, each landmark voted
@@ -932,7 +968,7 @@ fn real_spine_stack_landmarks_land_on_the_vertebrae() {
     if !dcmtk(t) || !dicom3tools(t) {
         return;
     }
-    let errors =
+    let (errors, _) =
         spine_s06_through_the_agent(&shared, &[("slices = \"center\"", "slices = \"all\"")]);
     eprintln!("s06 stack through the agent (shipped adapter): {errors:?}");
     assert_all_found_and_most_within_10px(&errors);
@@ -990,7 +1026,7 @@ fn aligned_spine_adapter_reports_every_vertebra_through_the_agent() {
     );
     let through_the_agent = |file: &Path| {
         let file = file.display().to_string();
-        spine_s06_through_the_agent(&shared, &[(&shipped, &file), on_plain])
+        spine_s06_through_the_agent(&shared, &[(&shipped, &file), on_plain]).0
     };
     let errors = through_the_agent(&file);
     eprintln!("s06 through the agent (aligned adapter): {errors:?}");

@@ -1,0 +1,365 @@
+//! Structures scored only near the landmarks (issue #7, idea 5). The spine's structures
+//! read 1154 columns per cell on the hypercolumn's 128 × 128 grid (≈ 85 ms per slice),
+//! while the vertebral bodies lie around the landmarks the same bundle finds first (on
+//! the coarse grid, ≈ 22 ms). The templates show how far a structure reaches past the box
+//! of their landmarks, as a share of that box's larger side; at inference the structures
+//! are scored in the box of the landmarks found, grown by that share (with `SAFETY`) and
+//! the landmark radius, and nowhere else. Inside the window the scores are those of the
+//! whole slice (`Adapter::scores_within` crops the map with the cells its pools and
+//! resizes read); outside, they are 0.
+
+use std::ops::Range;
+
+use ndarray::{s, Array2};
+use serde::{Deserialize, Serialize};
+
+use crate::backbone::{CoarseChannels, FeatureMap};
+
+/// How far the structures reach past the box of the landmarks `landmarks` (names of a
+/// landmark task of the same bundle), as a share of the box's larger side.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LandmarkWindow {
+    pub landmarks: Vec<String>,
+    pub share: f64,
+}
+
+/// The learned share is the largest over a few templates: a new patient's structures may
+/// reach a little further.
+const SAFETY: f64 = 1.25;
+
+/// Cells of a map's grid: rows × columns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    pub rows: Range<usize>,
+    pub columns: Range<usize>,
+}
+
+impl Window {
+    /// Whether the window leaves out any cell of a (rows × columns) grid.
+    pub fn crops(&self, grid: (usize, usize)) -> bool {
+        self.rows.start > 0
+            || self.columns.start > 0
+            || self.rows.end < grid.0
+            || self.columns.end < grid.1
+    }
+
+    /// The share of a (rows × columns) grid's cells inside the window.
+    pub fn share_of(&self, grid: (usize, usize)) -> f64 {
+        (self.rows.len() * self.columns.len()) as f64 / (grid.0 * grid.1).max(1) as f64
+    }
+}
+
+impl LandmarkWindow {
+    /// Learns the share from the templates: per template, its landmarks' points (row,
+    /// column; pixels, in the localizer slice, `None` where it lacks one) and the label
+    /// maps of its slices. A template lacking a landmark, or with a box of less than a
+    /// pixel, teaches nothing; None when no template teaches anything.
+    pub fn learn<'a>(
+        landmarks: Vec<String>,
+        templates: impl Iterator<Item = (Vec<Option<(f64, f64)>>, Vec<&'a Array2<u8>>)>,
+        values: &[u8],
+    ) -> Option<LandmarkWindow> {
+        let mut share: Option<f64> = None;
+        for (points, maps) in templates {
+            let Some(points) = points.into_iter().collect::<Option<Vec<_>>>() else {
+                continue;
+            };
+            let Some(b) = BoxOf::points(&points) else {
+                continue;
+            };
+            let mut reach = 0.0f64;
+            for map in maps {
+                for ((r, c), v) in map.indexed_iter() {
+                    if *v != 0 && values.contains(v) {
+                        reach = reach.max(b.outside(r as f64 + 0.5, c as f64 + 0.5));
+                    }
+                }
+            }
+            let s = reach / b.side();
+            share = Some(share.map_or(s, |m: f64| m.max(s)));
+        }
+        Some(LandmarkWindow {
+            landmarks,
+            share: share?,
+        })
+    }
+
+    /// The points of this window's landmarks, from `points` found for the landmarks
+    /// `names` (a landmark task's, in its order).
+    pub fn points_of(
+        &self,
+        names: &[String],
+        points: &[Option<(f64, f64)>],
+    ) -> Vec<Option<(f64, f64)>> {
+        self.landmarks
+            .iter()
+            .map(|l| {
+                let i = names.iter().position(|n| n == l)?;
+                points.get(i).copied().flatten()
+            })
+            .collect()
+    }
+
+    /// Whether the share can be used (finite, ≥ 0) and names landmarks.
+    pub fn is_valid(&self) -> bool {
+        self.share.is_finite() && self.share >= 0.0 && !self.landmarks.is_empty()
+    }
+
+    /// The window, in cells of a `grid` over an `image` (rows × columns, pixels), around
+    /// the landmarks found at `points` (pixels, in `landmarks`' order): their box grown by
+    /// `SAFETY` × share × its larger side, plus `slack` pixels (the landmarks' own error).
+    /// None when one of them was not found, or their box is under a pixel: the structures
+    /// are then scored over the whole slice.
+    pub fn around(
+        &self,
+        points: &[Option<(f64, f64)>],
+        slack: f64,
+        image: (usize, usize),
+        grid: (usize, usize),
+    ) -> Option<Window> {
+        if points.len() != self.landmarks.len() || !self.is_valid() {
+            return None;
+        }
+        let points: Vec<(f64, f64)> = points.iter().copied().collect::<Option<_>>()?;
+        let b = BoxOf::points(&points)?;
+        let grow = SAFETY * self.share * b.side() + slack.max(0.0);
+        // Pixels to cells, outward: a cell is in when any of it is.
+        let span = |lo: f64, hi: f64, pixels: usize, cells: usize| -> Range<usize> {
+            let per = pixels as f64 / cells.max(1) as f64;
+            let a = ((lo - grow) / per).floor().clamp(0.0, cells as f64) as usize;
+            let z = ((hi + grow) / per).ceil().clamp(0.0, cells as f64) as usize;
+            a..z.max(a)
+        };
+        Some(Window {
+            rows: span(b.rows.0, b.rows.1, image.0, grid.0),
+            columns: span(b.columns.0, b.columns.1, image.1, grid.1),
+        })
+    }
+}
+
+/// An axis-aligned box of points (pixels).
+struct BoxOf {
+    rows: (f64, f64),
+    columns: (f64, f64),
+}
+
+impl BoxOf {
+    fn points(points: &[(f64, f64)]) -> Option<BoxOf> {
+        let finite = points.iter().all(|p| p.0.is_finite() && p.1.is_finite());
+        if points.is_empty() || !finite {
+            return None;
+        }
+        let fold = |f: fn(&(f64, f64)) -> f64| {
+            points
+                .iter()
+                .map(f)
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, z), v| {
+                    (a.min(v), z.max(v))
+                })
+        };
+        let b = BoxOf {
+            rows: fold(|p| p.0),
+            columns: fold(|p| p.1),
+        };
+        (b.side() >= 1.0).then_some(b)
+    }
+
+    fn side(&self) -> f64 {
+        (self.rows.1 - self.rows.0).max(self.columns.1 - self.columns.0)
+    }
+
+    /// How far (r, c) lies outside the box, along the farther axis (0 inside).
+    fn outside(&self, r: f64, c: f64) -> f64 {
+        let d = |v: f64, (a, z): (f64, f64)| (a - v).max(v - z).max(0.0);
+        d(r, self.rows).max(d(c, self.columns))
+    }
+}
+
+/// The crop of `fm` holding `window` and every cell its scores read within `reach` cells
+/// (pools, resizes), with its first cell's place on `fm`'s grid. A coarse part is cropped
+/// with it where its grid divides `fm`'s (the crop's edges then fall on its cells, and its
+/// resize is the whole map's away from them); otherwise it is dropped, and its resized
+/// channels in `fm.data` are read instead (the same values, more products).
+pub(crate) fn crop(fm: &FeatureMap, window: &Window, reach: usize) -> (FeatureMap, (usize, usize)) {
+    let (h, w) = fm.grid();
+    // The coarse parts' grids must divide the map's, the same way for all.
+    let factors: Vec<Option<(usize, usize)>> = fm
+        .coarse
+        .iter()
+        .map(|p| {
+            let (_, ph, pw) = p.map.dim();
+            let f = (ph > 0 && pw > 0 && h % ph == 0 && w % pw == 0).then(|| (h / ph, w / pw));
+            f.filter(|&(a, b)| a > 0 && b > 0)
+        })
+        .collect();
+    let step = match factors.first() {
+        Some(Some(f)) if factors.iter().all(|g| *g == Some(*f)) => Some(*f),
+        _ => None,
+    };
+    let (fr, fc) = step.unwrap_or((1, 1));
+    // A bilinear resize reads the coarse cells either side of a fine cell's centre: at a
+    // crop's edge (a coarse cell's edge) the first fine cell's outer one is missing and
+    // clamped, so the fine cells within one coarse cell of it are left out too.
+    let bounds = |range: &Range<usize>, n: usize, f: usize| {
+        let margin = reach + if step.is_some() { f } else { 0 };
+        let a = range.start.saturating_sub(margin) / f * f;
+        let z = (range.end + margin).min(n).div_ceil(f) * f;
+        a..z.min(n)
+    };
+    let rows = bounds(&window.rows, h, fr);
+    let columns = bounds(&window.columns, w, fc);
+    let data = fm
+        .data
+        .slice(s![.., rows.clone(), columns.clone()])
+        .to_owned();
+    let coarse = match step {
+        Some((fr, fc)) => fm
+            .coarse
+            .iter()
+            .map(|p| CoarseChannels {
+                first: p.first,
+                map: p
+                    .map
+                    .slice(s![
+                        ..,
+                        rows.start / fr..rows.end / fr,
+                        columns.start / fc..columns.end / fc
+                    ])
+                    .to_owned(),
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let origin = (rows.start, columns.start);
+    (
+        FeatureMap {
+            data,
+            image_rows: fm.image_rows,
+            image_columns: fm.image_columns,
+            coarse,
+        },
+        origin,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::Array3;
+
+    fn named(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("L{i}")).collect()
+    }
+
+    /// The share is the farthest labelled pixel past the landmarks' box, over the box's
+    /// larger side, the largest over the templates; a template lacking a landmark or a
+    /// label value not asked for teaches nothing.
+    #[test]
+    fn the_share_is_the_farthest_reach_past_the_landmarks_box() {
+        // Box rows 10..50, columns 20..30: side 40.
+        let points = vec![Some((10.0, 20.0)), Some((50.0, 30.0))];
+        let mut a = Array2::<u8>::zeros((64, 64));
+        a[[55, 25]] = 1; // 5.5 past the bottom edge (pixel centre 55.5)
+        a[[30, 5]] = 9; // not a structure asked for
+        let mut b = Array2::<u8>::zeros((64, 64));
+        b[[30, 41]] = 2; // 11.5 right of the box, in another slice
+        let c = Array2::<u8>::from_elem((64, 64), 1); // its template lacks a landmark
+        let learnt = LandmarkWindow::learn(
+            named(2),
+            [
+                (points.clone(), vec![&a]),
+                (points.clone(), vec![&Array2::zeros((64, 64)), &b]),
+                (vec![Some((10.0, 20.0)), None], vec![&c]),
+            ]
+            .into_iter(),
+            &[1, 2],
+        )
+        .unwrap();
+        assert_eq!(learnt.landmarks, named(2));
+        assert!(
+            (learnt.share - 11.5 / 40.0).abs() < 1e-12,
+            "{}",
+            learnt.share
+        );
+        let none = LandmarkWindow::learn(
+            named(2),
+            [(vec![Some((1.0, 1.0)), None], vec![&a])].into_iter(),
+            &[1],
+        );
+        assert!(none.is_none());
+    }
+
+    /// The window is the found landmarks' box grown by 1.25 × share × side plus the slack,
+    /// in cells (outward), clamped to the grid; None with a landmark missing.
+    #[test]
+    fn the_window_grows_the_found_landmarks_box() {
+        let lw = LandmarkWindow {
+            landmarks: named(2),
+            share: 0.1,
+        };
+        // Box rows 100..180, columns 60..100 on a 256 × 256 image, 64 × 64 cells (4 px):
+        // grown by 1.25 × 0.1 × 80 + 6 = 16 px.
+        let points = [Some((100.0, 60.0)), Some((180.0, 100.0))];
+        let w = lw.around(&points, 6.0, (256, 256), (64, 64)).unwrap();
+        assert_eq!(w.rows, 21..49);
+        assert_eq!(w.columns, 11..29);
+        assert!(w.crops((64, 64)));
+        assert!((w.share_of((64, 64)) - (28.0 * 18.0) / 4096.0).abs() < 1e-12);
+        // Near the edge it stops at the grid.
+        let edge = lw
+            .around(
+                &[Some((2.0, 60.0)), Some((82.0, 250.0))],
+                6.0,
+                (256, 256),
+                (64, 64),
+            )
+            .unwrap();
+        // Side 190: grown by 29.75 px.
+        assert_eq!((edge.rows, edge.columns), (0..28, 7..64));
+        assert!(lw
+            .around(&[Some((1.0, 1.0)), None], 6.0, (256, 256), (64, 64))
+            .is_none());
+        assert!(lw.around(&points[..1], 6.0, (256, 256), (64, 64)).is_none());
+        let names = vec!["x".to_string(), "L1".to_string(), "L0".to_string()];
+        let found = [Some((1.0, 2.0)), Some((3.0, 4.0)), None];
+        assert_eq!(lw.points_of(&names, &found), vec![None, Some((3.0, 4.0))]);
+    }
+
+    /// The crop holds the window and `reach` cells (and two coarse cells) around it, its
+    /// edges on the coarse part's cells, which is cropped with it.
+    #[test]
+    fn the_crop_keeps_the_cells_the_window_reads() {
+        let data = Array3::from_shape_fn((3, 40, 40), |(c, i, j)| (c * 10000 + i * 100 + j) as f32);
+        let coarse = Array3::from_shape_fn((2, 20, 20), |(c, i, j)| (c * 1000 + i * 20 + j) as f32);
+        let fm = FeatureMap {
+            data: data.clone(),
+            image_rows: 160,
+            image_columns: 160,
+            coarse: vec![CoarseChannels {
+                first: 0,
+                map: coarse.clone(),
+            }],
+        };
+        let window = Window {
+            rows: 15..21,
+            columns: 0..7,
+        };
+        let (cropped, origin) = crop(&fm, &window, 4);
+        // Rows 15 − 4 − 2 = 9 → 8 (even), 21 + 6 = 27 → 28; columns 0..13 → 0..14.
+        assert_eq!(origin, (8, 0));
+        assert_eq!(cropped.grid(), (20, 14));
+        assert_eq!(cropped.data, data.slice(s![.., 8..28, 0..14]));
+        assert_eq!(cropped.coarse[0].map, coarse.slice(s![.., 4..14, 0..7]));
+        // A coarse grid that does not divide the map's is dropped.
+        let odd = FeatureMap {
+            coarse: vec![CoarseChannels {
+                first: 0,
+                map: Array3::zeros((2, 13, 13)),
+            }],
+            ..fm
+        };
+        let (cropped, origin) = crop(&odd, &window, 4);
+        assert!(cropped.coarse.is_empty());
+        assert_eq!((origin, cropped.grid()), ((11, 0), (14, 11)));
+    }
+}
