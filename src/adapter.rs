@@ -1187,6 +1187,15 @@ impl Adapter {
         if ctx.global || !window.crops((h, w)) {
             return self.scores(fm);
         }
+        let mut scores = Array3::zeros((self.labels.len(), h, w));
+        // A window past the grid is cut to it.
+        let window = &crate::window::Window {
+            rows: window.rows.start.min(h)..window.rows.end.min(h),
+            columns: window.columns.start.min(w)..window.columns.end.min(w),
+        };
+        if window.rows.is_empty() || window.columns.is_empty() {
+            return Ok(scores);
+        }
         let reach = ctx.pools.iter().map(|k| k / 2).max().unwrap_or(0);
         let (crop, origin) = crate::window::crop(fm, window, reach);
         let (ch, cw) = crop.grid();
@@ -1197,7 +1206,6 @@ impl Adapter {
                 grid: (h, w),
             },
         )?;
-        let mut scores = Array3::zeros((self.labels.len(), h, w));
         let (rows, cols) = (window.rows.clone(), window.columns.clone());
         let (r0, c0) = (rows.start - origin.0, cols.start - origin.1);
         if rows.end - origin.0 <= ch && cols.end - origin.1 <= cw {
@@ -2549,7 +2557,8 @@ mod synthetic {
     }
 
     /// Scores within a window are the whole map's there (pools and position, with the
-    /// coarse channels cropped with the map or on a map of one grid), and 0 elsewhere.
+    /// coarse channels cropped with the map or on a map of one grid), and 0 elsewhere;
+    /// a window past the grid is cut to it.
     #[test]
     fn scores_within_a_window_are_the_whole_maps_there() {
         use crate::window::Window;
@@ -2589,6 +2598,11 @@ mod synthetic {
             Window {
                 rows: 21..22,
                 columns: 0..48,
+            },
+            // Past the grid: cut to it.
+            Window {
+                rows: 30..70,
+                columns: 0..25,
             },
         ];
         for map in [&split, &one_grid] {

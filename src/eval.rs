@@ -366,18 +366,14 @@ struct Trained {
 
 impl Trained {
     /// The scores of all adapters' labels (`Adapter::scores`: without the rows, a chunk
-    /// of cells at a time).
-    /// Within `window` only, when given (`Adapter::scores_within`).
-    fn scores(
-        &self,
-        fm: &FeatureMap,
-        window: Option<&crate::window::Window>,
-    ) -> Result<Array3<f32>, AdapterError> {
+    /// of cells at a time); each adapter's within the window `window` gives it, if any
+    /// (`Adapter::scores_within`).
+    fn scores(&self, fm: &FeatureMap, window: &WindowOf) -> Result<Array3<f32>, AdapterError> {
         let parts = self
             .adapters
             .iter()
-            .map(|a| match window {
-                Some(w) => a.scores_within(fm, w),
+            .map(|a| match window(a) {
+                Some(w) => a.scores_within(fm, &w),
                 None => a.scores(fm),
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -399,6 +395,14 @@ impl Trained {
             .unzip();
         Ok((concatenate_labels(&parts)?, rows))
     }
+}
+
+/// The window an adapter scores a slice within (None: the whole slice).
+type WindowOf<'a> = dyn Fn(&Adapter) -> Option<crate::window::Window> + 'a;
+
+/// No window: every adapter scores the whole slice.
+fn whole_slices(_: &Adapter) -> Option<crate::window::Window> {
+    None
 }
 
 /// Score planes of several adapters, one after the other along the labels.
@@ -616,8 +620,8 @@ pub fn train_task<C: std::borrow::Borrow<(Case, Vec<FeatureMap>)>>(
 
 /// One slice's structures as `scout eval` takes them before SAM: the scores at image
 /// resolution, refined to the edges with `guided`, then the structure steps through
-/// `anchor` (`centre`: the stack's localizer slice); scored within `window` alone when
-/// given. Returns the findings and the scores.
+/// `anchor` (`centre`: the stack's localizer slice); each adapter scored within the
+/// window `window` gives it. Returns the findings and the scores.
 fn slice_structures(
     trained: &Trained,
     fm: &FeatureMap,
@@ -625,7 +629,7 @@ fn slice_structures(
     guided: bool,
     anchor: &mut crate::stack::Anchor,
     centre: bool,
-    window: Option<&crate::window::Window>,
+    window: &WindowOf,
 ) -> Result<(Vec<Option<Finding>>, Array3<f32>), EvalError> {
     let scores = trained.scores(fm, window)?;
     let (rows, cols) = s.pixels.dim();
@@ -825,7 +829,7 @@ pub fn left_out_sam_masks(
             config.guided,
             &mut crate::stack::Anchor::default(),
             true,
-            None,
+            &whole_slices,
         )?;
         let calls = sam.redraw_structures(fm, &mut found, |l| structures.redraws(l), &up)?;
         out.push(
@@ -1426,7 +1430,7 @@ pub fn evaluate(
                         opts.train.guided,
                         &mut crate::stack::Anchor::default(),
                         true,
-                        None,
+                        &whole_slices,
                     )?;
                     let redraws = |l| structures.adapters.first().is_some_and(|a| a.redraws(l));
                     let calls = sam.redraw_structures(whole, &mut drawn, redraws, &up)?;
@@ -1586,25 +1590,7 @@ pub fn evaluate(
             // The localizer slice first: with `stack_anchor` its structures are the prior
             // of the stack's other slices and bound how far their regions reach there.
             let mut anchor = crate::stack::Anchor::default();
-            // With `window`, the box of the landmarks found in slice k*, for every slice
-            // on its grid (as the agent scores a stack).
-            let landmark_window = trained.adapters.first().and_then(|a| a.window.as_ref());
             let points = centre_points.get(&case.name);
-            let mut window_of = |si: usize, fm: &FeatureMap, s: &crate::dataset::Slice| {
-                let (w, points) = (landmark_window?, points?);
-                let centre = case.slices.get(case.center)?;
-                if centre.pixels.dim() != s.pixels.dim() {
-                    return None;
-                }
-                let points = w.points_of(&dataset.landmark_names, points);
-                let window = w.around(&points, opts.landmark_radius, s.pixels.dim(), fm.grid());
-                if si == case.center {
-                    if let Some(window) = &window {
-                        window_shares.push(window.share_of(fm.grid()));
-                    }
-                }
-                window
-            };
             let order = std::iter::once(case.center)
                 .chain((0..case.slices.len()).filter(|&i| i != case.center));
             for si in order {
@@ -1615,7 +1601,23 @@ pub fn evaluate(
                     continue;
                 };
                 let t = Instant::now();
-                let window = window_of(si, fm, s);
+                // With `window`, the box of the landmarks found in slice k*, for every
+                // slice on its grid (as the agent scores a stack).
+                let on_centre_grid = case
+                    .slices
+                    .get(case.center)
+                    .is_some_and(|c| c.pixels.dim() == s.pixels.dim());
+                let window_of = |a: &Adapter| {
+                    let (w, points) = (a.window.as_ref()?, points.filter(|_| on_centre_grid)?);
+                    let points = w.points_of(&dataset.landmark_names, points);
+                    w.around(&points, opts.landmark_radius, s.pixels.dim(), fm.grid())
+                };
+                if let (Some(window), true) = (
+                    trained.adapters.first().and_then(window_of),
+                    si == case.center,
+                ) {
+                    window_shares.push(window.share_of(fm.grid()));
+                }
                 let (mut found, up) = slice_structures(
                     &trained,
                     fm,
@@ -1623,7 +1625,7 @@ pub fn evaluate(
                     opts.train.guided,
                     &mut anchor,
                     si == case.center,
-                    window.as_ref(),
+                    &window_of,
                 )?;
                 adapter_ms.push(t.elapsed().as_secs_f64() * 1000.0);
                 if let (None, Some(sam), Some(a)) = (&opts.sam, sam, trained.adapters.first()) {

@@ -70,8 +70,9 @@ impl LandmarkWindow {
             let mut reach = 0.0f64;
             for map in maps {
                 for ((r, c), v) in map.indexed_iter() {
+                    // Pixel indices, as the landmarks are given.
                     if *v != 0 && values.contains(v) {
-                        reach = reach.max(b.outside(r as f64 + 0.5, c as f64 + 0.5));
+                        reach = reach.max(b.outside(r as f64, c as f64));
                     }
                 }
             }
@@ -123,11 +124,13 @@ impl LandmarkWindow {
         let points: Vec<(f64, f64)> = points.iter().copied().collect::<Option<_>>()?;
         let b = BoxOf::points(&points)?;
         let grow = SAFETY * self.share * b.side() + slack.max(0.0);
-        // Pixels to cells, outward: a cell is in when any of it is.
+        // The cells of the pixels (indices) from lo − grow to hi + grow; pixel i's centre
+        // lies at i + 0.5 on the cells' scale, as `postprocess::upsample_scores` places it.
         let span = |lo: f64, hi: f64, pixels: usize, cells: usize| -> Range<usize> {
             let per = pixels as f64 / cells.max(1) as f64;
-            let a = ((lo - grow) / per).floor().clamp(0.0, cells as f64) as usize;
-            let z = ((hi + grow) / per).ceil().clamp(0.0, cells as f64) as usize;
+            let cell = |i: f64| ((i + 0.5) / per).floor().clamp(0.0, cells as f64) as usize;
+            let a = cell(lo - grow);
+            let z = (cell(hi + grow) + 1).min(cells);
             a..z.max(a)
         };
         Some(Window {
@@ -259,10 +262,10 @@ mod tests {
         // Box rows 10..50, columns 20..30: side 40.
         let points = vec![Some((10.0, 20.0)), Some((50.0, 30.0))];
         let mut a = Array2::<u8>::zeros((64, 64));
-        a[[55, 25]] = 1; // 5.5 past the bottom edge (pixel centre 55.5)
+        a[[55, 25]] = 1; // 5 past the bottom edge
         a[[30, 5]] = 9; // not a structure asked for
         let mut b = Array2::<u8>::zeros((64, 64));
-        b[[30, 41]] = 2; // 11.5 right of the box, in another slice
+        b[[30, 41]] = 2; // 11 right of the box, in another slice
         let c = Array2::<u8>::from_elem((64, 64), 1); // its template lacks a landmark
         let learnt = LandmarkWindow::learn(
             named(2),
@@ -277,7 +280,7 @@ mod tests {
         .unwrap();
         assert_eq!(learnt.landmarks, named(2));
         assert!(
-            (learnt.share - 11.5 / 40.0).abs() < 1e-12,
+            (learnt.share - 11.0 / 40.0).abs() < 1e-12,
             "{}",
             learnt.share
         );
@@ -289,8 +292,8 @@ mod tests {
         assert!(none.is_none());
     }
 
-    /// The window is the found landmarks' box grown by 1.25 × share × side plus the slack,
-    /// in cells (outward), clamped to the grid; None with a landmark missing.
+    /// The window is the cells of the pixels in the found landmarks' box grown by 1.25 ×
+    /// share × side plus the slack, clamped to the grid; None with a landmark missing.
     #[test]
     fn the_window_grows_the_found_landmarks_box() {
         let lw = LandmarkWindow {
@@ -298,13 +301,26 @@ mod tests {
             share: 0.1,
         };
         // Box rows 100..180, columns 60..100 on a 256 × 256 image, 64 × 64 cells (4 px):
-        // grown by 1.25 × 0.1 × 80 + 6 = 16 px.
+        // grown by 1.25 × 0.1 × 80 + 6 = 16 px, pixels 84..=196 and 44..=116, whose
+        // centres (+ 0.5) lie in cells 21..=49 and 11..=29.
         let points = [Some((100.0, 60.0)), Some((180.0, 100.0))];
         let w = lw.around(&points, 6.0, (256, 256), (64, 64)).unwrap();
-        assert_eq!(w.rows, 21..49);
-        assert_eq!(w.columns, 11..29);
+        assert_eq!(w.rows, 21..50);
+        assert_eq!(w.columns, 11..30);
         assert!(w.crops((64, 64)));
-        assert!((w.share_of((64, 64)) - (28.0 * 18.0) / 4096.0).abs() < 1e-12);
+        assert!((w.share_of((64, 64)) - (29.0 * 19.0) / 4096.0).abs() < 1e-12);
+        // Past a cell's edge: (183 + 16.375 + 0.5) / 4 = 49.97 lies in cell 49,
+        // (184 + 16.5 + 0.5) / 4 = 50.25 in cell 50.
+        let past = |row: f64| {
+            let w = lw.around(
+                &[Some((100.0, 60.0)), Some((row, 100.0))],
+                6.0,
+                (256, 256),
+                (64, 64),
+            );
+            w.unwrap().rows.end
+        };
+        assert_eq!((past(183.0), past(184.0)), (50, 51));
         // Near the edge it stops at the grid.
         let edge = lw
             .around(
@@ -314,8 +330,8 @@ mod tests {
                 (64, 64),
             )
             .unwrap();
-        // Side 190: grown by 29.75 px.
-        assert_eq!((edge.rows, edge.columns), (0..28, 7..64));
+        // Side 190: grown by 29.75 px, rows to pixel 111.75 (cell 28), columns from 30.25.
+        assert_eq!((edge.rows, edge.columns), (0..29, 7..64));
         assert!(lw
             .around(&[Some((1.0, 1.0)), None], 6.0, (256, 256), (64, 64))
             .is_none());

@@ -127,6 +127,89 @@ fn every_adapter_localizes_synthetic_structures_and_landmarks() {
     }
 }
 
+/// `--window`: the structures are scored only around the landmarks found and lose
+/// nothing: every case's IoU at least as without, the landmarks the same. The window is
+/// learned from the templates, holds every labelled pixel of the test cases around their
+/// landmarks and leaves out part of the slice; without the landmarks task it is refused.
+#[test]
+fn a_window_around_the_landmarks_keeps_the_structures() {
+    let tmp = tempfile::tempdir().unwrap();
+    common::synthetic_image_dataset(tmp.path(), 6);
+    let ds = Dataset::open(tmp.path()).unwrap();
+    let windowed = || {
+        let plain = options(Method::Classification);
+        EvalOptions {
+            train: TrainConfig {
+                window: true,
+                ..plain.train.clone()
+            },
+            ..plain
+        }
+    };
+    let with = evaluate(&ds, backbone(), &cache(), None, &windowed()).unwrap();
+    let plain = options(Method::Classification);
+    let without = evaluate(&ds, backbone(), &cache(), None, &plain).unwrap();
+    for (case, c) in &without.cases {
+        assert_eq!(
+            c.points, with.cases[case].points,
+            "{case}: the landmarks moved"
+        );
+        for (label, iou) in &c.iou {
+            let w = with.cases[case].iou[label];
+            assert!(
+                w >= iou - 1e-9,
+                "{case}, structure {label}: IoU {iou} → {w}"
+            );
+        }
+    }
+    // The window as `scout eval --window` trains it, at the test cases' own landmarks.
+    let templates = templates_of(&ds, 3);
+    let task = scout::templates::Task::Structures { values: vec![1, 2] };
+    let none: &[(Case, Vec<FeatureMap>)] = &[];
+    let adapters = scout::eval::train_task(
+        &task,
+        Method::Classification,
+        false,
+        &templates,
+        none,
+        &windowed().train,
+        (backbone().id(), backbone().checksum()),
+    )
+    .unwrap();
+    let w = adapters[0].window.as_ref().expect("a window learned");
+    assert_eq!(w.landmarks, ["disk", "square"]);
+    let grid = templates[0].1[0].grid();
+    for name in &ds.cases[3..] {
+        let case = ds.load_case(name).unwrap();
+        let points: Vec<_> = (w.landmarks.iter())
+            .map(|n| case.landmarks.get(n).map(|t| (t.row, t.column)))
+            .collect();
+        let window = w.around(&points, 10.0, (256, 256), grid).unwrap();
+        assert!(window.crops(grid), "{name}: {window:?}");
+        let labels = case.slices[0].labels.as_ref().unwrap();
+        let (per_row, per_column) = (256 / grid.0, 256 / grid.1);
+        for ((r, c), v) in labels.indexed_iter() {
+            if *v != 0 {
+                let cell = (r / per_row, c / per_column);
+                assert!(
+                    window.rows.contains(&cell.0) && window.columns.contains(&cell.1),
+                    "{name}: pixel ({r}, {c}) outside {window:?}"
+                );
+            }
+        }
+    }
+    let only = EvalOptions {
+        only: Some(TaskKind::Structures),
+        ..windowed()
+    };
+    let err = evaluate(&ds, backbone(), &cache(), None, &only).expect_err("no landmarks");
+    assert!(
+        err.to_string()
+            .contains("--window needs the landmarks task"),
+        "{err}"
+    );
+}
+
 /// `--only` a kind of task the data set lacks is an error, not an empty report.
 #[test]
 fn only_a_missing_task_kind_is_an_error() {
@@ -189,6 +272,7 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
             convex: true,
             fragments: true,
             pose: true,
+            window: true,
             ..Default::default()
         },
     )
@@ -203,6 +287,11 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
     assert_eq!(landmarks.votes.len(), landmarks.labels.len());
     assert!(landmarks.votes.iter().all(Option::is_some));
     assert!(structures.votes.is_empty(), "votes are for landmarks");
+    assert!(
+        (structures.window.as_ref()).is_some_and(|w| w.share > 0.0 && w.landmarks.len() == 2),
+        "the structures' window around both landmarks"
+    );
+    assert!(landmarks.window.is_none() && !landmarks.train.window);
     assert!(landmarks.atlas.is_none(), "the atlas is for structures");
     assert!(structures
         .atlas
@@ -248,6 +337,12 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
         let enclosed = |x: &scout::adapter::Adapter| serde_json::to_string(&x.enclosed).unwrap();
         assert_eq!(enclosed(a), enclosed(b));
         assert_eq!(a.convex, b.convex);
+        // JSON keeps the share to the last digit or so (serde_json's float parser).
+        let window = |w: &Option<scout::window::LandmarkWindow>| {
+            w.as_ref()
+                .map(|w| (w.landmarks.clone(), (w.share * 1e12).round()))
+        };
+        assert_eq!(window(&a.window), window(&b.window));
         assert_eq!(a.votes.len(), b.votes.len());
         for (va, vb) in a.votes.iter().flatten().zip(b.votes.iter().flatten()) {
             assert_eq!((&va.weights, va.bias), (&vb.weights, vb.bias));
@@ -367,6 +462,17 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     json["tasks"][1][1]["sam_redraw"] = serde_json::json!(vec![true; labels]);
     json["tasks"][0][1]["extremes"] = extremes(landmark_count);
+    // Not beside the structures' window, which needs the landmarks first.
+    std::fs::write(&broken, json.to_string()).unwrap();
+    let err = scout::train::Bundle::load(&broken, backbone()).unwrap_err();
+    assert!(
+        err.to_string().contains("needs the landmarks first"),
+        "{err}"
+    );
+    json["tasks"][1][1]
+        .as_object_mut()
+        .unwrap()
+        .remove("window");
     std::fs::write(&broken, json.to_string()).unwrap();
     let taken = scout::train::Bundle::load(&broken, backbone()).unwrap();
     assert!(taken.tasks[0].1.extremes[0].is_some());
