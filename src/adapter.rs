@@ -2462,6 +2462,20 @@ mod synthetic {
         (fm, cells, target)
     }
 
+    /// The planes `channels` of `data` at half the resolution (2 × 2 means), as a coarser
+    /// grid gives them.
+    fn halved(data: &Array3<f32>, channels: std::ops::Range<usize>) -> Array3<f32> {
+        let (_, h, w) = data.dim();
+        Array3::from_shape_fn((channels.len(), h / 2, w / 2), |(c, i, j)| {
+            let (d, c) = (data, channels.start + c);
+            (d[[c, 2 * i, 2 * j]]
+                + d[[c, 2 * i + 1, 2 * j]]
+                + d[[c, 2 * i, 2 * j + 1]]
+                + d[[c, 2 * i + 1, 2 * j + 1]])
+                / 4.0
+        })
+    }
+
     /// `scores` a chunk of cells at a time gives the bits of `scores_and_rows` over the
     /// whole slice: with the slice mean and position columns, over several chunks and a
     /// partial one, for an ensemble of contrastive and classification models.
@@ -2502,16 +2516,7 @@ mod synthetic {
         }];
         // Channels at half the resolution (2 × 2 means), the others as they are: the
         // first ones coarse, or a coarse run between two fine ones.
-        let halved = |channels: std::ops::Range<usize>| {
-            Array3::from_shape_fn((channels.len(), h / 2, w / 2), |(c, i, j)| {
-                let (d, c) = (&target.data, channels.start + c);
-                (d[[c, 2 * i, 2 * j]]
-                    + d[[c, 2 * i + 1, 2 * j]]
-                    + d[[c, 2 * i, 2 * j + 1]]
-                    + d[[c, 2 * i + 1, 2 * j + 1]])
-                    / 4.0
-            })
-        };
+        let halved = |channels| halved(&target.data, channels);
         let as_is =
             |channels: std::ops::Range<usize>| target.data.slice(s![channels, .., ..]).to_owned();
         let first = C / 2 + 1;
@@ -2569,16 +2574,8 @@ mod synthetic {
             cells,
         }];
         let first = C / 2 + 1;
-        let halved = Array3::from_shape_fn((first, h / 2, w / 2), |(c, i, j)| {
-            let d = &target.data;
-            (d[[c, 2 * i, 2 * j]]
-                + d[[c, 2 * i + 1, 2 * j]]
-                + d[[c, 2 * i, 2 * j + 1]]
-                + d[[c, 2 * i + 1, 2 * j + 1]])
-                / 4.0
-        });
         let fine = target.data.slice(s![first.., .., ..]).to_owned();
-        let split = FeatureMap::stacked(vec![halved, fine], h * 4, w * 4);
+        let split = FeatureMap::stacked(vec![halved(&target.data, 0..first), fine], h * 4, w * 4);
         assert_eq!(split.coarse.len(), 1);
         let one_grid = FeatureMap::new(split.data.clone(), h * 4, w * 4);
         let adapter = position_ensemble(&training, vec![3, 5]);
