@@ -9,8 +9,10 @@
 //! to the image. Training is deterministic given the seed.
 
 use crate::backbone::FeatureMap;
+use crate::window::Window;
 use ndarray::{s, Array1, Array2, Array3, ArrayView2, Axis, ShapeBuilder};
 use serde::{Deserialize, Serialize};
+use std::ops::Range;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {
@@ -552,7 +554,7 @@ fn build_context_rows(
     // all of it).
     let mut data: Vec<f32> = Vec::with_capacity(cells * columns.width());
     for k in 0..columns.width() {
-        columns.append(k, 0..cells, &mut data);
+        columns.append(k, std::slice::from_ref(&(0..cells)), &mut data);
         finish(k, &mut data[k * cells..]);
     }
     Array2::from_shape_vec((cells, columns.width()).f(), data).expect("cells × columns values")
@@ -635,29 +637,49 @@ impl<'a> ContextColumns<'a> {
         self.sources.len()
     }
 
-    /// Appends column `k`'s values at the cells `range` to `out`.
-    fn append(&self, k: usize, range: std::ops::Range<usize>, out: &mut Vec<f32>) {
+    /// Appends column `k`'s values at the cells `ranges` (ascending, apart), one range
+    /// after the other, to `out`.
+    fn append(&self, k: usize, ranges: &[Range<usize>], out: &mut Vec<f32>) {
         let (h, w) = self.grid;
         match &self.sources[k] {
-            Source::Plane(p) => out.extend_from_slice(&p[range]),
+            Source::Plane(p) => ranges
+                .iter()
+                .for_each(|range| out.extend_from_slice(&p[range.clone()])),
             Source::Pooled { plane, radius } => {
-                // Box means are taken over the whole plane, straight into `out` when the
-                // range is all of it (as `context_rows` builds it).
+                // Box means are taken over the whole plane, straight into `out` (all of
+                // it when the range is, as `context_rows` builds it), and the ranges'
+                // values moved down to its start.
                 let start = out.len();
                 out.resize(start + self.cells, 0.0);
                 let mut row_sums = vec![0f32; self.cells];
                 crate::image::box_mean(plane, h, w, *radius, &mut row_sums, &mut out[start..]);
-                out.copy_within(start + range.start..start + range.end, start);
-                out.truncate(start + range.len());
+                let mut end = start;
+                for range in ranges {
+                    out.copy_within(start + range.start..start + range.end, end);
+                    end += range.len();
+                }
+                out.truncate(end);
             }
-            Source::Constant(v) => out.resize(out.len() + range.len(), *v),
+            Source::Constant(v) => out.resize(out.len() + cells_in(ranges), *v),
             Source::Row => {
                 let (first, n) = (self.frame.origin.0, self.frame.grid.0);
-                out.extend(range.map(|i| ((first + i / w) as f32 + 0.5) / n as f32))
+                for range in ranges {
+                    out.extend(
+                        range
+                            .clone()
+                            .map(|i| ((first + i / w) as f32 + 0.5) / n as f32),
+                    )
+                }
             }
             Source::Column => {
                 let (first, n) = (self.frame.origin.1, self.frame.grid.1);
-                out.extend(range.map(|i| ((first + i % w) as f32 + 0.5) / n as f32))
+                for range in ranges {
+                    out.extend(
+                        range
+                            .clone()
+                            .map(|i| ((first + i % w) as f32 + 0.5) / n as f32),
+                    )
+                }
             }
         }
     }
@@ -668,6 +690,11 @@ impl<'a> ContextColumns<'a> {
 struct ReferenceTerms {
     terms: Array2<f32>,
     exp: Array2<f32>,
+}
+
+/// How many cells `ranges` hold.
+fn cells_in(ranges: &[Range<usize>]) -> usize {
+    ranges.iter().map(|r| r.len()).sum()
 }
 
 /// Cells of `Adapter::scores` per chunk: its rows (384 columns) and hidden layers fit in
@@ -1170,17 +1197,23 @@ impl Adapter {
     /// independent and each chunk's matrix products sum over the same columns in the same
     /// order, so the scores are the same bits as `scores_and_rows`'s.
     pub fn scores(&self, fm: &FeatureMap) -> Result<Array3<f32>, AdapterError> {
-        self.scores_in(fm, Frame::whole(fm))
+        let (h, w) = fm.grid();
+        let all = Window {
+            rows: 0..h,
+            columns: 0..w,
+        };
+        self.scores_in(fm, Frame::whole(fm), &all)
     }
 
     /// `scores` of the cells in `window` (labels × the map's grid), 0 elsewhere: the map
     /// is cropped to the window and the cells its pools and resizes read (`window::crop`),
-    /// so inside it the scores are those of the whole map but for rounding. A slice mean
-    /// (`Context::global`) is the whole map's: with it the whole map is scored.
+    /// so inside it the scores are those of the whole map but for rounding; the models
+    /// run on the window's cells only. A slice mean (`Context::global`) is the whole
+    /// map's: with it the whole map is scored.
     pub fn scores_within(
         &self,
         fm: &FeatureMap,
-        window: &crate::window::Window,
+        window: &Window,
     ) -> Result<Array3<f32>, AdapterError> {
         let (h, w) = fm.grid();
         let ctx = &self.train.context;
@@ -1189,7 +1222,7 @@ impl Adapter {
         }
         let mut scores = Array3::zeros((self.labels.len(), h, w));
         // A window past the grid is cut to it.
-        let window = &crate::window::Window {
+        let window = &Window {
             rows: window.rows.start.min(h)..window.rows.end.min(h),
             columns: window.columns.start.min(w)..window.columns.end.min(w),
         };
@@ -1199,27 +1232,41 @@ impl Adapter {
         let reach = ctx.pools.iter().map(|k| k / 2).max().unwrap_or(0);
         let (crop, origin) = crate::window::crop(fm, window, reach);
         let (ch, cw) = crop.grid();
-        let inside = self.scores_in(
-            &crop,
-            Frame {
-                origin,
-                grid: (h, w),
-            },
-        )?;
-        let (rows, cols) = (window.rows.clone(), window.columns.clone());
-        let (r0, c0) = (rows.start - origin.0, cols.start - origin.1);
-        if rows.end - origin.0 <= ch && cols.end - origin.1 <= cw {
-            scores
-                .slice_mut(s![.., rows.clone(), cols.clone()])
-                .assign(&inside.slice(s![.., r0..r0 + rows.len(), c0..c0 + cols.len()]));
+        let (rows, columns) = (window.rows.clone(), window.columns.clone());
+        // `crop` holds the window; were it not to, the whole map would be scored.
+        if rows.start < origin.0
+            || columns.start < origin.1
+            || rows.end - origin.0 > ch
+            || columns.end - origin.1 > cw
+        {
+            return self.scores(fm);
         }
+        let inside = Window {
+            rows: rows.start - origin.0..rows.end - origin.0,
+            columns: columns.start - origin.1..columns.end - origin.1,
+        };
+        let frame = Frame {
+            origin,
+            grid: (h, w),
+        };
+        scores
+            .slice_mut(s![.., rows, columns])
+            .assign(&self.scores_in(&crop, frame, &inside)?);
         Ok(scores)
     }
 
-    fn scores_in(&self, fm: &FeatureMap, frame: Frame) -> Result<Array3<f32>, AdapterError> {
+    /// `scores` of `fm`'s cells in `keep` (labels × its rows × its columns), `keep` on
+    /// `fm`'s grid and within it.
+    fn scores_in(
+        &self,
+        fm: &FeatureMap,
+        frame: Frame,
+        keep: &Window,
+    ) -> Result<Array3<f32>, AdapterError> {
         let all = || self.members.iter().chain(std::iter::once(self));
         let (_, h, w) = fm.data.dim();
         let cells = h * w;
+        let (kh, kw) = (keep.rows.len(), keep.columns.len());
         // Pooled columns are box means over whole planes: per chunk they would be taken
         // again or copied (the spine's scores, 4096 cells and 770 columns, took 1 ms more
         // either way); on a map with coarse channels they are not columns of the chunks
@@ -1229,7 +1276,13 @@ impl Adapter {
             || cells <= SCORE_CHUNK
             || all().any(|a| matches!(a.model, Model::Basic { .. }) || !a.shares(self))
         {
-            return self.scores_and_rows_in(fm, frame).map(|(scores, _)| scores);
+            let (scores, _) = self.scores_and_rows_in(fm, frame)?;
+            if kh == h && kw == w {
+                return Ok(scores);
+            }
+            return Ok(scores
+                .slice(s![.., keep.rows.clone(), keep.columns.clone()])
+                .to_owned());
         }
         let standard = fm.data.as_standard_layout();
         let columns = ContextColumns::new(standard.view(), &self.train.context, frame);
@@ -1248,7 +1301,24 @@ impl Adapter {
         };
         let refs: Vec<_> = all().map(|a| a.reference_terms()).collect();
         let n_labels = self.labels.len();
-        let mut sum = Array2::zeros((cells, n_labels));
+        let mut sum = Array2::zeros((kh * kw, n_labels));
+        // `keep`'s cells in order, `SCORE_CHUNK` at a time; a chunk's cells on `fm`'s grid
+        // are a run per row of `keep` it touches (one run when `keep` spans the grid).
+        let runs_of = |cells: Range<usize>| -> Vec<Range<usize>> {
+            let at = |i: usize| (keep.rows.start + i / kw) * w + keep.columns.start + i % kw;
+            if kw == w {
+                let run = at(cells.start)..at(cells.start) + cells.len();
+                return vec![run];
+            }
+            let mut runs = Vec::new();
+            let mut i = cells.start;
+            while i < cells.end {
+                let end = cells.end.min((i / kw + 1) * kw);
+                runs.push(at(i)..at(i) + (end - i));
+                i = end;
+            }
+            runs
+        };
         // The chunks over the cores: besides the products, the rows' columns, the
         // activations and the softmax run in each chunk's own thread.
         let chunks: Vec<_> = sum
@@ -1258,22 +1328,24 @@ impl Adapter {
             .flatten()
             .enumerate()
             .collect();
+        let kept = kh * kw;
         let done = in_parallel(chunks, |_, (i, out)| {
-            let range = i * SCORE_CHUNK..(i * SCORE_CHUNK + SCORE_CHUNK).min(cells);
-            let mut x = Vec::with_capacity(range.len() * built.len());
+            let runs = runs_of(i * SCORE_CHUNK..(i * SCORE_CHUNK + SCORE_CHUNK).min(kept));
+            let n = cells_in(&runs);
+            let mut x = Vec::with_capacity(n * built.len());
             for &k in &built {
-                columns.append(k, range.clone(), &mut x);
-                let column = x.len() - range.len();
+                columns.append(k, &runs, &mut x);
+                let column = x.len() - n;
                 self.standardize_column(k, &mut x[column..]);
             }
-            let x = Array2::from_shape_vec((range.len(), built.len()).f(), x)
-                .expect("chunk × columns values");
-            let mut chunk_sum = ndarray::ArrayViewMut2::from_shape((range.len(), n_labels), out)
+            let x =
+                Array2::from_shape_vec((n, built.len()).f(), x).expect("chunk × columns values");
+            let mut chunk_sum = ndarray::ArrayViewMut2::from_shape((n, n_labels), out)
                 .expect("chunk × labels scores");
             match &split {
                 Some((_, layers)) => {
                     for ((a, layer), refs) in all().zip(layers).zip(&refs) {
-                        chunk_sum += &a.split_scores(layer, x.view(), range.clone(), refs)?;
+                        chunk_sum += &a.split_scores(layer, x.view(), &runs, refs)?;
                     }
                 }
                 None => {
@@ -1286,7 +1358,7 @@ impl Adapter {
         });
         done.into_iter().collect::<Result<Vec<()>, _>>()?;
         sum /= (1 + self.members.len()) as f32;
-        Ok(label_planes(&sum, h, w))
+        Ok(label_planes(&sum, kh, kw))
     }
 
     /// `scores`, and the feature rows they were computed from, standardised as this
@@ -1321,8 +1393,10 @@ impl Adapter {
             (&raw, self.coarse_first_layers(fm, standard.ncols()))
         {
             let x = standard.slice(s![.., per_cell]);
+            let whole = 0..h * w;
+            let all_cells = std::slice::from_ref(&whole);
             for (a, layer) in all().zip(&layers) {
-                sum += &a.split_scores(layer, x.view(), 0..h * w, &a.reference_terms())?;
+                sum += &a.split_scores(layer, x.view(), all_cells, &a.reference_terms())?;
             }
             sum /= (1 + self.members.len()) as f32;
             return Ok((label_planes(&sum, h, w), standard));
@@ -1598,28 +1672,37 @@ impl Adapter {
         Some((per_cell, layers))
     }
 
-    /// `row_scores` of the cells `range` from their columns taken per cell `x` (those
-    /// `coarse_first_layers` names) and the planes' product in `layer`.
+    /// `row_scores` of the cells `runs` (one after the other) from their columns taken
+    /// per cell `x` (those `coarse_first_layers` names) and the planes' product in
+    /// `layer`.
     fn split_scores(
         &self,
         layer: &CoarseFirstLayer,
         x: ArrayView2<f32>,
-        range: std::ops::Range<usize>,
+        runs: &[Range<usize>],
         refs: &[ReferenceTerms],
     ) -> Result<Array2<f32>, AdapterError> {
-        if x.ncols() != layer.w_fine.ncols() || x.nrows() != range.len() {
+        if x.ncols() != layer.w_fine.ncols() || x.nrows() != cells_in(runs) {
             return Err(AdapterError::Channels {
                 expected: layer.w_fine.ncols(),
                 actual: x.ncols(),
             });
         }
         self.scores_from(None, x.nrows(), refs, |net| {
-            // Column-major like `resized` and the layers after it; column by column, as a
-            // chunk of `resized` is not contiguous.
-            let resized = layer.resized.slice(s![range, ..]);
-            let mut product = Array2::<f32>::zeros(resized.raw_dim().f());
-            for (mut p, r) in product.columns_mut().into_iter().zip(resized.columns()) {
-                p.assign(&r);
+            // Column-major like `resized` and the layers after it; column by column and
+            // run by run, as a chunk of `resized` is not contiguous.
+            let mut product = Array2::<f32>::zeros((x.nrows(), layer.resized.ncols()).f());
+            for (mut p, r) in product
+                .columns_mut()
+                .into_iter()
+                .zip(layer.resized.columns())
+            {
+                let mut at = 0;
+                for run in runs {
+                    p.slice_mut(s![at..at + run.len()])
+                        .assign(&r.slice(s![run.clone()]));
+                    at += run.len();
+                }
             }
             // Not with no columns (the chest's): matrixmultiply then only scales the
             // product by beta, element by element, which took longer than the products.
@@ -1689,17 +1772,27 @@ impl Adapter {
                 {
                     let denominators = target_exp.dot(&ref_exp.t());
                     let n_refs = ref_terms.nrows().max(1) as f32;
-                    for (r, dens) in denominators.rows().into_iter().enumerate() {
+                    // The label's terms of the references and the cells read as slices,
+                    // not through a checked index per (cell, reference).
+                    let numerators = ref_exp.column(l + 1).to_vec();
+                    let targets = target_exp.column(l + 1);
+                    for (r, ((dens, &t), p)) in denominators
+                        .rows()
+                        .into_iter()
+                        .zip(targets)
+                        .zip(p.column_mut(l))
+                        .enumerate()
+                    {
                         let mut acc = 0.0;
-                        for (k, &den) in dens.iter().enumerate() {
+                        for (k, (&den, &e)) in dens.iter().zip(&numerators).enumerate() {
                             acc += if den > 1e-30 {
-                                target_exp[[r, l + 1]] * ref_exp[[k, l + 1]] / den
+                                t * e / den
                             } else {
                                 // Both rows' mass far from each other: no shortcut.
                                 softmax_at(target_terms.row(r), ref_terms.row(k), l + 1)
                             };
                         }
-                        p[[r, l]] = acc / n_refs;
+                        *p = acc / n_refs;
                     }
                 }
                 p
@@ -2595,6 +2688,11 @@ mod synthetic {
             Window {
                 rows: 21..22,
                 columns: 0..48,
+            },
+            // Two chunks of cells, the second from within a row.
+            Window {
+                rows: 2..48,
+                columns: 3..45,
             },
             // Past the grid: cut to it.
             Window {
