@@ -319,23 +319,40 @@ pub fn read_any(path: &Path) -> Result<Array2<f32>, ImageError> {
 
 /// For `K` rows of `w` values each (`src`, row-major), the mean over the window of
 /// ±`r` around each value along its row: a running sum per row, divided by the window's
-/// width at each column (`widths`).
-fn row_means<const K: usize>(src: &[f32], dst: &mut [f32], w: usize, r: usize, widths: &[f32]) {
-    let mut sums = [0f32; K];
-    for (k, s) in sums.iter_mut().enumerate() {
-        *s = src[k * w..k * w + r.min(w)].iter().sum();
+/// width at each column (`widths`). The rows are laid side by side first (`lanes`: a
+/// column of the K rows per entry), so that the K sums advance, and are divided, as one
+/// vector operation per column rather than K scalar ones (a scalar division per cell
+/// bounded the pass); each sum sees the same operations in the same order as alone.
+fn row_means<const K: usize>(
+    src: &[f32],
+    dst: &mut [f32],
+    w: usize,
+    r: usize,
+    widths: &[f32],
+    lanes: &mut Vec<[f32; K]>,
+) {
+    // The first `w` entries hold the rows, the next `w` their means.
+    lanes.clear();
+    lanes.resize(2 * w, [0.0; K]);
+    let (rows, means) = lanes.split_at_mut(w);
+    for (k, row) in src.chunks_exact(w).take(K).enumerate() {
+        rows.iter_mut().zip(row).for_each(|(lane, &v)| lane[k] = v);
     }
-    for (x, width) in widths.iter().enumerate() {
-        for (k, sum) in sums.iter_mut().enumerate() {
-            let row = &src[k * w..(k + 1) * w];
-            if x + r < w {
-                *sum += row[x + r];
-            }
-            if x > r {
-                *sum -= row[x - r - 1];
-            }
-            dst[k * w + x] = *sum / width;
+    let mut sums: [f32; K] = std::array::from_fn(|k| src[k * w..k * w + r.min(w)].iter().sum());
+    for (x, (&width, mean)) in widths.iter().zip(means.iter_mut()).enumerate() {
+        if let Some(add) = rows.get(x + r) {
+            sums.iter_mut().zip(add).for_each(|(s, v)| *s += v);
         }
+        if x > r {
+            let sub = &rows[x - r - 1];
+            sums.iter_mut().zip(sub).for_each(|(s, v)| *s -= v);
+        }
+        *mean = std::array::from_fn(|k| sums[k] / width);
+    }
+    for (k, row) in dst.chunks_exact_mut(w).take(K).enumerate() {
+        row.iter_mut()
+            .zip(means.iter())
+            .for_each(|(d, mean)| *d = mean[k]);
     }
 }
 
@@ -350,6 +367,9 @@ pub fn box_mean(
     row_sums: &mut [f32],
     out: &mut [f32],
 ) {
+    if h == 0 || w == 0 {
+        return;
+    }
     let span = |i: usize, n: usize| (i.saturating_sub(r), (i + r + 1).min(n));
     // The window's width at each column.
     let widths: Vec<f32> = (0..w)
@@ -364,12 +384,14 @@ pub fn box_mean(
     const ROWS: usize = 8;
     let mut src_blocks = plane.chunks_exact(ROWS * w);
     let mut dst_blocks = row_sums.chunks_exact_mut(ROWS * w);
+    let mut lanes = Vec::with_capacity(2 * w);
     for (src, dst) in (&mut src_blocks).zip(&mut dst_blocks) {
-        row_means::<ROWS>(src, dst, w, r, &widths);
+        row_means::<ROWS>(src, dst, w, r, &widths, &mut lanes);
     }
     let rest = src_blocks.remainder().chunks_exact(w);
+    let mut lane = Vec::with_capacity(2 * w);
     for (src, dst) in rest.zip(dst_blocks.into_remainder().chunks_exact_mut(w)) {
-        row_means::<1>(src, dst, w, r, &widths);
+        row_means::<1>(src, dst, w, r, &widths, &mut lane);
     }
     let mut sum = vec![0f32; w];
     for y in 0..r.min(h) {
@@ -377,21 +399,33 @@ pub fn box_mean(
             *s += v;
         }
     }
-    for y in 0..h {
+    // One pass over a row of cells per row: the sums' update and the division together.
+    for (y, o) in out.chunks_exact_mut(w).take(h).enumerate() {
         let (y0, y1) = span(y, h);
-        if y + r < h {
-            for (s, v) in sum.iter_mut().zip(&row_sums[(y + r) * w..(y + r + 1) * w]) {
-                *s += v;
-            }
-        }
-        if y > r {
-            for (s, v) in sum.iter_mut().zip(&row_sums[(y - r - 1) * w..(y - r) * w]) {
-                *s -= v;
-            }
-        }
         let n = (y1 - y0) as f32;
-        for (o, s) in out[y * w..(y + 1) * w].iter_mut().zip(&sum) {
-            *o = s / n;
+        let add = (y + r < h).then(|| &row_sums[(y + r) * w..(y + r + 1) * w]);
+        let sub = (y > r).then(|| &row_sums[(y - r - 1) * w..(y - r) * w]);
+        match (add, sub) {
+            (Some(add), Some(sub)) => {
+                for (((s, a), b), o) in sum.iter_mut().zip(add).zip(sub).zip(o) {
+                    *s += a;
+                    *s -= b;
+                    *o = *s / n;
+                }
+            }
+            (Some(add), None) => {
+                for ((s, a), o) in sum.iter_mut().zip(add).zip(o) {
+                    *s += a;
+                    *o = *s / n;
+                }
+            }
+            (None, Some(sub)) => {
+                for ((s, b), o) in sum.iter_mut().zip(sub).zip(o) {
+                    *s -= b;
+                    *o = *s / n;
+                }
+            }
+            (None, None) => sum.iter().zip(o).for_each(|(s, o)| *o = s / n),
         }
     }
 }
@@ -698,8 +732,9 @@ mod tests {
         }
     }
 
-    /// Rows advanced together give each row the bits of its own running sum, for heights
-    /// that leave rows over and windows wider than the plane.
+    /// Rows advanced together, side by side, give each row the bits of its own running
+    /// sum, and the column pass each column's, for heights that leave rows over and
+    /// windows wider than the plane.
     #[test]
     fn box_means_equal_the_row_by_row_running_sums_bit_for_bit() {
         for (h, w, r) in [(512, 512, 4), (37, 50, 3), (5, 3, 2), (13, 2, 6), (9, 1, 0)] {
@@ -717,13 +752,29 @@ mod tests {
                     *d = sum / ((x + r + 1).min(w) - x.saturating_sub(r)) as f32;
                 }
             }
-            // `box_mean` leaves its row means in `row_sums` (the column pass is unchanged).
+            // And down each column, a running sum of the row means.
+            let mut means = vec![0f32; h * w];
+            for x in 0..w {
+                let mut sum: f32 = (0..r.min(h)).map(|y| expected[y * w + x]).sum();
+                for y in 0..h {
+                    if y + r < h {
+                        sum += expected[(y + r) * w + x];
+                    }
+                    if y > r {
+                        sum -= expected[(y - r - 1) * w + x];
+                    }
+                    let n = ((y + r + 1).min(h) - y.saturating_sub(r)) as f32;
+                    means[y * w + x] = sum / n;
+                }
+            }
+            // `box_mean` leaves its row means in `row_sums`.
             let (mut row_sums, mut out) = (vec![0f32; h * w], vec![0f32; h * w]);
             box_mean(&plane, h, w, r, &mut row_sums, &mut out);
             assert!(
                 crate::same_bits(&row_sums, &expected),
                 "row means {h}x{w} r={r}"
             );
+            assert!(crate::same_bits(&out, &means), "means {h}x{w} r={r}");
         }
     }
 }
