@@ -332,6 +332,10 @@ pub struct CaseResult {
     pub points_2d: BTreeMap<String, Option<Vec<f64>>>,
     /// Per structure (label value), IoU in percent over the case's slices.
     pub iou: BTreeMap<String, f64>,
+    /// With `--window`: the share of slice k*'s cells its structures were scored within
+    /// (absent when they were scored over the whole slice).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window_share: Option<f64>,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
@@ -1616,7 +1620,9 @@ pub fn evaluate(
                     trained.adapters.first().and_then(window_of),
                     si == case.center,
                 ) {
-                    window_shares.push(window.share_of(fm.grid()));
+                    let share = window.share_of(fm.grid());
+                    window_shares.push(share);
+                    case_result(&mut report, &case.name).window_share = Some(share);
                 }
                 let (mut found, up) = slice_structures(
                     &trained,

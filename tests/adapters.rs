@@ -149,11 +149,29 @@ fn a_window_around_the_landmarks_keeps_the_structures() {
     let with = evaluate(&ds, backbone(), &cache(), None, &windowed()).unwrap();
     let plain = options(Method::Classification);
     let without = evaluate(&ds, backbone(), &cache(), None, &plain).unwrap();
+    let mut windowed_cases = 0;
     for (case, c) in &without.cases {
         assert_eq!(
             c.points, with.cases[case].points,
             "{case}: the landmarks moved"
         );
+        // Scored within a window that leaves part of the slice out, and only with it.
+        // Scored within a window that leaves part of the slice out where every landmark
+        // was found, over the whole slice where one is missing, and only with --window.
+        assert!(
+            c.window_share.is_none(),
+            "{case}: a window without --window"
+        );
+        let share = with.cases[case].window_share;
+        if c.points.values().all(Option::is_some) {
+            assert!(
+                share.is_some_and(|s| s > 0.0 && s < 1.0),
+                "{case}: window share {share:?}"
+            );
+            windowed_cases += 1;
+        } else {
+            assert_eq!(share, None, "{case}: a window around a missing landmark");
+        }
         for (label, iou) in &c.iou {
             let w = with.cases[case].iou[label];
             assert!(
@@ -162,6 +180,10 @@ fn a_window_around_the_landmarks_keeps_the_structures() {
             );
         }
     }
+    assert!(
+        windowed_cases >= 2,
+        "{windowed_cases} cases scored within a window"
+    );
     // The window as `scout eval --window` trains it, at the test cases' own landmarks.
     let templates = templates_of(&ds, 3);
     let task = scout::templates::Task::Structures { values: vec![1, 2] };
