@@ -709,9 +709,13 @@ const SCORE_CHUNK: usize = 1024;
 ///   affine, so W·std(resize(x)) = resize(W·std(x)): the same values but for rounding, for
 ///   a quarter of those products (chest: 256 of the 384 channels, 805 → 402 million
 ///   multiply-adds per slice);
-/// - per pool, the product over the raw planes is box-averaged per hidden unit (a box
-///   mean's weights sum to one too), one plane per hidden unit instead of one per channel;
-/// - the fine channels' product is one product over the whole slice.
+/// - per pool, a box mean weighs cells with weights that sum to one too: the fine
+///   channels are box-averaged (one plane per channel, 128, rather than per hidden unit,
+///   256 on the spine's ensemble), and the coarse part's product is resized and
+///   box-averaged in one separable pass (`image::box_of_bilinear_taps`);
+/// - the fine channels and their pools' means take one product over the kept cells, and
+///   every step writes only those: a window's cells (`Adapter::scores_within`) read the
+///   whole map's planes around them, with no crop (the map's edges are the only ones).
 ///
 /// The other columns (position, slice mean) are taken per cell and the two added (spine:
 /// 1154 → 2 columns per cell). Every adapter of an ensemble reads the same planes, so
@@ -721,9 +725,48 @@ const SCORE_CHUNK: usize = 1024;
 struct CoarseFirstLayer {
     /// The first layer's weights over the other columns (hidden × their count).
     w_fine: Array2<f32>,
-    /// The planes' part of the first layer's product (cells × hidden, column-major: one
-    /// plane per hidden unit).
+    /// The planes' part of the first layer's product (the kept cells × hidden,
+    /// column-major: one plane per hidden unit).
     resized: Array2<f32>,
+}
+
+/// Along one axis, the taps from a coarse part's cells to the kept cells of the map's:
+/// bilinear (`bilinear_taps`), and per pool its box mean of them (`box_of_bilinear_taps`),
+/// their indices counted from `read`, the part's cells they read.
+struct CoarseTaps {
+    read: Range<usize>,
+    resize: Vec<(usize, usize, f32)>,
+    pooled: Vec<Vec<(usize, Vec<f32>)>>,
+}
+
+impl CoarseTaps {
+    fn new(n_out: usize, n_in: usize, keep: &Range<usize>, pools: &[usize]) -> CoarseTaps {
+        let resize = crate::image::bilinear_taps(n_out, n_in);
+        let mut resize: Vec<_> = resize[keep.clone()]
+            .iter()
+            .map(|&(a, b, f)| (a, b, f as f32))
+            .collect();
+        let mut pooled: Vec<_> = pools
+            .iter()
+            .map(|k| crate::image::box_of_bilinear_taps(n_out, n_in, k / 2, keep.clone()))
+            .collect();
+        let spans = resize.iter().map(|&(a, b, _)| (a, b + 1));
+        let spans = spans.chain(pooled.iter().flatten().map(|(a, w)| (*a, a + w.len())));
+        let (first, end) = spans.fold((usize::MAX, 0), |(a, z), (b, y)| (a.min(b), z.max(y)));
+        let first = first.min(end);
+        for (a, b, _) in &mut resize {
+            *a -= first;
+            *b -= first;
+        }
+        for (a, _) in pooled.iter_mut().flatten() {
+            *a -= first;
+        }
+        CoarseTaps {
+            read: first..end,
+            resize,
+            pooled,
+        }
+    }
 }
 
 /// The runs of a map's channels that are no coarse part's; `None` when the map has no
@@ -1205,11 +1248,12 @@ impl Adapter {
         self.scores_in(fm, Frame::whole(fm), &all)
     }
 
-    /// `scores` of the cells in `window` (labels × the map's grid), 0 elsewhere: the map
-    /// is cropped to the window and the cells its pools and resizes read (`window::crop`),
-    /// so inside it the scores are those of the whole map but for rounding; the models
-    /// run on the window's cells only. A slice mean (`Context::global`) is the whole
-    /// map's: with it the whole map is scored.
+    /// `scores` of the cells in `window` (labels × the map's grid), 0 elsewhere; inside it
+    /// the scores are those of the whole map but for rounding, and the models run on the
+    /// window's cells only. A map with coarse channels has its planes taken over the
+    /// window's cells and those they read (`coarse_first_layers`); another is cropped to
+    /// the window and the cells its pools read (`window::crop`). A slice mean
+    /// (`Context::global`) is the whole map's: with it the whole map is scored.
     pub fn scores_within(
         &self,
         fm: &FeatureMap,
@@ -1222,36 +1266,30 @@ impl Adapter {
         }
         let mut scores = Array3::zeros((self.labels.len(), h, w));
         // A window past the grid is cut to it.
-        let window = &Window {
+        let window = Window {
             rows: window.rows.start.min(h)..window.rows.end.min(h),
             columns: window.columns.start.min(w)..window.columns.end.min(w),
         };
-        if window.rows.is_empty() || window.columns.is_empty() {
+        let (rows, columns) = (window.rows.clone(), window.columns.clone());
+        if rows.is_empty() || columns.is_empty() {
             return Ok(scores);
         }
-        let reach = ctx.pools.iter().map(|k| k / 2).max().unwrap_or(0);
-        let (crop, origin) = crate::window::crop(fm, window, reach);
-        let (ch, cw) = crop.grid();
-        let (rows, columns) = (window.rows.clone(), window.columns.clone());
-        // `crop` holds the window; were it not to, the whole map would be scored.
-        if rows.start < origin.0
-            || columns.start < origin.1
-            || rows.end - origin.0 > ch
-            || columns.end - origin.1 > cw
-        {
-            return self.scores(fm);
-        }
-        let inside = Window {
-            rows: rows.start - origin.0..rows.end - origin.0,
-            columns: columns.start - origin.1..columns.end - origin.1,
+        let within = if fm.coarse.is_empty() {
+            let reach = ctx.pools.iter().map(|k| k / 2).max().unwrap_or(0);
+            let (crop, origin) = crate::window::crop(fm, &window, reach);
+            let inside = Window {
+                rows: rows.start - origin.0..rows.end - origin.0,
+                columns: columns.start - origin.1..columns.end - origin.1,
+            };
+            let frame = Frame {
+                origin,
+                grid: (h, w),
+            };
+            self.scores_in(&crop, frame, &inside)?
+        } else {
+            self.scores_in(fm, Frame::whole(fm), &window)?
         };
-        let frame = Frame {
-            origin,
-            grid: (h, w),
-        };
-        scores
-            .slice_mut(s![.., rows, columns])
-            .assign(&self.scores_in(&crop, frame, &inside)?);
+        scores.slice_mut(s![.., rows, columns]).assign(&within);
         Ok(scores)
     }
 
@@ -1292,7 +1330,7 @@ impl Adapter {
                 actual: columns.width(),
             });
         }
-        let split = self.coarse_first_layers(fm, columns.width());
+        let split = self.coarse_first_layers(fm, columns.width(), keep);
         // With the channels and their pools taken as planes, a chunk needs only the other
         // columns.
         let built: Vec<usize> = match &split {
@@ -1330,7 +1368,8 @@ impl Adapter {
             .collect();
         let kept = kh * kw;
         let done = in_parallel(chunks, |_, (i, out)| {
-            let runs = runs_of(i * SCORE_CHUNK..(i * SCORE_CHUNK + SCORE_CHUNK).min(kept));
+            let chunk = i * SCORE_CHUNK..(i * SCORE_CHUNK + SCORE_CHUNK).min(kept);
+            let runs = runs_of(chunk.clone());
             let n = cells_in(&runs);
             let mut x = Vec::with_capacity(n * built.len());
             for &k in &built {
@@ -1345,7 +1384,7 @@ impl Adapter {
             match &split {
                 Some((_, layers)) => {
                     for ((a, layer), refs) in all().zip(layers).zip(&refs) {
-                        chunk_sum += &a.split_scores(layer, x.view(), &runs, refs)?;
+                        chunk_sum += &a.split_scores(layer, x.view(), chunk.clone(), refs)?;
                     }
                 }
                 None => {
@@ -1389,14 +1428,17 @@ impl Adapter {
             (self.standardized_rows_in(fm, frame)?, None)
         };
         let mut sum = Array2::zeros((h * w, self.labels.len()));
-        if let (None, Some((per_cell, layers))) =
-            (&raw, self.coarse_first_layers(fm, standard.ncols()))
-        {
+        let all_cells = Window {
+            rows: 0..h,
+            columns: 0..w,
+        };
+        if let (None, Some((per_cell, layers))) = (
+            &raw,
+            self.coarse_first_layers(fm, standard.ncols(), &all_cells),
+        ) {
             let x = standard.slice(s![.., per_cell]);
-            let whole = 0..h * w;
-            let all_cells = std::slice::from_ref(&whole);
             for (a, layer) in all().zip(&layers) {
-                sum += &a.split_scores(layer, x.view(), all_cells, &a.reference_terms())?;
+                sum += &a.split_scores(layer, x.view(), 0..h * w, &a.reference_terms())?;
             }
             sum /= (1 + self.members.len()) as f32;
             return Ok((label_planes(&sum, h, w), standard));
@@ -1524,21 +1566,28 @@ impl Adapter {
     }
 
     /// Per adapter of `scores` (the members, then this one), its `CoarseFirstLayer` on
-    /// `fm`, with the columns taken per cell among `width` context columns (those after
-    /// the channels and their pools: position, slice mean; possibly none);
-    /// `None` when the map has no coarse channels or a model has no first layer to split.
+    /// `fm`'s cells in `keep` (row by row), with the columns taken per cell among `width`
+    /// context columns (those after the channels and their pools: position, slice mean;
+    /// possibly none); `None` when the map has no coarse channels, a model has no first
+    /// layer to split, or `keep` is empty or not within the grid.
     ///
-    /// The planes are packed once per product, not once per adapter and block; their
-    /// resizes and box means, one per hidden unit, are spread over the cores.
+    /// The planes are packed once per product, not once per adapter and block; the fine
+    /// channels' box means and the coarse planes' resizes are spread over the cores.
     fn coarse_first_layers(
         &self,
         fm: &FeatureMap,
         width: usize,
+        keep: &Window,
     ) -> Option<(std::ops::Range<usize>, Vec<CoarseFirstLayer>)> {
         let pools = &self.train.context.pools;
         let fine_channels = fine_channels(fm)?;
         let (h, w) = fm.grid();
         let cells = h * w;
+        let (kh, kw) = (keep.rows.len(), keep.columns.len());
+        let kept = kh * kw;
+        if keep.rows.end > h || keep.columns.end > w || kept == 0 {
+            return None;
+        }
         let channels = fm.channels();
         let blocks = 1 + pools.len();
         let per_cell = blocks * channels..width;
@@ -1588,75 +1637,149 @@ impl Adapter {
             let mean = &a.feature_mean.slice(s![planar]) / &a.feature_std.slice(s![planar]);
             offsets.extend(first.w.slice(s![.., planar]).dot(&mean));
         }
-        // The fine channels' product of `block` for the adapters' units `rows`, into the
-        // columns of `out`. The first run writes, not adds: the zeroed pages are not read.
-        let fine_product =
-            |block: usize, rows: std::ops::Range<usize>, out: &mut Array2<f32>| -> Option<()> {
-                for (i, run) in fine_channels.iter().enumerate() {
-                    let weights = scaled(block, run.clone())?;
-                    let weights = weights.slice(s![rows.clone(), ..]);
-                    let planes = data.slice(s![run.clone(), ..]);
-                    let beta = if i == 0 { 0.0 } else { 1.0 };
-                    ndarray::linalg::general_mat_mul(1.0, &planes.t(), &weights.t(), beta, out);
-                }
-                Some(())
-            };
-        // The planes, column-major (a plane per column): per adapter its hidden units'
-        // (cells × hidden), and per pool every adapter's, box-averaged at the end (cells ×
-        // (adapter, unit)). No array here reaches 32 MiB: glibc maps those afresh on every
-        // call, and on a VM their pages' faults cost more than the products.
-        let mut resized = Vec::with_capacity(adapters.len());
-        for i in 0..adapters.len() {
-            let mut planes = Array2::<f32>::zeros((cells, hidden).f());
-            fine_product(0, i * hidden..(i + 1) * hidden, &mut planes)?;
-            resized.push(planes);
-        }
-        let mut pooled = Vec::with_capacity(pools.len());
-        for block in 1..blocks {
-            let mut planes = Array2::<f32>::zeros((cells, units).f());
-            fine_product(block, 0..units, &mut planes)?;
-            pooled.push(planes);
-        }
-        let taps = |n_out, n_in| -> Vec<(usize, usize, f32)> {
-            let taps = crate::image::bilinear_taps(n_out, n_in);
-            taps.into_iter().map(|(a, b, f)| (a, b, f as f32)).collect()
+        // The fine channels over `keep`'s cells, a plane per row: per block, the channels
+        // as they are (block 0), then per pool their box means (one plane per channel,
+        // not per hidden unit: 128 against 256 on the spine's ensemble), so that a
+        // single product over the kept cells takes every block.
+        let fine: Vec<usize> = fine_channels.iter().flat_map(|run| run.clone()).collect();
+        // Over the whole grid, the channels as they are are read in place (a copy of them
+        // cost more than it saved).
+        let built = if kh == h && kw == w { 1 } else { 0 }..blocks;
+        let mut planes = Array2::<f32>::zeros((built.len() * fine.len(), kept));
+        let jobs: Vec<_> = planes
+            .as_slice_mut()?
+            .chunks_exact_mut(kept)
+            .enumerate()
+            .collect();
+        // A pool's box means over the cells it reads around `keep`: those cells' plane,
+        // copied out of the channel's.
+        let around = |r: usize, n: usize, cut: &Range<usize>| {
+            cut.start.saturating_sub(r)..(cut.end + r).min(n)
         };
-        for part in &fm.coarse {
-            let (n, ph, pw) = part.map.dim();
-            let weights = (0..blocks)
-                .map(|block| scaled(block, part.first..part.first + n))
+        in_parallel(jobs, |scratch, (i, out)| {
+            let (block, channel) = (built.start + i / fine.len(), fine[i % fine.len()]);
+            let Some(plane) = data.row(channel).to_slice() else {
+                return;
+            };
+            let (source, width, origin) = match block.checked_sub(1).and_then(|p| pools.get(p)) {
+                Some(k) => {
+                    let rows = around(k / 2, h, &keep.rows);
+                    let columns = around(k / 2, w, &keep.columns);
+                    let (rh, rw) = (rows.len(), columns.len());
+                    scratch.resize(3 * rh * rw, 0.0);
+                    let (region, rest) = scratch.split_at_mut(rh * rw);
+                    let (row_sums, means) = rest.split_at_mut(rh * rw);
+                    for (r, line) in rows.clone().zip(region.chunks_exact_mut(rw)) {
+                        let at = r * w + columns.start;
+                        line.copy_from_slice(&plane[at..at + rw]);
+                    }
+                    crate::image::box_mean(region, rh, rw, k / 2, row_sums, means);
+                    (&*means, rw, (rows.start, columns.start))
+                }
+                None => (plane, w, (0, 0)),
+            };
+            for (r, line) in keep.rows.clone().zip(out.chunks_exact_mut(kw)) {
+                let at = (r - origin.0) * width + keep.columns.start - origin.1;
+                line.copy_from_slice(&source[at..at + kw]);
+            }
+        });
+        // The planes (a plane per row) and W/s over them, (adapter, unit) × planes.
+        let weights_over = |blocks: Range<usize>| {
+            let weights = blocks
+                .flat_map(|block| fine_channels.iter().map(move |run| (block, run.clone())))
+                .map(|(block, run)| scaled(block, run))
                 .collect::<Option<Vec<_>>>()?;
             let views: Vec<_> = weights.iter().map(|w| w.view()).collect();
-            let weights = ndarray::concatenate(Axis(0), &views).ok()?;
-            let planes = part.map.as_standard_layout();
-            let planes = planes.to_shape((n, ph * pw)).ok()?;
-            // (block, adapter, unit) × the part's cells: a row per plane, in the order of
-            // the planes of `resized` and then `pooled`.
-            let product = weights.dot(&planes);
-            let mut targets = Vec::with_capacity(product.nrows());
-            for planes in resized.iter_mut().chain(pooled.iter_mut()) {
-                targets.extend(planes.as_slice_memory_order_mut()?.chunks_exact_mut(cells));
+            ndarray::concatenate(Axis(1), &views).ok()
+        };
+        let mut sources = Vec::with_capacity(fine_channels.len() + 1);
+        if built.start > 0 {
+            for run in &fine_channels {
+                sources.push((data.slice(s![run.clone(), ..]), scaled(0, run.clone())?));
             }
-            let (ys, xs) = (taps(h, ph), taps(w, pw));
-            let jobs: Vec<_> = targets.into_iter().zip(product.rows()).collect();
-            in_parallel(jobs, |across, (out, plane)| {
-                if let Ok(plane) = plane.to_shape((ph, pw)) {
-                    crate::image::add_resized(plane.view(), &ys, &xs, across, out);
+        }
+        if !built.is_empty() {
+            sources.push((planes.view(), weights_over(built.clone())?));
+        }
+        // The planes' product per adapter: its hidden units' planes (kept cells × hidden,
+        // column-major: a plane per column). The first product writes, not adds: the
+        // zeroed pages are not read. No array here reaches 32 MiB: glibc maps those
+        // afresh on every call, and on a VM their pages' faults cost more than the
+        // products.
+        let mut resized = Vec::with_capacity(adapters.len());
+        for i in 0..adapters.len() {
+            let mut product = Array2::<f32>::zeros((kept, hidden).f());
+            for (j, (planes, weights)) in sources.iter().enumerate() {
+                let weights = weights.slice(s![i * hidden..(i + 1) * hidden, ..]);
+                let beta = if j == 0 { 0.0 } else { 1.0 };
+                ndarray::linalg::general_mat_mul(
+                    1.0,
+                    &planes.t(),
+                    &weights.t(),
+                    beta,
+                    &mut product,
+                );
+            }
+            resized.push(product);
+        }
+        // Per coarse part, its planes' products over the part's cells the kept cells read,
+        // and the taps that take them to the kept cells: block 0 resized (`add_resized`),
+        // each pool's block resized and box-averaged in one separable pass
+        // (`box_of_bilinear_taps`, `add_spread`).
+        let mut parts = Vec::with_capacity(fm.coarse.len());
+        for part in &fm.coarse {
+            let (n, ph, pw) = part.map.dim();
+            let (ys, xs) = (
+                CoarseTaps::new(h, ph, &keep.rows, pools),
+                CoarseTaps::new(w, pw, &keep.columns, pools),
+            );
+            let (rows, columns) = (ys.read.clone(), xs.read.clone());
+            let (rh, rw) = (rows.len(), columns.len());
+            let weights = |blocks: Range<usize>| {
+                let weights = blocks
+                    .map(|block| scaled(block, part.first..part.first + n))
+                    .collect::<Option<Vec<_>>>()?;
+                let views: Vec<_> = weights.iter().map(|w| w.view()).collect();
+                ndarray::concatenate(Axis(0), &views).ok()
+            };
+            let coarse = part.map.slice(s![.., rows, columns]);
+            let planes = coarse.as_standard_layout();
+            let planes = planes.to_shape((n, rh * rw)).ok()?;
+            // Block 0's planes, (adapter, unit) × the part's cells; the pools' transposed
+            // (`add_spread`), (pool, adapter, unit) × the cells column by column.
+            let product = weights(0..1)?.dot(&planes);
+            let pooled = match blocks {
+                1 => Array2::zeros((0, rw * rh)),
+                _ => {
+                    let transposed = coarse.permuted_axes([0, 2, 1]);
+                    let transposed = transposed.as_standard_layout();
+                    let transposed = transposed.to_shape((n, rw * rh)).ok()?;
+                    weights(1..blocks)?.dot(&transposed)
                 }
-            });
+            };
+            parts.push((
+                product,
+                pooled,
+                (rh, rw),
+                (ys.resize, xs.resize),
+                (ys.pooled, xs.pooled),
+            ));
         }
-        let mut jobs = Vec::with_capacity(units);
+        let mut targets = Vec::with_capacity(units);
         for planes in resized.iter_mut() {
-            jobs.extend(planes.as_slice_memory_order_mut()?.chunks_exact_mut(cells));
+            targets.extend(planes.as_slice_memory_order_mut()?.chunks_exact_mut(kept));
         }
-        let jobs: Vec<_> = jobs.into_iter().zip(&offsets).enumerate().collect();
-        in_parallel(jobs, |scratch, (unit, (out, &offset))| {
-            scratch.resize(2 * cells, 0.0);
-            let (row_sums, means) = scratch.split_at_mut(cells);
-            for (&k, sums) in pools.iter().zip(&pooled) {
-                if let Some(plane) = sums.column(unit).to_slice() {
-                    crate::image::box_mean(plane, h, w, k / 2, row_sums, means);
-                    out.iter_mut().zip(means.iter()).for_each(|(o, m)| *o += m);
+        let jobs: Vec<_> = targets.into_iter().zip(&offsets).enumerate().collect();
+        in_parallel(jobs, |across, (unit, (out, &offset))| {
+            for (product, pooled, (rh, rw), (ys, xs), (y_pools, x_pools)) in &parts {
+                let pooled = (0..pools.len()).map(|p| pooled.row(p * units + unit));
+                for ((columns, ys), xs) in pooled.zip(y_pools).zip(x_pools) {
+                    if let Some(columns) = columns.to_slice() {
+                        crate::image::add_spread(columns, *rh, ys, xs, across, out);
+                    }
+                }
+                if let Ok(plane) = product.row(unit).to_shape((*rh, *rw)) {
+                    crate::image::add_resized(plane.view(), ys, xs, across, out);
                 }
             }
             out.iter_mut().for_each(|o| *o -= offset);
@@ -1672,37 +1795,34 @@ impl Adapter {
         Some((per_cell, layers))
     }
 
-    /// `row_scores` of the cells `runs` (one after the other) from their columns taken
-    /// per cell `x` (those `coarse_first_layers` names) and the planes' product in
-    /// `layer`.
+    /// `row_scores` of the cells `kept` of the `CoarseFirstLayer`'s kept cells from their
+    /// columns taken per cell `x` (those `coarse_first_layers` names) and the planes'
+    /// product in `layer`.
     fn split_scores(
         &self,
         layer: &CoarseFirstLayer,
         x: ArrayView2<f32>,
-        runs: &[Range<usize>],
+        kept: Range<usize>,
         refs: &[ReferenceTerms],
     ) -> Result<Array2<f32>, AdapterError> {
-        if x.ncols() != layer.w_fine.ncols() || x.nrows() != cells_in(runs) {
+        if x.ncols() != layer.w_fine.ncols()
+            || x.nrows() != kept.len()
+            || kept.end > layer.resized.nrows()
+        {
             return Err(AdapterError::Channels {
                 expected: layer.w_fine.ncols(),
                 actual: x.ncols(),
             });
         }
         self.scores_from(None, x.nrows(), refs, |net| {
-            // Column-major like `resized` and the layers after it; column by column and
-            // run by run, as a chunk of `resized` is not contiguous.
+            // Column-major like `resized` and the layers after it.
             let mut product = Array2::<f32>::zeros((x.nrows(), layer.resized.ncols()).f());
             for (mut p, r) in product
                 .columns_mut()
                 .into_iter()
                 .zip(layer.resized.columns())
             {
-                let mut at = 0;
-                for run in runs {
-                    p.slice_mut(s![at..at + run.len()])
-                        .assign(&r.slice(s![run.clone()]));
-                    at += run.len();
-                }
+                p.assign(&r.slice(s![kept.clone()]));
             }
             // Not with no columns (the chest's): matrixmultiply then only scales the
             // product by beta, element by element, which took longer than the products.
@@ -2630,7 +2750,11 @@ mod synthetic {
             let one_grid = FeatureMap::new(split.data.clone(), h * 4, w * 4);
             let adapter = position_ensemble(&training, pools);
             let width = adapter.feature_mean.len();
-            let Some((per_cell, layers)) = adapter.coarse_first_layers(&split, width) else {
+            let all = crate::window::Window {
+                rows: 0..h,
+                columns: 0..w,
+            };
+            let Some((per_cell, layers)) = adapter.coarse_first_layers(&split, width, &all) else {
                 panic!("the coarse channels were not split off");
             };
             // Every channel and pooled column is taken as planes: per cell, the position.
@@ -2638,7 +2762,9 @@ mod synthetic {
             assert_eq!(per_cell, (1 + pools) * C..width);
             assert_eq!(width - (1 + pools) * C, 2);
             assert_eq!(layers.len(), 2);
-            assert!(adapter.coarse_first_layers(&one_grid, width).is_none());
+            assert!(adapter
+                .coarse_first_layers(&one_grid, width, &all)
+                .is_none());
             let chunked = adapter.scores(&split).unwrap();
             let (whole, _) = adapter.scores_and_rows(&split).unwrap();
             assert!(crate::same_bits(&chunked, &whole));

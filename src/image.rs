@@ -15,6 +15,7 @@
 //! radiographs every structure failed (IoU 1–58) until they were smoothed.
 
 use ndarray::Array2;
+use std::ops::Range;
 use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
@@ -238,6 +239,86 @@ pub fn add_resized(
             *o += t * (1.0 - fy) + b * fy;
         }
     }
+}
+
+/// Per cell `keep` (within 0..`n_out`) of a line of `n_out` cells, the weights over a line
+/// of `n_in` cells of its mean over ±`r` cells (clipped at the line's ends, as
+/// `box_mean`) after resizing the line to `n_out` cells bilinearly (`bilinear_taps`): the
+/// first cell read and the weights from it on. Both steps are linear, so a plane box-averaged after its resize
+/// is one separable pass of these weights over the coarse plane (`add_spread`).
+pub fn box_of_bilinear_taps(
+    n_out: usize,
+    n_in: usize,
+    r: usize,
+    keep: Range<usize>,
+) -> Vec<(usize, Vec<f32>)> {
+    let taps = bilinear_taps(n_out, n_in);
+    keep.map(|i| {
+        let span = &taps[i.saturating_sub(r)..(i + r + 1).min(n_out)];
+        let first = span.iter().map(|t| t.0).min().unwrap_or(0);
+        let last = span.iter().map(|t| t.1).max().unwrap_or(0);
+        let mut weights = vec![0f64; last + 1 - first];
+        let n = span.len() as f64;
+        for &(a, b, f) in span {
+            weights[a - first] += (1.0 - f) / n;
+            weights[b - first] += f / n;
+        }
+        (first, weights.into_iter().map(|v| v as f32).collect())
+    })
+    .collect()
+}
+
+/// Adds the rows of `across` (row-major, `out`'s columns wide) weighed by `ys`
+/// (`box_of_bilinear_taps`: per row of `out`, the first row of `across` and the weights
+/// from it) to `out`: the second pass of a separable spread, a weighted sum of whole rows
+/// per row of `out`, which vectorises.
+pub fn add_rows_spread(across: &[f32], ys: &[(usize, Vec<f32>)], out: &mut [f32]) {
+    let Some(cols) = out.len().checked_div(ys.len()).filter(|&c| c > 0) else {
+        return;
+    };
+    for (line, (first, weights)) in out.chunks_exact_mut(cols).zip(ys) {
+        for (k, w) in weights.iter().enumerate() {
+            let Some(src) = across.get((first + k) * cols..(first + k + 1) * cols) else {
+                continue;
+            };
+            line.iter_mut().zip(src).for_each(|(o, v)| *o += w * v);
+        }
+    }
+}
+
+/// Adds a plane spread with the weights `ys` and `xs` (`box_of_bilinear_taps`) to `out`
+/// (row-major, `ys.len()` × `xs.len()`), the plane given transposed: `columns` holds its
+/// columns one after the other, each `rows` cells long. Along the rows each output column
+/// is then a weighted sum of whole input columns, and along the columns each output row
+/// one of whole rows (`add_rows_spread`): both vectorise, where a short weighted sum per
+/// cell did not (and one product for all planes' rows at once wrote and read 17 MB).
+/// `scratch` is scratch space.
+pub fn add_spread(
+    columns: &[f32],
+    rows: usize,
+    ys: &[(usize, Vec<f32>)],
+    xs: &[(usize, Vec<f32>)],
+    scratch: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let cols = xs.len();
+    scratch.clear();
+    scratch.resize(2 * cols * rows, 0.0);
+    let (across_t, across) = scratch.split_at_mut(cols * rows);
+    for (line, (first, weights)) in across_t.chunks_exact_mut(rows.max(1)).zip(xs) {
+        for (k, w) in weights.iter().enumerate() {
+            let Some(src) = columns.get((first + k) * rows..(first + k + 1) * rows) else {
+                continue;
+            };
+            line.iter_mut().zip(src).for_each(|(o, v)| *o += w * v);
+        }
+    }
+    for (c, line) in across_t.chunks_exact(rows.max(1)).enumerate() {
+        for (y, v) in line.iter().enumerate() {
+            across[y * cols + c] = *v;
+        }
+    }
+    add_rows_spread(across, ys, out);
 }
 
 /// The image bilinearly interpolated at (row, column); outside it, the nearest border
@@ -775,6 +856,54 @@ mod tests {
                 "row means {h}x{w} r={r}"
             );
             assert!(crate::same_bits(&out, &means), "means {h}x{w} r={r}");
+        }
+    }
+
+    /// The spread of a coarse plane (`box_of_bilinear_taps`, `add_spread`) over kept
+    /// cells is its resize (`add_resized`) box-averaged (`box_mean`) there, but for
+    /// rounding: for a factor of 2 and an uneven one, windows clipped at the edges, and
+    /// a radius of 0 (the resize alone).
+    #[test]
+    fn a_spread_is_the_box_mean_of_the_resize() {
+        for ((ph, pw), (h, w), r, (rows, columns)) in [
+            ((7, 9), (14, 18), 4, (3..12, 0..18)),
+            ((7, 9), (14, 18), 1, (0..14, 5..9)),
+            ((6, 5), (17, 13), 2, (1..16, 2..13)),
+            ((6, 5), (17, 13), 0, (0..17, 0..13)),
+            // Wider than a vector of floats both ways.
+            ((20, 36), (40, 72), 4, (5..35, 1..71)),
+        ] {
+            let plane = Array2::from_shape_vec((ph, pw), noise(ph * pw, (ph * 7 + r) as u64))
+                .expect("plane");
+            let two = |n, m| -> Vec<(usize, usize, f32)> {
+                bilinear_taps(n, m)
+                    .into_iter()
+                    .map(|(a, b, f)| (a, b, f as f32))
+                    .collect()
+            };
+            let mut resized = vec![0f32; h * w];
+            add_resized(
+                plane.view(),
+                &two(h, ph),
+                &two(w, pw),
+                &mut Vec::new(),
+                &mut resized,
+            );
+            let (mut row_sums, mut means) = (vec![0f32; h * w], vec![0f32; h * w]);
+            box_mean(&resized, h, w, r, &mut row_sums, &mut means);
+            let xs = box_of_bilinear_taps(w, pw, r, columns.clone());
+            let ys = box_of_bilinear_taps(h, ph, r, rows.clone());
+            let transposed = plane.t().as_standard_layout().to_owned();
+            let transposed = transposed.as_slice().expect("row-major");
+            let mut out = vec![0f32; rows.len() * columns.len()];
+            add_spread(transposed, ph, &ys, &xs, &mut Vec::new(), &mut out);
+            let mut worst = 0f32;
+            for (y, line) in rows.clone().zip(out.chunks_exact(columns.len())) {
+                for (x, v) in columns.clone().zip(line) {
+                    worst = worst.max((v - means[y * w + x]).abs());
+                }
+            }
+            assert!(worst < 1e-5, "{ph}x{pw} -> {h}x{w}, r={r}: off by {worst}");
         }
     }
 }

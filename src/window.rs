@@ -13,7 +13,7 @@ use std::ops::Range;
 use ndarray::{s, Array2};
 use serde::{Deserialize, Serialize};
 
-use crate::backbone::{CoarseChannels, FeatureMap};
+use crate::backbone::FeatureMap;
 
 /// How far the structures reach past the box of the landmarks `landmarks` (names of a
 /// landmark task of the same bundle), as a share of the box's larger side.
@@ -179,75 +179,35 @@ impl BoxOf {
 }
 
 /// The crop of `fm` holding `window` and every cell its scores read within `reach` cells
-/// (pools, resizes), with its first cell's place on `fm`'s grid. A coarse part is cropped
-/// with it where its grid divides `fm`'s (the crop's edges then fall on its cells, and its
-/// resize is the whole map's away from them); otherwise it is dropped, and its resized
-/// channels in `fm.data` are read instead (the same values, more products).
+/// (pools), with its first cell's place on `fm`'s grid. Coarse parts are dropped: their
+/// resized channels in `fm.data` are read instead (the same values; a map with coarse
+/// parts is scored from the whole map, `Adapter::scores_within`).
 pub(crate) fn crop(fm: &FeatureMap, window: &Window, reach: usize) -> (FeatureMap, (usize, usize)) {
     let (h, w) = fm.grid();
-    // The coarse parts' grids must divide the map's, the same way for all.
-    let factors: Vec<Option<(usize, usize)>> = fm
-        .coarse
-        .iter()
-        .map(|p| {
-            let (_, ph, pw) = p.map.dim();
-            let f = (ph > 0 && pw > 0 && h % ph == 0 && w % pw == 0).then(|| (h / ph, w / pw));
-            f.filter(|&(a, b)| a > 0 && b > 0)
-        })
-        .collect();
-    let step = match factors.first() {
-        Some(Some(f)) if factors.iter().all(|g| *g == Some(*f)) => Some(*f),
-        _ => None,
+    let bounds = |range: &Range<usize>, n: usize| {
+        range.start.saturating_sub(reach).min(n)..(range.end + reach).min(n)
     };
-    let (fr, fc) = step.unwrap_or((1, 1));
-    // A bilinear resize reads the coarse cells either side of a fine cell's centre: at a
-    // crop's edge (a coarse cell's edge) the first fine cell's outer one is missing and
-    // clamped, so the fine cells within one coarse cell of it are left out too.
-    let bounds = |range: &Range<usize>, n: usize, f: usize| {
-        let margin = reach + if step.is_some() { f } else { 0 };
-        let a = range.start.saturating_sub(margin) / f * f;
-        let z = (range.end + margin).min(n).div_ceil(f) * f;
-        a..z.min(n)
-    };
-    let rows = bounds(&window.rows, h, fr);
-    let columns = bounds(&window.columns, w, fc);
+    let rows = bounds(&window.rows, h);
+    let columns = bounds(&window.columns, w);
     let data = fm
         .data
         .slice(s![.., rows.clone(), columns.clone()])
         .to_owned();
-    let coarse = match step {
-        Some((fr, fc)) => fm
-            .coarse
-            .iter()
-            .map(|p| CoarseChannels {
-                first: p.first,
-                map: p
-                    .map
-                    .slice(s![
-                        ..,
-                        rows.start / fr..rows.end / fr,
-                        columns.start / fc..columns.end / fc
-                    ])
-                    .to_owned(),
-            })
-            .collect(),
-        None => Vec::new(),
-    };
-    let origin = (rows.start, columns.start);
     (
         FeatureMap {
             data,
             image_rows: fm.image_rows,
             image_columns: fm.image_columns,
-            coarse,
+            coarse: Vec::new(),
         },
-        origin,
+        (rows.start, columns.start),
     )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backbone::CoarseChannels;
     use ndarray::Array3;
 
     fn named(n: usize) -> Vec<String> {
@@ -341,19 +301,18 @@ mod tests {
         assert_eq!(lw.points_of(&names, &found), vec![None, Some((3.0, 4.0))]);
     }
 
-    /// The crop holds the window and `reach` cells (and two coarse cells) around it, its
-    /// edges on the coarse part's cells, which is cropped with it.
+    /// The crop holds the window and `reach` cells around it, cut at the grid's edges,
+    /// and drops the coarse parts.
     #[test]
     fn the_crop_keeps_the_cells_the_window_reads() {
         let data = Array3::from_shape_fn((3, 40, 40), |(c, i, j)| (c * 10000 + i * 100 + j) as f32);
-        let coarse = Array3::from_shape_fn((2, 20, 20), |(c, i, j)| (c * 1000 + i * 20 + j) as f32);
         let fm = FeatureMap {
             data: data.clone(),
             image_rows: 160,
             image_columns: 160,
             coarse: vec![CoarseChannels {
                 first: 0,
-                map: coarse.clone(),
+                map: Array3::zeros((2, 20, 20)),
             }],
         };
         let window = Window {
@@ -361,21 +320,15 @@ mod tests {
             columns: 0..7,
         };
         let (cropped, origin) = crop(&fm, &window, 4);
-        // Rows 15 − 4 − 2 = 9 → 8 (even), 21 + 6 = 27 → 28; columns 0..13 → 0..14.
-        assert_eq!(origin, (8, 0));
-        assert_eq!(cropped.grid(), (20, 14));
-        assert_eq!(cropped.data, data.slice(s![.., 8..28, 0..14]));
-        assert_eq!(cropped.coarse[0].map, coarse.slice(s![.., 4..14, 0..7]));
-        // A coarse grid that does not divide the map's is dropped.
-        let odd = FeatureMap {
-            coarse: vec![CoarseChannels {
-                first: 0,
-                map: Array3::zeros((2, 13, 13)),
-            }],
-            ..fm
-        };
-        let (cropped, origin) = crop(&odd, &window, 4);
+        assert_eq!(origin, (11, 0));
+        assert_eq!(cropped.grid(), (14, 11));
+        assert_eq!(cropped.data, data.slice(s![.., 11..25, 0..11]));
         assert!(cropped.coarse.is_empty());
-        assert_eq!((origin, cropped.grid()), ((11, 0), (14, 11)));
+        let window = Window {
+            rows: 30..40,
+            columns: 2..38,
+        };
+        let (cropped, origin) = crop(&fm, &window, 3);
+        assert_eq!((origin, cropped.grid()), ((27, 0), (13, 40)));
     }
 }
