@@ -2780,9 +2780,9 @@ mod synthetic {
         }
     }
 
-    /// Scores within a window are the whole map's there (pools and position, with the
-    /// coarse channels cropped with the map or on a map of one grid), and 0 elsewhere;
-    /// a window past the grid is cut to it.
+    /// Scores within a window are the whole map's there (pools and position, on a map
+    /// with a coarse part, its planes taken around the window, and on a map of one grid,
+    /// cropped), and 0 elsewhere; a window past the grid is cut to it.
     #[test]
     fn scores_within_a_window_are_the_whole_maps_there() {
         use crate::window::Window;
