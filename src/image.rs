@@ -305,14 +305,8 @@ pub fn add_spread(
     scratch.clear();
     scratch.resize(2 * cols * rows, 0.0);
     let (across_t, across) = scratch.split_at_mut(cols * rows);
-    for (line, (first, weights)) in across_t.chunks_exact_mut(rows.max(1)).zip(xs) {
-        for (k, w) in weights.iter().enumerate() {
-            let Some(src) = columns.get((first + k) * rows..(first + k + 1) * rows) else {
-                continue;
-            };
-            line.iter_mut().zip(src).for_each(|(o, v)| *o += w * v);
-        }
-    }
+    // The plane's columns are the rows of its transpose.
+    add_rows_spread(columns, xs, across_t);
     for (c, line) in across_t.chunks_exact(rows.max(1)).enumerate() {
         for (y, v) in line.iter().enumerate() {
             across[y * cols + c] = *v;
