@@ -2780,9 +2780,10 @@ mod synthetic {
         }
     }
 
-    /// Scores within a window are the whole map's there (pools and position, on a map
-    /// with a coarse part, its planes taken around the window, and on a map of one grid,
-    /// cropped), and 0 elsewhere; a window past the grid is cut to it.
+    /// Scores within a window are the whole map's there (pools and position, on maps
+    /// with a coarse part first or between two fine runs, its planes taken around the
+    /// window, and on a map of one grid, cropped), and 0 elsewhere; a window past the grid
+    /// is cut to it.
     #[test]
     fn scores_within_a_window_are_the_whole_maps_there() {
         use crate::window::Window;
@@ -2797,6 +2798,17 @@ mod synthetic {
         let split = FeatureMap::stacked(vec![halved(&target.data, 0..first), fine], h * 4, w * 4);
         assert_eq!(split.coarse.len(), 1);
         let one_grid = FeatureMap::new(split.data.clone(), h * 4, w * 4);
+        // A coarse run between two fine ones: the fine channels gathered from two runs.
+        let between = FeatureMap::stacked(
+            vec![
+                target.data.slice(s![0..3, .., ..]).to_owned(),
+                halved(&target.data, 3..first),
+                target.data.slice(s![first.., .., ..]).to_owned(),
+            ],
+            h * 4,
+            w * 4,
+        );
+        assert_eq!(between.coarse.len(), 1);
         let adapter = position_ensemble(&training, vec![3, 5]);
         let windows = [
             Window {
@@ -2826,7 +2838,7 @@ mod synthetic {
                 columns: 0..25,
             },
         ];
-        for map in [&split, &one_grid] {
+        for map in [&split, &between, &one_grid] {
             let whole = adapter.scores(map).unwrap();
             for window in &windows {
                 let within = adapter.scores_within(map, window).unwrap();
