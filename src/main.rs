@@ -337,12 +337,37 @@ struct ContextArgs {
     hidden: u16,
 }
 
-impl From<ContextArgs> for scout::adapter::Context {
-    fn from(a: ContextArgs) -> Self {
-        scout::adapter::Context {
-            pools: a.pools,
-            global: a.global_context,
-            position: a.position,
+impl ContextArgs {
+    /// The adapters' training options these flags ask for (`scout train` and `scout eval`
+    /// share them; each sets what only it has on top).
+    fn train_config(&self) -> scout::adapter::TrainConfig {
+        scout::adapter::TrainConfig {
+            shape: self.shape,
+            patches: self.patches,
+            augment: self.augment,
+            borders: self.borders,
+            ensemble: self.ensemble.clone(),
+            layout_fill: self.layout_fill,
+            stack_anchor: self.stack_anchor,
+            guided: self.guided,
+            votes: self.votes,
+            atlas: self.atlas,
+            enclosed: self.enclosed,
+            convex: self.convex,
+            sam_redraw: self.sam_redraw,
+            extremes: self.extremes,
+            calibrate: self.calibrate,
+            fragments: self.fragments,
+            pose: self.pose,
+            coarse_landmarks: self.coarse_landmarks,
+            window: self.window,
+            hidden: self.hidden.into(),
+            context: scout::adapter::Context {
+                pools: self.pools.clone(),
+                global: self.global_context,
+                position: self.position,
+            },
+            ..Default::default()
         }
     }
 }
@@ -547,29 +572,8 @@ fn run(cli: Cli) -> Result<(), String> {
             let m = load_models(&model)?;
             let ds = data.open(&dataset)?;
             let config = scout::adapter::TrainConfig {
-                shape: context.shape,
-                patches: context.patches,
-                augment: context.augment,
-                borders: context.borders,
-                ensemble: context.ensemble.clone(),
-                layout_fill: context.layout_fill,
-                stack_anchor: context.stack_anchor,
-                guided: context.guided,
-                votes: context.votes,
-                atlas: context.atlas,
-                enclosed: context.enclosed,
-                convex: context.convex,
-                sam_redraw: context.sam_redraw,
-                extremes: context.extremes,
-                calibrate: context.calibrate,
-                fragments: context.fragments,
-                pose: context.pose,
-                coarse_landmarks: context.coarse_landmarks,
-                window: context.window,
-                hidden: context.hidden.into(),
                 align,
-                context: context.into(),
-                ..Default::default()
+                ..context.train_config()
             };
             let decoder = if config.sam_redraw {
                 Some(
@@ -662,32 +666,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     landmark_radius: radius,
                     train: scout::adapter::TrainConfig {
                         seed,
-                        shape: context.shape,
-                        patches: context.patches,
-                        augment: context.augment,
-                        borders: context.borders,
-                        ensemble: context.ensemble.clone(),
-                        layout_fill: context.layout_fill,
-                        stack_anchor: context.stack_anchor,
-                        guided: context.guided,
-                        votes: context.votes,
-                        atlas: context.atlas,
-                        enclosed: context.enclosed,
-                        convex: context.convex,
-                        sam_redraw: context.sam_redraw,
-                        extremes: context.extremes,
-                        calibrate: context.calibrate,
-                        fragments: context.fragments,
-                        pose: context.pose,
-                        coarse_landmarks: context.coarse_landmarks,
-                        window: context.window,
-                        hidden: context.hidden.into(),
-                        context: scout::adapter::Context {
-                            pools: context.pools.clone(),
-                            global: context.global_context,
-                            position: context.position,
-                        },
-                        ..Default::default()
+                        ..context.train_config()
                     },
                     png_dir: png.clone(),
                     template_offset: fold * templates.max(1),
@@ -930,6 +909,66 @@ fn main() -> ExitCode {
             log::error!("{e}");
             eprintln!("scout: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use scout::adapter::TrainConfig;
+
+    /// `scout train` and `scout eval` read the adapters' options from the same flags: each
+    /// flag sets its own option and no other, in both commands.
+    #[test]
+    fn each_flag_sets_its_own_training_option() {
+        type Set = fn(&mut TrainConfig);
+        let cases: [(&[&str], Set); 23] = [
+            (&[], |_| {}),
+            (&["--shape"], |c| c.shape = true),
+            (&["--patches"], |c| c.patches = true),
+            (&["--augment"], |c| c.augment = true),
+            (&["--borders"], |c| c.borders = true),
+            (&["--ensemble", "classification,basic"], |c| {
+                c.ensemble = vec![Method::Classification, Method::Basic]
+            }),
+            (&["--layout-fill"], |c| c.layout_fill = true),
+            (&["--stack-anchor"], |c| c.stack_anchor = true),
+            (&["--guided"], |c| c.guided = true),
+            (&["--votes"], |c| c.votes = true),
+            (&["--atlas"], |c| c.atlas = true),
+            (&["--enclosed"], |c| c.enclosed = true),
+            (&["--convex"], |c| c.convex = true),
+            (&["--sam-redraw"], |c| c.sam_redraw = true),
+            (&["--sam-redraw", "--extremes"], |c| {
+                c.sam_redraw = true;
+                c.extremes = true
+            }),
+            (&["--calibrate"], |c| c.calibrate = true),
+            (&["--fragments"], |c| c.fragments = true),
+            (&["--pose"], |c| c.pose = true),
+            (&["--coarse-landmarks"], |c| c.coarse_landmarks = true),
+            (&["--window"], |c| c.window = true),
+            (&["--hidden", "64"], |c| c.hidden = 64),
+            (&["--pools", "3,9", "--position"], |c| {
+                c.context.pools = vec![3, 9];
+                c.context.position = true
+            }),
+            (&["--global-context"], |c| c.context.global = true),
+        ];
+        for (flags, set) in cases {
+            let mut want = TrainConfig::default();
+            set(&mut want);
+            let want = serde_json::to_value(&want).unwrap();
+            for command in [&["train", "ds", "--out", "a.adapter"][..], &["eval", "ds"]] {
+                let args = ["scout"].iter().chain(command).chain(flags);
+                let cli = Cli::try_parse_from(args).unwrap();
+                let (Cmd::Train { context, .. } | Cmd::Eval { context, .. }) = cli.command else {
+                    unreachable!("parsed as {:?}", command)
+                };
+                let got = serde_json::to_value(context.train_config()).unwrap();
+                assert_eq!(got, want, "{command:?} {flags:?}");
+            }
         }
     }
 }
