@@ -1656,11 +1656,11 @@ impl Adapter {
         let around = |r: usize, n: usize, cut: &Range<usize>| {
             cut.start.saturating_sub(r)..(cut.end + r).min(n)
         };
+        // Row-major (standard layout), checked once: a channel's plane is one slice.
+        let all_planes = data.as_slice()?;
         in_parallel(jobs, |scratch, (i, out)| {
             let (block, channel) = (built.start + i / fine.len(), fine[i % fine.len()]);
-            let Some(plane) = data.row(channel).to_slice() else {
-                return;
-            };
+            let plane = &all_planes[channel * cells..(channel + 1) * cells];
             let (source, width, origin) = match block.checked_sub(1).and_then(|p| pools.get(p)) {
                 Some(k) => {
                     let rows = around(k / 2, h, &keep.rows);
