@@ -29,6 +29,12 @@ pub enum AdapterError {
     },
     #[error("feature maps have {actual} channels, the adapter expects {expected}")]
     Channels { expected: usize, actual: usize },
+    #[error("{rows} feature rows for cells {cells:?} of a first layer over {planned} cells")]
+    Cells {
+        rows: usize,
+        cells: Range<usize>,
+        planned: usize,
+    },
     #[error("coarse landmarks need a backbone with several outputs: these feature maps have one grid, no coarser part to read")]
     OneGrid,
     #[error("ensemble {ensemble:?} with method {method}: each method at most once (a second copy of one would be the same adapter)")]
@@ -1805,13 +1811,17 @@ impl Adapter {
         kept: Range<usize>,
         refs: &[ReferenceTerms],
     ) -> Result<Array2<f32>, AdapterError> {
-        if x.ncols() != layer.w_fine.ncols()
-            || x.nrows() != kept.len()
-            || kept.end > layer.resized.nrows()
-        {
+        if x.ncols() != layer.w_fine.ncols() {
             return Err(AdapterError::Channels {
                 expected: layer.w_fine.ncols(),
                 actual: x.ncols(),
+            });
+        }
+        if x.nrows() != kept.len() || kept.end > layer.resized.nrows() {
+            return Err(AdapterError::Cells {
+                rows: x.nrows(),
+                cells: kept,
+                planned: layer.resized.nrows(),
             });
         }
         self.scores_from(None, x.nrows(), refs, |net| {
@@ -2765,6 +2775,24 @@ mod synthetic {
             assert!(adapter
                 .coarse_first_layers(&one_grid, width, &all)
                 .is_none());
+            // Rows that do not fit the layer are refused, each mismatch by its own name.
+            let layer = layers.last().expect("the adapter's own layer");
+            let refs = adapter.reference_terms();
+            let rows = |n, columns| Array2::<f32>::zeros((n, columns));
+            let fits = adapter.split_scores(layer, rows(3, per_cell.len()).view(), 5..8, &refs);
+            assert_eq!(fits.map(|s| s.dim()).ok(), Some((3, 2)));
+            let narrow = adapter.split_scores(layer, rows(3, 1).view(), 5..8, &refs);
+            assert!(matches!(
+                narrow,
+                Err(AdapterError::Channels {
+                    expected: 2,
+                    actual: 1
+                })
+            ));
+            let short = adapter.split_scores(layer, rows(3, 2).view(), 5..9, &refs);
+            assert!(matches!(short, Err(AdapterError::Cells { rows: 3, .. })));
+            let past = adapter.split_scores(layer, rows(3, 2).view(), h * w..h * w + 3, &refs);
+            assert!(matches!(past, Err(AdapterError::Cells { planned, .. }) if planned == h * w));
             let chunked = adapter.scores(&split).unwrap();
             let (whole, _) = adapter.scores_and_rows(&split).unwrap();
             assert!(crate::same_bits(&chunked, &whole));
