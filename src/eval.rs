@@ -435,7 +435,7 @@ fn coarsest_parts(
 
 /// Trains adapters for `task` on the template cases' slices, and on `augmented` copies of
 /// them (training material only: the layout, alignment and patches are the templates').
-/// The cases are borrowed, so that a subset of them (`train_without`) costs no copy of
+/// The cases are borrowed, so that a subset of them (`Recipe::train_without`) costs no copy of
 /// their feature maps (a spine template's stacks and augmented copies on the hypercolumn:
 /// 3.4 GB).
 pub fn train_task<C: std::borrow::Borrow<(Case, Vec<FeatureMap>)>>(
@@ -651,39 +651,46 @@ fn slice_structures(
     Ok((found, up))
 }
 
-/// The adapters for `task` trained (with `method` and `config`) on every template but the
-/// `i`th and the `augmented` copies of those (`TEMPLATE_AUGMENTS` per template, in order):
-/// what the agent would bring to that template were it a new case.
-#[allow(clippy::too_many_arguments)]
-fn train_without(
-    i: usize,
-    task: &Task,
-    method: Method,
-    templates: &[(Case, Vec<FeatureMap>)],
-    augmented: &[(Case, Vec<FeatureMap>)],
-    config: &TrainConfig,
-    backbone: (&str, &str),
-) -> Result<Vec<Adapter>, AdapterError> {
-    let per = (augmented.len() / templates.len().max(1)).max(1);
-    let others: Vec<_> = templates
-        .iter()
-        .enumerate()
-        .filter_map(|(k, t)| (k != i).then_some(t))
-        .collect();
-    let others_augmented: Vec<_> = augmented
-        .iter()
-        .enumerate()
-        .filter_map(|(k, t)| (k / per != i).then_some(t))
-        .collect();
-    train_task(
-        task,
-        method,
-        false,
-        &others,
-        &others_augmented,
-        config,
-        backbone,
-    )
+/// What a step that leaves each template out in turn trains its adapters from, as the
+/// adapters it serves were trained: the templates, their `augmented` copies
+/// (`TEMPLATE_AUGMENTS` per template, in order), the method, the options and the
+/// backbone's (id, checksum). Multi-label adapters: the steps read one adapter per task.
+#[derive(Clone, Copy)]
+pub struct Recipe<'a> {
+    pub templates: &'a [(Case, Vec<FeatureMap>)],
+    pub augmented: &'a [(Case, Vec<FeatureMap>)],
+    pub method: Method,
+    pub config: &'a TrainConfig,
+    pub backbone: (&'a str, &'a str),
+}
+
+impl Recipe<'_> {
+    /// The adapters for `task` trained on every template but the `i`th and the augmented
+    /// copies of those: what the agent would bring to that template were it a new case.
+    fn train_without(&self, i: usize, task: &Task) -> Result<Vec<Adapter>, AdapterError> {
+        let per = (self.augmented.len() / self.templates.len().max(1)).max(1);
+        let others: Vec<_> = self
+            .templates
+            .iter()
+            .enumerate()
+            .filter_map(|(k, t)| (k != i).then_some(t))
+            .collect();
+        let others_augmented: Vec<_> = self
+            .augmented
+            .iter()
+            .enumerate()
+            .filter_map(|(k, t)| (k / per != i).then_some(t))
+            .collect();
+        train_task(
+            task,
+            self.method,
+            false,
+            &others,
+            &others_augmented,
+            self.config,
+            self.backbone,
+        )
+    }
 }
 
 /// The landmarks of one slice k* as the agent places them with `adapter` (one
@@ -716,32 +723,26 @@ fn centre_landmarks(
 }
 
 /// With `calibrate`: per landmark of `landmarks` (one multi-label adapter trained for
-/// `task` on `templates` and their `augmented` copies, with `method` and `config`), the
-/// offset its pipeline makes (`calibration::learn`): each template in turn is left out,
-/// an adapter trained on the others places its landmarks in its slice k*
-/// (`centre_landmarks`, with `landmarks`' extremes on `left_out`, SAM's masks of
-/// `left_out_sam_masks`), and its errors against the template's own landmarks are
-/// pooled. The offsets stay empty when no landmark has one.
-#[allow(clippy::too_many_arguments)]
+/// `task` by `recipe`), the offset its pipeline makes (`calibration::learn`): each
+/// template in turn is left out, an adapter trained on the others places its landmarks
+/// in its slice k* (`centre_landmarks`, with `landmarks`' extremes on `left_out`, SAM's
+/// masks of `left_out_sam_masks`), and its errors against the template's own landmarks
+/// are pooled. The offsets stay empty when no landmark has one.
 pub fn learn_calibration(
     landmarks: &mut Adapter,
     task: &Task,
-    method: Method,
-    templates: &[(Case, Vec<FeatureMap>)],
-    augmented: &[(Case, Vec<FeatureMap>)],
-    config: &TrainConfig,
-    backbone: (&str, &str),
+    recipe: Recipe,
     left_out: &[LeftOutMasks],
 ) -> Result<(), EvalError> {
     let Task::Landmarks { radius, .. } = task else {
         return Ok(());
     };
     let mut errors: Vec<Vec<(f64, f64)>> = vec![Vec::new(); landmarks.labels.len()];
-    for (i, (case, fms)) in templates.iter().enumerate() {
+    for (i, (case, fms)) in recipe.templates.iter().enumerate() {
         let (Some(slice), Some(fm)) = (case.slices.get(case.center), fms.get(case.center)) else {
             continue;
         };
-        let trained = train_without(i, task, method, templates, augmented, config, backbone)?;
+        let trained = recipe.train_without(i, task)?;
         let Some(mut adapter) = trained.into_iter().next() else {
             continue;
         };
@@ -794,43 +795,37 @@ pub type LeftOutMasks = Vec<(u8, Option<Array2<bool>>)>;
 
 /// With `extremes`, per template: SAM's masks of the structures `structures` redraws
 /// (label values `values`, score order) in its slice k*, as the agent would draw them
-/// were the template a new case: the structures found by an adapter trained (as
-/// `structures` was, with `method` and `config`) on the other templates and their
-/// `augmented` copies (`TEMPLATE_AUGMENTS` per template, in order), then redrawn by SAM
+/// were the template a new case: the structures found by an adapter trained by `recipe`
+/// (as `structures` was) on the other templates, then redrawn by SAM
 /// (`Sam::redraw_structures`); None where SAM's mask was not accepted. A box drawn around
 /// the template's own mask would hand SAM the extremes the rules read (a box's corner is
 /// the costophrenic angle).
-#[allow(clippy::too_many_arguments)]
 pub fn left_out_sam_masks(
     structures: &Adapter,
     values: &[u8],
-    method: Method,
-    templates: &[(Case, Vec<FeatureMap>)],
-    augmented: &[(Case, Vec<FeatureMap>)],
-    config: &TrainConfig,
-    backbone: (&str, &str),
+    recipe: Recipe,
     sam: &Sam,
 ) -> Result<Vec<LeftOutMasks>, EvalError> {
     // Nothing to draw: no structure adapters to train.
     if !structures.sam_redraw.contains(&true) {
-        return Ok(vec![Vec::new(); templates.len()]);
+        return Ok(vec![Vec::new(); recipe.templates.len()]);
     }
     let task = Task::Structures {
         values: values.to_vec(),
     };
     let mut out = Vec::new();
-    for (i, (case, fms)) in templates.iter().enumerate() {
+    for (i, (case, fms)) in recipe.templates.iter().enumerate() {
         let (Some(slice), Some(fm)) = (case.slices.get(case.center), fms.get(case.center)) else {
             out.push(Vec::new());
             continue;
         };
-        let adapters = train_without(i, &task, method, templates, augmented, config, backbone)?;
+        let adapters = recipe.train_without(i, &task)?;
         let left_out = Trained { adapters };
         let (mut found, up) = slice_structures(
             &left_out,
             fm,
             slice,
-            config.guided,
+            recipe.config.guided,
             &mut crate::stack::Anchor::default(),
             true,
             &whole_slices,
@@ -1237,12 +1232,20 @@ pub fn evaluate(
     } else {
         Vec::new()
     };
+    let config = TrainConfig {
+        align: opts.train.align || opts.align.is_some(),
+        ..opts.train.clone()
+    };
+    // The steps that leave each template out train as the adapters here were trained.
+    let recipe = Recipe {
+        templates: templ,
+        augmented: &augmented,
+        method: opts.method,
+        config: &config,
+        backbone: bb,
+    };
     let train_timed = |task: &Task, timing: &mut Timing| -> Result<Trained, EvalError> {
         let t = Instant::now();
-        let config = TrainConfig {
-            align: opts.train.align || opts.align.is_some(),
-            ..opts.train.clone()
-        };
         let mut adapters = train_task(
             task,
             opts.method,
@@ -1296,20 +1299,7 @@ pub fn evaluate(
         ) {
             (Some((st_trained, st)), Some(sam)) => {
                 let t = Instant::now();
-                let config = TrainConfig {
-                    align: opts.train.align || opts.align.is_some(),
-                    ..opts.train.clone()
-                };
-                left_out = left_out_sam_masks(
-                    st,
-                    &values,
-                    opts.method,
-                    templ,
-                    &augmented,
-                    &config,
-                    bb,
-                    sam,
-                )?;
+                left_out = left_out_sam_masks(st, &values, recipe, sam)?;
                 learn_extremes(&mut trained.adapters, &task, templ, &left_out);
                 timing.train_s += t.elapsed().as_secs_f64();
                 trained
@@ -1322,16 +1312,7 @@ pub fn evaluate(
         };
         if let (true, Some(adapter)) = (opts.train.calibrate, trained.adapters.first_mut()) {
             let t = Instant::now();
-            learn_calibration(
-                adapter,
-                &task,
-                opts.method,
-                templ,
-                &augmented,
-                &opts.train,
-                bb,
-                &left_out,
-            )?;
+            learn_calibration(adapter, &task, recipe, &left_out)?;
             timing.train_s += t.elapsed().as_secs_f64();
         }
         let names = &dataset.landmark_names;

@@ -203,6 +203,13 @@ pub fn train_dataset(
         Vec::new()
     };
     let bb = (backbone.id(), backbone.checksum());
+    let recipe = crate::eval::Recipe {
+        templates: &templates,
+        augmented: &augmented,
+        method,
+        config,
+        backbone: bb,
+    };
     let mut tasks = Vec::new();
     if !ds.landmark_names.is_empty() {
         let task = Task::Landmarks {
@@ -235,9 +242,7 @@ pub fn train_dataset(
             Task::Landmarks { .. } => None,
         });
         if let Some((st, values)) = structures {
-            let left_out = crate::eval::left_out_sam_masks(
-                &st, &values, method, &templates, &augmented, config, bb, sam,
-            )?;
+            let left_out = crate::eval::left_out_sam_masks(&st, &values, recipe, sam)?;
             for (task, a) in tasks.iter_mut() {
                 crate::eval::learn_extremes(std::slice::from_mut(a), task, &templates, &left_out);
             }
@@ -250,9 +255,7 @@ pub fn train_dataset(
     };
     if config.calibrate {
         for (task, a) in tasks.iter_mut() {
-            crate::eval::learn_calibration(
-                a, task, method, &templates, &augmented, config, bb, &left_out,
-            )?;
+            crate::eval::learn_calibration(a, task, recipe, &left_out)?;
         }
     }
     // The options as `scout train` spells them, so the line can be run again.

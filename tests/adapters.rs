@@ -753,17 +753,14 @@ fn the_apices_lie_on_the_lungs_tops_and_the_corners_get_no_rule() {
     let mut structures = train(&task);
     scout::eval::learn_sam_redraws(&mut structures, &task, &templates, &sam).unwrap();
     assert_eq!(structures[0].sam_redraw, [true, true, false]);
-    let left_out = scout::eval::left_out_sam_masks(
-        &structures[0],
-        &values,
-        Method::Classification,
-        &templates,
-        &[],
-        &config,
-        bb,
-        &sam,
-    )
-    .unwrap();
+    let recipe = scout::eval::Recipe {
+        templates: &templates,
+        augmented: &[],
+        method: Method::Classification,
+        config: &config,
+        backbone: bb,
+    };
+    let left_out = scout::eval::left_out_sam_masks(&structures[0], &values, recipe, &sam).unwrap();
     let drawn: Vec<Vec<u8>> = left_out
         .iter()
         .map(|t| {
@@ -829,17 +826,14 @@ fn calibration_pools_the_errors_of_the_templates_left_out() {
         trained.unwrap().remove(0)
     };
     let mut adapter = train(&templates);
-    scout::eval::learn_calibration(
-        &mut adapter,
-        &task,
-        Method::Classification,
-        &templates,
-        &[],
-        &config,
-        bb,
-        &[],
-    )
-    .unwrap();
+    let recipe = scout::eval::Recipe {
+        templates: &templates,
+        augmented: &[],
+        method: Method::Classification,
+        config: &config,
+        backbone: bb,
+    };
+    scout::eval::learn_calibration(&mut adapter, &task, recipe, &[]).unwrap();
     let mut errors = vec![Vec::new(); adapter.labels.len()];
     for (i, (case, fms)) in templates.iter().enumerate() {
         let mut others = templates.clone();
