@@ -651,6 +651,18 @@ fn slice_structures(
     Ok((found, up))
 }
 
+/// Slice k*'s structures as the landmarks task took them for `extremes` (SAM's redraws
+/// included), with what they cost: the structures task would take them again to the bit.
+struct CentreStructures {
+    found: Vec<Option<Finding>>,
+    /// What k* passes on to the stack's other slices.
+    anchor: crate::stack::Anchor,
+    /// Per decoder call, the structure and whether SAM's mask was accepted.
+    calls: Vec<(usize, bool)>,
+    adapter_ms: f64,
+    sam_ms: f64,
+}
+
 /// What a step that leaves each template out in turn trains its adapters from, as the
 /// adapters it serves were trained: the templates, their `augmented` copies
 /// (`TEMPLATE_AUGMENTS` per template, in order), the method, the options and the
@@ -1283,6 +1295,8 @@ pub fn evaluate(
     // Per test case, its landmarks found in slice k* (in the data set's order): the
     // structures' `window`.
     let mut centre_points: BTreeMap<String, Vec<Option<(f64, f64)>>> = BTreeMap::new();
+    // Per test case, with `extremes`: its slice k*'s structures as the landmarks took them.
+    let mut centre_structures: BTreeMap<String, CentreStructures> = BTreeMap::new();
     // Landmarks.
     if landmarks_wanted {
         let task = Task::Landmarks {
@@ -1408,23 +1422,40 @@ pub fn evaluate(
                     // time is not the landmarks'), SAM's accepted masks placing the
                     // landmarks on their extremes.
                     let whole = &fms_whole[si];
+                    let t = Instant::now();
+                    let mut anchor = crate::stack::Anchor::default();
                     let (mut drawn, up) = slice_structures(
                         structures,
                         whole,
                         s,
                         opts.train.guided,
-                        &mut crate::stack::Anchor::default(),
+                        &mut anchor,
                         true,
                         &whole_slices,
                     )?;
+                    let structures_ms = t.elapsed().as_secs_f64() * 1000.0;
+                    let t = Instant::now();
                     let redraws = |l| structures.adapters.first().is_some_and(|a| a.redraws(l));
                     let calls = sam.redraw_structures(whole, &mut drawn, redraws, &up)?;
+                    let sam_ms = t.elapsed().as_secs_f64() * 1000.0;
                     let masks: Vec<(u8, &Array2<bool>)> = calls
                         .iter()
                         .filter(|c| c.1)
                         .filter_map(|&(l, _)| Some((*values.get(l)?, &drawn[l].as_ref()?.mask)))
                         .collect();
                     crate::extremes::refine_findings(&mut found, rules, &masks, shape);
+                    // What the structures task would take again to the bit (it redraws
+                    // with SAM's decoder only where `--sam` does not refine instead).
+                    if opts.sam.is_none() {
+                        let taken = CentreStructures {
+                            found: drawn,
+                            anchor,
+                            calls,
+                            adapter_ms: structures_ms,
+                            sam_ms,
+                        };
+                        centre_structures.insert(case.name.clone(), taken);
+                    }
                 }
                 if let (Some(a), true) = (trained.adapters.first(), si == case.center) {
                     crate::calibration::refine_findings(&mut found, &a.calibration, shape);
@@ -1605,25 +1636,41 @@ pub fn evaluate(
                     window_shares.push(share);
                     case_result(&mut report, &case.name).window_share = Some(share);
                 }
-                let (mut found, up) = slice_structures(
-                    &trained,
-                    fm,
-                    s,
-                    opts.train.guided,
-                    &mut anchor,
-                    si == case.center,
-                    &window_of,
-                )?;
-                adapter_ms.push(t.elapsed().as_secs_f64() * 1000.0);
-                if let (None, Some(sam), Some(a)) = (&opts.sam, sam, trained.adapters.first()) {
-                    let t = Instant::now();
-                    let calls = sam.redraw_structures(fm, &mut found, |l| a.redraws(l), &up)?;
+                let mut record_sam = |ms: f64, calls: &[(usize, bool)]| {
                     if !calls.is_empty() {
-                        let each = t.elapsed().as_secs_f64() * 1000.0 / calls.len() as f64;
+                        let each = ms / calls.len() as f64;
                         sam_ms.extend(std::iter::repeat_n(each, calls.len()));
                         sam_accepted.extend(calls.iter().map(|c| c.1));
                     }
-                }
+                };
+                let taken = if si == case.center {
+                    centre_structures.remove(&case.name)
+                } else {
+                    None
+                };
+                let found = if let Some(taken) = taken {
+                    anchor = taken.anchor;
+                    adapter_ms.push(taken.adapter_ms);
+                    record_sam(taken.sam_ms, &taken.calls);
+                    taken.found
+                } else {
+                    let (mut found, up) = slice_structures(
+                        &trained,
+                        fm,
+                        s,
+                        opts.train.guided,
+                        &mut anchor,
+                        si == case.center,
+                        &window_of,
+                    )?;
+                    adapter_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+                    if let (None, Some(sam), Some(a)) = (&opts.sam, sam, trained.adapters.first()) {
+                        let t = Instant::now();
+                        let calls = sam.redraw_structures(fm, &mut found, |l| a.redraws(l), &up)?;
+                        record_sam(t.elapsed().as_secs_f64() * 1000.0, &calls);
+                    }
+                    found
+                };
                 let mut pred_masks: Vec<Option<Array2<bool>>> = Vec::with_capacity(values.len());
                 for (l, f) in found.iter().enumerate() {
                     let mask = match (f, &opts.sam, sam) {

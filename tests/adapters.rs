@@ -709,6 +709,67 @@ fn sam_redraws_the_lungs_and_neither_the_heart_nor_the_vertebrae() {
     assert_eq!(redrawn(&spine), [false; 5]);
 }
 
+/// `scout eval` with `--extremes` takes slice k*'s structures (SAM's redraws included)
+/// once, for the landmarks, and hands them to the structures task: every case's IoU and
+/// SAM's acceptances are those the structures task finds alone. The synthetic square's
+/// top edge is a landmark whose rule SAM's squares keep, so the landmarks do take them.
+#[test]
+fn the_landmarks_hand_their_structures_to_the_structures_task() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ds");
+    common::synthetic_image_dataset(&dir, 6);
+    // The square's top edge (its centre column, its top row) for its centre.
+    let csv = std::fs::read_to_string(dir.join("landmarks.csv")).unwrap();
+    let moved: String = csv
+        .lines()
+        .map(|line| match line.split(',').collect::<Vec<_>>()[..] {
+            [case, "square", x, y] => {
+                let y: f64 = y.parse().unwrap();
+                format!("{case},square_top,{x},{}\n", y - 22.0)
+            }
+            _ => format!("{line}\n"),
+        })
+        .collect();
+    std::fs::write(dir.join("landmarks.csv"), moved).unwrap();
+    let ds = Dataset::open(&dir).unwrap();
+    let sam = decoder();
+    let run = |extremes: bool, only: Option<TaskKind>| {
+        let opts = EvalOptions {
+            templates: 4,
+            only,
+            train: TrainConfig {
+                steps: 300,
+                shape: true,
+                sam_redraw: true,
+                extremes,
+                ..TrainConfig::default()
+            },
+            ..options(Method::Classification)
+        };
+        evaluate(&ds, backbone(), &cache(), Some(&sam), &opts).unwrap()
+    };
+    let both = run(true, None);
+    let alone = run(true, Some(TaskKind::Structures));
+    let without = run(false, Some(TaskKind::Landmarks));
+    let points = |r: &scout::eval::Report| -> Vec<_> {
+        r.cases
+            .values()
+            .map(|c| c.points["square_top"].clone())
+            .collect()
+    };
+    assert_ne!(
+        points(&both),
+        points(&without),
+        "no rule moved the square's top"
+    );
+    assert_eq!(both.cases.len(), 2);
+    for (case, result) in &both.cases {
+        assert_eq!(result.iou, alone.cases[case].iou, "{case}");
+    }
+    assert!(both.timing.sam_accepted.is_some());
+    assert_eq!(both.timing.sam_accepted, alone.timing.sam_accepted);
+}
+
 /// Issue #7: chest-xr's lung apices lie on the lungs' tops (the centroid of their top 3
 /// rows), and SAM's lungs keep them there on templates the structure adapter did not see;
 /// its costophrenic angles lie on the lungs' lower lateral corners, whose thin tip SAM's
