@@ -43,6 +43,20 @@ fn templates_of(ds: &Dataset, n: usize) -> Vec<(Case, Vec<FeatureMap>)> {
         .collect()
 }
 
+/// How the leave-one-template-out steps train: classification on `templates` alone.
+fn classification_recipe<'a>(
+    templates: &'a [(Case, Vec<FeatureMap>)],
+    config: &'a TrainConfig,
+) -> scout::eval::Recipe<'a> {
+    scout::eval::Recipe {
+        templates,
+        augmented: &[],
+        method: Method::Classification,
+        config,
+        backbone: (backbone().id(), backbone().checksum()),
+    }
+}
+
 /// Feature cache shared by test runs (keyed by model checksum and pixels, so always valid).
 fn cache() -> FeatureCache {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("feature-cache");
@@ -814,13 +828,7 @@ fn the_apices_lie_on_the_lungs_tops_and_the_corners_get_no_rule() {
     let mut structures = train(&task);
     scout::eval::learn_sam_redraws(&mut structures, &task, &templates, &sam).unwrap();
     assert_eq!(structures[0].sam_redraw, [true, true, false]);
-    let recipe = scout::eval::Recipe {
-        templates: &templates,
-        augmented: &[],
-        method: Method::Classification,
-        config: &config,
-        backbone: bb,
-    };
+    let recipe = classification_recipe(&templates, &config);
     let left_out = scout::eval::left_out_sam_masks(&structures[0], &values, recipe, &sam).unwrap();
     let drawn: Vec<Vec<u8>> = left_out
         .iter()
@@ -887,13 +895,7 @@ fn calibration_pools_the_errors_of_the_templates_left_out() {
         trained.unwrap().remove(0)
     };
     let mut adapter = train(&templates);
-    let recipe = scout::eval::Recipe {
-        templates: &templates,
-        augmented: &[],
-        method: Method::Classification,
-        config: &config,
-        backbone: bb,
-    };
+    let recipe = classification_recipe(&templates, &config);
     scout::eval::learn_calibration(&mut adapter, &task, recipe, &[]).unwrap();
     let mut errors = vec![Vec::new(); adapter.labels.len()];
     for (i, (case, fms)) in templates.iter().enumerate() {
