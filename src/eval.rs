@@ -1444,9 +1444,10 @@ pub fn evaluate(
                         .filter_map(|&(l, _)| Some((*values.get(l)?, &drawn[l].as_ref()?.mask)))
                         .collect();
                     crate::extremes::refine_findings(&mut found, rules, &masks, shape);
-                    // What the structures task would take again to the bit (it redraws
-                    // with SAM's decoder only where `--sam` does not refine instead).
-                    if opts.sam.is_none() {
+                    // What the structures task, when it runs, would take again to the bit
+                    // (it redraws with SAM's decoder only where `--sam` does not refine
+                    // instead).
+                    if opts.sam.is_none() && opts.only != Some(TaskKind::Landmarks) {
                         let taken = CentreStructures {
                             found: drawn,
                             anchor,
