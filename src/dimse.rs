@@ -102,6 +102,19 @@ fn us(tag: dicom_core::Tag, v: u16) -> DataElement<InMemDicomObject> {
     DataElement::new(tag, VR::US, dicom_value!(U16, [v]))
 }
 
+/// A whole command set in one P-DATA-TF PDU on presentation context `pc_id`: how both the
+/// SCP and the SCU send their commands (a command set is a few hundred bytes).
+pub fn command_pdu(pc_id: u8, data: Vec<u8>) -> dicom_ul::Pdu {
+    dicom_ul::Pdu::PData {
+        data: vec![dicom_ul::pdu::PDataValue {
+            presentation_context_id: pc_id,
+            value_type: dicom_ul::pdu::PDataValueType::Command,
+            is_last: true,
+            data,
+        }],
+    }
+}
+
 pub fn echo_rq(message_id: u16) -> Result<Vec<u8>, DimseError> {
     encode(vec![
         ui(tags::AFFECTED_SOP_CLASS_UID, VERIFICATION_SOP_CLASS),

@@ -562,14 +562,7 @@ fn send_command<S: Stream>(
     data: Vec<u8>,
 ) -> Result<(), String> {
     assoc
-        .send(&Pdu::PData {
-            data: vec![PDataValue {
-                presentation_context_id: pc_id,
-                value_type: PDataValueType::Command,
-                is_last: true,
-                data,
-            }],
-        })
+        .send(&dimse::command_pdu(pc_id, data))
         .map_err(|e| format!("cannot send response: {e}"))
 }
 

@@ -4,7 +4,7 @@
 use crate::dimse::{self, Command};
 use dicom_object::FileMetaTable;
 use dicom_ul::association::client::ClientAssociation;
-use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
+use dicom_ul::pdu::{PDataValueType, PresentationContextResultReason};
 use dicom_ul::{ClientAssociationOptions, Pdu};
 use std::io::Write;
 use std::net::TcpStream;
@@ -137,14 +137,7 @@ fn send_command(
     data: Vec<u8>,
 ) -> Result<(), String> {
     assoc
-        .send(&Pdu::PData {
-            data: vec![PDataValue {
-                presentation_context_id: pc_id,
-                value_type: PDataValueType::Command,
-                is_last: true,
-                data,
-            }],
-        })
+        .send(&dimse::command_pdu(pc_id, data))
         .map_err(|e| e.to_string())
 }
 
