@@ -67,12 +67,15 @@ pub enum TaskKind {
 
 /// A change of pose and protocol applied to test images (robustness check) or to copies of
 /// the templates (`TrainConfig::augment`), with their label maps and landmarks:
-/// in-plane rotation and scaling about the image centre (same image size; what leaves the
-/// field of view is lost, what enters is 0) and an intensity gamma over each slice's range.
+/// in-plane rotation and scaling about the image centre, the rows optionally more than the
+/// columns (same image size; what leaves the field of view is lost, what enters is 0), and
+/// an intensity gamma over each slice's range.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Augment {
     pub rotate_deg: f64,
     pub scale: f64,
+    /// The rows' scale relative to the columns' (1: the same): a taller or flatter body.
+    pub stretch: f64,
     pub gamma: f64,
 }
 
@@ -81,6 +84,7 @@ impl Default for Augment {
         Augment {
             rotate_deg: 0.0,
             scale: 1.0,
+            stretch: 1.0,
             gamma: 1.0,
         }
     }
@@ -91,25 +95,28 @@ impl Augment {
         *self == Augment::default()
     }
 
-    /// Where a pixel (row, column) of the original lands in the augmented image.
+    /// Where a pixel (row, column) of the original lands in the augmented image: turned,
+    /// then scaled (the rows by `scale × stretch`).
     fn forward(&self, p: (f64, f64), rows: usize, cols: usize) -> (f64, f64) {
         let (cy, cx) = ((rows as f64 - 1.0) / 2.0, (cols as f64 - 1.0) / 2.0);
         let (sin, cos) = self.rotate_deg.to_radians().sin_cos();
         let (dy, dx) = (p.0 - cy, p.1 - cx);
         (
-            cy + self.scale * (cos * dy + sin * dx),
+            cy + self.scale * self.stretch * (cos * dy + sin * dx),
             cx + self.scale * (-sin * dy + cos * dx),
         )
     }
 
     /// Where a pixel of the augmented image comes from in the original.
     fn inverse(&self, p: (f64, f64), rows: usize, cols: usize) -> (f64, f64) {
-        let inv = Augment {
-            rotate_deg: -self.rotate_deg,
-            scale: 1.0 / self.scale,
-            gamma: 1.0,
-        };
-        inv.forward(p, rows, cols)
+        let (cy, cx) = ((rows as f64 - 1.0) / 2.0, (cols as f64 - 1.0) / 2.0);
+        let (sin, cos) = (-self.rotate_deg).to_radians().sin_cos();
+        let (dy, dx) = ((p.0 - cy) / self.stretch, p.1 - cx);
+        let shrink = 1.0 / self.scale;
+        (
+            cy + shrink * (cos * dy + sin * dx),
+            cx + shrink * (-sin * dy + cos * dx),
+        )
     }
 
     pub fn apply(&self, case: &Case) -> Case {
@@ -169,31 +176,37 @@ pub const TEMPLATE_AUGMENTS: [Augment; 6] = [
     Augment {
         rotate_deg: 10.0,
         scale: 1.0,
+        stretch: 1.0,
         gamma: 1.0,
     },
     Augment {
         rotate_deg: -10.0,
         scale: 1.0,
+        stretch: 1.0,
         gamma: 1.0,
     },
     Augment {
         rotate_deg: 0.0,
         scale: 0.9,
+        stretch: 1.0,
         gamma: 1.0,
     },
     Augment {
         rotate_deg: 0.0,
         scale: 1.1,
+        stretch: 1.0,
         gamma: 1.0,
     },
     Augment {
         rotate_deg: 0.0,
         scale: 1.0,
+        stretch: 1.0,
         gamma: 0.7,
     },
     Augment {
         rotate_deg: 0.0,
         scale: 1.0,
+        stretch: 1.0,
         gamma: 1.4,
     },
 ];
@@ -1926,8 +1939,8 @@ pub fn table(r: &Report) -> String {
     );
     if !r.augment.is_identity() {
         out += &format!(
-            "  test cases augmented: rotated {}°, scaled ×{}, gamma {}\n",
-            r.augment.rotate_deg, r.augment.scale, r.augment.gamma
+            "  test cases augmented: rotated {}°, scaled ×{} (rows ×{} more), gamma {}\n",
+            r.augment.rotate_deg, r.augment.scale, r.augment.stretch, r.augment.gamma
         );
     }
     let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
@@ -2276,48 +2289,74 @@ mod tests {
                 },
             )]),
         };
-        let aug = Augment {
-            rotate_deg: 10.0,
-            scale: 1.1,
-            gamma: 0.7,
-        };
-        let back = aug.inverse(aug.forward(blob, rows, cols), rows, cols);
-        assert!((back.0 - blob.0).abs() < 1e-9 && (back.1 - blob.1).abs() < 1e-9);
-        let out = aug.apply(&case);
-        let t = &out.landmarks["blob"];
-        let s = &out.slices[0];
-        // The brightest pixels' centroid and the label's centroid sit on the moved landmark.
-        let centroid = |m: Vec<(usize, usize)>| {
-            let n = m.len() as f64;
-            (
-                m.iter().map(|p| p.0 as f64).sum::<f64>() / n,
-                m.iter().map(|p| p.1 as f64).sum::<f64>() / n,
-            )
-        };
-        let bright = centroid(
-            s.pixels
+        // Turned, scaled and gamma-changed; then stretched along the rows alone.
+        let augs = [
+            Augment {
+                rotate_deg: 10.0,
+                scale: 1.1,
+                stretch: 1.0,
+                gamma: 0.7,
+            },
+            Augment {
+                stretch: 1.5,
+                ..Augment::default()
+            },
+        ];
+        for aug in augs {
+            let back = aug.inverse(aug.forward(blob, rows, cols), rows, cols);
+            assert!((back.0 - blob.0).abs() < 1e-9 && (back.1 - blob.1).abs() < 1e-9);
+            let out = aug.apply(&case);
+            let t = &out.landmarks["blob"];
+            let s = &out.slices[0];
+            // The brightest pixels' centroid and the label's centroid sit on the moved
+            // landmark.
+            let centroid = |m: &[(usize, usize)]| {
+                let n = m.len() as f64;
+                (
+                    m.iter().map(|p| p.0 as f64).sum::<f64>() / n,
+                    m.iter().map(|p| p.1 as f64).sum::<f64>() / n,
+                )
+            };
+            let bright: Vec<_> = s
+                .pixels
                 .indexed_iter()
                 .filter(|(_, v)| **v > 900.0)
                 .map(|(p, _)| p)
-                .collect(),
-        );
-        let label = centroid(
-            s.labels
+                .collect();
+            let label: Vec<_> = s
+                .labels
                 .as_ref()
                 .unwrap()
                 .indexed_iter()
                 .filter(|(_, v)| **v == 1)
                 .map(|(p, _)| p)
-                .collect(),
-        );
-        for c in [bright, label] {
-            assert!((c.0 - t.row).hypot(c.1 - t.column) < 0.75, "{c:?} vs {t:?}");
+                .collect();
+            for c in [centroid(&bright), centroid(&label)] {
+                assert!((c.0 - t.row).hypot(c.1 - t.column) < 0.75, "{c:?} vs {t:?}");
+            }
+            // The blob moved: about the centre, not a no-op.
+            assert!((t.row - blob.0).hypot(t.column - blob.1) > 3.0, "{aug:?}");
+            // The label's rows and columns span as the change scales them (a 7-px disk).
+            let span = |axis: fn(&(usize, usize)) -> usize| {
+                let v: Vec<_> = label.iter().map(axis).collect();
+                (v.iter().max().unwrap() - v.iter().min().unwrap() + 1) as f64
+            };
+            if aug.rotate_deg == 0.0 {
+                let (tall, wide) = (span(|p| p.0), span(|p| p.1));
+                assert!(
+                    (tall - 7.0 * aug.scale * aug.stretch).abs() <= 1.0,
+                    "{tall}"
+                );
+                assert!((wide - 7.0 * aug.scale).abs() <= 1.0, "{wide}");
+                assert!(tall > wide, "{aug:?}: {tall} × {wide}");
+            }
+            if aug.gamma != 1.0 {
+                // Gamma maps the slice's range onto itself (corners left the field of
+                // view: 0).
+                let max = s.pixels.iter().fold(0f32, |a, &b| a.max(b));
+                assert!((max - 1000.0).abs() < 1.0, "{max}");
+                assert_eq!(s.pixels[[0, 0]], 0.0);
+            }
         }
-        // The blob moved: rotation about the centre, not a no-op.
-        assert!((t.row - blob.0).hypot(t.column - blob.1) > 3.0);
-        // Gamma maps the slice's range onto itself (corners left the field of view: 0).
-        let max = s.pixels.iter().fold(0f32, |a, &b| a.max(b));
-        assert!((max - 1000.0).abs() < 1.0, "{max}");
-        assert_eq!(s.pixels[[0, 0]], 0.0);
     }
 }

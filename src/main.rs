@@ -119,6 +119,9 @@ enum Cmd {
         /// Robustness: scale the test images about their centre.
         #[arg(long, default_value_t = 1.0)]
         scale: f64,
+        /// Robustness: scale the test images' rows by this much more than their columns.
+        #[arg(long, default_value_t = 1.0)]
+        stretch: f64,
         /// Robustness: intensity gamma of the test images (over each slice's range).
         #[arg(long, default_value_t = 1.0)]
         gamma: f64,
@@ -613,6 +616,7 @@ fn run(cli: Cli) -> Result<(), String> {
             align,
             rotate,
             scale,
+            stretch,
             gamma,
             radius,
             seed,
@@ -675,6 +679,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     augment: scout::eval::Augment {
                         rotate_deg: rotate,
                         scale,
+                        stretch,
                         gamma,
                     },
                 };
