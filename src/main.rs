@@ -117,10 +117,10 @@ enum Cmd {
         #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
         rotate: f64,
         /// Robustness: scale the test images about their centre.
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, default_value_t = 1.0, value_parser = positive, allow_negative_numbers = true)]
         scale: f64,
         /// Robustness: scale the test images' rows by this much more than their columns.
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, default_value_t = 1.0, value_parser = positive, allow_negative_numbers = true)]
         stretch: f64,
         /// Robustness: intensity gamma of the test images (over each slice's range).
         #[arg(long, default_value_t = 1.0)]
@@ -441,6 +441,15 @@ impl From<PlaneArg> for Plane {
             PlaneArg::Coronal => Plane::Coronal,
             PlaneArg::Sagittal => Plane::Sagittal,
         }
+    }
+}
+
+/// A factor that scales an image: finite and above 0.
+fn positive(v: &str) -> Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(f) if f.is_finite() && f > 0.0 => Ok(f),
+        Ok(_) => Err(format!("{v} is not a finite number above 0")),
+        Err(e) => Err(format!("{v}: {e}")),
     }
 }
 
@@ -973,6 +982,23 @@ mod tests {
                 };
                 let got = serde_json::to_value(context.train_config()).unwrap();
                 assert_eq!(got, want, "{command:?} {flags:?}");
+            }
+        }
+    }
+
+    /// The robustness check's image changes take factors above 0, or a clear error.
+    #[test]
+    fn eval_changes_refuse_factors_that_are_not_above_zero() {
+        let parse = |flag: &str, v: &str| Cli::try_parse_from(["scout", "eval", "ds", flag, v]);
+        for flag in ["--scale", "--stretch"] {
+            let Cmd::Eval { scale, stretch, .. } = parse(flag, "1.1").unwrap().command else {
+                unreachable!()
+            };
+            let got = if flag == "--scale" { scale } else { stretch };
+            assert_eq!(got, 1.1);
+            for bad in ["0", "-0.9", "inf", "NaN", "x"] {
+                let e = parse(flag, bad).err().expect(bad).to_string();
+                assert!(e.contains(flag) && e.contains(bad), "{flag} {bad}: {e}");
             }
         }
     }
