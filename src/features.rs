@@ -157,16 +157,67 @@ impl FeatureCache {
             key.push_str("-smoothed");
         }
         // The key hashes the slice's size too: a map for another size is a damaged file.
-        let sized = |fm: &FeatureMap| (fm.image_rows, fm.image_columns) == pixels.dim();
-        if let Some(fm) = self.load(&key).filter(sized) {
+        self.load_or_compute(&key, pixels.dim(), || {
+            backbone.features(&crate::image::normalize(pixels)?)
+        })
+    }
+
+    /// The map stored under `key` for an image of `size`, else `compute`'s, stored. One
+    /// thread of the process computes a key at a time: the others wait for it and read its
+    /// map, since evaluations run side by side (the tests) would otherwise each encode the
+    /// same slices at once, every one at a fraction of the cores. The second value says
+    /// whether `compute` ran.
+    fn load_or_compute<E>(
+        &self,
+        key: &str,
+        size: (usize, usize),
+        compute: impl FnOnce() -> Result<FeatureMap, E>,
+    ) -> Result<(FeatureMap, bool), E> {
+        let sized = |fm: &FeatureMap| (fm.image_rows, fm.image_columns) == size;
+        if let Some(fm) = self.load(key).filter(sized) {
             return Ok((fm, false));
         }
-        let normalized = crate::image::normalize(pixels)?;
-        let fm = backbone.features(&normalized)?;
-        if let Err(e) = self.store(&key, &fm) {
+        let _turn = Turn::take(self.path(key));
+        // Another thread may have stored it while this one waited. When that one failed
+        // (or could not store), this one computes.
+        if let Some(fm) = self.load(key).filter(sized) {
+            return Ok((fm, false));
+        }
+        let fm = compute()?;
+        if let Err(e) = self.store(key, &fm) {
             log::warn!("features: cannot cache in {}: {e}", self.dir.display());
         }
         Ok((fm, true))
+    }
+}
+
+/// The cache files some thread of this process is computing.
+static COMPUTING: std::sync::Mutex<std::collections::BTreeSet<PathBuf>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+static COMPUTED: std::sync::Condvar = std::sync::Condvar::new();
+
+/// A thread's turn to compute one cache file, given back when dropped (also when the
+/// computation fails or panics).
+struct Turn(PathBuf);
+
+impl Turn {
+    fn take(path: PathBuf) -> Turn {
+        // A panic elsewhere while the set was locked leaves it whole (inserts and removes
+        // only): its poison is no reason to stop.
+        let mut computing = COMPUTING.lock().unwrap_or_else(|e| e.into_inner());
+        while computing.contains(&path) {
+            computing = COMPUTED.wait(computing).unwrap_or_else(|e| e.into_inner());
+        }
+        computing.insert(path.clone());
+        Turn(path)
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let mut computing = COMPUTING.lock().unwrap_or_else(|e| e.into_inner());
+        computing.remove(&self.0);
+        COMPUTED.notify_all();
     }
 }
 
@@ -402,6 +453,62 @@ mod tests {
             64,
             64,
         ))
+    }
+
+    /// Threads asking for one missing key at once compute it once, and each gets the map;
+    /// a failed computation hands the turn on.
+    #[test]
+    fn one_thread_computes_a_key_the_others_wait_for() {
+        let dir = std::env::temp_dir().join(format!("scout-cache-turn-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cache = FeatureCache {
+            dir: dir.clone(),
+            one_output: true,
+        };
+        let fm = FeatureMap::new(
+            ndarray::Array3::from_shape_fn((8, 4, 4), |(c, i, j)| (c + i * j) as f32),
+            16,
+            16,
+        );
+        let runs = std::sync::atomic::AtomicUsize::new(0);
+        let compute = || {
+            let n = runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            // Slow enough that the other threads ask while it runs; the first run fails.
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            if n == 0 {
+                Err("encoder failed")
+            } else {
+                Ok(fm.clone())
+            }
+        };
+        let results: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| cache.load_or_compute("k", (16, 16), compute)))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(
+            runs.into_inner(),
+            2,
+            "one failed run, then one that stored the map"
+        );
+        assert_eq!(results.iter().filter(|r| r.is_err()).count(), 1);
+        let computed: Vec<bool> = results
+            .into_iter()
+            .filter_map(|r| r.ok())
+            .map(|(m, c)| {
+                assert_eq!(m.data, fm.data);
+                c
+            })
+            .collect();
+        assert_eq!(computed.iter().filter(|&&c| c).count(), 1);
+        let left = COMPUTING
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|p| p.starts_with(&dir));
+        assert!(!left, "a turn was not given back");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Threads storing one key at once (parallel tests encode the same slice) each
