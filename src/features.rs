@@ -455,16 +455,22 @@ mod tests {
         ))
     }
 
+    /// A cache in a new, empty folder of its own (removed first if a run left it).
+    fn empty_cache(name: &str, one_output: bool) -> (PathBuf, FeatureCache) {
+        let dir = std::env::temp_dir().join(format!("scout-cache-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cache = FeatureCache {
+            dir: dir.clone(),
+            one_output,
+        };
+        (dir, cache)
+    }
+
     /// Threads asking for one missing key at once compute it once, and each gets the map;
     /// a failed computation hands the turn on.
     #[test]
     fn one_thread_computes_a_key_the_others_wait_for() {
-        let dir = std::env::temp_dir().join(format!("scout-cache-turn-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let cache = FeatureCache {
-            dir: dir.clone(),
-            one_output: true,
-        };
+        let (dir, cache) = empty_cache("turn", true);
         let fm = FeatureMap::new(
             ndarray::Array3::from_shape_fn((8, 4, 4), |(c, i, j)| (c + i * j) as f32),
             16,
@@ -515,12 +521,7 @@ mod tests {
     /// succeed, and the cache then holds the map whole.
     #[test]
     fn concurrent_stores_of_one_key_all_succeed() {
-        let dir = std::env::temp_dir().join(format!("scout-cache-race-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let cache = FeatureCache {
-            dir: dir.clone(),
-            one_output: true,
-        };
+        let (dir, cache) = empty_cache("race", true);
         let fm = FeatureMap::new(
             ndarray::Array3::from_shape_fn((64, 32, 32), |(c, i, j)| (c * i + j) as f32),
             128,
@@ -549,12 +550,7 @@ mod tests {
     /// one-grid format is read only where the backbone has one output.
     #[test]
     fn a_stored_hypercolumn_keeps_its_coarse_part() {
-        let dir = std::env::temp_dir().join(format!("scout-cache-parts-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let mut cache = FeatureCache {
-            dir: dir.clone(),
-            one_output: false,
-        };
+        let (dir, mut cache) = empty_cache("parts", false);
         let coarse = Array3::from_shape_fn((3, 4, 4), |(c, i, j)| (c + i * j) as f32 * 0.1);
         let fine = Array3::from_shape_fn((2, 8, 8), |(c, i, j)| (c * i + j) as f32);
         let fm = FeatureMap::stacked(vec![coarse.clone(), fine], 32, 32);
@@ -607,12 +603,7 @@ mod tests {
     /// cache file's path) fails and leaves no temp file behind.
     #[test]
     fn a_failed_store_leaves_no_temp_file() {
-        let dir = std::env::temp_dir().join(format!("scout-cache-fail-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let cache = FeatureCache {
-            dir: dir.clone(),
-            one_output: true,
-        };
+        let (dir, cache) = empty_cache("fail", true);
         std::fs::create_dir_all(cache.path("blocked").join("inside")).unwrap();
         let fm = FeatureMap::new(ndarray::Array3::zeros((2, 4, 4)), 8, 8);
         assert!(cache.store("blocked", &fm).is_err());
