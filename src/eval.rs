@@ -95,6 +95,16 @@ impl Augment {
         *self == Augment::default()
     }
 
+    /// A finite turn and finite factors above 0: anything else would map the images to
+    /// nothing (or to NaN) without a word.
+    pub fn is_valid(&self) -> bool {
+        let factor = |f: f64| f.is_finite() && f > 0.0;
+        self.rotate_deg.is_finite()
+            && factor(self.scale)
+            && factor(self.stretch)
+            && factor(self.gamma)
+    }
+
     /// Where a pixel (row, column) of the original lands in the augmented image: turned,
     /// then scaled (the rows by `scale × stretch`).
     fn forward(&self, p: (f64, f64), rows: usize, cols: usize) -> (f64, f64) {
@@ -1142,14 +1152,9 @@ pub fn evaluate(
         )));
     }
     let a = &opts.augment;
-    let valid = a.rotate_deg.is_finite()
-        && a.scale.is_finite()
-        && a.scale > 0.0
-        && a.gamma.is_finite()
-        && a.gamma > 0.0;
-    if !valid {
+    if !a.is_valid() {
         return Err(EvalError::Setup(format!(
-            "augmentation needs a finite rotation, and scale and gamma > 0 (got {a:?})"
+            "augmentation needs a finite rotation, and scale, stretch and gamma > 0 (got {a:?})"
         )));
     }
     if opts.train.calibrate && (opts.binary || opts.align.is_some()) {
@@ -2255,6 +2260,32 @@ mod tests {
             })
             .collect();
         assert!(train(&single, true).stack_reach.is_empty());
+    }
+
+    /// Each factor of a change must be finite and above 0, the turn finite.
+    #[test]
+    fn only_finite_turns_and_factors_above_zero_are_valid() {
+        let ok = Augment {
+            rotate_deg: -10.0,
+            scale: 0.9,
+            stretch: 1.1,
+            gamma: 1.4,
+        };
+        assert!(ok.is_valid() && Augment::default().is_valid());
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            for a in [
+                Augment { scale: bad, ..ok },
+                Augment { stretch: bad, ..ok },
+                Augment { gamma: bad, ..ok },
+            ] {
+                assert!(!a.is_valid(), "{a:?}");
+            }
+        }
+        assert!(!Augment {
+            rotate_deg: f64::NAN,
+            ..ok
+        }
+        .is_valid());
     }
 
     /// A bright blob and its landmark move together; labels follow; gamma keeps the range.
