@@ -124,6 +124,12 @@ pub struct TrainConfig {
     /// localizer slice (`stack`).
     #[serde(default)]
     pub stack_anchor: bool,
+    /// Structures, with `stack_anchor`: each slice of a stack fills its structures'
+    /// regions with what lies deep inside them in the slice next to it towards the centre
+    /// (`stack::fill_from_inner`), as deep as the templates' stacks show it safe
+    /// (`stack::learn_depth`). Cleared for landmark adapters.
+    #[serde(default)]
+    pub stack_fill: bool,
     /// Structures: refit the upsampled scores to the slice's intensity edges
     /// (`postprocess::refine_to_edges`) before the regions are taken.
     #[serde(default)]
@@ -216,6 +222,7 @@ impl Default for TrainConfig {
             ensemble: Vec::new(),
             layout_fill: false,
             stack_anchor: false,
+            stack_fill: false,
             guided: false,
             votes: false,
             atlas: false,
@@ -526,6 +533,13 @@ pub struct Adapter {
     /// equivalent radii of that section (`stack::learn_reach`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stack_reach: Vec<Option<f64>>,
+    /// Structures, when trained with `stack_fill` on stacks: per structure, per step out
+    /// from the centre slice (index 0: the slices beside it), how deep inside its section
+    /// in the slice next to it towards the centre its section lies for sure, in equivalent
+    /// radii of that section (`stack::learn_depth`); None (or no entry) for a step not
+    /// filled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stack_depth: Vec<Vec<Option<f64>>>,
     /// Structures, when trained with `window`: how far they reach past the box of the
     /// landmarks, so that they are scored near the landmarks found and nowhere else.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1017,6 +1031,7 @@ impl Adapter {
             extremes: Vec::new(),
             calibration: Vec::new(),
             stack_reach: Vec::new(),
+            stack_depth: Vec::new(),
             window: None,
         })
     }
@@ -1026,9 +1041,11 @@ impl Adapter {
     /// that a build reading only 2 would load and silently leave out, so scoring or
     /// placing otherwise: stored models (votes, atlas, enclosed frame, convex and SAM
     /// flags, extremes, calibration, stack reach) and steps that are flags alone (stack
-    /// anchor, edge refinement, fragments, pose, coarse landmarks).
+    /// anchor, edge refinement, fragments, pose, coarse landmarks); 4 for the stack fill,
+    /// which a build reading only 3 would leave out.
     pub fn file_format(&self) -> u32 {
         let t = &self.train;
+        let since_3 = self.stack_depth.iter().flatten().any(Option::is_some);
         let since_2 = self.votes.iter().any(Option::is_some)
             || self.atlas.is_some()
             || self.enclosed.is_some()
@@ -1044,7 +1061,9 @@ impl Adapter {
             || t.pose
             || t.coarse_landmarks;
         let members = self.members.iter().map(Adapter::file_format).max();
-        let own = if since_2 {
+        let own = if since_3 {
+            4
+        } else if since_2 {
             3
         } else if !self.members.is_empty() {
             2
@@ -1097,6 +1116,20 @@ impl Adapter {
             return Err(format!(
                 "{} stack reaches for {n} labels, or one not a finite share ≥ 0",
                 self.stack_reach.len()
+            ));
+        }
+        if !self.stack_depth.is_empty()
+            && (self.stack_depth.len() != n
+                || self
+                    .stack_depth
+                    .iter()
+                    .flatten()
+                    .flatten()
+                    .any(|d| !d.is_finite() || *d < 0.0))
+        {
+            return Err(format!(
+                "{} stack depths for {n} labels, or one not a finite share ≥ 0",
+                self.stack_depth.len()
             ));
         }
         if self.window.as_ref().is_some_and(|w| !w.is_valid()) {
@@ -3056,11 +3089,23 @@ mod synthetic {
             step(&mut m.members[0]);
             assert_eq!(m.file_format(), 3);
         }
+        // The stack fill, since 3, over any of them.
+        let mut filled = plain.clone();
+        filled.stack_depth = vec![vec![None, Some(0.07)], Vec::new()];
+        assert_eq!(filled.file_format(), 4);
+        filled.votes = vec![None, None];
+        filled.train.stack_anchor = true;
+        assert_eq!(filled.file_format(), 4);
+        let mut m = ensemble.clone();
+        m.members[0].stack_depth = vec![Vec::new(), vec![Some(0.0)]];
+        assert_eq!(m.file_format(), 4);
         // Flags that stored nothing change nothing.
         let mut unused = plain.clone();
         unused.convex = vec![false, false];
         unused.sam_redraw = vec![false, false];
         unused.stack_reach = vec![None, None];
+        unused.stack_depth = vec![vec![None], vec![None, None]];
+        unused.train.stack_fill = true;
         unused.train.atlas = true;
         unused.train.window = true;
         assert_eq!(unused.file_format(), 1);

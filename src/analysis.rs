@@ -324,11 +324,13 @@ impl Engine {
             let mut structures: Vec<Structure> = Vec::new();
             // The centre slice first: with `stack_anchor`, the structures it finds are the
             // prior of the stack's other slices and bound how far their regions reach there
-            // (`stack::Anchor`), per adapter.
+            // (`stack::Anchor`), per adapter; then outwards, each slice filled from the one
+            // next in with `stack_fill`.
             let mut anchors: Vec<crate::stack::Anchor> =
                 lr.bundle.tasks.iter().map(|_| Default::default()).collect();
-            let order = analysed.iter().filter(|&&ii| ii == center);
-            let order = order.chain(analysed.iter().filter(|&&ii| ii != center));
+            let order = crate::stack::outwards(images.len(), center)
+                .into_iter()
+                .filter(|ii| analysed.contains(ii));
             // The landmarks the centre slice found (name, point, radius): with a
             // structure adapter's `window`, the stack's structures are scored around them.
             let mut centre_points: Vec<(String, (f64, f64), f64)> = Vec::new();
@@ -336,7 +338,7 @@ impl Engine {
             let windowed = tasks
                 .iter()
                 .any(|(t, a)| matches!(t, Task::Structures { .. }) && a.window.is_some());
-            for &ii in order {
+            for ii in order {
                 let img = &images[ii];
                 let inst_err =
                     |source: Box<dyn std::error::Error + Send + Sync>| AnalysisError::Instance {
@@ -430,7 +432,7 @@ impl Engine {
                             let mut found = anchor.structures(
                                 &mut up,
                                 Some(adapter),
-                                ii == center,
+                                ii as isize - center as isize,
                                 crate::stack::cell_side(&scores, fm.image_rows, fm.image_columns),
                             );
                             // After the anchor: the other slices' prior is the adapter's

@@ -479,6 +479,7 @@ pub fn train_task<C: std::borrow::Borrow<(Case, Vec<FeatureMap>)>>(
         borders: config.borders && !landmarks,
         coarse_landmarks: config.coarse_landmarks && landmarks,
         window: config.window && !landmarks,
+        stack_fill: config.stack_fill && !landmarks,
         ..config.clone()
     };
     let config = &for_task;
@@ -577,10 +578,28 @@ pub fn train_task<C: std::borrow::Borrow<(Case, Vec<FeatureMap>)>>(
                     case.slices.iter().map(|s| s.labels.as_ref()).collect();
                 Some((maps?, case.center))
             });
-            let reach = crate::stack::learn_reach(stacks, &values);
+            let reach = crate::stack::learn_reach(stacks.clone(), &values);
             // Templates of one slice each teach nothing here: the file stays as before.
             if reach.iter().any(Option::is_some) {
                 a.stack_reach = reach;
+            }
+            let depth = if config.stack_fill {
+                crate::stack::learn_depth(stacks, &values)
+            } else {
+                Vec::new()
+            };
+            if depth.iter().flatten().any(Option::is_some) {
+                let steps = |d: &Vec<Option<f64>>| {
+                    d.iter()
+                        .map(|d| d.map_or("-".into(), |d| format!("{d:.2}")))
+                        .collect::<Vec<_>>()
+                        .join(" / ")
+                };
+                log::info!(
+                    "stack fill: structures filled from the slice next in, eroded by (equivalent radii per step out) {}",
+                    depth.iter().map(steps).collect::<Vec<_>>().join(", ")
+                );
+                a.stack_depth = depth;
             }
         }
         if let (Task::Structures { values }, true) = (task, config.window) {
@@ -646,15 +665,15 @@ pub fn train_task<C: std::borrow::Borrow<(Case, Vec<FeatureMap>)>>(
 
 /// One slice's structures as `scout eval` takes them before SAM: the scores at image
 /// resolution, refined to the edges with `guided`, then the structure steps through
-/// `anchor` (`centre`: the stack's localizer slice); each adapter scored within the
-/// window `window` gives it. Returns the findings and the scores.
+/// `anchor` (`step`: the slice's place from the stack's localizer slice, 0); each adapter
+/// scored within the window `window` gives it. Returns the findings and the scores.
 fn slice_structures(
     trained: &Trained,
     fm: &FeatureMap,
     s: &crate::dataset::Slice,
     guided: bool,
     anchor: &mut crate::stack::Anchor,
-    centre: bool,
+    step: isize,
     window: &WindowOf,
 ) -> Result<(Vec<Option<Finding>>, Array3<f32>), EvalError> {
     let scores = trained.scores(fm, window)?;
@@ -667,7 +686,7 @@ fn slice_structures(
     let found = anchor.structures(
         &mut up,
         trained.adapters.first(),
-        centre,
+        step,
         crate::stack::cell_side(&scores, rows, cols),
     );
     Ok((found, up))
@@ -861,7 +880,7 @@ pub fn left_out_sam_masks(
             slice,
             recipe.config.guided,
             &mut crate::stack::Anchor::default(),
-            true,
+            0,
             &whole_slices,
         )?;
         let calls = sam.redraw_structures(fm, &mut found, |l| structures.redraws(l), &up)?;
@@ -1447,7 +1466,7 @@ pub fn evaluate(
                         s,
                         opts.train.guided,
                         &mut anchor,
-                        true,
+                        0,
                         &whole_slices,
                     )?;
                     let structures_ms = t.elapsed().as_secs_f64() * 1000.0;
@@ -1622,12 +1641,11 @@ pub fn evaluate(
             let mut inter = vec![0usize; values.len()];
             let mut union = vec![0usize; values.len()];
             // The localizer slice first: with `stack_anchor` its structures are the prior
-            // of the stack's other slices and bound how far their regions reach there.
+            // of the stack's other slices and bound how far their regions reach there;
+            // then outwards, each slice filled from the one next in with `stack_fill`.
             let mut anchor = crate::stack::Anchor::default();
             let points = centre_points.get(&case.name);
-            let order = std::iter::once(case.center)
-                .chain((0..case.slices.len()).filter(|&i| i != case.center));
-            for si in order {
+            for si in crate::stack::outwards(case.slices.len(), case.center) {
                 let (Some(s), Some(fm)) = (case.slices.get(si), fms.get(si)) else {
                     continue;
                 };
@@ -1678,7 +1696,7 @@ pub fn evaluate(
                         s,
                         opts.train.guided,
                         &mut anchor,
-                        si == case.center,
+                        si as isize - case.center as isize,
                         &window_of,
                     )?;
                     adapter_ms.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -2225,10 +2243,11 @@ mod tests {
         };
         let templates: Vec<(Case, Vec<FeatureMap>)> = (0..2).map(stack).collect();
         let structures = Task::Structures { values: vec![1] };
-        let train = |templates: &[(Case, Vec<FeatureMap>)], stack_anchor: bool| {
+        let train = |templates: &[(Case, Vec<FeatureMap>)], stack_anchor: bool, stack_fill| {
             let config = TrainConfig {
                 steps: 20,
                 stack_anchor,
+                stack_fill,
                 ..TrainConfig::default()
             };
             train_task(
@@ -2243,13 +2262,19 @@ mod tests {
             .unwrap()
             .remove(0)
         };
-        let a = train(&templates, true);
+        let a = train(&templates, true, false);
         let equivalent = (320.0 / std::f64::consts::PI).sqrt();
         assert_eq!(a.stack_reach.len(), 1);
         let reach = a.stack_reach[0].unwrap_or(0.0);
         assert!((reach - 2.0 / equivalent).abs() < 1e-9, "{reach}");
         assert!(a.validate().is_ok());
-        assert!(train(&templates, false).stack_reach.is_empty());
+        assert!(a.stack_depth.is_empty(), "no depth without the fill");
+        assert!(train(&templates, false, false).stack_reach.is_empty());
+        // With the fill: the centre's rectangle lies within the lateral one from 2 pixels
+        // inside it (its top 2 rows are not in it), 0.20 of its equivalent radius (10.09).
+        let filled = train(&templates, true, true);
+        assert_eq!(filled.stack_depth, [[Some(0.2)]]);
+        assert!(filled.validate().is_ok() && filled.file_format() == 4);
         let single: Vec<(Case, Vec<FeatureMap>)> = templates
             .iter()
             .map(|(c, fms)| {
@@ -2259,7 +2284,8 @@ mod tests {
                 (c, vec![fms[0].clone()])
             })
             .collect();
-        assert!(train(&single, true).stack_reach.is_empty());
+        assert!(train(&single, true, false).stack_reach.is_empty());
+        assert!(train(&single, true, true).stack_depth.is_empty());
     }
 
     /// Each factor of a change must be finite and above 0, the turn finite.

@@ -280,6 +280,12 @@ struct ContextArgs {
     /// templates' stacks.
     #[arg(long)]
     stack_anchor: bool,
+    /// With --stack-anchor: a stack's slices are taken outwards from the localizer slice,
+    /// and each structure's region in a slice is joined with what lies deeper inside its
+    /// region in the slice next in than a depth learned per structure and step out from
+    /// the templates' stacks.
+    #[arg(long, requires = "stack_anchor")]
+    stack_fill: bool,
     /// Structures: refit the upsampled scores to the slice's intensity edges (guided
     /// filter, the slice as guide), so borders follow edges instead of the feature grid.
     #[arg(long)]
@@ -352,6 +358,7 @@ impl ContextArgs {
             ensemble: self.ensemble.clone(),
             layout_fill: self.layout_fill,
             stack_anchor: self.stack_anchor,
+            stack_fill: self.stack_fill,
             guided: self.guided,
             votes: self.votes,
             atlas: self.atlas,
@@ -937,7 +944,7 @@ mod tests {
     #[test]
     fn each_flag_sets_its_own_training_option() {
         type Set = fn(&mut TrainConfig);
-        let cases: [(&[&str], Set); 23] = [
+        let cases: [(&[&str], Set); 24] = [
             (&[], |_| {}),
             (&["--shape"], |c| c.shape = true),
             (&["--patches"], |c| c.patches = true),
@@ -948,6 +955,10 @@ mod tests {
             }),
             (&["--layout-fill"], |c| c.layout_fill = true),
             (&["--stack-anchor"], |c| c.stack_anchor = true),
+            (&["--stack-anchor", "--stack-fill"], |c| {
+                c.stack_anchor = true;
+                c.stack_fill = true
+            }),
             (&["--guided"], |c| c.guided = true),
             (&["--votes"], |c| c.votes = true),
             (&["--atlas"], |c| c.atlas = true),

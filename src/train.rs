@@ -14,8 +14,9 @@ use std::path::Path;
 /// Bundle formats this build reads: 1; 2 = adapters with ensemble members, which a build
 /// that reads only 1 would otherwise load without them and score differently; 3 = any
 /// step added since 2 (`Adapter::file_format`: votes, atlas, SAM redraw, extremes...),
-/// which a build reading only 2 would leave out.
-pub const FORMATS: std::ops::RangeInclusive<u32> = 1..=3;
+/// which a build reading only 2 would leave out; 4 = the stack fill (`Adapter::stack_depth`),
+/// which a build reading only 3 would leave out.
+pub const FORMATS: std::ops::RangeInclusive<u32> = 1..=4;
 
 /// The least format that holds `tasks`.
 fn format_of(tasks: &[(Task, Adapter)]) -> u32 {
@@ -272,6 +273,7 @@ pub fn train_dataset(
         (config.borders, " --borders"),
         (config.layout_fill, " --layout-fill"),
         (config.stack_anchor, " --stack-anchor"),
+        (config.stack_fill, " --stack-fill"),
         (config.guided, " --guided"),
         (config.votes, " --votes"),
         (config.atlas, " --atlas"),

@@ -437,6 +437,27 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
         json["tasks"][1][1]["stack_reach"] = serde_json::json!(reach);
     });
     assert!(err.contains("stack reach"), "{err}");
+    // A stack depth that is no share, and one in a file of format 3, which a build that
+    // reads only 3 would load and fill nothing with.
+    let err = refused(&|json| {
+        json["format"] = serde_json::json!(4);
+        let mut depth = vec![serde_json::json!([]); labels];
+        depth[0] = serde_json::json!([0.1, -0.1]);
+        json["tasks"][1][1]["stack_depth"] = serde_json::json!(depth);
+    });
+    assert!(err.contains("stack depths"), "{err}");
+    let err = refused(&|json| {
+        json["format"] = serde_json::json!(4);
+        let depth = vec![serde_json::json!([0.1]); labels + 1];
+        json["tasks"][1][1]["stack_depth"] = serde_json::json!(depth);
+    });
+    let want = format!("{} stack depths for {labels} labels", labels + 1);
+    assert!(err.contains(&want), "{err}");
+    let err = refused(&|json| {
+        let depth = vec![serde_json::json!([0.1]); labels];
+        json["tasks"][1][1]["stack_depth"] = serde_json::json!(depth);
+    });
+    assert!(err.contains("format 4 at least"), "{err}");
     // A structures' window with no reach, or around a landmark the file does not find.
     let err = refused(&|json| {
         json["tasks"][1][1]["window"] = serde_json::json!({"landmarks": ["A"], "share": -0.1});
@@ -467,8 +488,8 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
     });
     assert!(err.contains("ensemble member"), "{err}");
     // A format this build does not know.
-    let err = refused(&|json| json["format"] = serde_json::json!(4));
-    assert!(err.contains("format 4"), "{err}");
+    let err = refused(&|json| json["format"] = serde_json::json!(5));
+    assert!(err.contains("format 5"), "{err}");
     // A format too old for what the file holds.
     for old in [1, 2] {
         let err = refused(&|json| json["format"] = serde_json::json!(old));

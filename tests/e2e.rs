@@ -250,6 +250,15 @@ fn shipped_backbone(id: &str) -> (scout::backbone::Backbone, scout::features::Fe
 
 /// A one-image SEG's masks by segment label (each segment has at most one frame there).
 fn seg_masks(seg_file: &Path) -> BTreeMap<String, ndarray::Array2<bool>> {
+    seg_frames(seg_file)
+        .into_iter()
+        .map(|(label, _, mask)| (label, mask))
+        .collect()
+}
+
+/// Every frame of a SEG: its segment's label, the SOP Instance UID of the image it was
+/// derived from, and its mask.
+fn seg_frames(seg_file: &Path) -> Vec<(String, String, ndarray::Array2<bool>)> {
     let seg = open_file(seg_file).unwrap();
     let int = |o: &InMemDicomObject, t: Tag| o.get(t).unwrap().to_int::<usize>().unwrap();
     let (rows, cols) = (int(&seg, tags::ROWS), int(&seg, tags::COLUMNS));
@@ -274,8 +283,11 @@ fn seg_masks(seg_file: &Path) -> BTreeMap<String, ndarray::Array2<bool>> {
                 let b = first + r * cols + c;
                 (bits[b / 8] >> (b % 8)) & 1 == 1
             });
+            let derivation = &items(frame, tags::DERIVATION_IMAGE_SEQUENCE)[0];
+            let source = &items(derivation, tags::SOURCE_IMAGE_SEQUENCE)[0];
             (
                 labels[&int(ident, tags::REFERENCED_SEGMENT_NUMBER)].clone(),
+                text(source, tags::REFERENCED_SOP_INSTANCE_UID).unwrap(),
                 mask,
             )
         })
@@ -549,11 +561,12 @@ fn real_images_through_the_agent(
 /// (projected onto the centre slice k*) from the centroid of that body there, and how far
 /// it lies across the slices from the body's 3D centroid, in voxels (None: absent); and,
 /// when the centre slice alone was analysed, per SEG segment the IoU of its mask with the
-/// body there that it overlaps best.
+/// body there that it overlaps best; when the stack was, per SEG segment (its label) its
+/// mask in each slice of the stack (None where it has none), and the case.
 fn spine_s06_through_the_agent(
     shared: &Path,
     edits: &[(&str, &str)],
-) -> (Vec<Option<[f64; 2]>>, Vec<f64>) {
+) -> (Vec<Option<[f64; 2]>>, Vec<f64>, StackMasks) {
     let ds = scout::dataset::Dataset::open(&shared.join("spine-mr")).unwrap();
     let case = ds.load_case("s06").unwrap();
     let (run, series, points) = real_images_through_the_agent(
@@ -580,12 +593,34 @@ fn spine_s06_through_the_agent(
     let labels = case.slices[case.center].labels.as_ref().unwrap();
     let three_d = edits.iter().any(|(_, to)| to.contains("slices = \"all\""));
     let mut ious = Vec::new();
+    let mut stack = StackMasks {
+        masks: BTreeMap::new(),
+        case: case.clone(),
+    };
     if !three_d {
         for mask in seg_masks(&the_seg(&run.out)).values() {
             let best = (1..=5u8)
                 .map(|v| iou(mask, &labels.mapv(|x| x == v)))
                 .fold(0.0, f64::max);
             ious.push(best);
+        }
+    } else {
+        let uids: Vec<String> = (0..series.files.len())
+            .map(|i| {
+                scout::spool::read_meta(&series.files[i])
+                    .unwrap()
+                    .sop_instance_uid
+            })
+            .collect();
+        for (label, uid, mask) in seg_frames(&the_seg(&run.out)) {
+            let i = uids
+                .iter()
+                .position(|u| *u == uid)
+                .expect("a frame of the series");
+            stack
+                .masks
+                .entry(label)
+                .or_insert_with(|| vec![None; uids.len()])[i] = Some(mask);
         }
     }
     let errors = ["L1", "L2", "L3", "L4", "L5"]
@@ -613,7 +648,13 @@ fn spine_s06_through_the_agent(
             })
         })
         .collect();
-    (errors, ious)
+    (errors, ious, stack)
+}
+
+/// The SEG's masks of a stack sent through the agent: per segment label, per slice.
+struct StackMasks {
+    masks: BTreeMap<String, Vec<Option<ndarray::Array2<bool>>>>,
+    case: scout::dataset::Case,
 }
 
 /// Vertebrae within 10 px of the centroid in the centre slice.
@@ -938,7 +979,7 @@ fn real_spine_localizer_landmarks_land_on_the_vertebrae() {
     if !dcmtk(t) || !dicom3tools(t) {
         return;
     }
-    let (errors, ious) = spine_s06_through_the_agent(&shared, &[]);
+    let (errors, ious, _) = spine_s06_through_the_agent(&shared, &[]);
     eprintln!("s06 through the agent (shipped adapter): {errors:?}, bodies' IoU {ious:?}");
     // Measured: all five within 3.9 px (earlier shipped adapters left L3 absent here).
     assert_all_found_and_most_within_10px(&errors);
@@ -968,7 +1009,7 @@ fn real_spine_stack_landmarks_land_on_the_vertebrae() {
     if !dcmtk(t) || !dicom3tools(t) {
         return;
     }
-    let (errors, _) =
+    let (errors, _, stack) =
         spine_s06_through_the_agent(&shared, &[("slices = \"center\"", "slices = \"all\"")]);
     eprintln!("s06 stack through the agent (shipped adapter): {errors:?}");
     assert_all_found_and_most_within_10px(&errors);
@@ -977,6 +1018,109 @@ fn real_spine_stack_landmarks_land_on_the_vertebrae() {
     assert!(
         errors.iter().flatten().all(|[_, k]| *k <= 10.0),
         "a vertebra is off across the slices: {errors:?}"
+    );
+    // The bodies over the stack. The shipped adapter fills each slice's bodies from the
+    // slice next in (`--stack-fill`), outwards from the centre: wherever a slice has a
+    // body, it holds what lies deeper than the learned depth inside that body in the slice
+    // next in, but for other bodies' pixels. Taken in another order, or not filled, the
+    // outer sections are the adapter's own, which do not nest so.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (backbone, _) = shipped_backbone("litemedsam-hyper");
+    let bundle =
+        scout::train::Bundle::load(&root.join("models/adapters/spine.adapter"), &backbone).unwrap();
+    let (values, adapter) = bundle
+        .tasks
+        .iter()
+        .find_map(|(t, a)| match t {
+            scout::templates::Task::Structures { values } => Some((values, a)),
+            _ => None,
+        })
+        .expect("the shipped spine adapter has structures");
+    assert!(
+        !adapter.stack_depth.is_empty() && adapter.train.stack_anchor,
+        "the shipped spine adapter fills its stacks"
+    );
+    let case = &stack.case;
+    let center = case.center;
+    assert_eq!(
+        stack.masks.len(),
+        5,
+        "a segment per body: {:?}",
+        stack.masks.keys()
+    );
+    let mut checked = 0;
+    let mut ious = Vec::new();
+    for (label, masks) in &stack.masks {
+        let value: u8 = label.trim_start_matches('L').parse().unwrap();
+        let l = values.iter().position(|v| *v == value).unwrap();
+        for i in (0..masks.len()).filter(|&i| i != center) {
+            let inner_i = if i > center { i - 1 } else { i + 1 };
+            let step = i.abs_diff(center);
+            let (Some(outer), Some(inner), Some(Some(depth))) = (
+                &masks[i],
+                &masks[inner_i],
+                adapter.stack_depth[l].get(step - 1),
+            ) else {
+                continue;
+            };
+            let area = inner.iter().filter(|m| **m).count() as f64;
+            let keep = depth * (area / std::f64::consts::PI).sqrt();
+            let inside = scout::stack::distance_outside(&inner.mapv(|m| !m));
+            let others: Vec<&ndarray::Array2<bool>> = stack
+                .masks
+                .iter()
+                .filter(|(o, _)| *o != label)
+                .filter_map(|(_, m)| m[i].as_ref())
+                .collect();
+            let missing = ndarray::Zip::indexed(&inside)
+                .and(outer)
+                .fold(0usize, |n, p, &d, &m| {
+                    let deep = f64::from(d) > keep && !others.iter().any(|o| o[p]);
+                    n + usize::from(deep && !m)
+                });
+            assert_eq!(
+                missing, 0,
+                "{label}, slice {i}: the fill from slice {inner_i} is not held"
+            );
+            checked += 1;
+        }
+        // Over the stack, against the body it overlaps best in the centre slice.
+        let centre_mask = masks[center]
+            .as_ref()
+            .expect("every body in the centre slice");
+        let body = (1..=5u8)
+            .max_by_key(|v| {
+                let truth = case.slices[center]
+                    .labels
+                    .as_ref()
+                    .unwrap()
+                    .mapv(|x| x == *v);
+                (iou(centre_mask, &truth) * 1e6) as i64
+            })
+            .unwrap();
+        let (mut both, mut either) = (0usize, 0usize);
+        for (s, m) in case.slices.iter().zip(masks) {
+            let truth = s.labels.as_ref().unwrap().mapv(|x| x == body);
+            let m = m
+                .clone()
+                .unwrap_or_else(|| ndarray::Array2::from_elem(truth.dim(), false));
+            both += ndarray::Zip::from(&m)
+                .and(&truth)
+                .fold(0, |n, a, b| n + usize::from(*a && *b));
+            either += ndarray::Zip::from(&m)
+                .and(&truth)
+                .fold(0, |n, a, b| n + usize::from(*a || *b));
+        }
+        ious.push(both as f64 / either.max(1) as f64);
+    }
+    eprintln!("s06 stack: {checked} outer sections filled as learned; bodies' IoU over the stack {ious:?}");
+    // Measured: 38 sections checked (taken centre first, then in slice order, the slices
+    // before the centre are not filled and it fails); IoU 0.83–0.88, `scout eval`'s own
+    // figures for s06 in the first split to 1e-14.
+    assert!(checked >= 30, "too few outer sections to check: {checked}");
+    assert!(
+        ious.iter().all(|&i| i >= 0.75),
+        "a body is cut or misplaced over the stack: {ious:?}"
     );
 }
 
