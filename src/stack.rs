@@ -21,8 +21,10 @@ use crate::postprocess::{self, Finding};
 
 /// What a stack's centre slice passes on to the structures of its other slices, with
 /// `TrainConfig::stack_anchor`: the layout prior (`prior`) and where
-/// each structure's region may stay (`allowed`, `cut`). `scout eval` and the agent both take a
-/// stack's structures through it, centre slice first.
+/// each structure's region may stay (`allowed`, `cut`); with a learned stack depth, each
+/// slice's regions to the next slice out (`fill_from_inner`). `scout eval` and the agent
+/// both take a stack's structures through it, centre slice first, then outwards
+/// (`outwards`).
 #[derive(Debug, Default)]
 pub struct Anchor {
     prior: Option<Prior>,
