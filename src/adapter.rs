@@ -130,6 +130,12 @@ pub struct TrainConfig {
     /// (`stack::learn_depth`). Cleared for landmark adapters.
     #[serde(default)]
     pub stack_fill: bool,
+    /// Structures, with `stack_anchor`: each slice of a stack bounds its structures'
+    /// regions by their regions in the slice next to it towards the centre, grown by a
+    /// margin the templates' stacks show (`stack::bound_by_inner`, `stack::learn_bound`).
+    /// Cleared for landmark adapters.
+    #[serde(default)]
+    pub stack_bound: bool,
     /// Structures: refit the upsampled scores to the slice's intensity edges
     /// (`postprocess::refine_to_edges`) before the regions are taken.
     #[serde(default)]
@@ -223,6 +229,7 @@ impl Default for TrainConfig {
             layout_fill: false,
             stack_anchor: false,
             stack_fill: false,
+            stack_bound: false,
             guided: false,
             votes: false,
             atlas: false,
@@ -540,6 +547,12 @@ pub struct Adapter {
     /// filled.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stack_depth: Vec<Vec<Option<f64>>>,
+    /// Structures, when trained with `stack_bound` on stacks: per structure, per step out
+    /// from the centre slice (index 0: the slices beside it), how far its section reaches
+    /// past its section in the slice next to it towards the centre, in equivalent radii of
+    /// that section (`stack::learn_bound`); None (or no entry) for a step not bounded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stack_bound: Vec<Vec<Option<f64>>>,
     /// Structures, when trained with `window`: how far they reach past the box of the
     /// landmarks, so that they are scored near the landmarks found and nowhere else.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1032,6 +1045,7 @@ impl Adapter {
             calibration: Vec::new(),
             stack_reach: Vec::new(),
             stack_depth: Vec::new(),
+            stack_bound: Vec::new(),
             window: None,
         })
     }
@@ -1042,9 +1056,11 @@ impl Adapter {
     /// placing otherwise: stored models (votes, atlas, enclosed frame, convex and SAM
     /// flags, extremes, calibration, stack reach) and steps that are flags alone (stack
     /// anchor, edge refinement, fragments, pose, coarse landmarks); 4 for the stack fill,
-    /// which a build reading only 3 would leave out.
+    /// which a build reading only 3 would leave out; 5 for the stack bound, which a build
+    /// reading only 4 would leave out.
     pub fn file_format(&self) -> u32 {
         let t = &self.train;
+        let since_4 = self.stack_bound.iter().flatten().any(Option::is_some);
         let since_3 = self.stack_depth.iter().flatten().any(Option::is_some);
         let since_2 = self.votes.iter().any(Option::is_some)
             || self.atlas.is_some()
@@ -1061,7 +1077,9 @@ impl Adapter {
             || t.pose
             || t.coarse_landmarks;
         let members = self.members.iter().map(Adapter::file_format).max();
-        let own = if since_3 {
+        let own = if since_4 {
+            5
+        } else if since_3 {
             4
         } else if since_2 {
             3
@@ -1118,19 +1136,20 @@ impl Adapter {
                 self.stack_reach.len()
             ));
         }
-        if !self.stack_depth.is_empty()
-            && (self.stack_depth.len() != n
-                || self
-                    .stack_depth
-                    .iter()
-                    .flatten()
-                    .flatten()
-                    .any(|d| !d.is_finite() || *d < 0.0))
-        {
-            return Err(format!(
-                "{} stack depths for {n} labels, or one not a finite share ≥ 0",
-                self.stack_depth.len()
-            ));
+        for (per_step, what) in [(&self.stack_depth, "depths"), (&self.stack_bound, "bounds")] {
+            if !per_step.is_empty()
+                && (per_step.len() != n
+                    || per_step
+                        .iter()
+                        .flatten()
+                        .flatten()
+                        .any(|d| !d.is_finite() || *d < 0.0))
+            {
+                return Err(format!(
+                    "{} stack {what} for {n} labels, or one not a finite share ≥ 0",
+                    per_step.len()
+                ));
+            }
         }
         if self.window.as_ref().is_some_and(|w| !w.is_valid()) {
             return Err(
@@ -3099,6 +3118,14 @@ mod synthetic {
         let mut m = ensemble.clone();
         m.members[0].stack_depth = vec![Vec::new(), vec![Some(0.0)]];
         assert_eq!(m.file_format(), 4);
+        // The stack bound, since 4, over the fill too.
+        let mut bounded = plain.clone();
+        bounded.stack_bound = vec![vec![Some(0.2)], Vec::new()];
+        assert_eq!(bounded.file_format(), 5);
+        bounded.stack_depth = vec![vec![Some(0.1)], Vec::new()];
+        assert_eq!(bounded.file_format(), 5);
+        m.members[0].stack_bound = vec![Vec::new(), vec![None, Some(0.0)]];
+        assert_eq!(m.file_format(), 5);
         // Flags that stored nothing change nothing.
         let mut unused = plain.clone();
         unused.convex = vec![false, false];
@@ -3106,6 +3133,8 @@ mod synthetic {
         unused.stack_reach = vec![None, None];
         unused.stack_depth = vec![vec![None], vec![None, None]];
         unused.train.stack_fill = true;
+        unused.stack_bound = vec![vec![None, None], Vec::new()];
+        unused.train.stack_bound = true;
         unused.train.atlas = true;
         unused.train.window = true;
         assert_eq!(unused.file_format(), 1);

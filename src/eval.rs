@@ -480,6 +480,7 @@ pub fn train_task<C: std::borrow::Borrow<(Case, Vec<FeatureMap>)>>(
         coarse_landmarks: config.coarse_landmarks && landmarks,
         window: config.window && !landmarks,
         stack_fill: config.stack_fill && !landmarks,
+        stack_bound: config.stack_bound && !landmarks,
         ..config.clone()
     };
     let config = &for_task;
@@ -583,23 +584,36 @@ pub fn train_task<C: std::borrow::Borrow<(Case, Vec<FeatureMap>)>>(
             if reach.iter().any(Option::is_some) {
                 a.stack_reach = reach;
             }
-            let depth = if config.stack_fill {
-                crate::stack::learn_depth(stacks, &values)
-            } else {
-                Vec::new()
-            };
-            if depth.iter().flatten().any(Option::is_some) {
+            let per_step = |learned: &[Vec<Option<f64>>]| {
                 let steps = |d: &Vec<Option<f64>>| {
                     d.iter()
                         .map(|d| d.map_or("-".into(), |d| format!("{d:.2}")))
                         .collect::<Vec<_>>()
                         .join(" / ")
                 };
+                learned.iter().map(steps).collect::<Vec<_>>().join(", ")
+            };
+            let learned = |on: bool, learn: fn(_, &[u8]) -> Vec<Vec<Option<f64>>>| {
+                let l = if on {
+                    learn(stacks.clone(), &values)
+                } else {
+                    Vec::new()
+                };
+                l.iter().flatten().any(Option::is_some).then_some(l)
+            };
+            if let Some(depth) = learned(config.stack_fill, crate::stack::learn_depth) {
                 log::info!(
                     "stack fill: structures filled from the slice next in, eroded by (equivalent radii per step out) {}",
-                    depth.iter().map(steps).collect::<Vec<_>>().join(", ")
+                    per_step(&depth)
                 );
                 a.stack_depth = depth;
+            }
+            if let Some(bound) = learned(config.stack_bound, crate::stack::learn_bound) {
+                log::info!(
+                    "stack bound: structures bounded by the slice next in, grown by (equivalent radii per step out) {}",
+                    per_step(&bound)
+                );
+                a.stack_bound = bound;
             }
         }
         if let (Task::Structures { values }, true) = (task, config.window) {
@@ -1642,7 +1656,8 @@ pub fn evaluate(
             let mut union = vec![0usize; values.len()];
             // The localizer slice first: with `stack_anchor` its structures are the prior
             // of the stack's other slices and bound how far their regions reach there;
-            // then outwards, each slice filled from the one next in with `stack_fill`.
+            // then outwards, each slice bounded and filled by the one next in with
+            // `stack_bound` and `stack_fill`.
             let mut anchor = crate::stack::Anchor::default();
             let points = centre_points.get(&case.name);
             for si in crate::stack::outwards(case.slices.len(), case.center) {
@@ -2243,12 +2258,10 @@ mod tests {
         };
         let templates: Vec<(Case, Vec<FeatureMap>)> = (0..2).map(stack).collect();
         let structures = Task::Structures { values: vec![1] };
-        let train = |templates: &[(Case, Vec<FeatureMap>)], stack_anchor: bool, stack_fill| {
+        let train_with = |templates: &[(Case, Vec<FeatureMap>)], config: TrainConfig| {
             let config = TrainConfig {
                 steps: 20,
-                stack_anchor,
-                stack_fill,
-                ..TrainConfig::default()
+                ..config
             };
             train_task(
                 &structures,
@@ -2261,6 +2274,14 @@ mod tests {
             )
             .unwrap()
             .remove(0)
+        };
+        let train = |templates: &[(Case, Vec<FeatureMap>)], stack_anchor: bool, stack_fill| {
+            let config = TrainConfig {
+                stack_anchor,
+                stack_fill,
+                ..TrainConfig::default()
+            };
+            train_with(templates, config)
         };
         let a = train(&templates, true, false);
         let equivalent = (320.0 / std::f64::consts::PI).sqrt();
@@ -2275,6 +2296,19 @@ mod tests {
         let filled = train(&templates, true, true);
         assert_eq!(filled.stack_depth, [[Some(0.2)]]);
         assert!(filled.validate().is_ok() && filled.file_format() == 4);
+        assert!(filled.stack_bound.is_empty(), "no bound without its option");
+        // With the bound: 40 of the lateral rectangles' 320 pixels lie 1 or 2 pixels past
+        // the centre's, so 99 % are held at 2 pixels, 0.20 of its equivalent radius.
+        let both = TrainConfig {
+            stack_anchor: true,
+            stack_fill: true,
+            stack_bound: true,
+            ..TrainConfig::default()
+        };
+        let bounded = train_with(&templates, both.clone());
+        assert_eq!(bounded.stack_bound, [[Some(0.2)]]);
+        assert_eq!(bounded.stack_depth, filled.stack_depth);
+        assert!(bounded.validate().is_ok() && bounded.file_format() == 5);
         let single: Vec<(Case, Vec<FeatureMap>)> = templates
             .iter()
             .map(|(c, fms)| {
@@ -2286,6 +2320,7 @@ mod tests {
             .collect();
         assert!(train(&single, true, false).stack_reach.is_empty());
         assert!(train(&single, true, true).stack_depth.is_empty());
+        assert!(train_with(&single, both).stack_bound.is_empty());
     }
 
     /// Each factor of a change must be finite and above 0, the turn finite.

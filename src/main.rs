@@ -286,6 +286,11 @@ struct ContextArgs {
     /// the templates' stacks.
     #[arg(long, requires = "stack_anchor")]
     stack_fill: bool,
+    /// With --stack-anchor: a stack's slices are taken outwards from the localizer slice,
+    /// and each structure's region in a slice is cut to its region in the slice next in,
+    /// grown by a margin learned per structure and step out from the templates' stacks.
+    #[arg(long, requires = "stack_anchor")]
+    stack_bound: bool,
     /// Structures: refit the upsampled scores to the slice's intensity edges (guided
     /// filter, the slice as guide), so borders follow edges instead of the feature grid.
     #[arg(long)]
@@ -359,6 +364,7 @@ impl ContextArgs {
             layout_fill: self.layout_fill,
             stack_anchor: self.stack_anchor,
             stack_fill: self.stack_fill,
+            stack_bound: self.stack_bound,
             guided: self.guided,
             votes: self.votes,
             atlas: self.atlas,
@@ -944,7 +950,7 @@ mod tests {
     #[test]
     fn each_flag_sets_its_own_training_option() {
         type Set = fn(&mut TrainConfig);
-        let cases: [(&[&str], Set); 24] = [
+        let cases: [(&[&str], Set); 25] = [
             (&[], |_| {}),
             (&["--shape"], |c| c.shape = true),
             (&["--patches"], |c| c.patches = true),
@@ -958,6 +964,10 @@ mod tests {
             (&["--stack-anchor", "--stack-fill"], |c| {
                 c.stack_anchor = true;
                 c.stack_fill = true
+            }),
+            (&["--stack-anchor", "--stack-bound"], |c| {
+                c.stack_anchor = true;
+                c.stack_bound = true
             }),
             (&["--guided"], |c| c.guided = true),
             (&["--votes"], |c| c.votes = true),

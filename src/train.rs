@@ -15,8 +15,9 @@ use std::path::Path;
 /// that reads only 1 would otherwise load without them and score differently; 3 = any
 /// step added since 2 (`Adapter::file_format`: votes, atlas, SAM redraw, extremes...),
 /// which a build reading only 2 would leave out; 4 = the stack fill (`Adapter::stack_depth`),
-/// which a build reading only 3 would leave out.
-pub const FORMATS: std::ops::RangeInclusive<u32> = 1..=4;
+/// which a build reading only 3 would leave out; 5 = the stack bound
+/// (`Adapter::stack_bound`), which a build reading only 4 would leave out.
+pub const FORMATS: std::ops::RangeInclusive<u32> = 1..=5;
 
 /// The least format that holds `tasks`.
 fn format_of(tasks: &[(Task, Adapter)]) -> u32 {
@@ -274,6 +275,7 @@ pub fn train_dataset(
         (config.layout_fill, " --layout-fill"),
         (config.stack_anchor, " --stack-anchor"),
         (config.stack_fill, " --stack-fill"),
+        (config.stack_bound, " --stack-bound"),
         (config.guided, " --guided"),
         (config.votes, " --votes"),
         (config.atlas, " --atlas"),

@@ -458,6 +458,21 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
         json["tasks"][1][1]["stack_depth"] = serde_json::json!(depth);
     });
     assert!(err.contains("format 4 at least"), "{err}");
+    // A stack bound that is no share, and one in a file of format 4, which a build that
+    // reads only 4 would load and bound nothing with.
+    let err = refused(&|json| {
+        json["format"] = serde_json::json!(5);
+        let mut bound = vec![serde_json::json!([]); labels];
+        bound[0] = serde_json::json!([null, -0.2]);
+        json["tasks"][1][1]["stack_bound"] = serde_json::json!(bound);
+    });
+    assert!(err.contains("stack bounds"), "{err}");
+    let err = refused(&|json| {
+        json["format"] = serde_json::json!(4);
+        let bound = vec![serde_json::json!([0.1]); labels];
+        json["tasks"][1][1]["stack_bound"] = serde_json::json!(bound);
+    });
+    assert!(err.contains("format 5 at least"), "{err}");
     // A structures' window with no reach, or around a landmark the file does not find.
     let err = refused(&|json| {
         json["tasks"][1][1]["window"] = serde_json::json!({"landmarks": ["A"], "share": -0.1});
@@ -488,8 +503,8 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
     });
     assert!(err.contains("ensemble member"), "{err}");
     // A format this build does not know.
-    let err = refused(&|json| json["format"] = serde_json::json!(5));
-    assert!(err.contains("format 5"), "{err}");
+    let err = refused(&|json| json["format"] = serde_json::json!(6));
+    assert!(err.contains("format 6"), "{err}");
     // A format too old for what the file holds.
     for old in [1, 2] {
         let err = refused(&|json| json["format"] = serde_json::json!(old));
