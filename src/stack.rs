@@ -399,8 +399,8 @@ impl SectionBox {
     fn grown(&self, by: usize, (rows, cols): (usize, usize)) -> SectionBox {
         SectionBox {
             area: self.area,
-            rows: self.rows.start.saturating_sub(by)..(self.rows.end + by).min(rows),
-            cols: self.cols.start.saturating_sub(by)..(self.cols.end + by).min(cols),
+            rows: self.rows.start.saturating_sub(by)..self.rows.end.saturating_add(by).min(rows),
+            cols: self.cols.start.saturating_sub(by)..self.cols.end.saturating_add(by).min(cols),
         }
     }
 
@@ -500,7 +500,7 @@ pub fn bound_by_inner(
         let reach = margin * equivalent_radius(b.area);
         // A pixel outside the section's box grown past the reach lies further than it
         // from the section in one axis at least.
-        let b = b.grown(reach.ceil() as usize + 1, section.dim());
+        let b = b.grown((reach.ceil() as usize).saturating_add(1), section.dim());
         let window = ndarray::s![b.rows.clone(), b.cols.clone()];
         let distance = distance_outside(&section.slice(window).to_owned());
         let mut kept = Array2::from_elem(section.dim(), false);
@@ -1175,6 +1175,10 @@ pub(crate) mod tests {
         assert!(found[2].is_none(), "bounded away entirely: absent");
         let kept = found[3].as_ref().expect("structure 3 stays");
         assert_eq!((&kept.mask, kept.mass), (&near, 1.0), "within: untouched");
+        // A margin past any slice (a hand-edited file may hold one) keeps everything.
+        let mut wide = vec![Some(finding(0, spill.clone()))];
+        bound_by_inner(&mut wide, &inner[..1], &[Some(1e300)], &scores);
+        assert_eq!(wide[0].as_ref().map(|f| &f.mask), Some(&spill));
     }
 
     /// Through `Anchor`, with a learned margin: each slice out is bounded by the one next
