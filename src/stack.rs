@@ -503,16 +503,16 @@ pub fn bound_by_inner(
         let b = b.grown((reach.ceil() as usize).saturating_add(1), section.dim());
         let window = ndarray::s![b.rows.clone(), b.cols.clone()];
         let distance = distance_outside(&section.slice(window).to_owned());
-        let mut kept = Array2::from_elem(section.dim(), false);
-        kept.slice_mut(window)
-            .assign(&distance.mapv(|d| f64::from(d) <= reach));
         let mut removed = 0usize;
-        Zip::from(&mut finding.mask)
-            .and(&kept)
-            .for_each(|m, &keep| {
-                removed += usize::from(*m && !keep);
-                *m &= keep;
-            });
+        for ((r, c), m) in finding.mask.indexed_iter_mut().filter(|(_, m)| **m) {
+            let near = b.rows.contains(&r)
+                && b.cols.contains(&c)
+                && f64::from(distance[[r - b.rows.start, c - b.cols.start]]) <= reach;
+            if !near {
+                *m = false;
+                removed += 1;
+            }
+        }
         if !finding.mask.iter().any(|m| *m) {
             *f = None;
         } else if removed > 0 {
