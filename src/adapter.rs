@@ -136,6 +136,12 @@ pub struct TrainConfig {
     /// Cleared for landmark adapters.
     #[serde(default)]
     pub stack_bound: bool,
+    /// Structures, with `stack_anchor`: at a stack's outermost slices, each structure's
+    /// region becomes the contour halfway between it and its region in the slice next to
+    /// it towards the centre, narrowed as the templates' stacks show
+    /// (`stack::blend_with_inner`, `stack::learn_blend`). Cleared for landmark adapters.
+    #[serde(default)]
+    pub stack_blend: bool,
     /// Structures: refit the upsampled scores to the slice's intensity edges
     /// (`postprocess::refine_to_edges`) before the regions are taken.
     #[serde(default)]
@@ -230,6 +236,7 @@ impl Default for TrainConfig {
             stack_anchor: false,
             stack_fill: false,
             stack_bound: false,
+            stack_blend: false,
             guided: false,
             votes: false,
             atlas: false,
@@ -553,6 +560,13 @@ pub struct Adapter {
     /// that section (`stack::learn_bound`); None (or no entry) for a step not bounded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stack_bound: Vec<Vec<Option<f64>>>,
+    /// Structures, when trained with `stack_blend` on stacks: per structure, per step out
+    /// from the centre slice (index 0: the slices beside it), the scale of its section
+    /// against its section in the slice next to it towards the centre, rows and columns
+    /// (`stack::learn_blend`), at the outermost step the templates show; None (or no
+    /// entry) for a step not blended.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stack_blend: Vec<Vec<Option<[f64; 2]>>>,
     /// Structures, when trained with `window`: how far they reach past the box of the
     /// landmarks, so that they are scored near the landmarks found and nowhere else.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1046,6 +1060,7 @@ impl Adapter {
             stack_reach: Vec::new(),
             stack_depth: Vec::new(),
             stack_bound: Vec::new(),
+            stack_blend: Vec::new(),
             window: None,
         })
     }
@@ -1057,9 +1072,11 @@ impl Adapter {
     /// flags, extremes, calibration, stack reach) and steps that are flags alone (stack
     /// anchor, edge refinement, fragments, pose, coarse landmarks); 4 for the stack fill,
     /// which a build reading only 3 would leave out; 5 for the stack bound, which a build
-    /// reading only 4 would leave out.
+    /// reading only 4 would leave out; 6 for the stack blend, which a build reading only 5
+    /// would leave out.
     pub fn file_format(&self) -> u32 {
         let t = &self.train;
+        let since_5 = self.stack_blend.iter().flatten().any(Option::is_some);
         let since_4 = self.stack_bound.iter().flatten().any(Option::is_some);
         let since_3 = self.stack_depth.iter().flatten().any(Option::is_some);
         let since_2 = self.votes.iter().any(Option::is_some)
@@ -1077,7 +1094,9 @@ impl Adapter {
             || t.pose
             || t.coarse_landmarks;
         let members = self.members.iter().map(Adapter::file_format).max();
-        let own = if since_4 {
+        let own = if since_5 {
+            6
+        } else if since_4 {
             5
         } else if since_3 {
             4
@@ -1150,6 +1169,21 @@ impl Adapter {
                     per_step.len()
                 ));
             }
+        }
+        if !self.stack_blend.is_empty()
+            && (self.stack_blend.len() != n
+                || self
+                    .stack_blend
+                    .iter()
+                    .flatten()
+                    .flatten()
+                    .flatten()
+                    .any(|s| !s.is_finite() || *s <= 0.0))
+        {
+            return Err(format!(
+                "{} stack blends for {n} labels, or a scale not finite > 0",
+                self.stack_blend.len()
+            ));
         }
         if self.window.as_ref().is_some_and(|w| !w.is_valid()) {
             return Err(
@@ -3126,6 +3160,14 @@ mod synthetic {
         assert_eq!(bounded.file_format(), 5);
         m.members[0].stack_bound = vec![Vec::new(), vec![None, Some(0.0)]];
         assert_eq!(m.file_format(), 5);
+        // The stack blend, since 5, over the bound too.
+        let mut blended = plain.clone();
+        blended.stack_blend = vec![vec![None, Some([0.9, 0.8])], Vec::new()];
+        assert_eq!(blended.file_format(), 6);
+        blended.stack_bound = vec![vec![Some(0.1)], Vec::new()];
+        assert_eq!(blended.file_format(), 6);
+        m.members[0].stack_blend = vec![Vec::new(), vec![Some([1.0, 1.0])]];
+        assert_eq!(m.file_format(), 6);
         // Flags that stored nothing change nothing.
         let mut unused = plain.clone();
         unused.convex = vec![false, false];
@@ -3135,6 +3177,8 @@ mod synthetic {
         unused.train.stack_fill = true;
         unused.stack_bound = vec![vec![None, None], Vec::new()];
         unused.train.stack_bound = true;
+        unused.stack_blend = vec![vec![None], vec![None, None]];
+        unused.train.stack_blend = true;
         unused.train.atlas = true;
         unused.train.window = true;
         assert_eq!(unused.file_format(), 1);

@@ -481,6 +481,7 @@ pub fn train_task<C: std::borrow::Borrow<(Case, Vec<FeatureMap>)>>(
         window: config.window && !landmarks,
         stack_fill: config.stack_fill && !landmarks,
         stack_bound: config.stack_bound && !landmarks,
+        stack_blend: config.stack_blend && !landmarks,
         ..config.clone()
     };
     let config = &for_task;
@@ -614,6 +615,24 @@ pub fn train_task<C: std::borrow::Borrow<(Case, Vec<FeatureMap>)>>(
                     per_step(&bound)
                 );
                 a.stack_bound = bound;
+            }
+            let blend = if config.stack_blend {
+                crate::stack::learn_blend(stacks.clone(), &values)
+            } else {
+                Vec::new()
+            };
+            if blend.iter().flatten().any(Option::is_some) {
+                let steps = |b: &Vec<Option<[f64; 2]>>| {
+                    b.iter()
+                        .map(|s| s.map_or("-".into(), |[r, c]| format!("{r:.2} × {c:.2}")))
+                        .collect::<Vec<_>>()
+                        .join(" / ")
+                };
+                log::info!(
+                    "stack blend: outermost structures halfway to the slice next in, scaled by (rows × columns per step out) {}",
+                    blend.iter().map(steps).collect::<Vec<_>>().join(", ")
+                );
+                a.stack_blend = blend;
             }
         }
         if let (Task::Structures { values }, true) = (task, config.window) {
@@ -1656,8 +1675,8 @@ pub fn evaluate(
             let mut union = vec![0usize; values.len()];
             // The localizer slice first: with `stack_anchor` its structures are the prior
             // of the stack's other slices and bound how far their regions reach there;
-            // then outwards, each slice bounded and filled by the one next in with
-            // `stack_bound` and `stack_fill`.
+            // then outwards, each slice filled, bounded and (the outermost) blended by the
+            // one next in with `stack_fill`, `stack_bound` and `stack_blend`.
             let mut anchor = crate::stack::Anchor::default();
             let points = centre_points.get(&case.name);
             for si in crate::stack::outwards(case.slices.len(), case.center) {
@@ -2309,6 +2328,22 @@ mod tests {
         assert_eq!(bounded.stack_bound, [[Some(0.2)]]);
         assert_eq!(bounded.stack_depth, filled.stack_depth);
         assert!(bounded.validate().is_ok() && bounded.file_format() == 5);
+        assert!(
+            bounded.stack_blend.is_empty(),
+            "no blend without its option"
+        );
+        // With the blend: the lateral rectangles are the centre's moved down, of the same
+        // spread, so scaled by 1 in rows and columns, at the one step out there is.
+        let all = TrainConfig {
+            stack_blend: true,
+            ..both.clone()
+        };
+        let blended = train_with(&templates, all.clone());
+        assert_eq!(blended.stack_blend.len(), 1);
+        let [rows, cols] = blended.stack_blend[0][0].expect("step 1");
+        assert!((rows - 1.0).abs() < 1e-12 && (cols - 1.0).abs() < 1e-12);
+        assert_eq!(blended.stack_bound, bounded.stack_bound);
+        assert!(blended.validate().is_ok() && blended.file_format() == 6);
         let single: Vec<(Case, Vec<FeatureMap>)> = templates
             .iter()
             .map(|(c, fms)| {
@@ -2321,6 +2356,7 @@ mod tests {
         assert!(train(&single, true, false).stack_reach.is_empty());
         assert!(train(&single, true, true).stack_depth.is_empty());
         assert!(train_with(&single, both).stack_bound.is_empty());
+        assert!(train_with(&single, all).stack_blend.is_empty());
     }
 
     /// Each factor of a change must be finite and above 0, the turn finite.

@@ -291,6 +291,11 @@ struct ContextArgs {
     /// grown by a margin learned per structure and step out from the templates' stacks.
     #[arg(long, requires = "stack_anchor")]
     stack_bound: bool,
+    /// With --stack-anchor: at a stack's outermost slices each structure's region becomes
+    /// the contour halfway between it and its region in the slice next in, scaled as the
+    /// templates' sections narrow there (rows and columns learned per structure).
+    #[arg(long, requires = "stack_anchor")]
+    stack_blend: bool,
     /// Structures: refit the upsampled scores to the slice's intensity edges (guided
     /// filter, the slice as guide), so borders follow edges instead of the feature grid.
     #[arg(long)]
@@ -365,6 +370,7 @@ impl ContextArgs {
             stack_anchor: self.stack_anchor,
             stack_fill: self.stack_fill,
             stack_bound: self.stack_bound,
+            stack_blend: self.stack_blend,
             guided: self.guided,
             votes: self.votes,
             atlas: self.atlas,
@@ -950,7 +956,7 @@ mod tests {
     #[test]
     fn each_flag_sets_its_own_training_option() {
         type Set = fn(&mut TrainConfig);
-        let cases: [(&[&str], Set); 25] = [
+        let cases: [(&[&str], Set); 26] = [
             (&[], |_| {}),
             (&["--shape"], |c| c.shape = true),
             (&["--patches"], |c| c.patches = true),
@@ -968,6 +974,10 @@ mod tests {
             (&["--stack-anchor", "--stack-bound"], |c| {
                 c.stack_anchor = true;
                 c.stack_bound = true
+            }),
+            (&["--stack-anchor", "--stack-blend"], |c| {
+                c.stack_anchor = true;
+                c.stack_blend = true
             }),
             (&["--guided"], |c| c.guided = true),
             (&["--votes"], |c| c.votes = true),

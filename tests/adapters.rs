@@ -473,6 +473,21 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
         json["tasks"][1][1]["stack_bound"] = serde_json::json!(bound);
     });
     assert!(err.contains("format 5 at least"), "{err}");
+    // A stack blend's scale that is not above 0, and one in a file of format 5, which a
+    // build that reads only 5 would load and blend nothing with.
+    let err = refused(&|json| {
+        json["format"] = serde_json::json!(6);
+        let mut blend = vec![serde_json::json!([]); labels];
+        blend[0] = serde_json::json!([null, [0.9, 0.0]]);
+        json["tasks"][1][1]["stack_blend"] = serde_json::json!(blend);
+    });
+    assert!(err.contains("stack blends"), "{err}");
+    let err = refused(&|json| {
+        json["format"] = serde_json::json!(5);
+        let blend = vec![serde_json::json!([[0.9, 0.8]]); labels];
+        json["tasks"][1][1]["stack_blend"] = serde_json::json!(blend);
+    });
+    assert!(err.contains("format 6 at least"), "{err}");
     // A structures' window with no reach, or around a landmark the file does not find.
     let err = refused(&|json| {
         json["tasks"][1][1]["window"] = serde_json::json!({"landmarks": ["A"], "share": -0.1});
@@ -503,8 +518,8 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
     });
     assert!(err.contains("ensemble member"), "{err}");
     // A format this build does not know.
-    let err = refused(&|json| json["format"] = serde_json::json!(6));
-    assert!(err.contains("format 6"), "{err}");
+    let err = refused(&|json| json["format"] = serde_json::json!(7));
+    assert!(err.contains("format 7"), "{err}");
     // A format too old for what the file holds.
     for old in [1, 2] {
         let err = refused(&|json| json["format"] = serde_json::json!(old));

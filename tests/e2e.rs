@@ -1019,12 +1019,15 @@ fn real_spine_stack_landmarks_land_on_the_vertebrae() {
         errors.iter().flatten().all(|[_, k]| *k <= 10.0),
         "a vertebra is off across the slices: {errors:?}"
     );
-    // The bodies over the stack. The shipped adapter bounds and fills each slice's bodies
-    // by the slice next in (`--stack-bound`, `--stack-fill`), outwards from the centre:
+    // The bodies over the stack. The shipped adapter fills and bounds each slice's bodies
+    // by the slice next in (`--stack-fill`, `--stack-bound`), outwards from the centre:
     // wherever a slice has a body, it lies within that body in the slice next in grown by
     // the learned margin, and it holds what lies deeper than the learned depth inside it,
     // but for other bodies' pixels. Taken in another order, or neither bounded nor filled,
-    // the outer sections are the adapter's own, which do not nest so.
+    // the outer sections are the adapter's own, which do not nest so. At the outermost
+    // slices (`--stack-blend`) a body is the contour halfway between that and the body in
+    // the slice next in, scaled as learned: it lies within the two, and holds what both
+    // hold.
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let (backbone, _) = shipped_backbone("litemedsam-hyper");
     let bundle =
@@ -1040,8 +1043,9 @@ fn real_spine_stack_landmarks_land_on_the_vertebrae() {
     assert!(
         !adapter.stack_depth.is_empty()
             && !adapter.stack_bound.is_empty()
+            && adapter.stack_blend.iter().flatten().any(Option::is_some)
             && adapter.train.stack_anchor,
-        "the shipped spine adapter bounds and fills its stacks"
+        "the shipped spine adapter fills, bounds and blends its stacks"
     );
     let case = &stack.case;
     let center = case.center;
@@ -1051,7 +1055,7 @@ fn real_spine_stack_landmarks_land_on_the_vertebrae() {
         "a segment per body: {:?}",
         stack.masks.keys()
     );
-    let (mut checked, mut bounded) = (0, 0);
+    let (mut checked, mut bounded, mut blended) = (0, 0, 0);
     let mut ious = Vec::new();
     for (label, masks) in &stack.masks {
         let value: u8 = label.trim_start_matches('L').parse().unwrap();
@@ -1064,7 +1068,44 @@ fn real_spine_stack_landmarks_land_on_the_vertebrae() {
             };
             let area = inner.iter().filter(|m| **m).count() as f64;
             let radius = (area / std::f64::consts::PI).sqrt();
-            if let Some(Some(margin)) = adapter.stack_bound[l].get(step - 1) {
+            let others: Vec<&ndarray::Array2<bool>> = stack
+                .masks
+                .iter()
+                .filter(|(o, _)| *o != label)
+                .filter_map(|(_, m)| m[i].as_ref())
+                .collect();
+            let learned = |per_step: &[Vec<Option<f64>>]| per_step[l].get(step - 1).copied();
+            if let Some(Some(scale)) = adapter.stack_blend[l].get(step - 1) {
+                let Some(Some(margin)) = learned(&adapter.stack_bound) else {
+                    panic!("{label}: blended at step {step}, not bounded");
+                };
+                // Not filled where no depth was learned (L5's outermost step).
+                let depth = learned(&adapter.stack_depth).flatten();
+                let narrowed = scout::stack::scaled(inner, *scale);
+                let near = scout::stack::distance_outside(inner);
+                let inside = scout::stack::distance_outside(&inner.mapv(|m| !m));
+                let (mut past, mut missing) = (0usize, 0usize);
+                ndarray::Zip::indexed(outer)
+                    .and(&narrowed)
+                    .and(&near)
+                    .and(&inside)
+                    .for_each(|p, &m, &n, &d_out, &d_in| {
+                        let allowed = n || f64::from(d_out) <= margin * radius;
+                        let held = n
+                            && depth.is_some_and(|depth| f64::from(d_in) > depth * radius)
+                            && !others.iter().any(|o| o[p]);
+                        past += usize::from(m && !allowed);
+                        missing += usize::from(held && !m);
+                    });
+                assert_eq!(
+                    (past, missing),
+                    (0, 0),
+                    "{label}, slice {i}: pixels past the bound and the scaled section, pixels both hold missing"
+                );
+                blended += 1;
+                continue;
+            }
+            if let Some(Some(margin)) = learned(&adapter.stack_bound) {
                 let near = scout::stack::distance_outside(inner);
                 let past = ndarray::Zip::from(&near)
                     .and(outer)
@@ -1077,17 +1118,11 @@ fn real_spine_stack_landmarks_land_on_the_vertebrae() {
                 );
                 bounded += 1;
             }
-            let Some(Some(depth)) = adapter.stack_depth[l].get(step - 1) else {
+            let Some(Some(depth)) = learned(&adapter.stack_depth) else {
                 continue;
             };
             let keep = depth * radius;
             let inside = scout::stack::distance_outside(&inner.mapv(|m| !m));
-            let others: Vec<&ndarray::Array2<bool>> = stack
-                .masks
-                .iter()
-                .filter(|(o, _)| *o != label)
-                .filter_map(|(_, m)| m[i].as_ref())
-                .collect();
             let missing = ndarray::Zip::indexed(&inside)
                 .and(outer)
                 .fold(0usize, |n, p, &d, &m| {
@@ -1129,14 +1164,15 @@ fn real_spine_stack_landmarks_land_on_the_vertebrae() {
         }
         ious.push(both as f64 / either.max(1) as f64);
     }
-    eprintln!("s06 stack: {bounded} outer sections bounded and {checked} filled as learned; bodies' IoU over the stack {ious:?}");
-    // Measured: 38 sections filled and 40 bounded checked (taken centre first, then in
-    // slice order, the slices before the centre are not filled and it fails; without the
-    // bound 21 of the 40 reach past it); IoU 0.83–0.88, `scout eval`'s own figures for s06
-    // in the first split to 1e-15.
+    eprintln!("s06 stack: {bounded} outer sections bounded, {checked} filled and {blended} blended as learned; bodies' IoU over the stack {ious:?}");
+    // Measured: 30 sections filled and 30 bounded checked, 10 blended (the outermost
+    // slices, five bodies on both sides; L5 is not filled there, no depth holding it).
+    // Taken centre first, then in slice order, the slices before the centre are not
+    // filled and it fails; without the bound 21 of the 40 outer sections reach past it.
+    // IoU 0.84–0.88, `scout eval`'s own figures for s06 in the first split to 1e-15.
     assert!(
-        checked >= 30 && bounded >= 30,
-        "too few outer sections to check: {checked} filled, {bounded} bounded"
+        checked >= 25 && bounded >= 25 && blended >= 8,
+        "too few outer sections to check: {checked} filled, {bounded} bounded, {blended} blended"
     );
     assert!(
         ious.iter().all(|&i| i >= 0.75),
