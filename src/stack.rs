@@ -593,8 +593,8 @@ pub fn bound_by_inner(
 /// two, where the signed distances to both outlines sum below 0. The outermost slices cut
 /// the structures near their sides, where the adapter finds their outline worst and the
 /// section next in, narrowed as the templates' narrow, is a second estimate as good
-/// (spine-mr, first split, IoU at k* ± 20: 74–76 the adapter's, 78 the scaled true section
-/// next in). Only a structure both slices have and a scale was learned for is blended,
+/// (spine-mr, first split, IoU at k* ± 20: 74–75 the adapter's, 78 the true section next
+/// in, scaled). Only a structure both slices have and a scale was learned for is blended,
 /// and not over another's region; where the two do not meet, the region stays.
 pub fn blend_with_inner(
     found: &mut [Option<Finding>],
