@@ -1142,44 +1142,48 @@ impl Adapter {
         {
             return Err(format!("vote model {i} does not fit {c} feature columns"));
         }
-        if !self.stack_reach.is_empty()
-            && (self.stack_reach.len() != n
-                || self
-                    .stack_reach
-                    .iter()
-                    .flatten()
-                    .any(|r| !r.is_finite() || *r < 0.0))
-        {
+        // What the stack learned per structure: none, or one entry per label whose
+        // figures all pass `ok`.
+        fn per_label(
+            len: usize,
+            n: usize,
+            mut figures: impl Iterator<Item = f64>,
+            ok: fn(f64) -> bool,
+        ) -> bool {
+            len == 0 || (len == n && figures.all(ok))
+        }
+        let share = |x: f64| x.is_finite() && x >= 0.0;
+        let reach = self.stack_reach.iter().flatten().copied();
+        if !per_label(self.stack_reach.len(), n, reach, share) {
             return Err(format!(
                 "{} stack reaches for {n} labels, or one not a finite share ≥ 0",
                 self.stack_reach.len()
             ));
         }
         for (per_step, what) in [(&self.stack_depth, "depths"), (&self.stack_bound, "bounds")] {
-            if !per_step.is_empty()
-                && (per_step.len() != n
-                    || per_step
-                        .iter()
-                        .flatten()
-                        .flatten()
-                        .any(|d| !d.is_finite() || *d < 0.0))
-            {
+            if !per_label(
+                per_step.len(),
+                n,
+                per_step.iter().flatten().flatten().copied(),
+                share,
+            ) {
                 return Err(format!(
                     "{} stack {what} for {n} labels, or one not a finite share ≥ 0",
                     per_step.len()
                 ));
             }
         }
-        if !self.stack_blend.is_empty()
-            && (self.stack_blend.len() != n
-                || self
-                    .stack_blend
-                    .iter()
-                    .flatten()
-                    .flatten()
-                    .flatten()
-                    .any(|s| !s.is_finite() || *s <= 0.0))
-        {
+        // A scale of 0 would draw nothing: above 0.
+        let scales = self
+            .stack_blend
+            .iter()
+            .flatten()
+            .flatten()
+            .flatten()
+            .copied();
+        if !per_label(self.stack_blend.len(), n, scales, |s| {
+            s.is_finite() && s > 0.0
+        }) {
             return Err(format!(
                 "{} stack blends for {n} labels, or a scale not finite > 0",
                 self.stack_blend.len()

@@ -585,52 +585,55 @@ pub fn train_task<C: std::borrow::Borrow<(Case, Vec<FeatureMap>)>>(
             if reach.iter().any(Option::is_some) {
                 a.stack_reach = reach;
             }
-            let per_step = |learned: &[Vec<Option<f64>>]| {
-                let steps = |d: &Vec<Option<f64>>| {
+            // Per structure, what was learned per step out, for the log.
+            fn per_step<T: Copy>(learned: &[Vec<Option<T>>], show: fn(T) -> String) -> String {
+                let steps = |d: &Vec<Option<T>>| {
                     d.iter()
-                        .map(|d| d.map_or("-".into(), |d| format!("{d:.2}")))
+                        .map(|d| d.map_or("-".into(), show))
                         .collect::<Vec<_>>()
                         .join(" / ")
                 };
                 learned.iter().map(steps).collect::<Vec<_>>().join(", ")
-            };
-            let learned = |on: bool, learn: fn(_, &[u8]) -> Vec<Vec<Option<f64>>>| {
-                let l = if on {
+            }
+            // What was learned, if the option is on and it learned anything: templates of
+            // one slice each teach nothing, and the file stays as before.
+            fn kept<T>(learned: Vec<Vec<Option<T>>>) -> Option<Vec<Vec<Option<T>>>> {
+                learned
+                    .iter()
+                    .flatten()
+                    .any(Option::is_some)
+                    .then_some(learned)
+            }
+            let share = |d: f64| format!("{d:.2}");
+            let on = |on: bool, learn: fn(_, &[u8]) -> Vec<Vec<Option<f64>>>| {
+                kept(if on {
                     learn(stacks.clone(), &values)
                 } else {
                     Vec::new()
-                };
-                l.iter().flatten().any(Option::is_some).then_some(l)
+                })
             };
-            if let Some(depth) = learned(config.stack_fill, crate::stack::learn_depth) {
+            if let Some(depth) = on(config.stack_fill, crate::stack::learn_depth) {
                 log::info!(
                     "stack fill: structures filled from the slice next in, eroded by (equivalent radii per step out) {}",
-                    per_step(&depth)
+                    per_step(&depth, share)
                 );
                 a.stack_depth = depth;
             }
-            if let Some(bound) = learned(config.stack_bound, crate::stack::learn_bound) {
+            if let Some(bound) = on(config.stack_bound, crate::stack::learn_bound) {
                 log::info!(
                     "stack bound: structures bounded by the slice next in, grown by (equivalent radii per step out) {}",
-                    per_step(&bound)
+                    per_step(&bound, share)
                 );
                 a.stack_bound = bound;
             }
-            let blend = if config.stack_blend {
-                crate::stack::learn_blend(stacks.clone(), &values)
-            } else {
-                Vec::new()
-            };
-            if blend.iter().flatten().any(Option::is_some) {
-                let steps = |b: &Vec<Option<[f64; 2]>>| {
-                    b.iter()
-                        .map(|s| s.map_or("-".into(), |[r, c]| format!("{r:.2} × {c:.2}")))
-                        .collect::<Vec<_>>()
-                        .join(" / ")
-                };
+            let blend = config
+                .stack_blend
+                .then(|| crate::stack::learn_blend(stacks.clone(), &values))
+                .and_then(kept);
+            if let Some(blend) = blend {
                 log::info!(
                     "stack blend: outermost structures halfway to the slice next in, scaled by (rows × columns per step out) {}",
-                    blend.iter().map(steps).collect::<Vec<_>>().join(", ")
+                    per_step(&blend, |[r, c]| format!("{r:.2} × {c:.2}"))
                 );
                 a.stack_blend = blend;
             }

@@ -880,6 +880,13 @@ pub(crate) mod tests {
         }
     }
 
+    /// A 40 × 40 label map with label 3 on `rows` × `cols`: a template's section.
+    fn rect(rows: std::ops::Range<usize>, cols: std::ops::Range<usize>) -> Array2<u8> {
+        Array2::from_shape_fn((40, 40), |(r, c)| {
+            u8::from(rows.contains(&r) && cols.contains(&c)) * 3
+        })
+    }
+
     /// Through one `Anchor`, the body's region in each of `steps` (the slice's step from
     /// the centre, the region its scores make), in that order.
     fn run_stack(adapter: &Adapter, steps: &[(isize, &Array2<bool>)]) -> Vec<Array2<bool>> {
@@ -975,11 +982,7 @@ pub(crate) mod tests {
     fn reach_is_learned_from_sections_beside_the_centre() {
         // Squares of 20 × 20 pixels (equivalent radius √(400/π) = 11.28): a centre
         // section and others shifted down, whose last rows lie 1, 2, ... pixels past it.
-        let square = |top: usize| {
-            Array2::from_shape_fn((40, 40), |(r, c)| {
-                u8::from((top..top + 20).contains(&r) && (10..30).contains(&c)) * 3
-            })
-        };
+        let square = |top: usize| rect(top..top + 20, 10..30);
         let equivalent = (400.0 / std::f64::consts::PI).sqrt();
         // Shifted by 2 and by 1 (740 pixels at 0, 40 at 1, 20 at 2) and one stray pixel
         // 10.3 pixels out: 99 % needs the 793rd of 801, at 2.
@@ -1094,11 +1097,7 @@ pub(crate) mod tests {
         // Label 3 as 20 × 20 squares (equivalent radius √(400/π) = 11.28) in the centre
         // slice (1); the slice before it lacks the square's last 4 columns, the one after
         // it is the same square.
-        let square = |last: usize| {
-            Array2::from_shape_fn((40, 40), |(r, c)| {
-                u8::from((10..30).contains(&r) && (10..last).contains(&c)) * 3
-            })
-        };
+        let square = |last: usize| rect(10..30, 10..last);
         let equivalent = (400.0 / std::f64::consts::PI).sqrt();
         let least = |d: f64| (d / equivalent * 100.0).ceil() / 100.0;
         // Before alone: its section eroded by less than 4 pixels keeps pixels in the
@@ -1249,11 +1248,6 @@ pub(crate) mod tests {
         // Label 3 as 20 × 20 squares (equivalent radius 11.28) in the centre slice (1);
         // the slice before it reaches 2 columns further right, the one after it 1 row
         // lower and 2 columns less wide.
-        let rect = |rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| {
-            Array2::from_shape_fn((40, 40), |(r, c)| {
-                u8::from(rows.contains(&r) && cols.contains(&c)) * 3
-            })
-        };
         let equivalent = (400.0 / std::f64::consts::PI).sqrt();
         let least = |d: f64| (d / equivalent * 100.0).ceil() / 100.0;
         let centre = rect(10..30, 10..30);
@@ -1402,11 +1396,6 @@ pub(crate) mod tests {
     fn blend_is_learned_at_the_outermost_step() {
         // Label 3 as rectangles: two steps out on the side after the centre slice (2),
         // the outer one narrower in both axes, and one step before it.
-        let rect = |rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| {
-            Array2::from_shape_fn((40, 40), |(r, c)| {
-                u8::from(rows.contains(&r) && cols.contains(&c)) * 3
-            })
-        };
         // The standard deviation of n consecutive rows or columns: √((n² − 1) / 12).
         let sd = |n: f64| ((n * n - 1.0) / 12.0).sqrt();
         let centre = rect(10..30, 5..35);
