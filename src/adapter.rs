@@ -142,6 +142,12 @@ pub struct TrainConfig {
     /// (`stack::blend_with_inner`, `stack::learn_blend`). Cleared for landmark adapters.
     #[serde(default)]
     pub stack_blend: bool,
+    /// Structures, with `stack_anchor`: a structure a slice of a stack misses while the
+    /// slice next to it towards the centre has it takes its region there, where every
+    /// template's section continues at that step (`stack::carry_from_inner`,
+    /// `stack::learn_carry`). Cleared for landmark adapters.
+    #[serde(default)]
+    pub stack_carry: bool,
     /// Structures: refit the upsampled scores to the slice's intensity edges
     /// (`postprocess::refine_to_edges`) before the regions are taken.
     #[serde(default)]
@@ -237,6 +243,7 @@ impl Default for TrainConfig {
             stack_fill: false,
             stack_bound: false,
             stack_blend: false,
+            stack_carry: false,
             guided: false,
             votes: false,
             atlas: false,
@@ -567,6 +574,12 @@ pub struct Adapter {
     /// entry) for a step not blended.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stack_blend: Vec<Vec<Option<[f64; 2]>>>,
+    /// Structures, when trained with `stack_carry` on stacks: per structure, per step out
+    /// from the centre slice (index 0: the slices beside it), the share of the templates'
+    /// sections in the slice next to it towards the centre that continue into the slice
+    /// (`stack::learn_carry`); None (or no entry) for a step no template shows.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stack_carry: Vec<Vec<Option<f64>>>,
     /// Structures, when trained with `window`: how far they reach past the box of the
     /// landmarks, so that they are scored near the landmarks found and nowhere else.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1061,6 +1074,7 @@ impl Adapter {
             stack_depth: Vec::new(),
             stack_bound: Vec::new(),
             stack_blend: Vec::new(),
+            stack_carry: Vec::new(),
             window: None,
         })
     }
@@ -1073,9 +1087,11 @@ impl Adapter {
     /// anchor, edge refinement, fragments, pose, coarse landmarks); 4 for the stack fill,
     /// which a build reading only 3 would leave out; 5 for the stack bound, which a build
     /// reading only 4 would leave out; 6 for the stack blend, which a build reading only 5
-    /// would leave out.
+    /// would leave out; 7 for the stack carry, which a build reading only 6 would leave
+    /// out.
     pub fn file_format(&self) -> u32 {
         let t = &self.train;
+        let since_6 = self.stack_carry.iter().flatten().any(Option::is_some);
         let since_5 = self.stack_blend.iter().flatten().any(Option::is_some);
         let since_4 = self.stack_bound.iter().flatten().any(Option::is_some);
         let since_3 = self.stack_depth.iter().flatten().any(Option::is_some);
@@ -1094,7 +1110,9 @@ impl Adapter {
             || t.pose
             || t.coarse_landmarks;
         let members = self.members.iter().map(Adapter::file_format).max();
-        let own = if since_5 {
+        let own = if since_6 {
+            7
+        } else if since_5 {
             6
         } else if since_4 {
             5
@@ -1160,15 +1178,25 @@ impl Adapter {
                 self.stack_reach.len()
             ));
         }
-        for (per_step, what) in [(&self.stack_depth, "depths"), (&self.stack_bound, "bounds")] {
+        let fraction = |x: f64| (0.0..=1.0).contains(&x);
+        for (per_step, what, ok, rule) in [
+            (
+                &self.stack_depth,
+                "depths",
+                share as fn(f64) -> bool,
+                "a finite share ≥ 0",
+            ),
+            (&self.stack_bound, "bounds", share, "a finite share ≥ 0"),
+            (&self.stack_carry, "carries", fraction, "a share in 0..=1"),
+        ] {
             if !per_label(
                 per_step.len(),
                 n,
                 per_step.iter().flatten().flatten().copied(),
-                share,
+                ok,
             ) {
                 return Err(format!(
-                    "{} stack {what} for {n} labels, or one not a finite share ≥ 0",
+                    "{} stack {what} for {n} labels, or one not {rule}",
                     per_step.len()
                 ));
             }
@@ -3172,6 +3200,14 @@ mod synthetic {
         assert_eq!(blended.file_format(), 6);
         m.members[0].stack_blend = vec![Vec::new(), vec![Some([1.0, 1.0])]];
         assert_eq!(m.file_format(), 6);
+        // The stack carry, since 6, over the blend too.
+        let mut carried = plain.clone();
+        carried.stack_carry = vec![vec![None, Some(1.0)], Vec::new()];
+        assert_eq!(carried.file_format(), 7);
+        carried.stack_blend = blended.stack_blend.clone();
+        assert_eq!(carried.file_format(), 7);
+        m.members[0].stack_carry = vec![Vec::new(), vec![Some(0.5)]];
+        assert_eq!(m.file_format(), 7);
         // Flags that stored nothing change nothing.
         let mut unused = plain.clone();
         unused.convex = vec![false, false];
@@ -3183,6 +3219,8 @@ mod synthetic {
         unused.train.stack_bound = true;
         unused.stack_blend = vec![vec![None], vec![None, None]];
         unused.train.stack_blend = true;
+        unused.stack_carry = vec![vec![None], Vec::new()];
+        unused.train.stack_carry = true;
         unused.train.atlas = true;
         unused.train.window = true;
         assert_eq!(unused.file_format(), 1);

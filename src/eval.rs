@@ -482,6 +482,7 @@ pub fn train_task<C: std::borrow::Borrow<(Case, Vec<FeatureMap>)>>(
         stack_fill: config.stack_fill && !landmarks,
         stack_bound: config.stack_bound && !landmarks,
         stack_blend: config.stack_blend && !landmarks,
+        stack_carry: config.stack_carry && !landmarks,
         ..config.clone()
     };
     let config = &for_task;
@@ -612,6 +613,13 @@ pub fn train_task<C: std::borrow::Borrow<(Case, Vec<FeatureMap>)>>(
                     Vec::new()
                 })
             };
+            if let Some(carry) = on(config.stack_carry, crate::stack::learn_carry) {
+                log::info!(
+                    "stack carry: structures a slice misses carried over from the slice next in where every template's section continues (share of the templates' sections continuing, per step out) {}",
+                    per_step(&carry, share)
+                );
+                a.stack_carry = carry;
+            }
             if let Some(depth) = on(config.stack_fill, crate::stack::learn_depth) {
                 log::info!(
                     "stack fill: structures filled from the slice next in, eroded by (equivalent radii per step out) {}",
@@ -1678,8 +1686,9 @@ pub fn evaluate(
             let mut union = vec![0usize; values.len()];
             // The localizer slice first: with `stack_anchor` its structures are the prior
             // of the stack's other slices and bound how far their regions reach there;
-            // then outwards, each slice filled, bounded and (the outermost) blended by the
-            // one next in with `stack_fill`, `stack_bound` and `stack_blend`.
+            // then outwards, each slice carried, filled, bounded and (the outermost) blended
+            // by the one next in with `stack_carry`, `stack_fill`, `stack_bound` and
+            // `stack_blend`.
             let mut anchor = crate::stack::Anchor::default();
             let points = centre_points.get(&case.name);
             for si in crate::stack::outwards(case.slices.len(), case.center) {
@@ -2347,6 +2356,19 @@ mod tests {
         assert!((rows - 1.0).abs() < 1e-12 && (cols - 1.0).abs() < 1e-12);
         assert_eq!(blended.stack_bound, bounded.stack_bound);
         assert!(blended.validate().is_ok() && blended.file_format() == 6);
+        assert!(
+            blended.stack_carry.is_empty(),
+            "no carry without its option"
+        );
+        // With the carry: every lateral section continues from the centre's.
+        let carried = TrainConfig {
+            stack_carry: true,
+            ..all.clone()
+        };
+        let carried = train_with(&templates, carried);
+        assert_eq!(carried.stack_carry, [[Some(1.0)]]);
+        assert_eq!(carried.stack_blend, blended.stack_blend);
+        assert!(carried.validate().is_ok() && carried.file_format() == 7);
         let single: Vec<(Case, Vec<FeatureMap>)> = templates
             .iter()
             .map(|(c, fms)| {
@@ -2359,7 +2381,12 @@ mod tests {
         assert!(train(&single, true, false).stack_reach.is_empty());
         assert!(train(&single, true, true).stack_depth.is_empty());
         assert!(train_with(&single, both).stack_bound.is_empty());
-        assert!(train_with(&single, all).stack_blend.is_empty());
+        assert!(train_with(&single, all.clone()).stack_blend.is_empty());
+        let carried = TrainConfig {
+            stack_carry: true,
+            ..all
+        };
+        assert!(train_with(&single, carried).stack_carry.is_empty());
     }
 
     /// Each factor of a change must be finite and above 0, the turn finite.

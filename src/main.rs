@@ -296,6 +296,10 @@ struct ContextArgs {
     /// templates' sections narrow there (rows and columns learned per structure).
     #[arg(long, requires = "stack_anchor")]
     stack_blend: bool,
+    /// With --stack-anchor: a structure a stack's slice misses while the slice next in has
+    /// it takes its region there, where every template's section continues at that step.
+    #[arg(long, requires = "stack_anchor")]
+    stack_carry: bool,
     /// Structures: refit the upsampled scores to the slice's intensity edges (guided
     /// filter, the slice as guide), so borders follow edges instead of the feature grid.
     #[arg(long)]
@@ -371,6 +375,7 @@ impl ContextArgs {
             stack_fill: self.stack_fill,
             stack_bound: self.stack_bound,
             stack_blend: self.stack_blend,
+            stack_carry: self.stack_carry,
             guided: self.guided,
             votes: self.votes,
             atlas: self.atlas,
@@ -956,7 +961,7 @@ mod tests {
     #[test]
     fn each_flag_sets_its_own_training_option() {
         type Set = fn(&mut TrainConfig);
-        let cases: [(&[&str], Set); 26] = [
+        let cases: [(&[&str], Set); 27] = [
             (&[], |_| {}),
             (&["--shape"], |c| c.shape = true),
             (&["--patches"], |c| c.patches = true),
@@ -978,6 +983,10 @@ mod tests {
             (&["--stack-anchor", "--stack-blend"], |c| {
                 c.stack_anchor = true;
                 c.stack_blend = true
+            }),
+            (&["--stack-anchor", "--stack-carry"], |c| {
+                c.stack_anchor = true;
+                c.stack_carry = true
             }),
             (&["--guided"], |c| c.guided = true),
             (&["--votes"], |c| c.votes = true),

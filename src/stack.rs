@@ -18,6 +18,10 @@
 //! which cut the bodies near their sides, where the adapter is least sure (spine-mr, IoU
 //! 70–76 there against 85–89 within), take the contour halfway between their region and
 //! the section next in, scaled as the templates' sections narrow (`blend_with_inner`).
+//! With `TrainConfig::stack_carry` a structure a slice misses while the slice next in has
+//! it takes its region there, first, where every template's section continues
+//! (`carry_from_inner`): a body's section does not vanish between two slices, and a missed
+//! one stopped the fill, bound and blend at it on its side.
 
 use ndarray::{Array2, Array3, Zip};
 
@@ -27,18 +31,18 @@ use crate::postprocess::{self, Finding};
 
 /// What a stack's centre slice passes on to the structures of its other slices, with
 /// `TrainConfig::stack_anchor`: the layout prior (`prior`) and where
-/// each structure's region may stay (`allowed`, `cut`); with a learned stack bound or
-/// depth, each slice's regions to the next slice out (`bound_by_inner`,
-/// `fill_from_inner`). `scout eval` and the agent
+/// each structure's region may stay (`allowed`, `cut`); with a learned stack carry, depth,
+/// bound or blend, each slice's regions to the next slice out (`carry_from_inner`,
+/// `fill_from_inner`, `bound_by_inner`, `blend_with_inner`). `scout eval` and the agent
 /// both take a stack's structures through it, centre slice first, then outwards
 /// (`outwards`).
 #[derive(Debug, Default)]
 pub struct Anchor {
     prior: Option<Prior>,
     allowed: Vec<Option<Array2<bool>>>,
-    /// With a learned `Adapter::stack_bound` or `stack_depth`: per side of the centre
-    /// slice (before it, after it), the last slice taken there, which bounds and fills
-    /// the next slice out.
+    /// With a learned `Adapter::stack_carry`, `stack_depth`, `stack_bound` or
+    /// `stack_blend`: per side of the centre slice (before it, after it), the last slice
+    /// taken there, which carries, fills, bounds and blends the next slice out.
     inner: [Option<Taken>; 2],
 }
 
@@ -75,7 +79,11 @@ impl Anchor {
             self.prior = Some(prior(&found));
             self.allowed = allowed(&found, &a.stack_reach, cell);
         }
-        if a.stack_depth.is_empty() && a.stack_bound.is_empty() && a.stack_blend.is_empty() {
+        if a.stack_carry.is_empty()
+            && a.stack_depth.is_empty()
+            && a.stack_bound.is_empty()
+            && a.stack_blend.is_empty()
+        {
             return found;
         }
         let (side, out) = (usize::from(step > 0), step.unsigned_abs());
@@ -90,11 +98,14 @@ impl Anchor {
                     .map(|d| d.get(i).copied().flatten())
                     .collect()
             }
-            // Filled first: whether the slice has a structure is the adapter's to say, how
-            // far it reaches the slice next in's too. Bounded first, a speck the adapter
-            // took for a body beside its section was cut away and the body's section not
-            // filled (spine-mr, third split, s21's L1 at k* − 15: 1 pixel found, 599 in
-            // truth; its IoU over the stack 83.6 → 71.7).
+            // Carried first: a section the adapter missed is then filled, bounded and
+            // blended as one it found (the fill and the bound leave it as it is).
+            carry_from_inner(&mut found, inner, &at(&a.stack_carry, i), scores);
+            // Filled before bounded: how far a region reaches is the slice next in's to
+            // say too. Bounded first, a speck the adapter took for a body beside its
+            // section was cut away and the body's section not filled (spine-mr, third
+            // split, s21's L1 at k* − 15: 1 pixel found, 599 in truth; its IoU over the
+            // stack 83.6 → 71.7).
             fill_from_inner(&mut found, inner, &at(&a.stack_depth, i), scores);
             bound_by_inner(&mut found, inner, &at(&a.stack_bound, i), scores);
             // Last: the halfway contour weighs the region as filled and bounded.
@@ -237,39 +248,42 @@ pub fn learn_depth<'a>(
     stacks: impl Iterator<Item = (Vec<&'a Array2<u8>>, usize)>,
     values: &[u8],
 ) -> Vec<Vec<Option<f64>>> {
-    let within = shares_per_step(stacks, values, |section, radius, outer, v| {
-        // Per pixel of the inner section: how deep it lies, and whether the outer
-        // section has it.
-        let depth = depth_inside(section);
-        let pixels: Vec<(f64, bool)> =
-            Zip::from(section)
-                .and(&depth)
-                .and(outer)
-                .fold(Vec::new(), |mut acc, &m, &d, &x| {
+    let within = shares_per_step(
+        stacks,
+        values,
+        both(|section, radius, outer, v| {
+            // Per pixel of the inner section: how deep it lies, and whether the outer
+            // section has it.
+            let depth = depth_inside(section);
+            let pixels: Vec<(f64, bool)> = Zip::from(section).and(&depth).and(outer).fold(
+                Vec::new(),
+                |mut acc, &m, &d, &x| {
                     if m {
                         acc.push((f64::from(d), x == v));
                     }
                     acc
-                });
-        let shares = SHARES
-            .map(|s| {
-                let keep = share_of(s) * radius;
-                let (kept, held) = pixels
-                    .iter()
-                    .filter(|(d, _)| *d > keep)
-                    .fold((0usize, 0usize), |(k, h), (_, x)| {
-                        (k + 1, h + usize::from(*x))
-                    });
-                // Eroded away: nothing of it lies outside.
-                if kept == 0 {
-                    1.0
-                } else {
-                    held as f64 / kept as f64
-                }
-            })
-            .collect();
-        Some(shares)
-    });
+                },
+            );
+            let shares = SHARES
+                .map(|s| {
+                    let keep = share_of(s) * radius;
+                    let (kept, held) = pixels
+                        .iter()
+                        .filter(|(d, _)| *d > keep)
+                        .fold((0usize, 0usize), |(k, h), (_, x)| {
+                            (k + 1, h + usize::from(*x))
+                        });
+                    // Eroded away: nothing of it lies outside.
+                    if kept == 0 {
+                        1.0
+                    } else {
+                        held as f64 / kept as f64
+                    }
+                })
+                .collect();
+            Some(shares)
+        }),
+    );
     least_share(&within, FILLED_WITHIN)
 }
 
@@ -288,26 +302,30 @@ pub fn learn_bound<'a>(
     stacks: impl Iterator<Item = (Vec<&'a Array2<u8>>, usize)>,
     values: &[u8],
 ) -> Vec<Vec<Option<f64>>> {
-    let within = shares_per_step(stacks, values, |section, radius, outer, v| {
-        let distance = distance_outside(section);
-        let outside: Vec<f32> =
-            Zip::from(outer)
-                .and(&distance)
-                .fold(Vec::new(), |mut acc, &x, &d| {
-                    if x == v {
-                        acc.push(d);
-                    }
-                    acc
-                });
-        let shares = SHARES
-            .map(|s| {
-                let margin = share_of(s) * radius;
-                let held = outside.iter().filter(|d| f64::from(**d) <= margin).count();
-                held as f64 / outside.len() as f64
-            })
-            .collect();
-        Some(shares)
-    });
+    let within = shares_per_step(
+        stacks,
+        values,
+        both(|section, radius, outer, v| {
+            let distance = distance_outside(section);
+            let outside: Vec<f32> =
+                Zip::from(outer)
+                    .and(&distance)
+                    .fold(Vec::new(), |mut acc, &x, &d| {
+                        if x == v {
+                            acc.push(d);
+                        }
+                        acc
+                    });
+            let shares = SHARES
+                .map(|s| {
+                    let margin = share_of(s) * radius;
+                    let held = outside.iter().filter(|d| f64::from(**d) <= margin).count();
+                    held as f64 / outside.len() as f64
+                })
+                .collect();
+            Some(shares)
+        }),
+    );
     least_share(&within, BOUNDED_WITHIN)
 }
 
@@ -324,16 +342,20 @@ pub fn learn_blend<'a>(
     stacks: impl Iterator<Item = (Vec<&'a Array2<u8>>, usize)>,
     values: &[u8],
 ) -> Vec<Vec<Option<[f64; 2]>>> {
-    let ratios = shares_per_step(stacks, values, |section, _, outer, v| {
-        let inner = spread(section.indexed_iter().filter(|(_, m)| **m).map(|(p, _)| p))?;
-        let outer = spread(
-            outer
-                .indexed_iter()
-                .filter(|(_, x)| **x == v)
-                .map(|(p, _)| p),
-        )?;
-        Some(vec![outer[0] / inner[0], outer[1] / inner[1]])
-    });
+    let ratios = shares_per_step(
+        stacks,
+        values,
+        both(|section, _, outer, v| {
+            let inner = spread(section.indexed_iter().filter(|(_, m)| **m).map(|(p, _)| p))?;
+            let outer = spread(
+                outer
+                    .indexed_iter()
+                    .filter(|(_, x)| **x == v)
+                    .map(|(p, _)| p),
+            )?;
+            Some(vec![outer[0] / inner[0], outer[1] / inner[1]])
+        }),
+    );
     ratios
         .iter()
         .map(|steps| {
@@ -344,6 +366,31 @@ pub fn learn_blend<'a>(
                 .map(|(i, (sums, n))| {
                     (Some(i) == last).then(|| [sums[0] / *n as f64, sums[1] / *n as f64])
                 })
+                .collect()
+        })
+        .collect()
+}
+
+/// Per structure (`values`) and per step out from the centre slice (index 0: the slices
+/// beside it), how often its section continues from the slice next to it towards the
+/// centre, from the templates' label stacks (`stacks`, as for `learn_depth`): the share of
+/// the templates' pairs of neighbouring slices, the inner one having the structure, whose
+/// outer one has it too. In spine-mr's stacks every body continues out to every slice
+/// but one (s16's L5 at k* + 20); the adapter misses a body's whole section in a few
+/// (spine-mr, 3 folds: 10 of the 1,800 sections off the centre slices, 7 of them the
+/// outermost). None for a step no template's slice in has.
+pub fn learn_carry<'a>(
+    stacks: impl Iterator<Item = (Vec<&'a Array2<u8>>, usize)>,
+    values: &[u8],
+) -> Vec<Vec<Option<f64>>> {
+    let held = shares_per_step(stacks, values, |_, _, outer, v| {
+        Some(vec![f64::from(u8::from(outer.iter().any(|x| *x == v)))])
+    });
+    held.iter()
+        .map(|steps| {
+            steps
+                .iter()
+                .map(|(sums, n)| (*n > 0).then(|| sums.first().copied().unwrap_or(0.0) / *n as f64))
                 .collect()
         })
         .collect()
@@ -371,10 +418,11 @@ fn spread(pixels: impl Iterator<Item = (usize, usize)>) -> Option<[f64; 2]> {
 type SharesPerStep = Vec<Vec<(Vec<f64>, usize)>>;
 
 /// Visits every pair of neighbouring sections of each structure in the templates' stacks
-/// (`stacks`, `values` as for `learn_depth`) where both slices have it, the inner one
-/// next to the outer one towards the centre slice: `share(inner section, its equivalent
-/// radius, outer label map, label value)` gives per entry (of `SHARES` for a share in
-/// 0..=1) a value, summed per structure and step out; None leaves the pair uncounted.
+/// (`stacks`, `values` as for `learn_depth`) where the inner slice, next to the outer one
+/// towards the centre slice, has it: `share(inner section, its equivalent radius, outer
+/// label map, label value)` gives per entry (of `SHARES` for a share in 0..=1) a value,
+/// summed per structure and step out; None leaves the pair uncounted. Measures of two
+/// sections take the pairs whose outer slice has the structure too (`both`).
 fn shares_per_step<'a>(
     stacks: impl Iterator<Item = (Vec<&'a Array2<u8>>, usize)>,
     values: &[u8],
@@ -394,7 +442,7 @@ fn shares_per_step<'a>(
             for (&v, steps) in values.iter().zip(within.iter_mut()) {
                 let section = inner.mapv(|x| x == v);
                 let area = section.iter().filter(|m| **m).count();
-                if area == 0 || !outer.iter().any(|x| *x == v) {
+                if area == 0 {
                     continue;
                 }
                 let Some(shares) = share(&section, equivalent_radius(area), outer, v) else {
@@ -413,6 +461,19 @@ fn shares_per_step<'a>(
         }
     }
     within
+}
+
+/// `share` for the pairs whose outer slice has the structure too; None for the others.
+fn both(
+    mut share: impl FnMut(&Array2<bool>, f64, &Array2<u8>, u8) -> Option<Vec<f64>>,
+) -> impl FnMut(&Array2<bool>, f64, &Array2<u8>, u8) -> Option<Vec<f64>> {
+    move |section, radius, outer, v| {
+        if outer.iter().any(|x| *x == v) {
+            share(section, radius, outer, v)
+        } else {
+            None
+        }
+    }
 }
 
 /// Per structure and step out, the least entry of `SHARES` whose mean share reaches
@@ -644,6 +705,62 @@ pub fn blend_with_inner(
             finding.mask.slice_mut(window).assign(&blend);
             postprocess::measure(finding, scores);
         }
+    }
+}
+
+/// The least share of the templates' pairs of neighbouring sections that continue
+/// (`learn_carry`) at which a structure the adapter misses is carried over from the slice
+/// next in: every pair, so that a structure the templates show ending there is not.
+const CARRIED: f64 = 1.0;
+
+/// Carries each structure a slice misses (`found`, with its `scores`: absent, or placed
+/// with no region of its own) over from the slice next to it towards the centre (`inner`,
+/// as that one was taken): its region there becomes its region here, less what other
+/// structures hold, where every template's section continues at this step (`carried`, per
+/// structure: `learn_carry`). A body's sections continue from one slice to the next, so a
+/// slice whose adapter finds none of it while the slice next in has it missed it: on
+/// spine-mr's 3 folds the 10 sections missed this way were all there in truth (393–1,138
+/// pixels), and with them missing, the fill, bound and blend stopped at that slice on its
+/// side. Mass, point and confidence are those of the carried region.
+pub fn carry_from_inner(
+    found: &mut [Option<Finding>],
+    inner: &[Option<Array2<bool>>],
+    carried: &[Option<f64>],
+    scores: &Array3<f32>,
+) {
+    let dim = (scores.dim().1, scores.dim().2);
+    for l in 0..found.len() {
+        let (Some(Some(section)), Some(Some(share))) = (inner.get(l), carried.get(l)) else {
+            continue;
+        };
+        let missed = found[l].as_ref().is_none_or(Finding::is_placed);
+        if !missed || *share < CARRIED || section.dim() != dim {
+            continue;
+        }
+        let mut region = section.clone();
+        for (_, other) in found.iter().enumerate().filter(|(k, _)| *k != l) {
+            if let Some(o) = other.as_ref().filter(|o| o.mask.dim() == dim) {
+                Zip::from(&mut region)
+                    .and(&o.mask)
+                    .for_each(|r, &m| *r &= !m);
+            }
+        }
+        let Some(b) = SectionBox::of(&region) else {
+            continue;
+        };
+        let finding = found[l].get_or_insert_with(|| Finding {
+            label: l,
+            mask: Array2::from_elem(dim, false),
+            mass: 0.0,
+            // Where scores of 0 leave it, the middle of the region's box.
+            point: (
+                (b.rows.start + b.rows.end - 1) as f64 / 2.0,
+                (b.cols.start + b.cols.end - 1) as f64 / 2.0,
+            ),
+            confidence: 0.0,
+        });
+        finding.mask = region;
+        postprocess::measure(finding, scores);
     }
 }
 
@@ -890,12 +1007,23 @@ pub(crate) mod tests {
     /// Through one `Anchor`, the body's region in each of `steps` (the slice's step from
     /// the centre, the region its scores make), in that order.
     fn run_stack(adapter: &Adapter, steps: &[(isize, &Array2<bool>)]) -> Vec<Array2<bool>> {
+        run_stack_found(adapter, steps)
+            .into_iter()
+            .map(|m| m.expect("the body"))
+            .collect()
+    }
+
+    /// `run_stack`, where a slice may have no body.
+    fn run_stack_found(
+        adapter: &Adapter,
+        steps: &[(isize, &Array2<bool>)],
+    ) -> Vec<Option<Array2<bool>>> {
         let mut anchor = Anchor::default();
         steps
             .iter()
             .map(|(step, mask)| {
                 let found = anchor.structures(&mut scores(mask), Some(adapter), *step, 4.0);
-                found[0].as_ref().expect("the body").mask.clone()
+                found[0].as_ref().map(|f| f.mask.clone())
             })
             .collect()
     }
@@ -1541,5 +1669,132 @@ pub(crate) mod tests {
             run_stack(&plain, &[(0, &body), (1, &body), (2, &right)])[2],
             right
         );
+    }
+
+    #[test]
+    fn carry_is_learned_as_the_share_of_sections_continuing() {
+        let square = rect(10..30, 10..30);
+        let empty = Array2::<u8>::zeros((40, 40));
+        // Centre slice 2: the section continues to both sides at step 1, and ends before
+        // it at step 2 while it continues after it.
+        let open = [
+            empty.clone(),
+            square.clone(),
+            square.clone(),
+            square.clone(),
+            square.clone(),
+        ];
+        let carry = learn_carry(std::iter::once((open.iter().collect(), 2)), &[3, 4]);
+        assert_eq!(carry[0], [Some(1.0), Some(0.5)]);
+        assert!(carry[1].is_empty(), "a structure no template has");
+        // A second template, centre slice 1, whose section ends after it: 3 of 4 pairs
+        // continue at step 1; at step 2 only the first template's pairs count.
+        let ends = [square.clone(), square.clone(), empty.clone()];
+        let two = [(open.iter().collect(), 2), (ends.iter().collect(), 1)];
+        let carry = learn_carry(two.into_iter(), &[3]);
+        assert_eq!(carry, [[Some(0.75), Some(0.5)]]);
+        // No pair at a step whose slices in lack the section.
+        let hole = [square.clone(), square.clone(), empty.clone(), empty];
+        let carry = learn_carry(std::iter::once((hole.iter().collect(), 2)), &[3]);
+        assert_eq!(carry, [[None, Some(1.0)]]);
+    }
+
+    #[test]
+    fn a_missed_section_is_carried_from_the_slice_next_in() {
+        let dim = (30, 30);
+        let section = disk(dim, (12.0, 12.0), 8.0);
+        let apart = disk(dim, (24.0, 24.0), 4.0);
+        let inner = vec![
+            Some(section.clone()),
+            Some(section.clone()),
+            Some(apart.clone()),
+            Some(section.clone()),
+            None,
+        ];
+        // Structure 0 missed; 1 found over part of 0's section; 2 placed with no region;
+        // 3 missed where a template's section ends; 4 missed with no section in.
+        let other = Array2::from_shape_fn(dim, |(r, c)| (10..13).contains(&r) && c >= 15);
+        let mut placed = finding(2, Array2::from_elem(dim, false));
+        placed.point = (5.0, 5.0);
+        let mut found = vec![
+            None,
+            Some(finding(1, other.clone())),
+            Some(placed),
+            None,
+            None,
+        ];
+        let scores = Array3::from_elem((5, 30, 30), 0.5f32);
+        let shares = [Some(1.0), Some(1.0), Some(1.0), Some(0.9), Some(1.0)];
+        carry_from_inner(&mut found, &inner, &shares, &scores);
+        let carried = found[0].as_ref().expect("structure 0 carried");
+        assert_eq!(carried.label, 0);
+        assert_eq!(carried.mask, &section & &other.mapv(|m| !m), "not over 1");
+        // Measured from the scores: the part under structure 1 is off to the right.
+        let n = carried.mask.iter().filter(|m| **m).count() as f64;
+        assert!((carried.mass - 0.5 * n).abs() < 1e-9);
+        assert!((carried.confidence - 0.5).abs() < 1e-9);
+        assert!((carried.point.0 - 12.0).abs() < 0.5 && carried.point.1 < 11.8);
+        let found_1 = found[1].as_ref().expect("structure 1 stays");
+        assert_eq!(
+            (&found_1.mask, found_1.mass),
+            (&other, 1.0),
+            "found: as it was"
+        );
+        let was_placed = found[2].as_ref().expect("structure 2");
+        assert_eq!((was_placed.label, &was_placed.mask), (2, &apart));
+        assert!(
+            (was_placed.point.0 - 24.0).abs() < 1e-9 && (was_placed.point.1 - 24.0).abs() < 1e-9
+        );
+        assert!(found[3].is_none(), "not every template's section continues");
+        assert!(found[4].is_none(), "no section in");
+        // Nothing learned, or a section wholly another structure's: nothing carried.
+        let mut unlearned = vec![None];
+        carry_from_inner(&mut unlearned, &inner[..1], &[None], &scores);
+        assert!(unlearned[0].is_none());
+        let mut covered = vec![None, Some(finding(1, section.clone()))];
+        carry_from_inner(&mut covered, &inner[..2], &[Some(1.0); 2], &scores);
+        assert!(covered[0].is_none());
+        // Scores of 0 leave its point in the middle of the region's box.
+        let mut zero = vec![None];
+        carry_from_inner(
+            &mut zero,
+            &inner[..1],
+            &[Some(1.0)],
+            &Array3::zeros((1, 30, 30)),
+        );
+        let f = zero[0].as_ref().expect("carried");
+        assert_eq!(
+            (f.mask.clone(), f.mass, f.point),
+            (section, 0.0, (12.0, 12.0))
+        );
+    }
+
+    /// Through `Anchor`: a slice that misses the body takes the one next in's, and the
+    /// slices further out are filled from it as from a body found.
+    #[test]
+    fn a_stack_carries_a_missed_section_outwards() {
+        let dim = (48, 48);
+        let body = disk(dim, (20.0, 20.0), 8.0);
+        let none = Array2::from_elem(dim, false);
+        let small = disk(dim, (20.0, 20.0), 3.0);
+        let mut adapter = body_adapter(&body);
+        adapter.stack_carry = vec![vec![Some(1.0), Some(1.0)]];
+        adapter.stack_depth = vec![vec![Some(0.0), Some(0.0)]];
+        let steps = [(0, &body), (-1, &none), (-2, &small), (1, &none)];
+        let got = run_stack_found(&adapter, &steps);
+        assert_eq!(got[1].as_ref(), Some(&body), "step −1 carried");
+        assert_eq!(got[2].as_ref(), Some(&body), "step −2 filled from it");
+        assert_eq!(got[3].as_ref(), Some(&body), "step 1 carried");
+        // Without the carry, a share below 1, or without the anchor: missed, and the
+        // slice past it is not filled.
+        let mut plain = adapter.clone();
+        plain.stack_carry.clear();
+        let got = run_stack_found(&plain, &steps);
+        assert_eq!((got[1].as_ref(), got[2].as_ref()), (None, Some(&small)));
+        plain.stack_carry = vec![vec![Some(0.9), Some(1.0)]];
+        assert_eq!(run_stack_found(&plain, &steps)[1], None);
+        plain = adapter.clone();
+        plain.train.stack_anchor = false;
+        assert_eq!(run_stack_found(&plain, &steps)[1], None);
     }
 }

@@ -17,8 +17,9 @@ use std::path::Path;
 /// which a build reading only 2 would leave out; 4 = the stack fill (`Adapter::stack_depth`),
 /// which a build reading only 3 would leave out; 5 = the stack bound
 /// (`Adapter::stack_bound`), which a build reading only 4 would leave out; 6 = the stack
-/// blend (`Adapter::stack_blend`), which a build reading only 5 would leave out.
-pub const FORMATS: std::ops::RangeInclusive<u32> = 1..=6;
+/// blend (`Adapter::stack_blend`), which a build reading only 5 would leave out; 7 = the
+/// stack carry (`Adapter::stack_carry`), which a build reading only 6 would leave out.
+pub const FORMATS: std::ops::RangeInclusive<u32> = 1..=7;
 
 /// The least format that holds `tasks`.
 fn format_of(tasks: &[(Task, Adapter)]) -> u32 {
@@ -278,6 +279,7 @@ pub fn train_dataset(
         (config.stack_fill, " --stack-fill"),
         (config.stack_bound, " --stack-bound"),
         (config.stack_blend, " --stack-blend"),
+        (config.stack_carry, " --stack-carry"),
         (config.guided, " --guided"),
         (config.votes, " --votes"),
         (config.atlas, " --atlas"),

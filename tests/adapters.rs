@@ -488,6 +488,21 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
         json["tasks"][1][1]["stack_blend"] = serde_json::json!(blend);
     });
     assert!(err.contains("format 6 at least"), "{err}");
+    // A stack carry's share past 1, and one in a file of format 6, which a build that
+    // reads only 6 would load and carry nothing with.
+    let err = refused(&|json| {
+        json["format"] = serde_json::json!(7);
+        let mut carry = vec![serde_json::json!([]); labels];
+        carry[0] = serde_json::json!([null, 1.5]);
+        json["tasks"][1][1]["stack_carry"] = serde_json::json!(carry);
+    });
+    assert!(err.contains("stack carries"), "{err}");
+    let err = refused(&|json| {
+        json["format"] = serde_json::json!(6);
+        let carry = vec![serde_json::json!([1.0]); labels];
+        json["tasks"][1][1]["stack_carry"] = serde_json::json!(carry);
+    });
+    assert!(err.contains("format 7 at least"), "{err}");
     // A structures' window with no reach, or around a landmark the file does not find.
     let err = refused(&|json| {
         json["tasks"][1][1]["window"] = serde_json::json!({"landmarks": ["A"], "share": -0.1});
@@ -518,8 +533,8 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
     });
     assert!(err.contains("ensemble member"), "{err}");
     // A format this build does not know.
-    let err = refused(&|json| json["format"] = serde_json::json!(7));
-    assert!(err.contains("format 7"), "{err}");
+    let err = refused(&|json| json["format"] = serde_json::json!(8));
+    assert!(err.contains("format 8"), "{err}");
     // A format too old for what the file holds.
     for old in [1, 2] {
         let err = refused(&|json| json["format"] = serde_json::json!(old));

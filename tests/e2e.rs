@@ -1047,6 +1047,17 @@ fn real_spine_stack_landmarks_land_on_the_vertebrae() {
             && adapter.train.stack_anchor,
         "the shipped spine adapter fills, bounds and blends its stacks"
     );
+    // Every template's body continues to every slice of its stack: a body a slice misses
+    // is carried over from the slice next in (s06 misses none).
+    assert!(
+        adapter.stack_carry.len() == values.len()
+            && adapter
+                .stack_carry
+                .iter()
+                .all(|steps| !steps.is_empty() && steps.iter().all(|s| *s == Some(1.0))),
+        "the shipped spine adapter carries missed sections: {:?}",
+        adapter.stack_carry
+    );
     let case = &stack.case;
     let center = case.center;
     assert_eq!(
