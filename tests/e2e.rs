@@ -556,19 +556,20 @@ fn real_images_through_the_agent(
     (run, series, points)
 }
 
-/// Sends the shared s06 stack (not one of the adapters' templates s01–s05) through the
-/// agent with `edits` to its configuration; per vertebra, the distance of the SR's point
+/// Sends the shared stack `name` (s06, s08: not one of the adapters' templates s01–s05)
+/// through the agent with `edits` to its configuration; per vertebra, the distance of the SR's point
 /// (projected onto the centre slice k*) from the centroid of that body there, and how far
 /// it lies across the slices from the body's 3D centroid, in voxels (None: absent); and,
 /// when the centre slice alone was analysed, per SEG segment the IoU of its mask with the
 /// body there that it overlaps best; when the stack was, per SEG segment (its label) its
 /// mask in each slice of the stack (None where it has none), and the case.
-fn spine_s06_through_the_agent(
+fn spine_through_the_agent(
     shared: &Path,
+    name: &str,
     edits: &[(&str, &str)],
 ) -> (Vec<Option<[f64; 2]>>, Vec<f64>, StackMasks) {
     let ds = scout::dataset::Dataset::open(&shared.join("spine-mr")).unwrap();
-    let case = ds.load_case("s06").unwrap();
+    let case = ds.load_case(name).unwrap();
     let (run, series, points) = real_images_through_the_agent(
         case.slices
             .iter()
@@ -651,10 +652,47 @@ fn spine_s06_through_the_agent(
     (errors, ious, stack)
 }
 
+/// The configuration edit that has the agent analyse every slice of a stack.
+const ALL_SLICES: (&str, &str) = ("slices = \"center\"", "slices = \"all\"");
+
 /// The SEG's masks of a stack sent through the agent: per segment label, per slice.
 struct StackMasks {
     masks: BTreeMap<String, Vec<Option<ndarray::Array2<bool>>>>,
     case: scout::dataset::Case,
+}
+
+/// A SEG segment's IoU over the stack (`label` of `stack`), against the body it overlaps
+/// best in the centre slice.
+fn over_the_stack(stack: &StackMasks, label: &str) -> f64 {
+    let (case, masks) = (&stack.case, &stack.masks[label]);
+    let center = case.center;
+    let centre_mask = masks[center]
+        .as_ref()
+        .expect("every body in the centre slice");
+    let body = (1..=5u8)
+        .max_by_key(|v| {
+            let truth = case.slices[center]
+                .labels
+                .as_ref()
+                .unwrap()
+                .mapv(|x| x == *v);
+            (iou(centre_mask, &truth) * 1e6) as i64
+        })
+        .unwrap();
+    let (mut both, mut either) = (0usize, 0usize);
+    for (s, m) in case.slices.iter().zip(masks) {
+        let truth = s.labels.as_ref().unwrap().mapv(|x| x == body);
+        let m = m
+            .clone()
+            .unwrap_or_else(|| ndarray::Array2::from_elem(truth.dim(), false));
+        both += ndarray::Zip::from(&m)
+            .and(&truth)
+            .fold(0, |n, a, b| n + usize::from(*a && *b));
+        either += ndarray::Zip::from(&m)
+            .and(&truth)
+            .fold(0, |n, a, b| n + usize::from(*a || *b));
+    }
+    both as f64 / either.max(1) as f64
 }
 
 /// Vertebrae within 10 px of the centroid in the centre slice.
@@ -979,7 +1017,7 @@ fn real_spine_localizer_landmarks_land_on_the_vertebrae() {
     if !dcmtk(t) || !dicom3tools(t) {
         return;
     }
-    let (errors, ious, _) = spine_s06_through_the_agent(&shared, &[]);
+    let (errors, ious, _) = spine_through_the_agent(&shared, "s06", &[]);
     eprintln!("s06 through the agent (shipped adapter): {errors:?}, bodies' IoU {ious:?}");
     // Measured: all five within 3.9 px (earlier shipped adapters left L3 absent here).
     assert_all_found_and_most_within_10px(&errors);
@@ -1009,8 +1047,7 @@ fn real_spine_stack_landmarks_land_on_the_vertebrae() {
     if !dcmtk(t) || !dicom3tools(t) {
         return;
     }
-    let (errors, _, stack) =
-        spine_s06_through_the_agent(&shared, &[("slices = \"center\"", "slices = \"all\"")]);
+    let (errors, _, stack) = spine_through_the_agent(&shared, "s06", &[ALL_SLICES]);
     eprintln!("s06 stack through the agent (shipped adapter): {errors:?}");
     assert_all_found_and_most_within_10px(&errors);
     // Across the slices too: the vote lands within 10 voxels of each body's 3D centroid
@@ -1146,34 +1183,7 @@ fn real_spine_stack_landmarks_land_on_the_vertebrae() {
             );
             checked += 1;
         }
-        // Over the stack, against the body it overlaps best in the centre slice.
-        let centre_mask = masks[center]
-            .as_ref()
-            .expect("every body in the centre slice");
-        let body = (1..=5u8)
-            .max_by_key(|v| {
-                let truth = case.slices[center]
-                    .labels
-                    .as_ref()
-                    .unwrap()
-                    .mapv(|x| x == *v);
-                (iou(centre_mask, &truth) * 1e6) as i64
-            })
-            .unwrap();
-        let (mut both, mut either) = (0usize, 0usize);
-        for (s, m) in case.slices.iter().zip(masks) {
-            let truth = s.labels.as_ref().unwrap().mapv(|x| x == body);
-            let m = m
-                .clone()
-                .unwrap_or_else(|| ndarray::Array2::from_elem(truth.dim(), false));
-            both += ndarray::Zip::from(&m)
-                .and(&truth)
-                .fold(0, |n, a, b| n + usize::from(*a && *b));
-            either += ndarray::Zip::from(&m)
-                .and(&truth)
-                .fold(0, |n, a, b| n + usize::from(*a || *b));
-        }
-        ious.push(both as f64 / either.max(1) as f64);
+        ious.push(over_the_stack(&stack, label));
     }
     eprintln!("s06 stack: {bounded} outer sections bounded, {checked} filled and {blended} blended as learned; bodies' IoU over the stack {ious:?}");
     // Measured: 30 sections filled and 30 bounded checked, 10 blended (the outermost
@@ -1188,6 +1198,57 @@ fn real_spine_stack_landmarks_land_on_the_vertebrae() {
     assert!(
         ious.iter().all(|&i| i >= 0.75),
         "a body is cut or misplaced over the stack: {ious:?}"
+    );
+}
+
+/// The agent's stack path on s08, whose L1 the shipped adapter finds in every slice but
+/// the first (k* − 20): that slice takes L1's section in the slice next in
+/// (`--stack-carry`), blended as the outermost slices are.
+#[test]
+fn real_spine_stack_carries_a_missed_body_section() {
+    let t = "real_spine_stack_carries_a_missed_body_section";
+    let Some(shared) = shared_data(t) else { return };
+    if !dcmtk(t) || !dicom3tools(t) {
+        return;
+    }
+    let (errors, _, stack) = spine_through_the_agent(&shared, "s08", &[ALL_SLICES]);
+    eprintln!("s08 stack through the agent (shipped adapter): {errors:?}");
+    assert_all_found_and_most_within_10px(&errors);
+    let l1 = &stack.masks["L1"];
+    let (Some(first), Some(next)) = (&l1[0], &l1[1]) else {
+        panic!("L1 missing in the first two slices");
+    };
+    let truth = stack.case.slices[0]
+        .labels
+        .as_ref()
+        .unwrap()
+        .mapv(|x| x == 1);
+    let (first_iou, stack_iou) = (iou(first, &truth), over_the_stack(&stack, "L1"));
+    eprintln!("s08 L1: IoU {first_iou} in the first slice, {stack_iou} over the stack");
+    // Carried, then blended: within the section next in and that section scaled.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (backbone, _) = shipped_backbone("litemedsam-hyper");
+    let bundle =
+        scout::train::Bundle::load(&root.join("models/adapters/spine.adapter"), &backbone).unwrap();
+    let scale = bundle
+        .tasks
+        .iter()
+        .find_map(|(_, a)| a.stack_blend.first()?.last().copied().flatten())
+        .expect("L1 blended at its outermost step");
+    let narrowed = scout::stack::scaled(next, scale);
+    let past = ndarray::Zip::from(first)
+        .and(next)
+        .and(&narrowed)
+        .fold(0usize, |n, &m, &a, &b| n + usize::from(m && !a && !b));
+    assert_eq!(
+        past, 0,
+        "L1 in the first slice reaches past the slice next in"
+    );
+    // Measured: IoU over the stack 0.840, `scout eval`'s for s08 in the first split
+    // (0.786 without the carry, where the first slice has no L1).
+    assert!(
+        stack_iou >= 0.82 && first_iou >= 0.5,
+        "L1 not carried into the first slice: {first_iou}, {stack_iou}"
     );
 }
 
@@ -1237,7 +1298,7 @@ fn aligned_spine_adapter_reports_every_vertebra_through_the_agent() {
     );
     let through_the_agent = |file: &Path| {
         let file = file.display().to_string();
-        spine_s06_through_the_agent(&shared, &[(&shipped, &file), on_plain]).0
+        spine_through_the_agent(&shared, "s06", &[(&shipped, &file), on_plain]).0
     };
     let errors = through_the_agent(&file);
     eprintln!("s06 through the agent (aligned adapter): {errors:?}");
