@@ -210,15 +210,21 @@ impl Storescp {
 
     /// At least `count` received files of `prefix` (fewer at `timeout`), each read whole:
     /// storescp names a file before it has written all of it, and a test that opened one
-    /// early read a truncated object.
+    /// early read a truncated object. Read whole is not enough: storescp writes in 4 KiB
+    /// blocks, and a file cut where one top-level element ends parses as an object
+    /// without the rest, so each file must also keep its size over one poll.
     pub fn wait_for(&self, prefix: &str, count: usize, timeout: Duration) -> Vec<PathBuf> {
         let deadline = Instant::now() + timeout;
+        let size = |p: &PathBuf| std::fs::metadata(p).map(|m| m.len()).ok();
+        let mut before: Vec<(PathBuf, Option<u64>)> = Vec::new();
         loop {
             let v = self.received(prefix);
-            let whole = v.iter().all(|p| open_file(p).is_ok());
+            let now: Vec<(PathBuf, Option<u64>)> = v.iter().map(|p| (p.clone(), size(p))).collect();
+            let whole = now == before && v.iter().all(|p| open_file(p).is_ok());
             if (v.len() >= count && whole) || Instant::now() > deadline {
                 return v;
             }
+            before = now;
             std::thread::sleep(Duration::from_millis(50));
         }
     }
