@@ -236,6 +236,13 @@ fn check_seg(seg_file: &Path, source: &SynthSeries) {
     assert_eq!(referenced.len(), source.files.len());
 }
 
+/// The shipped spine adapter file, on its backbone.
+fn shipped_spine_bundle() -> scout::train::Bundle {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (backbone, _) = shipped_backbone("litemedsam-hyper");
+    scout::train::Bundle::load(&root.join("models/adapters/spine.adapter"), &backbone).unwrap()
+}
+
 /// A backbone of the shipped manifest and the tests' feature cache for it.
 fn shipped_backbone(id: &str) -> (scout::backbone::Backbone, scout::features::FeatureCache) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -1023,10 +1030,7 @@ fn real_spine_localizer_landmarks_land_on_the_vertebrae() {
     assert_all_found_and_most_within_10px(&errors);
     // The bodies are scored only around the landmarks found (`window`), which must hold
     // them whole: measured IoU 0.86–0.92.
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let (backbone, _) = shipped_backbone("litemedsam-hyper");
-    let bundle =
-        scout::train::Bundle::load(&root.join("models/adapters/spine.adapter"), &backbone).unwrap();
+    let bundle = shipped_spine_bundle();
     assert!(
         bundle.tasks.iter().any(|(_, a)| a.window.is_some()),
         "the shipped spine adapter scores its structures within the landmarks' window"
@@ -1065,10 +1069,7 @@ fn real_spine_stack_landmarks_land_on_the_vertebrae() {
     // slices (`--stack-blend`) a body is the contour halfway between that and the body in
     // the slice next in, scaled as learned: it lies within the two, and holds what both
     // hold.
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let (backbone, _) = shipped_backbone("litemedsam-hyper");
-    let bundle =
-        scout::train::Bundle::load(&root.join("models/adapters/spine.adapter"), &backbone).unwrap();
+    let bundle = shipped_spine_bundle();
     let (values, adapter) = bundle
         .tasks
         .iter()
@@ -1226,10 +1227,7 @@ fn real_spine_stack_carries_a_missed_body_section() {
     let (first_iou, stack_iou) = (iou(first, &truth), over_the_stack(&stack, "L1"));
     eprintln!("s08 L1: IoU {first_iou} in the first slice, {stack_iou} over the stack");
     // Carried, then blended: within the section next in and that section scaled.
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let (backbone, _) = shipped_backbone("litemedsam-hyper");
-    let bundle =
-        scout::train::Bundle::load(&root.join("models/adapters/spine.adapter"), &backbone).unwrap();
+    let bundle = shipped_spine_bundle();
     let scale = bundle
         .tasks
         .iter()
