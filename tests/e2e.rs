@@ -668,6 +668,24 @@ struct StackMasks {
     case: scout::dataset::Case,
 }
 
+/// The shared stack `name` through the agent's stack path (`slices = "all"`) for test
+/// `t`: every vertebra reported, most within 10 px in the centre slice; per vertebra its
+/// errors and the SEG's masks (`spine_through_the_agent`). None, said loudly, without the
+/// shared data or the DICOM tools.
+fn spine_stack_through_the_agent(
+    t: &str,
+    name: &str,
+) -> Option<(Vec<Option<[f64; 2]>>, StackMasks)> {
+    let shared = shared_data(t)?;
+    if !dcmtk(t) || !dicom3tools(t) {
+        return None;
+    }
+    let (errors, _, stack) = spine_through_the_agent(&shared, name, &[ALL_SLICES]);
+    eprintln!("{name} stack through the agent (shipped adapter): {errors:?}");
+    assert_all_found_and_most_within_10px(&errors);
+    Some((errors, stack))
+}
+
 /// A SEG segment's IoU over the stack (`label` of `stack`), against the body it overlaps
 /// best in the centre slice.
 fn over_the_stack(stack: &StackMasks, label: &str) -> f64 {
@@ -1047,13 +1065,9 @@ fn real_spine_localizer_landmarks_land_on_the_vertebrae() {
 #[test]
 fn real_spine_stack_landmarks_land_on_the_vertebrae() {
     let t = "real_spine_stack_landmarks_land_on_the_vertebrae";
-    let Some(shared) = shared_data(t) else { return };
-    if !dcmtk(t) || !dicom3tools(t) {
+    let Some((errors, stack)) = spine_stack_through_the_agent(t, "s06") else {
         return;
-    }
-    let (errors, _, stack) = spine_through_the_agent(&shared, "s06", &[ALL_SLICES]);
-    eprintln!("s06 stack through the agent (shipped adapter): {errors:?}");
-    assert_all_found_and_most_within_10px(&errors);
+    };
     // Across the slices too: the vote lands within 10 voxels of each body's 3D centroid
     // (a stack slice is 5 voxels from the next).
     assert!(
@@ -1208,13 +1222,9 @@ fn real_spine_stack_landmarks_land_on_the_vertebrae() {
 #[test]
 fn real_spine_stack_carries_a_missed_body_section() {
     let t = "real_spine_stack_carries_a_missed_body_section";
-    let Some(shared) = shared_data(t) else { return };
-    if !dcmtk(t) || !dicom3tools(t) {
+    let Some((_, stack)) = spine_stack_through_the_agent(t, "s08") else {
         return;
-    }
-    let (errors, _, stack) = spine_through_the_agent(&shared, "s08", &[ALL_SLICES]);
-    eprintln!("s08 stack through the agent (shipped adapter): {errors:?}");
-    assert_all_found_and_most_within_10px(&errors);
+    };
     let l1 = &stack.masks["L1"];
     let (Some(first), Some(next)) = (&l1[0], &l1[1]) else {
         panic!("L1 missing in the first two slices");
