@@ -303,15 +303,7 @@ fn seg_frames(seg_file: &Path) -> Vec<(String, String, ndarray::Array2<bool>)> {
 
 /// The one SEG file the destination received in `dir`.
 fn the_seg(dir: &Path) -> PathBuf {
-    let segs: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("SG"))
-        })
-        .collect();
+    let segs = received_in(dir, "SG");
     assert_eq!(segs.len(), 1, "{segs:?}");
     segs.into_iter().next().unwrap()
 }

@@ -173,8 +173,14 @@ pub struct Storescp {
 impl Storescp {
     pub fn start(port: u16, dir: &Path) -> Storescp {
         std::fs::create_dir_all(dir).unwrap();
+        // storescp names a file before it has written all of it (in 4 KiB blocks, the
+        // pixel data last), and a file cut where a top-level element ends parses as an
+        // object without the rest. So a marker is written beside each file once storescp
+        // has saved and closed it (`--exec-on-reception`, run before the next message,
+        // `--exec-sync`); `wait_for` hands on only files with one.
+        let marker = format!("touch \"#p/#f{WHOLE}\"");
         let child = Command::new("storescp")
-            .args(["-aet", "DEST", "+uf", "-od"])
+            .args(["-aet", "DEST", "+uf", "-xs", "-xcr", &marker, "-od"])
             .arg(dir)
             .arg(port.to_string())
             .stdout(Stdio::null())
@@ -193,41 +199,48 @@ impl Storescp {
         }
     }
 
-    /// Received files whose name starts with `prefix` ("SR3" = Comprehensive 3D SR,
-    /// "SG" = Segmentation).
+    /// Received files whose name starts with `prefix` (`received_in`).
     pub fn received(&self, prefix: &str) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(&self.dir)
-            .map(|r| r.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
-        v.retain(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(prefix) && !n.ends_with(".tmp"))
-        });
-        v.sort();
-        v
+        received_in(&self.dir, prefix)
     }
 
-    /// At least `count` received files of `prefix` (fewer at `timeout`), each read whole:
-    /// storescp names a file before it has written all of it, and a test that opened one
-    /// early read a truncated object. Read whole is not enough: storescp writes in 4 KiB
-    /// blocks, and a file cut where one top-level element ends parses as an object
-    /// without the rest, so each file must also keep its size over one poll.
+    /// At least `count` received files of `prefix` that storescp has finished writing
+    /// (those finished by `timeout`, if fewer).
     pub fn wait_for(&self, prefix: &str, count: usize, timeout: Duration) -> Vec<PathBuf> {
         let deadline = Instant::now() + timeout;
-        let size = |p: &PathBuf| std::fs::metadata(p).map(|m| m.len()).ok();
-        let mut before: Vec<(PathBuf, Option<u64>)> = Vec::new();
         loop {
-            let v = self.received(prefix);
-            let now: Vec<(PathBuf, Option<u64>)> = v.iter().map(|p| (p.clone(), size(p))).collect();
-            let whole = now == before && v.iter().all(|p| open_file(p).is_ok());
-            if (v.len() >= count && whole) || Instant::now() > deadline {
+            let mut v = self.received(prefix);
+            v.retain(|p| {
+                let mut marker = p.clone().into_os_string();
+                marker.push(WHOLE);
+                Path::new(&marker).exists()
+            });
+            if v.len() >= count || Instant::now() > deadline {
                 return v;
             }
-            before = now;
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// The suffix of the marker storescp writes beside a file it has finished.
+const WHOLE: &str = ".whole";
+
+/// The files a `Storescp` received in `dir` whose name starts with `prefix` ("SR3" =
+/// Comprehensive 3D SR, "SG" = Segmentation), whole or still being written. storescp has
+/// saved a file before it answers the C-STORE, so a sender that has its answer finds it
+/// here.
+pub fn received_in(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|r| r.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    v.retain(|p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(prefix) && !n.ends_with(".tmp") && !n.ends_with(WHOLE))
+    });
+    v.sort();
+    v
 }
 
 impl Drop for Storescp {
