@@ -148,6 +148,12 @@ pub struct TrainConfig {
     /// `stack::learn_carry`). Cleared for landmark adapters.
     #[serde(default)]
     pub stack_carry: bool,
+    /// Structures: weigh each slice's odds of a cell being in some structure by how this
+    /// patient's structures and their surroundings look in the stack's localizer slice
+    /// (`appearance::Appearance`, learned there from the cells the adapter is sure of).
+    /// Cleared for landmark adapters.
+    #[serde(default)]
+    pub appearance: bool,
     /// Structures: refit the upsampled scores to the slice's intensity edges
     /// (`postprocess::refine_to_edges`) before the regions are taken.
     #[serde(default)]
@@ -244,6 +250,7 @@ impl Default for TrainConfig {
             stack_bound: false,
             stack_blend: false,
             stack_carry: false,
+            appearance: false,
             guided: false,
             votes: false,
             atlas: false,
@@ -1088,9 +1095,11 @@ impl Adapter {
     /// which a build reading only 3 would leave out; 5 for the stack bound, which a build
     /// reading only 4 would leave out; 6 for the stack blend, which a build reading only 5
     /// would leave out; 7 for the stack carry, which a build reading only 6 would leave
-    /// out.
+    /// out; 8 for the patient's appearance, a flag alone, which a build reading only 7
+    /// would leave out.
     pub fn file_format(&self) -> u32 {
         let t = &self.train;
+        let since_7 = t.appearance;
         let since_6 = self.stack_carry.iter().flatten().any(Option::is_some);
         let since_5 = self.stack_blend.iter().flatten().any(Option::is_some);
         let since_4 = self.stack_bound.iter().flatten().any(Option::is_some);
@@ -1110,7 +1119,9 @@ impl Adapter {
             || t.pose
             || t.coarse_landmarks;
         let members = self.members.iter().map(Adapter::file_format).max();
-        let own = if since_6 {
+        let own = if since_7 {
+            8
+        } else if since_6 {
             7
         } else if since_5 {
             6
@@ -3208,6 +3219,14 @@ mod synthetic {
         assert_eq!(carried.file_format(), 7);
         m.members[0].stack_carry = vec![Vec::new(), vec![Some(0.5)]];
         assert_eq!(m.file_format(), 7);
+        // The patient's appearance, a flag alone since 7, over the carry too.
+        let mut weighed = plain.clone();
+        weighed.train.appearance = true;
+        assert_eq!(weighed.file_format(), 8);
+        weighed.stack_carry = carried.stack_carry.clone();
+        assert_eq!(weighed.file_format(), 8);
+        m.members[0].train.appearance = true;
+        assert_eq!(m.file_format(), 8);
         // Flags that stored nothing change nothing.
         let mut unused = plain.clone();
         unused.convex = vec![false, false];

@@ -324,7 +324,8 @@ impl Engine {
             let mut structures: Vec<Structure> = Vec::new();
             // The centre slice first: with `stack_anchor`, the structures it finds are the
             // prior of the stack's other slices and bound how far their regions reach there
-            // (`stack::Anchor`), per adapter; then outwards, each slice carried, filled,
+            // (`stack::Anchor`), per adapter, and with `appearance` how the patient's
+            // structures look there weighs every slice's scores; then outwards, each slice carried, filled,
             // bounded and (the outermost) blended by the one next in with `stack_carry`,
             // `stack_fill`, `stack_bound` and `stack_blend`.
             let mut anchors: Vec<crate::stack::Anchor> =
@@ -404,7 +405,7 @@ impl Engine {
                             let slack = centre_points.first()?.2;
                             w.around(&points, slack, (fm.image_rows, fm.image_columns), fm.grid())
                         });
-                    let (scores, rows) = if let Some(window) = &window {
+                    let (mut scores, rows) = if let Some(window) = &window {
                         adapter.scores_within(&fm, window).map(|s| (s, None))
                     } else if adapter.votes.is_empty() {
                         adapter.scores(&fm).map(|s| (s, None))
@@ -412,6 +413,16 @@ impl Engine {
                         adapter.scores_and_rows(&fm).map(|(s, r)| (s, Some(r)))
                     }
                     .map_err(|e| inst_err(Box::new(e)))?;
+                    // The patient's appearance is the centre slice's, so a slice off its
+                    // grid is not weighed by it.
+                    if matches!(task, Task::Structures { .. }) && on_centre_grid {
+                        anchor.weigh(
+                            &mut scores,
+                            &fm,
+                            Some(adapter),
+                            ii as isize - center as isize,
+                        );
+                    }
                     let mut up =
                         postprocess::upsample_scores(&scores, fm.image_rows, fm.image_columns);
                     if adapter.train.guided && matches!(task, Task::Structures { .. }) {

@@ -483,6 +483,7 @@ pub fn train_task<C: std::borrow::Borrow<(Case, Vec<FeatureMap>)>>(
         stack_bound: config.stack_bound && !landmarks,
         stack_blend: config.stack_blend && !landmarks,
         stack_carry: config.stack_carry && !landmarks,
+        appearance: config.appearance && !landmarks,
         ..config.clone()
     };
     let config = &for_task;
@@ -720,7 +721,8 @@ fn slice_structures(
     step: isize,
     window: &WindowOf,
 ) -> Result<(Vec<Option<Finding>>, Array3<f32>), EvalError> {
-    let scores = trained.scores(fm, window)?;
+    let mut scores = trained.scores(fm, window)?;
+    anchor.weigh(&mut scores, fm, trained.adapters.first(), step);
     let (rows, cols) = s.pixels.dim();
     let mut up = postprocess::upsample_scores(&scores, rows, cols);
     if guided {

@@ -8,6 +8,7 @@
 pub mod adapter;
 pub mod align;
 pub mod analysis;
+pub mod appearance;
 pub mod atlas;
 pub mod backbone;
 pub mod bench;

@@ -300,6 +300,11 @@ struct ContextArgs {
     /// it takes its region there, where every template's section continues at that step.
     #[arg(long, requires = "stack_anchor")]
     stack_carry: bool,
+    /// Structures: each slice's odds of a cell being in some structure weighed by how
+    /// this patient's structures and their surroundings look in the localizer slice (the
+    /// cells the adapter is sure of there).
+    #[arg(long)]
+    appearance: bool,
     /// Structures: refit the upsampled scores to the slice's intensity edges (guided
     /// filter, the slice as guide), so borders follow edges instead of the feature grid.
     #[arg(long)]
@@ -376,6 +381,7 @@ impl ContextArgs {
             stack_bound: self.stack_bound,
             stack_blend: self.stack_blend,
             stack_carry: self.stack_carry,
+            appearance: self.appearance,
             guided: self.guided,
             votes: self.votes,
             atlas: self.atlas,
@@ -961,7 +967,7 @@ mod tests {
     #[test]
     fn each_flag_sets_its_own_training_option() {
         type Set = fn(&mut TrainConfig);
-        let cases: [(&[&str], Set); 27] = [
+        let cases: [(&[&str], Set); 28] = [
             (&[], |_| {}),
             (&["--shape"], |c| c.shape = true),
             (&["--patches"], |c| c.patches = true),
@@ -988,6 +994,7 @@ mod tests {
                 c.stack_anchor = true;
                 c.stack_carry = true
             }),
+            (&["--appearance"], |c| c.appearance = true),
             (&["--guided"], |c| c.guided = true),
             (&["--votes"], |c| c.votes = true),
             (&["--atlas"], |c| c.atlas = true),

@@ -27,13 +27,17 @@ use ndarray::{Array2, Array3, Zip};
 
 use crate::adapter::Adapter;
 use crate::align::Prior;
+use crate::appearance::Appearance;
+use crate::backbone::FeatureMap;
 use crate::postprocess::{self, Finding};
 
 /// What a stack's centre slice passes on to the structures of its other slices, with
 /// `TrainConfig::stack_anchor`: the layout prior (`prior`) and where
 /// each structure's region may stay (`allowed`, `cut`); with a learned stack carry, depth,
 /// bound or blend, each slice's regions to the next slice out (`carry_from_inner`,
-/// `fill_from_inner`, `bound_by_inner`, `blend_with_inner`). `scout eval` and the agent
+/// `fill_from_inner`, `bound_by_inner`, `blend_with_inner`); with
+/// `TrainConfig::appearance`, the patient's appearance to every slice's scores (`weigh`).
+/// `scout eval` and the agent
 /// both take a stack's structures through it, centre slice first, then outwards
 /// (`outwards`).
 #[derive(Debug, Default)]
@@ -44,12 +48,37 @@ pub struct Anchor {
     /// `stack_blend`: per side of the centre slice (before it, after it), the last slice
     /// taken there, which carries, fills, bounds and blends the next slice out.
     inner: [Option<Taken>; 2],
+    /// With `TrainConfig::appearance`: this patient's appearance, learned in the centre
+    /// slice.
+    appearance: Option<Appearance>,
 }
 
 /// A slice's place in steps out from the centre slice, and its structures' regions.
 type Taken = (usize, Vec<Option<Array2<bool>>>);
 
 impl Anchor {
+    /// Weighs one slice's `scores` (labels × h × w, on `fm`'s grid, before upsampling) by
+    /// the patient's appearance when `adapter` was trained with it: learned in the centre
+    /// slice (`step` 0), from its own scores, then applied to every slice of the stack,
+    /// the centre slice first.
+    pub fn weigh(
+        &mut self,
+        scores: &mut Array3<f32>,
+        fm: &FeatureMap,
+        adapter: Option<&Adapter>,
+        step: isize,
+    ) {
+        if !adapter.is_some_and(|a| a.train.appearance) {
+            return;
+        }
+        if step == 0 {
+            self.appearance = Appearance::learn(scores, fm);
+        }
+        if let Some(appearance) = &self.appearance {
+            appearance.weigh(scores, fm);
+        }
+    }
+
     /// The structures of one slice from its upsampled `scores` (labels × rows × columns,
     /// changed in place), post-processed as `adapter` was trained to; `step`: the slice's
     /// place in the stack from the centre slice (0; negative before it), the slices taken
@@ -975,6 +1004,57 @@ pub(crate) mod tests {
             ("test", "0"),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn the_centre_slices_appearance_weighs_the_stack_when_trained_with_it() {
+        use crate::backbone::FeatureMap;
+        let body = disk((48, 48), (24.0, 24.0), 12.0);
+        let in_body = |i: usize, j: usize| body[[i * 4 + 2, j * 4 + 2]];
+        // The body's cells look alike in every slice; a little wobble on top, so that
+        // every channel's spread is measured.
+        let fm = FeatureMap::new(
+            Array3::from_shape_fn((2, 12, 12), |(k, i, j)| {
+                f32::from(in_body(i, j)) * (k as f32 + 1.0)
+                    + ((i * 5 + j * 3 + k) % 7) as f32 * 0.01
+            }),
+            48,
+            48,
+        );
+        let sure = Array3::from_shape_fn(
+            (1, 12, 12),
+            |(_, i, j)| {
+                if in_body(i, j) {
+                    0.95
+                } else {
+                    0.02
+                }
+            },
+        );
+        let unsure = Array3::from_elem((1, 12, 12), 0.45);
+        let mut adapter = body_adapter(&body);
+        for on in [false, true] {
+            adapter.train.appearance = on;
+            let mut anchor = Anchor::default();
+            let mut centre = sure.clone();
+            anchor.weigh(&mut centre, &fm, Some(&adapter), 0);
+            let mut outer = unsure.clone();
+            anchor.weigh(&mut outer, &fm, Some(&adapter), -1);
+            if !on {
+                assert_eq!((centre, outer), (sure.clone(), unsure.clone()));
+                continue;
+            }
+            for ((_, i, j), &v) in outer.indexed_iter() {
+                assert_eq!(v > 0.5, in_body(i, j), "({i}, {j}) {v}");
+            }
+        }
+        // Learned in the centre slice only: an anchor that has not seen it leaves a slice
+        // as it is, and so does a slice without an adapter.
+        let mut outer = unsure.clone();
+        Anchor::default().weigh(&mut outer, &fm, Some(&adapter), 1);
+        assert_eq!(outer, unsure);
+        Anchor::default().weigh(&mut outer, &fm, None, 0);
+        assert_eq!(outer, unsure);
     }
 
     /// Scores that make a structure's region `mask` on a slice.

@@ -18,8 +18,10 @@ use std::path::Path;
 /// which a build reading only 3 would leave out; 5 = the stack bound
 /// (`Adapter::stack_bound`), which a build reading only 4 would leave out; 6 = the stack
 /// blend (`Adapter::stack_blend`), which a build reading only 5 would leave out; 7 = the
-/// stack carry (`Adapter::stack_carry`), which a build reading only 6 would leave out.
-pub const FORMATS: std::ops::RangeInclusive<u32> = 1..=7;
+/// stack carry (`Adapter::stack_carry`), which a build reading only 6 would leave out; 8 =
+/// the patient's appearance (`TrainConfig::appearance`), which a build reading only 7
+/// would leave out.
+pub const FORMATS: std::ops::RangeInclusive<u32> = 1..=8;
 
 /// The least format that holds `tasks`.
 fn format_of(tasks: &[(Task, Adapter)]) -> u32 {
@@ -280,6 +282,7 @@ pub fn train_dataset(
         (config.stack_bound, " --stack-bound"),
         (config.stack_blend, " --stack-blend"),
         (config.stack_carry, " --stack-carry"),
+        (config.appearance, " --appearance"),
         (config.guided, " --guided"),
         (config.votes, " --votes"),
         (config.atlas, " --atlas"),

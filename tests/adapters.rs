@@ -503,6 +503,13 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
         json["tasks"][1][1]["stack_carry"] = serde_json::json!(carry);
     });
     assert!(err.contains("format 7 at least"), "{err}");
+    // The patient's appearance in a file of format 7, which a build that reads only 7
+    // would load and not weigh the scores with.
+    let err = refused(&|json| {
+        json["format"] = serde_json::json!(7);
+        json["tasks"][1][1]["train"]["appearance"] = serde_json::json!(true);
+    });
+    assert!(err.contains("format 8 at least"), "{err}");
     // A structures' window with no reach, or around a landmark the file does not find.
     let err = refused(&|json| {
         json["tasks"][1][1]["window"] = serde_json::json!({"landmarks": ["A"], "share": -0.1});
@@ -533,8 +540,8 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
     });
     assert!(err.contains("ensemble member"), "{err}");
     // A format this build does not know.
-    let err = refused(&|json| json["format"] = serde_json::json!(8));
-    assert!(err.contains("format 8"), "{err}");
+    let err = refused(&|json| json["format"] = serde_json::json!(9));
+    assert!(err.contains("format 9"), "{err}");
     // A format too old for what the file holds.
     for old in [1, 2] {
         let err = refused(&|json| json["format"] = serde_json::json!(old));
