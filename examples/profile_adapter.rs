@@ -221,6 +221,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         } else {
             String::new()
         };
+        // The patient's appearance: learned once per stack (its centre slice), applied to
+        // every slice's scores, within the window where the adapter has one.
+        let appearance = if adapter.train.appearance && structures {
+            let sure = match &window {
+                Some(window) => adapter.scores_within(&fm, window)?,
+                None => scores.clone(),
+            };
+            let learn = time(&mut || {
+                std::hint::black_box(scout::appearance::Appearance::learn(&sure, &fm));
+            });
+            match scout::appearance::Appearance::learn(&sure, &fm) {
+                Some(a) => {
+                    let weigh = time(&mut || {
+                        let mut s = sure.clone();
+                        a.weigh(&mut s, &fm);
+                        std::hint::black_box(s);
+                    });
+                    let copy = time(&mut || {
+                        std::hint::black_box(sure.clone());
+                    });
+                    format!(", appearance learned {learn:.1} ms, applied {weigh:.1} ms (a copy of the scores {copy:.2} ms of it)")
+                }
+                None => format!(", appearance not learned on this map ({learn:.1} ms)"),
+            }
+        } else {
+            String::new()
+        };
         let votes = if adapter.votes.is_empty() {
             String::new()
         } else {
@@ -244,7 +271,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             format!(", votes {ms:.1} ms")
         };
         println!(
-            "{task:?}: context rows {ctx:.1} ms, scores (incl. context) {sc:.1} ms{sc_grids}{windowed}, upsample to {rows}×{cols} {ups:.1} ms, findings {post:.1} ms{edges}{atlas}{votes}"
+            "{task:?}: context rows {ctx:.1} ms, scores (incl. context) {sc:.1} ms{sc_grids}{windowed}, upsample to {rows}×{cols} {ups:.1} ms, findings {post:.1} ms{edges}{atlas}{appearance}{votes}"
         );
     }
     Ok(())
