@@ -524,8 +524,8 @@ fn real_images_through_the_agent(
     // last instance is in. The tests' short idle time (500 ms) would also end it early
     // where a delivery stalls that long: with `slices = "all"` the agent encodes each
     // slice as it arrives, both cores busy while storescu still sends, and a series cut
-    // one instance short gave a SEG referencing fewer images than were sent (seen in
-    // `check_seg`, rarely, in sessions 43 and 46).
+    // one instance short gave a SEG referencing fewer images than were sent (`check_seg`
+    // failed so, once in about ten runs of the stack tests).
     let mut edits = edits.to_vec();
     edits.push(("idle_ms = 500", "idle_ms = 30000"));
     let run = setup(&edits);
