@@ -325,9 +325,9 @@ impl Engine {
             // The centre slice first: with `stack_anchor`, the structures it finds are the
             // prior of the stack's other slices and bound how far their regions reach there
             // (`stack::Anchor`), per adapter, and with `appearance` how the patient's
-            // structures look there weighs every slice's scores; then outwards, each slice carried, filled,
-            // bounded and (the outermost) blended by the one next in with `stack_carry`,
-            // `stack_fill`, `stack_bound` and `stack_blend`.
+            // structures look there weighs every slice's scores; then outwards, each slice
+            // carried, filled, bounded and (the outermost) blended by the one next in with
+            // `stack_carry`, `stack_fill`, `stack_bound` and `stack_blend`.
             let mut anchors: Vec<crate::stack::Anchor> =
                 lr.bundle.tasks.iter().map(|_| Default::default()).collect();
             let order = crate::stack::outwards(images.len(), center)

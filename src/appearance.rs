@@ -207,8 +207,6 @@ mod tests {
                 assert!(v < 0.45, "({r}, {c}) {v}");
             }
         }
-        // Without the appearance the cells would have stayed at 0.4 and 0.45: it is the
-        // patient's own look that decides, not the scores alone.
     }
 
     #[test]
