@@ -68,8 +68,8 @@ pub enum TaskKind {
 /// A change of pose and protocol applied to test images (robustness check) or to copies of
 /// the templates (`TrainConfig::augment`), with their label maps and landmarks:
 /// in-plane rotation and scaling about the image centre, the rows optionally more than the
-/// columns (same image size; what leaves the field of view is lost, what enters is 0), and
-/// an intensity gamma over each slice's range.
+/// columns, a move along the rows (same image size; what leaves the field of view is lost,
+/// what enters is 0), and an intensity gamma over each slice's range.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Augment {
     pub rotate_deg: f64,
@@ -77,6 +77,9 @@ pub struct Augment {
     /// The rows' scale relative to the columns' (1: the same): a taller or flatter body.
     pub stretch: f64,
     pub gamma: f64,
+    /// The content moved down by this share of the rows (negative: up), after the turn
+    /// and the scale: the field of view placed higher or lower on the body.
+    pub shift: f64,
 }
 
 impl Default for Augment {
@@ -86,6 +89,7 @@ impl Default for Augment {
             scale: 1.0,
             stretch: 1.0,
             gamma: 1.0,
+            shift: 0.0,
         }
     }
 }
@@ -103,21 +107,27 @@ impl Augment {
             && factor(self.scale)
             && factor(self.stretch)
             && factor(self.gamma)
+            && self.shift.is_finite()
     }
 
     /// Where a pixel (row, column) of the original lands in the augmented image: turned,
-    /// then scaled (the rows by `scale × stretch`).
+    /// then scaled (the rows by `scale × stretch`), then moved along the rows.
     fn forward(&self, p: (f64, f64), rows: usize, cols: usize) -> (f64, f64) {
         let (cy, cx) = ((rows as f64 - 1.0) / 2.0, (cols as f64 - 1.0) / 2.0);
         let (ty, tx) = turn((p.0 - cy, p.1 - cx), self.rotate_deg);
-        (cy + self.scale * self.stretch * ty, cx + self.scale * tx)
+        let down = self.shift * rows as f64;
+        (
+            cy + self.scale * self.stretch * ty + down,
+            cx + self.scale * tx,
+        )
     }
 
-    /// Where a pixel of the augmented image comes from in the original: unstretched, then
-    /// turned back and unscaled.
+    /// Where a pixel of the augmented image comes from in the original: moved back,
+    /// unstretched, then turned back and unscaled.
     fn inverse(&self, p: (f64, f64), rows: usize, cols: usize) -> (f64, f64) {
         let (cy, cx) = ((rows as f64 - 1.0) / 2.0, (cols as f64 - 1.0) / 2.0);
-        let (ty, tx) = turn(((p.0 - cy) / self.stretch, p.1 - cx), -self.rotate_deg);
+        let up = p.0 - self.shift * rows as f64;
+        let (ty, tx) = turn(((up - cy) / self.stretch, p.1 - cx), -self.rotate_deg);
         let shrink = 1.0 / self.scale;
         (cy + shrink * ty, cx + shrink * tx)
     }
@@ -187,36 +197,42 @@ pub const TEMPLATE_AUGMENTS: [Augment; 6] = [
         scale: 1.0,
         stretch: 1.0,
         gamma: 1.0,
+        shift: 0.0,
     },
     Augment {
         rotate_deg: -10.0,
         scale: 1.0,
         stretch: 1.0,
         gamma: 1.0,
+        shift: 0.0,
     },
     Augment {
         rotate_deg: 0.0,
         scale: 0.9,
         stretch: 1.0,
         gamma: 1.0,
+        shift: 0.0,
     },
     Augment {
         rotate_deg: 0.0,
         scale: 1.1,
         stretch: 1.0,
         gamma: 1.0,
+        shift: 0.0,
     },
     Augment {
         rotate_deg: 0.0,
         scale: 1.0,
         stretch: 1.0,
         gamma: 0.7,
+        shift: 0.0,
     },
     Augment {
         rotate_deg: 0.0,
         scale: 1.0,
         stretch: 1.0,
         gamma: 1.4,
+        shift: 0.0,
     },
 ];
 
@@ -1219,7 +1235,7 @@ pub fn evaluate(
     let a = &opts.augment;
     if !a.is_valid() {
         return Err(EvalError::Setup(format!(
-            "augmentation needs a finite rotation, and scale, stretch and gamma > 0 (got {a:?})"
+            "augmentation needs a finite rotation and shift, and scale, stretch and gamma > 0 (got {a:?})"
         )));
     }
     if opts.train.calibrate && (opts.binary || opts.align.is_some()) {
@@ -2009,8 +2025,8 @@ pub fn table(r: &Report) -> String {
     );
     if !r.augment.is_identity() {
         out += &format!(
-            "  test cases augmented: rotated {}°, scaled ×{} (rows ×{} more), gamma {}\n",
-            r.augment.rotate_deg, r.augment.scale, r.augment.stretch, r.augment.gamma
+            "  test cases augmented: rotated {}°, scaled ×{} (rows ×{} more), gamma {}, moved down {} of the rows\n",
+            r.augment.rotate_deg, r.augment.scale, r.augment.stretch, r.augment.gamma, r.augment.shift
         );
     }
     let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
@@ -2399,6 +2415,7 @@ mod tests {
             scale: 0.9,
             stretch: 1.1,
             gamma: 1.4,
+            shift: -0.1,
         };
         assert!(ok.is_valid() && Augment::default().is_valid());
         for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
@@ -2410,11 +2427,14 @@ mod tests {
                 assert!(!a.is_valid(), "{a:?}");
             }
         }
-        assert!(!Augment {
-            rotate_deg: f64::NAN,
-            ..ok
+        for bad in [f64::NAN, f64::INFINITY] {
+            assert!(!Augment {
+                rotate_deg: bad,
+                ..ok
+            }
+            .is_valid());
+            assert!(!Augment { shift: bad, ..ok }.is_valid());
         }
-        .is_valid());
     }
 
     /// A bright blob and its landmark move together; labels follow; gamma keeps the range.
@@ -2448,16 +2468,23 @@ mod tests {
                 },
             )]),
         };
-        // Turned, scaled and gamma-changed; then stretched along the rows alone.
+        // Turned, scaled and gamma-changed; stretched along the rows alone; turned and
+        // moved up.
         let augs = [
             Augment {
                 rotate_deg: 10.0,
                 scale: 1.1,
                 stretch: 1.0,
                 gamma: 0.7,
+                shift: 0.0,
             },
             Augment {
                 stretch: 1.5,
+                ..Augment::default()
+            },
+            Augment {
+                rotate_deg: -10.0,
+                shift: -0.2,
                 ..Augment::default()
             },
         ];
@@ -2495,6 +2522,12 @@ mod tests {
             }
             // The blob moved: about the centre, not a no-op.
             assert!((t.row - blob.0).hypot(t.column - blob.1) > 3.0, "{aug:?}");
+            // A move goes along the rows alone, downwards for a positive share.
+            if aug.shift != 0.0 {
+                let unmoved = Augment { shift: 0.0, ..aug }.forward(blob, rows, cols);
+                assert!((t.row - unmoved.0 - aug.shift * rows as f64).abs() < 1e-9);
+                assert!((t.column - unmoved.1).abs() < 1e-9);
+            }
             // The label's rows and columns span as the change scales them (a 7-px disk).
             let span = |axis: fn(&(usize, usize)) -> usize| {
                 let v: Vec<_> = label.iter().map(axis).collect();

@@ -125,6 +125,10 @@ enum Cmd {
         /// Robustness: intensity gamma of the test images (over each slice's range).
         #[arg(long, default_value_t = 1.0)]
         gamma: f64,
+        /// Robustness: move the test images' content down by this share of their rows
+        /// (negative: up), as a field of view placed higher or lower on the body.
+        #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+        shift: f64,
         #[arg(long, default_value_t = 10.0)]
         radius: f64,
         #[arg(long, default_value_t = 1)]
@@ -657,6 +661,7 @@ fn run(cli: Cli) -> Result<(), String> {
             scale,
             stretch,
             gamma,
+            shift,
             radius,
             seed,
             json,
@@ -720,6 +725,7 @@ fn run(cli: Cli) -> Result<(), String> {
                         scale,
                         stretch,
                         gamma,
+                        shift,
                     },
                 };
                 let report =
@@ -1048,5 +1054,10 @@ mod tests {
                 assert!(e.contains(flag) && e.contains(bad), "{flag} {bad}: {e}");
             }
         }
+        // A field of view placed higher moves the content up: a negative share.
+        let Cmd::Eval { shift, .. } = parse("--shift", "-0.1").unwrap().command else {
+            unreachable!()
+        };
+        assert_eq!(shift, -0.1);
     }
 }
