@@ -84,17 +84,20 @@ pub struct Augment {
 
 impl Default for Augment {
     fn default() -> Self {
-        Augment {
-            rotate_deg: 0.0,
-            scale: 1.0,
-            stretch: 1.0,
-            gamma: 1.0,
-            shift: 0.0,
-        }
+        Augment::NONE
     }
 }
 
 impl Augment {
+    /// No change: what each of `TEMPLATE_AUGMENTS` changes one thing of.
+    pub const NONE: Augment = Augment {
+        rotate_deg: 0.0,
+        scale: 1.0,
+        stretch: 1.0,
+        gamma: 1.0,
+        shift: 0.0,
+    };
+
     pub fn is_identity(&self) -> bool {
         *self == Augment::default()
     }
@@ -194,45 +197,27 @@ fn turn((dy, dx): (f64, f64), deg: f64) -> (f64, f64) {
 pub const TEMPLATE_AUGMENTS: [Augment; 6] = [
     Augment {
         rotate_deg: 10.0,
-        scale: 1.0,
-        stretch: 1.0,
-        gamma: 1.0,
-        shift: 0.0,
+        ..Augment::NONE
     },
     Augment {
         rotate_deg: -10.0,
-        scale: 1.0,
-        stretch: 1.0,
-        gamma: 1.0,
-        shift: 0.0,
+        ..Augment::NONE
     },
     Augment {
-        rotate_deg: 0.0,
         scale: 0.9,
-        stretch: 1.0,
-        gamma: 1.0,
-        shift: 0.0,
+        ..Augment::NONE
     },
     Augment {
-        rotate_deg: 0.0,
         scale: 1.1,
-        stretch: 1.0,
-        gamma: 1.0,
-        shift: 0.0,
+        ..Augment::NONE
     },
     Augment {
-        rotate_deg: 0.0,
-        scale: 1.0,
-        stretch: 1.0,
         gamma: 0.7,
-        shift: 0.0,
+        ..Augment::NONE
     },
     Augment {
-        rotate_deg: 0.0,
-        scale: 1.0,
-        stretch: 1.0,
         gamma: 1.4,
-        shift: 0.0,
+        ..Augment::NONE
     },
 ];
 
