@@ -209,6 +209,17 @@ pub struct TrainConfig {
     /// (`window::LandmarkWindow`). Cleared for landmark adapters.
     #[serde(default)]
     pub window: bool,
+    /// Structures, in a bundle with landmarks: in the localizer slice each structure is
+    /// the region holding the landmark that lies inside it in every template
+    /// (`identity::LandmarkLinks`); the landmarks are then found first. Cleared for
+    /// landmark adapters.
+    #[serde(default)]
+    pub identity: bool,
+    /// Structures, with `augment`: trained also on copies of the templates with the field
+    /// of view placed 10 % higher and 10 % lower (`eval::SHIFT_AUGMENTS`), so that a body
+    /// cut by the image's edge is still one; the landmarks are trained without them.
+    #[serde(default)]
+    pub augment_shift: bool,
 }
 
 /// How far (in cells, Chebyshev) outside a region `TrainConfig::borders` looks.
@@ -263,6 +274,8 @@ impl Default for TrainConfig {
             pose: false,
             coarse_landmarks: false,
             window: false,
+            identity: false,
+            augment_shift: false,
         }
     }
 }
@@ -591,6 +604,10 @@ pub struct Adapter {
     /// landmarks, so that they are scored near the landmarks found and nowhere else.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<crate::window::LandmarkWindow>,
+    /// Structures, when trained with `identity`: the landmark inside each structure, which
+    /// names its region in the localizer slice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<crate::identity::LandmarkLinks>,
 }
 
 /// Features of all cells as rows (h·w × columns, cells row-major over the grid): the
@@ -1083,6 +1100,7 @@ impl Adapter {
             stack_blend: Vec::new(),
             stack_carry: Vec::new(),
             window: None,
+            identity: None,
         })
     }
 
@@ -1096,9 +1114,11 @@ impl Adapter {
     /// reading only 4 would leave out; 6 for the stack blend, which a build reading only 5
     /// would leave out; 7 for the stack carry, which a build reading only 6 would leave
     /// out; 8 for the patient's appearance, a flag alone, which a build reading only 7
-    /// would leave out.
+    /// would leave out; 9 for the structures' names from the landmarks, which a build
+    /// reading only 8 would leave out.
     pub fn file_format(&self) -> u32 {
         let t = &self.train;
+        let since_8 = self.identity.is_some();
         let since_7 = t.appearance;
         let since_6 = self.stack_carry.iter().flatten().any(Option::is_some);
         let since_5 = self.stack_blend.iter().flatten().any(Option::is_some);
@@ -1119,7 +1139,9 @@ impl Adapter {
             || t.pose
             || t.coarse_landmarks;
         let members = self.members.iter().map(Adapter::file_format).max();
-        let own = if since_7 {
+        let own = if since_8 {
+            9
+        } else if since_7 {
             8
         } else if since_6 {
             7
@@ -1226,6 +1248,15 @@ impl Adapter {
             return Err(format!(
                 "{} stack blends for {n} labels, or a scale not finite > 0",
                 self.stack_blend.len()
+            ));
+        }
+        if self
+            .identity
+            .as_ref()
+            .is_some_and(|i| !i.is_valid() || i.landmarks.len() != n)
+        {
+            return Err(format!(
+                "the structures' landmarks name none, or not {n} structures"
             ));
         }
         if self.window.as_ref().is_some_and(|w| !w.is_valid()) {
@@ -3227,6 +3258,16 @@ mod synthetic {
         assert_eq!(weighed.file_format(), 8);
         m.members[0].train.appearance = true;
         assert_eq!(m.file_format(), 8);
+        // The structures' names from the landmarks, since 8, over the appearance too.
+        let mut named = plain.clone();
+        named.identity = Some(crate::identity::LandmarkLinks {
+            landmarks: vec![Some("L1".into()), None],
+        });
+        assert_eq!(named.file_format(), 9);
+        named.train.appearance = true;
+        assert_eq!(named.file_format(), 9);
+        m.members[0].identity = named.identity.clone();
+        assert_eq!(m.file_format(), 9);
         // Flags that stored nothing change nothing.
         let mut unused = plain.clone();
         unused.convex = vec![false, false];
@@ -3242,6 +3283,7 @@ mod synthetic {
         unused.train.stack_carry = true;
         unused.train.atlas = true;
         unused.train.window = true;
+        unused.train.identity = true;
         assert_eq!(unused.file_format(), 1);
     }
 }

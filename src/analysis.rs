@@ -334,12 +334,13 @@ impl Engine {
                 .into_iter()
                 .filter(|ii| analysed.contains(ii));
             // The landmarks the centre slice found (name, point, radius): with a
-            // structure adapter's `window`, the stack's structures are scored around them.
+            // structure adapter's `window`, the stack's structures are scored around them,
+            // and with its `identity` they name its structures in the centre slice.
             let mut centre_points: Vec<(String, (f64, f64), f64)> = Vec::new();
             let tasks = &lr.bundle.tasks;
-            let windowed = tasks
-                .iter()
-                .any(|(t, a)| matches!(t, Task::Structures { .. }) && a.window.is_some());
+            let windowed = tasks.iter().any(|(t, a)| {
+                matches!(t, Task::Structures { .. }) && (a.window.is_some() || a.identity.is_some())
+            });
             for ii in order {
                 let img = &images[ii];
                 let inst_err =
@@ -368,7 +369,7 @@ impl Engine {
                 let mut pixels: Option<ndarray::Array2<f32>> = None;
                 // Structures first: the masks SAM draws place landmarks on their extremes
                 // (`extremes`); landmarks first where the structures are scored around
-                // them (`window`; training refuses both).
+                // or named by them (`window`, `identity`; training refuses both).
                 let is_structures = |t: &usize| matches!(tasks[*t].0, Task::Structures { .. });
                 let task_order: Vec<usize> = if windowed {
                     (0..tasks.len())
@@ -441,11 +442,21 @@ impl Engine {
                             // slice off its grid is taken on its own.
                             let mut alone = crate::stack::Anchor::default();
                             let anchor = if on_centre_grid { anchor } else { &mut alone };
+                            let named: Vec<Option<(f64, f64)>> = adapter
+                                .identity
+                                .iter()
+                                .flat_map(|i| &i.landmarks)
+                                .map(|n| {
+                                    let n = n.as_ref()?;
+                                    centre_points.iter().find(|c| &c.0 == n).map(|c| c.1)
+                                })
+                                .collect();
                             let mut found = anchor.structures(
                                 &mut up,
                                 Some(adapter),
                                 ii as isize - center as isize,
                                 crate::stack::cell_side(&scores, fm.image_rows, fm.image_columns),
+                                &named,
                             );
                             // After the anchor: the other slices' prior is the adapter's
                             // own region, as `scout eval` measures it.

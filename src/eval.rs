@@ -233,19 +233,40 @@ pub fn case_features(
         .collect()
 }
 
-/// The templates changed by each of `TEMPLATE_AUGMENTS`, with their features (cached).
+/// The moves of the field of view the templates are also copied with for the structures
+/// (`TrainConfig::augment_shift`): a localizer's placement on the body varies, and a body
+/// cut by the image's top edge is otherwise taken for the unlabelled one above the
+/// templates' topmost (spine-mr s15, s18: L1 scored 0.05–0.31 at the edge).
+pub const SHIFT_AUGMENTS: [Augment; 2] = [
+    Augment {
+        shift: -0.1,
+        ..Augment::NONE
+    },
+    Augment {
+        shift: 0.1,
+        ..Augment::NONE
+    },
+];
+
+/// The templates changed by each of `TEMPLATE_AUGMENTS`, then with `shift` by each of
+/// `SHIFT_AUGMENTS`, template by template, with their features (cached).
 pub fn augmented_templates(
     templates: &[(Case, Vec<FeatureMap>)],
     backbone: &Backbone,
     cache: &FeatureCache,
+    shift: bool,
 ) -> Result<Vec<(Case, Vec<FeatureMap>)>, BackboneError> {
+    let augments: Vec<&Augment> = TEMPLATE_AUGMENTS
+        .iter()
+        .chain(SHIFT_AUGMENTS.iter().filter(|_| shift))
+        .collect();
     let progress = Progress::new(
-        (templates.len() * TEMPLATE_AUGMENTS.len()) as u64,
+        (templates.len() * augments.len()) as u64,
         "augmented templates",
     );
     let mut out = Vec::new();
     for (case, _) in templates {
-        for a in &TEMPLATE_AUGMENTS {
+        for a in &augments {
             let case = a.apply(case);
             let fms = case_features(&case, backbone, cache)?;
             out.push((case, fms));
@@ -471,15 +492,28 @@ pub fn train_task<C: std::borrow::Borrow<(Case, Vec<FeatureMap>)>>(
     backbone: (&str, &str),
 ) -> Result<Vec<Adapter>, AdapterError> {
     let templates: Vec<&(Case, Vec<FeatureMap>)> = templates.iter().map(|c| c.borrow()).collect();
-    let augmented: Vec<&(Case, Vec<FeatureMap>)> = augmented.iter().map(|c| c.borrow()).collect();
     let names = task.label_names();
     // A landmark's region is a disk drawn around a point, its edge no edge in the image:
     // negatives just outside it would teach the adapter an edge that is not there.
     let landmarks = matches!(task, Task::Landmarks { .. });
+    // The landmarks without the shifted copies (`augmented_templates`' order): trained on
+    // them, the spine's landmark adapter lost the cue that held s08's run of vertebrae in
+    // place (first split: acc 1.00 → 0.87, s08's five landmarks a whole vertebra off).
+    let per = TEMPLATE_AUGMENTS.len() + SHIFT_AUGMENTS.len();
+    let augmented: Vec<&(Case, Vec<FeatureMap>)> = if landmarks && config.augment_shift {
+        augmented
+            .chunks(per)
+            .flat_map(|copies| copies.iter().take(TEMPLATE_AUGMENTS.len()))
+            .map(|c| c.borrow())
+            .collect()
+    } else {
+        augmented.iter().map(|c| c.borrow()).collect()
+    };
     let for_task = TrainConfig {
         borders: config.borders && !landmarks,
         coarse_landmarks: config.coarse_landmarks && landmarks,
         window: config.window && !landmarks,
+        identity: config.identity && !landmarks,
         stack_fill: config.stack_fill && !landmarks,
         stack_bound: config.stack_bound && !landmarks,
         stack_blend: config.stack_blend && !landmarks,
@@ -532,15 +566,7 @@ pub fn train_task<C: std::borrow::Borrow<(Case, Vec<FeatureMap>)>>(
         if let Task::Landmarks { radius, names } = task {
             a.landmark_radius = Some(*radius);
             // The landmarks in the localizer slice k* of each template.
-            let points: Vec<Vec<Option<(f64, f64)>>> = templates
-                .iter()
-                .map(|(case, _)| {
-                    names
-                        .iter()
-                        .map(|n| case.landmarks.get(n).map(|t| (t.row, t.column)))
-                        .collect()
-                })
-                .collect();
+            let points = template_points(&templates, names);
             if config.shape {
                 a.shape =
                     crate::postprocess::ShapeModel::fit(&points).map(|s| s.with_pose(config.pose));
@@ -650,16 +676,9 @@ pub fn train_task<C: std::borrow::Borrow<(Case, Vec<FeatureMap>)>>(
         }
         if let (Task::Structures { values }, true) = (task, config.window) {
             let values: Vec<u8> = group.iter().map(|&l| values[l]).collect();
-            let names: std::collections::BTreeSet<&String> = templates
-                .iter()
-                .flat_map(|(c, _)| c.landmarks.keys())
-                .collect();
-            let names: Vec<String> = names.into_iter().cloned().collect();
-            let stacks = templates.iter().map(|(case, _)| {
-                let points = names
-                    .iter()
-                    .map(|n| case.landmarks.get(n).map(|t| (t.row, t.column)))
-                    .collect();
+            let names = template_landmarks(&templates);
+            let points = template_points(&templates, &names);
+            let stacks = templates.iter().zip(points).map(|((case, _), points)| {
                 let maps = case
                     .slices
                     .iter()
@@ -676,6 +695,33 @@ pub fn train_task<C: std::borrow::Borrow<(Case, Vec<FeatureMap>)>>(
                 ),
                 None => log::warn!(
                     "structures' window: no template has every landmark; scored over whole slices"
+                ),
+            }
+        }
+        if let (Task::Structures { values }, true) = (task, config.identity) {
+            let values: Vec<u8> = group.iter().map(|&l| values[l]).collect();
+            let names = template_landmarks(&templates);
+            let points = template_points(&templates, &names);
+            let centres = templates
+                .iter()
+                .zip(points)
+                .filter_map(|((case, _), points)| {
+                    let map = case.slices.get(case.center)?.labels.as_ref()?;
+                    Some((points, map))
+                });
+            a.identity = crate::identity::LandmarkLinks::learn(&names, centres, &values);
+            match &a.identity {
+                Some(i) => log::info!(
+                    "structures named by the landmarks inside them: {}",
+                    i.landmarks
+                        .iter()
+                        .zip(&values)
+                        .map(|(n, v)| format!("{v} ← {}", n.as_deref().unwrap_or("-")))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                None => log::warn!(
+                    "structures' names: no landmark lies inside one structure in every template"
                 ),
             }
         }
@@ -709,10 +755,38 @@ pub fn train_task<C: std::borrow::Borrow<(Case, Vec<FeatureMap>)>>(
     Ok(out)
 }
 
+/// Every landmark name the templates have, sorted.
+fn template_landmarks(templates: &[&(Case, Vec<FeatureMap>)]) -> Vec<String> {
+    let names: std::collections::BTreeSet<&String> = templates
+        .iter()
+        .flat_map(|(c, _)| c.landmarks.keys())
+        .collect();
+    names.into_iter().cloned().collect()
+}
+
+/// Per template, the points of the landmarks `names` in that order (`None` where it lacks
+/// one).
+fn template_points(
+    templates: &[&(Case, Vec<FeatureMap>)],
+    names: &[String],
+) -> Vec<Vec<Option<Pixel>>> {
+    templates
+        .iter()
+        .map(|(case, _)| {
+            names
+                .iter()
+                .map(|n| case.landmarks.get(n).map(|t| (t.row, t.column)))
+                .collect()
+        })
+        .collect()
+}
+
 /// One slice's structures as `scout eval` takes them before SAM: the scores at image
 /// resolution, refined to the edges with `guided`, then the structure steps through
-/// `anchor` (`step`: the slice's place from the stack's localizer slice, 0); each adapter
-/// scored within the window `window` gives it. Returns the findings and the scores.
+/// `anchor` (`step`: the slice's place from the stack's localizer slice, 0; `named`: the
+/// points of the landmarks naming the structures there); each adapter scored within the
+/// window `window` gives it. Returns the findings and the scores.
+#[allow(clippy::too_many_arguments)]
 fn slice_structures(
     trained: &Trained,
     fm: &FeatureMap,
@@ -721,6 +795,7 @@ fn slice_structures(
     anchor: &mut crate::stack::Anchor,
     step: isize,
     window: &WindowOf,
+    named: &[Option<(f64, f64)>],
 ) -> Result<(Vec<Option<Finding>>, Array3<f32>), EvalError> {
     let mut scores = trained.scores(fm, window)?;
     anchor.weigh(&mut scores, fm, trained.adapters.first(), step);
@@ -735,6 +810,7 @@ fn slice_structures(
         trained.adapters.first(),
         step,
         crate::stack::cell_side(&scores, rows, cols),
+        named,
     );
     Ok((found, up))
 }
@@ -929,6 +1005,7 @@ pub fn left_out_sam_masks(
             &mut crate::stack::Anchor::default(),
             0,
             &whole_slices,
+            &[],
         )?;
         let calls = sam.redraw_structures(fm, &mut found, |l| structures.redraws(l), &up)?;
         out.push(
@@ -1230,15 +1307,15 @@ pub fn evaluate(
             "--calibrate needs one multi-label adapter without --align".into(),
         ));
     }
-    if opts.train.window
+    if (opts.train.window || opts.train.identity)
         && (opts.train.extremes
             || dataset.landmark_names.is_empty()
             || opts.only == Some(TaskKind::Structures))
     {
-        // The structures are scored around the landmarks found: those come first, and
-        // cannot wait for the structures' extremes.
+        // The structures are scored around, or named by, the landmarks found: those come
+        // first, and cannot wait for the structures' extremes.
         return Err(EvalError::Setup(
-            "--window needs the landmarks task (a data set with landmarks, not --only structures) and not --extremes".into(),
+            "--window and --identity need the landmarks task (a data set with landmarks, not --only structures) and not --extremes".into(),
         ));
     }
     if (opts.sam.is_some() || opts.train.sam_redraw) && sam.is_none() {
@@ -1323,7 +1400,7 @@ pub fn evaluate(
         cases: BTreeMap::new(),
     };
     let augmented = if opts.train.augment {
-        augmented_templates(templ, backbone, cache)?
+        augmented_templates(templ, backbone, cache, opts.train.augment_shift)?
     } else {
         Vec::new()
     };
@@ -1515,6 +1592,7 @@ pub fn evaluate(
                         &mut anchor,
                         0,
                         &whole_slices,
+                        &[],
                     )?;
                     let structures_ms = t.elapsed().as_secs_f64() * 1000.0;
                     let t = Instant::now();
@@ -1739,6 +1817,15 @@ pub fn evaluate(
                     record_sam(taken.sam_ms, &taken.calls);
                     taken.found
                 } else {
+                    let named = match (trained.adapters.first(), points) {
+                        (
+                            Some(Adapter {
+                                identity: Some(i), ..
+                            }),
+                            Some(points),
+                        ) => i.points_of(&dataset.landmark_names, points),
+                        _ => Vec::new(),
+                    };
                     let (mut found, up) = slice_structures(
                         &trained,
                         fm,
@@ -1747,6 +1834,7 @@ pub fn evaluate(
                         &mut anchor,
                         si as isize - case.center as isize,
                         &window_of,
+                        &named,
                     )?;
                     adapter_ms.push(t.elapsed().as_secs_f64() * 1000.0);
                     if let (None, Some(sam), Some(a)) = (&opts.sam, sam, trained.adapters.first()) {
@@ -2249,6 +2337,117 @@ mod tests {
         assert!(!whole.train.coarse_landmarks);
         assert_eq!(whole.feature_mean.len(), 7);
         assert_eq!(whole.features(target).channels(), 7);
+    }
+
+    /// With `identity`, a structure adapter learns which landmark lies inside each of its
+    /// structures in every template; a landmark adapter learns nothing of it. With
+    /// `augment_shift`, a landmark adapter is trained as without the shifted copies, a
+    /// structure adapter on them too.
+    #[test]
+    fn identity_and_shifted_copies_are_the_structures_own() {
+        let mut templates = two_grid_templates();
+        for (case, _) in &mut templates {
+            // Inside the labelled square (rows 36..52, columns 8..28).
+            let p = case.landmarks.get_mut("p").expect("landmark");
+            (p.row, p.column) = (44.0, 18.0);
+        }
+        let config = TrainConfig {
+            steps: 20,
+            identity: true,
+            ..TrainConfig::default()
+        };
+        let bb = ("test", "0");
+        let train = |task: &Task, augmented: &[(Case, Vec<FeatureMap>)], config: &TrainConfig| {
+            let mut a = train_task(
+                task,
+                Method::Classification,
+                false,
+                &templates,
+                augmented,
+                config,
+                bb,
+            )
+            .unwrap();
+            a.remove(0)
+        };
+        let structures = Task::Structures { values: vec![1] };
+        let landmarks = Task::Landmarks {
+            names: vec!["p".to_string()],
+            radius: 8.0,
+        };
+        let named = train(&structures, &[], &config);
+        assert!(named.train.identity);
+        let links = named.identity.as_ref().expect("linked");
+        assert_eq!(links.landmarks, [Some("p".to_string())]);
+        assert!(named.validate().is_ok() && named.file_format() == 9);
+        let placed = train(&landmarks, &[], &config);
+        assert!(!placed.train.identity && placed.identity.is_none());
+        // The landmark outside the square in one template: nothing is linked.
+        let mut apart = templates.clone();
+        if let Some(p) = apart[0].0.landmarks.get_mut("p") {
+            p.row = 10.0;
+        }
+        let unlinked = train_task(
+            &structures,
+            Method::Classification,
+            false,
+            &apart,
+            &[],
+            &config,
+            bb,
+        )
+        .unwrap();
+        assert!(unlinked[0].identity.is_none());
+
+        // Copies per template in `augmented_templates`' order, each of its own features.
+        let per = TEMPLATE_AUGMENTS.len() + SHIFT_AUGMENTS.len();
+        let copies: Vec<(Case, Vec<FeatureMap>)> = templates
+            .iter()
+            .flat_map(|(case, fms)| {
+                (0..per).map(move |k| {
+                    let fms = fms
+                        .iter()
+                        .map(|fm| {
+                            let mut fm = fm.clone();
+                            fm.data.mapv_inplace(|v| v + k as f32);
+                            fm
+                        })
+                        .collect();
+                    (case.clone(), fms)
+                })
+            })
+            .collect();
+        let unshifted: Vec<(Case, Vec<FeatureMap>)> = copies
+            .chunks(per)
+            .flat_map(|c| c[..TEMPLATE_AUGMENTS.len()].to_vec())
+            .collect();
+        let shift = TrainConfig {
+            augment: true,
+            augment_shift: true,
+            ..config.clone()
+        };
+        let plain = TrainConfig {
+            augment_shift: false,
+            ..shift.clone()
+        };
+        let landmark_mean = |augmented: &[_], config: &TrainConfig| {
+            train(&landmarks, augmented, config).feature_mean
+        };
+        assert_eq!(
+            landmark_mean(&copies, &shift),
+            landmark_mean(&unshifted, &plain)
+        );
+        assert_ne!(
+            landmark_mean(&copies, &plain),
+            landmark_mean(&unshifted, &plain)
+        );
+        let structure_mean = |augmented: &[_], config: &TrainConfig| {
+            train(&structures, augmented, config).feature_mean
+        };
+        assert_eq!(
+            structure_mean(&copies, &shift),
+            structure_mean(&copies, &plain)
+        );
     }
 
     /// With `stack_anchor`, a structure adapter learns from the templates' stacks how far

@@ -23,6 +23,7 @@ pub mod eval;
 pub mod extremes;
 pub mod features;
 pub mod geometry;
+pub mod identity;
 pub mod image;
 pub mod instance;
 pub mod journal;

@@ -265,6 +265,11 @@ struct ContextArgs {
     /// with gamma 0.7 and 1.4 (label maps and landmarks moved with them).
     #[arg(long)]
     augment: bool,
+    /// Structures, with --augment: train also on copies of the templates with the field of
+    /// view 10 % higher and 10 % lower (label maps and landmarks moved with them); the
+    /// landmarks are trained without these copies.
+    #[arg(long, requires = "augment")]
+    augment_shift: bool,
     /// Structures: draw part of the negatives from just outside each region, where its
     /// edge lies.
     #[arg(long)]
@@ -364,6 +369,12 @@ struct ContextArgs {
     /// landmarks' box (× 1.25) and the landmark radius; the landmarks are then found first.
     #[arg(long, conflicts_with = "extremes")]
     window: bool,
+    /// Structures, with landmarks in the data set: in the localizer slice, each structure
+    /// that every template shows around one landmark is the region holding that landmark
+    /// found (a region holding another structure's landmark is handed to it); the
+    /// landmarks are then found first.
+    #[arg(long, conflicts_with = "extremes")]
+    identity: bool,
     /// Hidden units per layer of the adapters' nets (at least 1).
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u16).range(1..))]
     hidden: u16,
@@ -377,6 +388,7 @@ impl ContextArgs {
             shape: self.shape,
             patches: self.patches,
             augment: self.augment,
+            augment_shift: self.augment_shift,
             borders: self.borders,
             ensemble: self.ensemble.clone(),
             layout_fill: self.layout_fill,
@@ -398,6 +410,7 @@ impl ContextArgs {
             pose: self.pose,
             coarse_landmarks: self.coarse_landmarks,
             window: self.window,
+            identity: self.identity,
             hidden: self.hidden.into(),
             context: scout::adapter::Context {
                 pools: self.pools.clone(),
@@ -973,7 +986,7 @@ mod tests {
     #[test]
     fn each_flag_sets_its_own_training_option() {
         type Set = fn(&mut TrainConfig);
-        let cases: [(&[&str], Set); 28] = [
+        let cases: [(&[&str], Set); 30] = [
             (&[], |_| {}),
             (&["--shape"], |c| c.shape = true),
             (&["--patches"], |c| c.patches = true),
@@ -1016,6 +1029,11 @@ mod tests {
             (&["--pose"], |c| c.pose = true),
             (&["--coarse-landmarks"], |c| c.coarse_landmarks = true),
             (&["--window"], |c| c.window = true),
+            (&["--identity"], |c| c.identity = true),
+            (&["--augment", "--augment-shift"], |c| {
+                c.augment = true;
+                c.augment_shift = true
+            }),
             (&["--hidden", "64"], |c| c.hidden = 64),
             (&["--pools", "3,9", "--position"], |c| {
                 c.context.pools = vec![3, 9];

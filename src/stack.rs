@@ -83,13 +83,16 @@ impl Anchor {
     /// changed in place), post-processed as `adapter` was trained to; `step`: the slice's
     /// place in the stack from the centre slice (0; negative before it), the slices taken
     /// outwards from it (0, −1, 1, −2, 2...: `outwards`); `cell`: the side of a score cell
-    /// in image pixels (`cell_side`).
+    /// in image pixels (`cell_side`); `named`: per structure, the point of the landmark that
+    /// names it in the centre slice (`identity`; empty for none), before the other slices
+    /// take the centre slice's structures as their prior.
     pub fn structures(
         &mut self,
         scores: &mut Array3<f32>,
         adapter: Option<&Adapter>,
         step: isize,
         cell: f64,
+        named: &[Option<(f64, f64)>],
     ) -> Vec<Option<Finding>> {
         let mut found = postprocess::structures(
             scores,
@@ -100,6 +103,9 @@ impl Anchor {
             adapter.map_or(&[][..], |a| &a.convex[..]),
             self.prior.as_ref(),
         );
+        if step == 0 && named.iter().any(Option::is_some) {
+            crate::identity::name_by_landmarks(&mut found, scores, named);
+        }
         cut(&mut found, &self.allowed, scores);
         let Some(a) = adapter.filter(|a| a.train.stack_anchor) else {
             return found;
@@ -1057,6 +1063,41 @@ pub(crate) mod tests {
         assert_eq!(outer, unsure);
     }
 
+    /// The landmarks name the structures in the centre slice only: there a region holding
+    /// another structure's landmark is handed to it; the other slices keep their own.
+    #[test]
+    fn landmarks_name_the_centre_slice_structures_only() {
+        // Structure 0 scored on rows 2..10, structure 1 on rows 14..22.
+        let slice = || {
+            Array3::from_shape_fn((2, 30, 10), |(l, r, c)| {
+                let body = if l == 0 { 2..10 } else { 14..22 };
+                if body.contains(&r) && (2..8).contains(&c) {
+                    0.9
+                } else {
+                    0.02
+                }
+            })
+        };
+        // Structure 0's landmark lies in the lower body, structure 1's is not found.
+        let named = [Some((18.0, 5.0)), None];
+        let top = |f: &Option<Finding>| {
+            f.as_ref().and_then(|f| {
+                f.mask
+                    .indexed_iter()
+                    .find(|(_, m)| **m)
+                    .map(|((r, _), _)| r)
+            })
+        };
+        let mut anchor = Anchor::default();
+        let centre = anchor.structures(&mut slice(), None, 0, 4.0, &named);
+        assert_eq!(centre[0].as_ref().map(|f| f.label), Some(0));
+        assert_eq!((top(&centre[0]), top(&centre[1])), (Some(14), None));
+        let beside = anchor.structures(&mut slice(), None, 1, 4.0, &named);
+        assert_eq!((top(&beside[0]), top(&beside[1])), (Some(2), Some(14)));
+        let unnamed = Anchor::default().structures(&mut slice(), None, 0, 4.0, &[]);
+        assert_eq!((top(&unnamed[0]), top(&unnamed[1])), (Some(2), Some(14)));
+    }
+
     /// Scores that make a structure's region `mask` on a slice.
     fn scores(mask: &Array2<bool>) -> Array3<f32> {
         let (rows, cols) = mask.dim();
@@ -1067,7 +1108,7 @@ pub(crate) mod tests {
     }
 
     /// A finding of `label` whose region is `mask`, its figures 1 and its point (0, 0).
-    fn finding(label: usize, mask: Array2<bool>) -> Finding {
+    pub(crate) fn finding(label: usize, mask: Array2<bool>) -> Finding {
         Finding {
             label,
             mask,
@@ -1102,7 +1143,7 @@ pub(crate) mod tests {
         steps
             .iter()
             .map(|(step, mask)| {
-                let found = anchor.structures(&mut scores(mask), Some(adapter), *step, 4.0);
+                let found = anchor.structures(&mut scores(mask), Some(adapter), *step, 4.0, &[]);
                 found[0].as_ref().map(|f| f.mask.clone())
             })
             .collect()
@@ -1121,9 +1162,9 @@ pub(crate) mod tests {
             | Array2::from_shape_fn(dim, |(r, c)| (20..41).contains(&r) && (18..23).contains(&c));
         let lateral = |adapter: &Adapter| {
             let mut anchor = Anchor::default();
-            let centre = anchor.structures(&mut scores(&body), Some(adapter), 0, 4.0);
+            let centre = anchor.structures(&mut scores(&body), Some(adapter), 0, 4.0, &[]);
             assert!(centre[0].is_some());
-            let found = anchor.structures(&mut scores(&spill), Some(adapter), 1, 4.0);
+            let found = anchor.structures(&mut scores(&spill), Some(adapter), 1, 4.0, &[]);
             found[0]
                 .as_ref()
                 .map(|f| f.mask.clone())

@@ -21,7 +21,7 @@ use std::path::Path;
 /// stack carry (`Adapter::stack_carry`), which a build reading only 6 would leave out; 8 =
 /// the patient's appearance (`TrainConfig::appearance`), which a build reading only 7
 /// would leave out.
-pub const FORMATS: std::ops::RangeInclusive<u32> = 1..=8;
+pub const FORMATS: std::ops::RangeInclusive<u32> = 1..=9;
 
 /// The least format that holds `tasks`.
 fn format_of(tasks: &[(Task, Adapter)]) -> u32 {
@@ -142,16 +142,24 @@ impl Bundle {
             .iter()
             .any(|(_, a)| a.extremes.iter().any(Option::is_some));
         for (_, a) in &b.tasks {
-            let Some(w) = &a.window else { continue };
-            if let Some(n) = w.landmarks.iter().find(|n| !landmark_names.contains(n)) {
+            if let Some(w) = &a.window {
+                if let Some(n) = w.landmarks.iter().find(|n| !landmark_names.contains(n)) {
+                    return Err(err(format!(
+                        "adapter {}: its window is the box of landmark {n}, which no adapter of the file finds",
+                        a.labels.join(",")
+                    )));
+                }
+            }
+            let named = a.identity.iter().flat_map(|i| i.landmarks.iter().flatten());
+            if let Some(n) = named.clone().find(|n| !landmark_names.contains(n)) {
                 return Err(err(format!(
-                    "adapter {}: its window is the box of landmark {n}, which no adapter of the file finds",
+                    "adapter {}: a structure is named by landmark {n}, which no adapter of the file finds",
                     a.labels.join(",")
                 )));
             }
-            if extremes {
+            if extremes && (a.window.is_some() || named.count() > 0) {
                 return Err(err(format!(
-                    "adapter {}: its window needs the landmarks first, and the file places landmarks on the structures' extremes",
+                    "adapter {}: its window or its structures' names need the landmarks first, and the file places landmarks on the structures' extremes",
                     a.labels.join(",")
                 )));
             }
@@ -204,7 +212,7 @@ pub fn train_dataset(
         templates.push((case, fms));
     }
     let augmented = if config.augment {
-        crate::eval::augmented_templates(&templates, backbone, cache)?
+        crate::eval::augmented_templates(&templates, backbone, cache, config.augment_shift)?
     } else {
         Vec::new()
     };
@@ -275,6 +283,7 @@ pub fn train_dataset(
         (config.align, " --align"),
         (config.patches, " --patches"),
         (config.augment, " --augment"),
+        (config.augment_shift, " --augment-shift"),
         (config.borders, " --borders"),
         (config.layout_fill, " --layout-fill"),
         (config.stack_anchor, " --stack-anchor"),
@@ -295,6 +304,7 @@ pub fn train_dataset(
         (config.pose, " --pose"),
         (config.coarse_landmarks, " --coarse-landmarks"),
         (config.window, " --window"),
+        (config.identity, " --identity"),
     ] {
         if on {
             options.push_str(flag);

@@ -241,7 +241,7 @@ fn a_window_around_the_landmarks_keeps_the_structures() {
     let err = evaluate(&ds, backbone(), &cache(), None, &only).expect_err("no landmarks");
     assert!(
         err.to_string()
-            .contains("--window needs the landmarks task"),
+            .contains("--window and --identity need the landmarks task"),
         "{err}"
     );
 }
@@ -521,6 +521,34 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
             serde_json::json!({"landmarks": [landmark.clone(), "elsewhere"], "share": 0.1});
     });
     assert!(err.contains("landmark elsewhere"), "{err}");
+    // Structures named by a landmark the file does not find, by none, or for another
+    // number of structures; and named in a file of format 8, which a build that reads only
+    // 8 would load and not name them with.
+    let named = |first: serde_json::Value, n: usize| {
+        let mut links = vec![serde_json::Value::Null; n];
+        links[0] = first;
+        serde_json::json!({ "landmarks": links })
+    };
+    let err = refused(&|json| {
+        json["format"] = serde_json::json!(9);
+        json["tasks"][1][1]["identity"] = named(serde_json::json!("elsewhere"), labels);
+    });
+    assert!(err.contains("named by landmark elsewhere"), "{err}");
+    for links in [
+        named(serde_json::Value::Null, labels),
+        named(serde_json::json!(landmark.clone()), labels + 1),
+    ] {
+        let err = refused(&|json| {
+            json["format"] = serde_json::json!(9);
+            json["tasks"][1][1]["identity"] = links.clone();
+        });
+        assert!(err.contains("structures' landmarks"), "{err}");
+    }
+    let err = refused(&|json| {
+        json["format"] = serde_json::json!(8);
+        json["tasks"][1][1]["identity"] = named(serde_json::json!(landmark.clone()), labels);
+    });
+    assert!(err.contains("format 9 at least"), "{err}");
     // A landmark offset beyond the landmark radius, or one per label too few.
     let err = refused(&|json| {
         json["tasks"][0][1]["calibration"] = serde_json::json!([[0.0, 12.0], null]);
@@ -540,8 +568,8 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
     });
     assert!(err.contains("ensemble member"), "{err}");
     // A format this build does not know.
-    let err = refused(&|json| json["format"] = serde_json::json!(9));
-    assert!(err.contains("format 9"), "{err}");
+    let err = refused(&|json| json["format"] = serde_json::json!(10));
+    assert!(err.contains("format 10"), "{err}");
     // A format too old for what the file holds.
     for old in [1, 2] {
         let err = refused(&|json| json["format"] = serde_json::json!(old));
@@ -575,7 +603,7 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
     std::fs::write(&broken, json.to_string()).unwrap();
     let err = scout::train::Bundle::load(&broken, backbone()).unwrap_err();
     assert!(
-        err.to_string().contains("needs the landmarks first"),
+        err.to_string().contains("need the landmarks first"),
         "{err}"
     );
     json["tasks"][1][1]

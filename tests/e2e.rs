@@ -1070,6 +1070,48 @@ fn real_spine_localizer_landmarks_land_on_the_vertebrae() {
     );
 }
 
+/// An adapter whose structures are named by the landmarks (`identity`) is followed by
+/// the agent: the shipped spine adapter with bodies 1 and 2 linked to the other's
+/// landmark hands each the other's region in the SEG, on the same real series.
+#[test]
+fn the_agent_names_structures_by_their_landmarks() {
+    let t = "the_agent_names_structures_by_their_landmarks";
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let shipped = root.join("models/adapters/spine.adapter");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&shipped).unwrap()).unwrap();
+    json["format"] = serde_json::json!(9);
+    let structures = json["tasks"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|t| t[0].get("structures").is_some())
+        .expect("a structure adapter");
+    structures[1]["identity"] = serde_json::json!({"landmarks": ["L2", "L1", "L3", "L4", "L5"]});
+    let dir = tempfile::tempdir().unwrap();
+    let swapped = dir.path().join("swapped.adapter");
+    std::fs::write(&swapped, json.to_string()).unwrap();
+    let Some((_, named)) = spine_stack_through_the_agent(t, "s06", Some(&swapped)) else {
+        return;
+    };
+    let Some((_, plain)) = spine_stack_through_the_agent(t, "s06", None) else {
+        return;
+    };
+    // In the centre slice: bodies 1 and 2 swapped, the others as shipped.
+    let center = plain.case.center;
+    let at = |stack: &StackMasks, label: &str| {
+        stack.masks[label][center]
+            .clone()
+            .expect("every body in the centre slice")
+    };
+    assert!(at(&plain, "L1") != at(&plain, "L2"));
+    assert!(at(&named, "L1") == at(&plain, "L2"), "L1 has L2's region");
+    assert!(at(&named, "L2") == at(&plain, "L1"), "L2 has L1's region");
+    for label in ["L3", "L4", "L5"] {
+        assert!(at(&named, label) == at(&plain, label), "{label} as shipped");
+    }
+}
+
 /// The agent's stack path (`slices = "all"`: every slice analysed, each landmark voted
 /// over the stack, anchored to the centre slice's point) on the same real series.
 #[test]
