@@ -20,7 +20,8 @@ use std::path::Path;
 /// blend (`Adapter::stack_blend`), which a build reading only 5 would leave out; 7 = the
 /// stack carry (`Adapter::stack_carry`), which a build reading only 6 would leave out; 8 =
 /// the patient's appearance (`TrainConfig::appearance`), which a build reading only 7
-/// would leave out.
+/// would leave out; 9 = the structures' names from the landmarks (`Adapter::identity`),
+/// which a build reading only 8 would leave out.
 pub const FORMATS: std::ops::RangeInclusive<u32> = 1..=9;
 
 /// The least format that holds `tasks`.
@@ -141,7 +142,15 @@ impl Bundle {
             .tasks
             .iter()
             .any(|(_, a)| a.extremes.iter().any(Option::is_some));
-        for (_, a) in &b.tasks {
+        for (task, a) in &b.tasks {
+            // Only the structures are named: on a landmark adapter the links would be
+            // loaded and silently never used.
+            if matches!(task, Task::Landmarks { .. }) && a.identity.is_some() {
+                return Err(err(format!(
+                    "adapter {}: landmarks are not named by landmarks (identity on a landmark adapter)",
+                    a.labels.join(",")
+                )));
+            }
             if let Some(w) = &a.window {
                 if let Some(n) = w.landmarks.iter().find(|n| !landmark_names.contains(n)) {
                     return Err(err(format!(

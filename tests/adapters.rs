@@ -549,6 +549,12 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
         json["tasks"][1][1]["identity"] = named(serde_json::json!(landmark.clone()), labels);
     });
     assert!(err.contains("format 9 at least"), "{err}");
+    let err = refused(&|json| {
+        json["format"] = serde_json::json!(9);
+        json["tasks"][0][1]["identity"] =
+            named(serde_json::json!(landmark.clone()), landmarks.labels.len());
+    });
+    assert!(err.contains("identity on a landmark adapter"), "{err}");
     // A landmark offset beyond the landmark radius, or one per label too few.
     let err = refused(&|json| {
         json["tasks"][0][1]["calibration"] = serde_json::json!([[0.0, 12.0], null]);
