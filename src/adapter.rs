@@ -220,6 +220,13 @@ pub struct TrainConfig {
     /// cut by the image's edge is still one; the landmarks are trained without them.
     #[serde(default)]
     pub augment_shift: bool,
+    /// With `context.position`: the position columns for the landmark adapters only; the
+    /// structure adapters are trained without them (their `context.position` cleared). The
+    /// position tells a vertebra from its look-alike neighbours, but it also teaches the
+    /// structures where a body may lie, and a body the field of view cuts at the image's
+    /// edge lies where no template's did.
+    #[serde(default)]
+    pub landmark_position: bool,
 }
 
 /// How far (in cells, Chebyshev) outside a region `TrainConfig::borders` looks.
@@ -276,6 +283,7 @@ impl Default for TrainConfig {
             window: false,
             identity: false,
             augment_shift: false,
+            landmark_position: false,
         }
     }
 }

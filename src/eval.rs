@@ -4,7 +4,7 @@
 //! IoU per structure, false positives on empty slices, timings. Works on any folder with
 //! one of the two layouts.
 
-use crate::adapter::{Adapter, AdapterError, Method, TrainConfig, TrainingSlice};
+use crate::adapter::{Adapter, AdapterError, Context, Method, TrainConfig, TrainingSlice};
 use crate::align::{AlignTemplate, Prior};
 use crate::backbone::{Backbone, BackboneError, FeatureMap};
 use crate::dataset::{Case, Dataset, DatasetError, Layout};
@@ -519,6 +519,10 @@ pub fn train_task<C: std::borrow::Borrow<(Case, Vec<FeatureMap>)>>(
         stack_blend: config.stack_blend && !landmarks,
         stack_carry: config.stack_carry && !landmarks,
         appearance: config.appearance && !landmarks,
+        context: Context {
+            position: config.context.position && (landmarks || !config.landmark_position),
+            ..config.context.clone()
+        },
         ..config.clone()
     };
     let config = &for_task;
@@ -2339,6 +2343,36 @@ mod tests {
         assert_eq!(whole.features(target).channels(), 7);
     }
 
+    /// The one classification adapter `train_task` trains for `task`.
+    fn train_one(
+        task: &Task,
+        templates: &[(Case, Vec<FeatureMap>)],
+        augmented: &[(Case, Vec<FeatureMap>)],
+        config: &TrainConfig,
+    ) -> Adapter {
+        let bb = ("test", "0");
+        let mut a = train_task(
+            task,
+            Method::Classification,
+            false,
+            templates,
+            augmented,
+            config,
+            bb,
+        )
+        .unwrap();
+        a.remove(0)
+    }
+
+    /// `two_grid_templates`' tasks: the labelled square, the landmark "p".
+    fn square_and_point() -> (Task, Task) {
+        let landmarks = Task::Landmarks {
+            names: vec!["p".to_string()],
+            radius: 8.0,
+        };
+        (Task::Structures { values: vec![1] }, landmarks)
+    }
+
     /// With `identity`, a structure adapter learns which landmark lies inside each of its
     /// structures in every template; a landmark adapter learns nothing of it. With
     /// `augment_shift`, a landmark adapter is trained as without the shifted copies, a
@@ -2358,23 +2392,9 @@ mod tests {
         };
         let bb = ("test", "0");
         let train = |task: &Task, augmented: &[(Case, Vec<FeatureMap>)], config: &TrainConfig| {
-            let mut a = train_task(
-                task,
-                Method::Classification,
-                false,
-                &templates,
-                augmented,
-                config,
-                bb,
-            )
-            .unwrap();
-            a.remove(0)
+            train_one(task, &templates, augmented, config)
         };
-        let structures = Task::Structures { values: vec![1] };
-        let landmarks = Task::Landmarks {
-            names: vec!["p".to_string()],
-            radius: 8.0,
-        };
+        let (structures, landmarks) = square_and_point();
         let named = train(&structures, &[], &config);
         assert!(named.train.identity);
         let links = named.identity.as_ref().expect("linked");
@@ -2448,6 +2468,42 @@ mod tests {
             structure_mean(&copies, &shift),
             structure_mean(&copies, &plain)
         );
+    }
+
+    /// With `landmark_position` the landmark adapter reads the position columns and the
+    /// structure adapter does not: each is the adapter trained with, and without, the
+    /// position for both tasks.
+    #[test]
+    fn the_position_can_be_the_landmarks_alone() {
+        let templates = two_grid_templates();
+        let train = |task: &Task, position: bool, landmark_position: bool| {
+            let config = TrainConfig {
+                steps: 20,
+                landmark_position,
+                context: Context {
+                    position,
+                    ..Context::default()
+                },
+                ..TrainConfig::default()
+            };
+            train_one(task, &templates, &[], &config)
+        };
+        let (structures, landmarks) = square_and_point();
+        let weights = |a: &Adapter| serde_json::to_string(&a.model).unwrap();
+        let placed = train(&landmarks, true, true);
+        let unplaced = train(&structures, true, true);
+        assert!(placed.train.context.position && !unplaced.train.context.position);
+        assert_eq!(weights(&placed), weights(&train(&landmarks, true, false)));
+        assert_eq!(
+            weights(&unplaced),
+            weights(&train(&structures, false, false))
+        );
+        assert_ne!(
+            weights(&unplaced),
+            weights(&train(&structures, true, false))
+        );
+        // Two more columns read: row and column.
+        assert_eq!(placed.feature_mean.len(), unplaced.feature_mean.len() + 2);
     }
 
     /// With `stack_anchor`, a structure adapter learns from the templates' stacks how far

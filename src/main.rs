@@ -254,6 +254,10 @@ struct ContextArgs {
     /// The cell's position in the image.
     #[arg(long)]
     position: bool,
+    /// The cell's position in the image, for the landmarks only: the structures are
+    /// trained without it.
+    #[arg(long, conflicts_with = "position")]
+    landmark_position: bool,
     /// Landmarks: choose regions that fit the templates' landmark layout.
     #[arg(long)]
     shape: bool,
@@ -411,11 +415,12 @@ impl ContextArgs {
             coarse_landmarks: self.coarse_landmarks,
             window: self.window,
             identity: self.identity,
+            landmark_position: self.landmark_position,
             hidden: self.hidden.into(),
             context: scout::adapter::Context {
                 pools: self.pools.clone(),
                 global: self.global_context,
-                position: self.position,
+                position: self.position || self.landmark_position,
             },
             ..Default::default()
         }
@@ -986,7 +991,7 @@ mod tests {
     #[test]
     fn each_flag_sets_its_own_training_option() {
         type Set = fn(&mut TrainConfig);
-        let cases: [(&[&str], Set); 30] = [
+        let cases: [(&[&str], Set); 31] = [
             (&[], |_| {}),
             (&["--shape"], |c| c.shape = true),
             (&["--patches"], |c| c.patches = true),
@@ -1040,6 +1045,10 @@ mod tests {
                 c.context.position = true
             }),
             (&["--global-context"], |c| c.context.global = true),
+            (&["--landmark-position"], |c| {
+                c.context.position = true;
+                c.landmark_position = true
+            }),
         ];
         for (flags, set) in cases {
             let mut want = TrainConfig::default();
@@ -1055,6 +1064,13 @@ mod tests {
                 assert_eq!(got, want, "{command:?} {flags:?}");
             }
         }
+        // The position for both tasks or for the landmarks alone, not both at once.
+        let both = ["scout", "eval", "ds", "--position", "--landmark-position"];
+        let e = Cli::try_parse_from(both)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("--landmark-position"), "{e}");
     }
 
     /// The robustness check's image changes take factors above 0, or a clear error.

@@ -288,7 +288,11 @@ pub fn train_dataset(
         (ds.negatives, " --negatives"),
         (config.shape, " --shape"),
         (ctx.global, " --global-context"),
-        (ctx.position, " --position"),
+        (ctx.position && !config.landmark_position, " --position"),
+        (
+            ctx.position && config.landmark_position,
+            " --landmark-position",
+        ),
         (config.align, " --align"),
         (config.patches, " --patches"),
         (config.augment, " --augment"),

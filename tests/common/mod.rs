@@ -43,8 +43,9 @@ pub fn shared_data(test: &str) -> Option<PathBuf> {
     None
 }
 
-/// How the shipped spine adapter was trained (contrastive + shape + pools 3,9 + position,
-/// border negatives for the structures), with or without alignment templates — but
+/// How the shipped spine adapter was trained (contrastive + shape + pools 3,9 + position
+/// for the landmarks, border negatives for the structures), with or without alignment
+/// templates — but
 /// without `augment`, whose 270 extra encoder runs per training would cost CI several
 /// minutes per test.
 pub fn shipped_spine_config(align: bool) -> scout::adapter::TrainConfig {
@@ -57,6 +58,7 @@ pub fn shipped_spine_config(align: bool) -> scout::adapter::TrainConfig {
             global: false,
             position: true,
         },
+        landmark_position: true,
         ..Default::default()
     }
 }
