@@ -914,7 +914,8 @@ pub fn learn_calibration(
     recipe: Recipe,
     left_out: &[LeftOutMasks],
 ) -> Result<(), EvalError> {
-    let Task::Landmarks { radius, .. } = task else {
+    // One template leaves none to train on without it: no offsets to learn.
+    let (Task::Landmarks { radius, .. }, 2..) = (task, recipe.templates.len()) else {
         return Ok(());
     };
     let mut errors: Vec<Vec<(f64, f64)>> = vec![Vec::new(); landmarks.labels.len()];
@@ -986,8 +987,9 @@ pub fn left_out_sam_masks(
     recipe: Recipe,
     sam: &Sam,
 ) -> Result<Vec<LeftOutMasks>, EvalError> {
-    // Nothing to draw: no structure adapters to train.
-    if !structures.sam_redraw.contains(&true) {
+    // Nothing to draw: no structure adapters to train, or none to train them on without
+    // the one template (and `extremes::learn` takes no rule from one template).
+    if !structures.sam_redraw.contains(&true) || recipe.templates.len() < 2 {
         return Ok(vec![Vec::new(); recipe.templates.len()]);
     }
     let task = Task::Structures {

@@ -57,6 +57,25 @@ fn classification_recipe<'a>(
     }
 }
 
+/// Classification adapters for `task`, trained on `templates` alone (no augmented copies).
+fn classification_adapters(
+    task: &scout::templates::Task,
+    templates: &[(Case, Vec<FeatureMap>)],
+    config: &TrainConfig,
+) -> Vec<scout::adapter::Adapter> {
+    let bb = (backbone().id(), backbone().checksum());
+    scout::eval::train_task(
+        task,
+        Method::Classification,
+        false,
+        templates,
+        &[],
+        config,
+        bb,
+    )
+    .unwrap()
+}
+
 /// Feature cache shared by test runs (keyed by model checksum and pixels, so always valid).
 fn cache() -> FeatureCache {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("feature-cache");
@@ -915,23 +934,11 @@ fn the_apices_lie_on_the_lungs_tops_and_the_corners_get_no_rule() {
         extremes: true,
         ..TrainConfig::default()
     };
-    let bb = (backbone().id(), backbone().checksum());
     let values = scout::templates::structure_values(templates.iter().map(|(c, _)| c));
     let task = scout::templates::Task::Structures {
         values: values.clone(),
     };
-    let train = |task: &scout::templates::Task| {
-        scout::eval::train_task(
-            task,
-            Method::Classification,
-            false,
-            &templates,
-            &[],
-            &config,
-            bb,
-        )
-        .unwrap()
-    };
+    let train = |task: &scout::templates::Task| classification_adapters(task, &templates, &config);
     let mut structures = train(&task);
     scout::eval::learn_sam_redraws(&mut structures, &task, &templates, &sam).unwrap();
     assert_eq!(structures[0].sam_redraw, [true, true, false]);
@@ -969,6 +976,52 @@ fn the_apices_lie_on_the_lungs_tops_and_the_corners_get_no_rule() {
     }
 }
 
+/// One template leaves none to train on without it: the leave-one-template-out steps
+/// (`--extremes`' SAM masks, `--calibrate`'s offsets) learn nothing instead of failing, so
+/// the shipped chest options train from a single template (the protocol's N = 1).
+#[test]
+fn one_template_leaves_nothing_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    common::synthetic_image_dataset(&tmp.path().join("ds"), 2);
+    let ds = Dataset::open(&tmp.path().join("ds")).unwrap();
+    let templates = templates_of(&ds, 1);
+    let config = TrainConfig {
+        steps: 100,
+        shape: true,
+        extremes: true,
+        calibrate: true,
+        ..TrainConfig::default()
+    };
+    let values = scout::templates::structure_values(templates.iter().map(|(c, _)| c));
+    let train = |task: &scout::templates::Task| {
+        classification_adapters(task, &templates, &config).remove(0)
+    };
+    let mut structures = train(&scout::templates::Task::Structures {
+        values: values.clone(),
+    });
+    // As if SAM redrew every structure: the masks are then drawn for each template left out.
+    structures.sam_redraw = vec![true; structures.labels.len()];
+    let recipe = classification_recipe(&templates, &config);
+    let left_out = scout::eval::left_out_sam_masks(&structures, &values, recipe, &decoder())
+        .expect("one template: no masks to draw, no error");
+    assert_eq!(left_out, vec![Vec::new()]);
+    let task = scout::templates::Task::Landmarks {
+        names: ds.landmark_names.clone(),
+        radius: 10.0,
+    };
+    let mut landmarks = train(&task);
+    scout::eval::learn_extremes(
+        std::slice::from_mut(&mut landmarks),
+        &task,
+        &templates,
+        &left_out,
+    );
+    assert!(landmarks.extremes.iter().all(Option::is_none));
+    scout::eval::learn_calibration(&mut landmarks, &task, recipe, &left_out)
+        .expect("one template: no offsets to learn, no error");
+    assert!(landmarks.calibration.is_empty());
+}
+
 /// `--calibrate`: each landmark's offset is the shrunk mean of its errors over the
 /// templates, each placed by an adapter trained on the others, as the agent would place
 /// it; here the steps are the layout's choice of regions alone, taken again by hand.
@@ -984,22 +1037,12 @@ fn calibration_pools_the_errors_of_the_templates_left_out() {
         calibrate: true,
         ..TrainConfig::default()
     };
-    let bb = (backbone().id(), backbone().checksum());
     let task = scout::templates::Task::Landmarks {
         names: ds.landmark_names.clone(),
         radius: 10.0,
     };
     let train = |templates: &[(Case, Vec<FeatureMap>)]| {
-        let trained = scout::eval::train_task(
-            &task,
-            Method::Classification,
-            false,
-            templates,
-            &[],
-            &config,
-            bb,
-        );
-        trained.unwrap().remove(0)
+        classification_adapters(&task, templates, &config).remove(0)
     };
     let mut adapter = train(&templates);
     let recipe = classification_recipe(&templates, &config);
