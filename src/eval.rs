@@ -845,6 +845,12 @@ pub struct Recipe<'a> {
 }
 
 impl Recipe<'_> {
+    /// Whether a template can be left out: with one, no template is left to train on
+    /// without it, and the leave-one-out steps learn nothing.
+    fn leaves_some_in(&self) -> bool {
+        self.templates.len() > 1
+    }
+
     /// The adapters for `task` trained on every template but the `i`th and the augmented
     /// copies of those: what the agent would bring to that template were it a new case.
     fn train_without(&self, i: usize, task: &Task) -> Result<Vec<Adapter>, AdapterError> {
@@ -914,8 +920,7 @@ pub fn learn_calibration(
     recipe: Recipe,
     left_out: &[LeftOutMasks],
 ) -> Result<(), EvalError> {
-    // One template leaves none to train on without it: no offsets to learn.
-    let (Task::Landmarks { radius, .. }, 2..) = (task, recipe.templates.len()) else {
+    let (Task::Landmarks { radius, .. }, true) = (task, recipe.leaves_some_in()) else {
         return Ok(());
     };
     let mut errors: Vec<Vec<(f64, f64)>> = vec![Vec::new(); landmarks.labels.len()];
@@ -987,9 +992,9 @@ pub fn left_out_sam_masks(
     recipe: Recipe,
     sam: &Sam,
 ) -> Result<Vec<LeftOutMasks>, EvalError> {
-    // Nothing to draw: no structure adapters to train, or none to train them on without
-    // the one template (and `extremes::learn` takes no rule from one template).
-    if !structures.sam_redraw.contains(&true) || recipe.templates.len() < 2 {
+    // Nothing to draw: no structure adapters to train, or no templates to train them on
+    // (and `extremes::learn` takes no rule from one template).
+    if !structures.sam_redraw.contains(&true) || !recipe.leaves_some_in() {
         return Ok(vec![Vec::new(); recipe.templates.len()]);
     }
     let task = Task::Structures {
