@@ -1038,14 +1038,16 @@ pub fn left_out_sam_masks(
 
 /// With `extremes`: per landmark adapter among `landmarks` (trained for `task` on
 /// `templates`), the extreme of a structure SAM redraws that places each landmark
-/// (`extremes::learn`, on each template's true masks and on `left_out`, the SAM masks
-/// of `left_out_sam_masks`; when several structures have one, the one SAM's masks keep
-/// closest). The rules stay empty when no landmark has one.
+/// (`extremes::learn`, on each template's true masks, those masks without the detail
+/// finer than `sam`'s masks hold, and `left_out`, the SAM masks of `left_out_sam_masks`;
+/// when several structures have one, the one SAM's masks keep closest). The rules stay
+/// empty when no landmark has one.
 pub fn learn_extremes(
     landmarks: &mut [Adapter],
     task: &Task,
     templates: &[(Case, Vec<FeatureMap>)],
     left_out: &[LeftOutMasks],
+    sam: &Sam,
 ) {
     let Task::Landmarks { radius, .. } = task else {
         return;
@@ -1093,7 +1095,8 @@ pub fn learn_extremes(
                                 })
                             })
                             .collect::<Option<Vec<_>>>()?;
-                        crate::extremes::learn(v, &views, *radius)
+                        let (rows, cols) = views.first()?.truth.dim();
+                        crate::extremes::learn(v, &views, *radius, sam.mask_cell(rows, cols))
                     })
                     .min_by(|a, b| a.1.total_cmp(&b.1))
                     .map(|(rule, on_sam)| {
@@ -1485,7 +1488,7 @@ pub fn evaluate(
             (Some((st_trained, st)), Some(sam)) => {
                 let t = Instant::now();
                 left_out = left_out_sam_masks(st, &values, recipe, sam)?;
-                learn_extremes(&mut trained.adapters, &task, templ, &left_out);
+                learn_extremes(&mut trained.adapters, &task, templ, &left_out, sam);
                 timing.train_s += t.elapsed().as_secs_f64();
                 trained
                     .adapters

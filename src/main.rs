@@ -347,8 +347,9 @@ struct ContextArgs {
     sam_redraw: bool,
     /// Landmarks, with --sam-redraw: place a landmark also at the extreme of a structure
     /// SAM redraws (the centroid of its top rows, its lowest lateral corner...) when the
-    /// templates' masks give their landmarks back there and SAM's masks of them keep it
-    /// within half the landmark radius: the mean of that point and the adapter's.
+    /// templates' masks give their landmarks back there, also without the detail finer
+    /// than a cell of SAM's masks, and SAM's masks of them keep it within half the
+    /// landmark radius: the mean of that point and the adapter's.
     #[arg(long, requires = "sam_redraw")]
     extremes: bool,
     /// Landmarks: take off each landmark's mean error over the templates, each left out in

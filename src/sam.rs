@@ -104,6 +104,14 @@ impl Sam {
         })
     }
 
+    /// Image pixels per cell of the decoder's masks on an image of `rows` × `cols`: the
+    /// finest detail they hold (2 on a 512 × 512 radiograph, whose masks come at the
+    /// model's 256 × 256 and are resized).
+    pub fn mask_cell(&self, rows: usize, cols: usize) -> f64 {
+        let [mh, mw] = self.input_size;
+        (rows as f64 / mh.max(1) as f64).max(cols as f64 / mw.max(1) as f64)
+    }
+
     /// The backbone whose embeddings this decoder takes.
     pub fn backbone(&self) -> &str {
         &self.backbone

@@ -267,7 +267,13 @@ pub fn train_dataset(
         if let Some((st, values)) = structures {
             let left_out = crate::eval::left_out_sam_masks(&st, &values, recipe, sam)?;
             for (task, a) in tasks.iter_mut() {
-                crate::eval::learn_extremes(std::slice::from_mut(a), task, &templates, &left_out);
+                crate::eval::learn_extremes(
+                    std::slice::from_mut(a),
+                    task,
+                    &templates,
+                    &left_out,
+                    sam,
+                );
             }
             left_out
         } else {

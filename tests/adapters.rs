@@ -963,7 +963,7 @@ fn the_apices_lie_on_the_lungs_tops_and_the_corners_get_no_rule() {
         radius: 10.0,
     };
     let mut landmarks = train(&task);
-    scout::eval::learn_extremes(&mut landmarks, &task, &templates, &left_out);
+    scout::eval::learn_extremes(&mut landmarks, &task, &templates, &left_out, &sam);
     let expected = |n: &str| match n {
         "right_lung_apex" => Some((1, [-1, 0], 2.0)),
         "left_lung_apex" => Some((2, [-1, 0], 2.0)),
@@ -973,6 +973,62 @@ fn the_apices_lie_on_the_lungs_tops_and_the_corners_get_no_rule() {
     for (n, e) in landmarks[0].labels.iter().zip(&landmarks[0].extremes) {
         let rule = e.map(|e| (e.structure, e.direction, e.band));
         assert_eq!(rule, expected(n), "{n}");
+    }
+}
+
+/// Issue #7: chest-xr's costophrenic angles are the lungs' sharpest corners, a detail
+/// finer than SAM's masks hold (a cell of its 256 × 256 masks covers 2 × 2 pixels of a
+/// 512 × 512 radiograph): they get no rule from two templates even were SAM to draw both
+/// templates' lungs exactly, while the apices, on the lungs' rounded tops, keep theirs.
+/// (Session 51: with two templates SAM's masks of the templates happened to keep the
+/// corners within the check, and the test cases' angles lost up to half their hits.)
+#[test]
+fn the_corners_are_finer_than_sams_masks() {
+    let Some(shared) = common::shared_data("the_corners_are_finer_than_sams_masks") else {
+        return;
+    };
+    let sam = decoder();
+    let ds = Dataset::open(&shared.join("chest-xr")).unwrap();
+    let cases: Vec<_> = ds
+        .cases
+        .iter()
+        .take(2)
+        .map(|n| ds.load_case(n).unwrap())
+        .collect();
+    let truths = |v: u8| -> Vec<Array2<bool>> {
+        cases
+            .iter()
+            .map(|c| c.slices[c.center].labels.as_ref().unwrap().mapv(|x| x == v))
+            .collect()
+    };
+    for name in &ds.landmark_names {
+        let v = if name.starts_with("right_") { 1 } else { 2 };
+        let truths = truths(v);
+        let views: Vec<_> = cases
+            .iter()
+            .zip(&truths)
+            .map(|(c, m)| {
+                let t = &c.landmarks[name];
+                scout::extremes::TemplateView {
+                    landmark: (t.row, t.column),
+                    truth: m,
+                    sam: Some(m),
+                }
+            })
+            .collect();
+        let (rows, cols) = truths[0].dim();
+        assert_eq!(sam.mask_cell(rows, cols), 2.0);
+        let rule = |detail| scout::extremes::learn(v, &views, 10.0, detail).map(|(r, _)| r);
+        assert!(
+            rule(0.0).is_some(),
+            "{name}: a rule on the true masks alone"
+        );
+        let kept = rule(sam.mask_cell(rows, cols)).map(|r| (r.direction, r.band));
+        if name.ends_with("apex") {
+            assert_eq!(kept, Some(([-1, 0], 2.0)), "{name}");
+        } else {
+            assert_eq!(kept, None, "{name}");
+        }
     }
 }
 
