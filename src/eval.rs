@@ -1039,7 +1039,8 @@ pub fn left_out_sam_masks(
 /// With `extremes`: per landmark adapter among `landmarks` (trained for `task` on
 /// `templates`), the extreme of a structure SAM redraws that places each landmark
 /// (`extremes::learn`, on each template's true masks, those masks without the detail
-/// finer than `sam`'s masks hold, and `left_out`, the SAM masks of `left_out_sam_masks`;
+/// finer than the cells of `sam`'s masks, and `left_out`, the SAM masks of
+/// `left_out_sam_masks`;
 /// when several structures have one, the one SAM's masks keep closest). The rules stay
 /// empty when no landmark has one.
 pub fn learn_extremes(
@@ -1082,21 +1083,23 @@ pub fn learn_extremes(
                             .iter()
                             .zip(truths)
                             .zip(left_out)
-                            .map(|(((case, _), truth), sam)| {
+                            .map(|(((case, _), truth), drawn)| {
                                 let t = case.landmarks.get(name)?;
                                 let k = case.slices.get(case.center)?.k;
                                 if t.k.zip(k).is_some_and(|(tk, k)| (tk - k as f64).abs() > 0.5) {
                                     return None;
                                 }
+                                let truth = truth.as_ref()?;
+                                let (rows, cols) = truth.dim();
                                 Some(crate::extremes::TemplateView {
                                     landmark: (t.row, t.column),
-                                    truth: truth.as_ref()?,
-                                    sam: sam.iter().find(|(s, _)| *s == v)?.1.as_ref(),
+                                    truth,
+                                    sam: drawn.iter().find(|(s, _)| *s == v)?.1.as_ref(),
+                                    cell: sam.mask_cell(rows, cols),
                                 })
                             })
                             .collect::<Option<Vec<_>>>()?;
-                        let (rows, cols) = views.first()?.truth.dim();
-                        crate::extremes::learn(v, &views, *radius, sam.mask_cell(rows, cols))
+                        crate::extremes::learn(v, &views, *radius)
                     })
                     .min_by(|a, b| a.1.total_cmp(&b.1))
                     .map(|(rule, on_sam)| {

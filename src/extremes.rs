@@ -109,18 +109,16 @@ pub struct TemplateView<'a> {
     pub truth: &'a Array2<bool>,
     /// SAM's mask drawn from the box of `truth` (None: SAM gave none).
     pub sam: Option<&'a Array2<bool>>,
+    /// Image pixels per cell of SAM's masks on the template's image (`Sam::mask_cell`):
+    /// `truth` is also read without the detail finer than that.
+    pub cell: f64,
 }
 
 /// The rule that gives every template's landmark back within `EXACT_PX` from its true
 /// mask (the closest on average when several do) and from that mask opened by a disc of
-/// radius `detail` (pixels per cell of SAM's masks, `Sam::mask_cell`), if SAM's masks keep
-/// it within `radius / 2` on average; None otherwise, or with fewer than two templates.
-pub fn learn(
-    structure: u8,
-    templates: &[TemplateView],
-    radius: f64,
-    detail: f64,
-) -> Option<(Extreme, f64)> {
+/// the template's `cell`, if SAM's masks keep it within `radius / 2` on average; None
+/// otherwise, or with fewer than two templates.
+pub fn learn(structure: u8, templates: &[TemplateView], radius: f64) -> Option<(Extreme, f64)> {
     if templates.len() < 2 {
         return None;
     }
@@ -128,7 +126,7 @@ pub fn learn(
         rule.point(mask, TEMPLATES_POSE)
             .map_or(f64::INFINITY, |q| (q.0 - p.0).hypot(q.1 - p.1))
     };
-    let opened: Vec<Array2<bool>> = templates.iter().map(|t| open(t.truth, detail)).collect();
+    let opened: Vec<Array2<bool>> = templates.iter().map(|t| open(t.truth, t.cell)).collect();
     let (rule, _) = candidates(structure)
         .filter_map(|rule| {
             let errors: Vec<f64> = templates
@@ -289,9 +287,10 @@ pub(crate) mod tests {
                 landmark: p,
                 truth: m,
                 sam: Some(m),
+                cell: 0.0,
             })
             .collect();
-        let (rule, on_sam) = learn(2, &templates, 10.0, 0.0).expect("a rule");
+        let (rule, on_sam) = learn(2, &templates, 10.0).expect("a rule");
         assert_eq!(rule.direction, [-1, 0]);
         assert_eq!(rule.structure, 2);
         assert_eq!(on_sam, 0.0);
@@ -316,14 +315,12 @@ pub(crate) mod tests {
                 landmark: p,
                 truth: m,
                 sam: Some(c),
+                cell: 0.0,
             })
             .collect();
+        assert!(learn(2, &templates, 10.0).is_none(), "SAM misses the top");
         assert!(
-            learn(2, &templates, 10.0, 0.0).is_none(),
-            "SAM misses the top"
-        );
-        assert!(
-            learn(2, &templates, 40.0, 0.0).is_some(),
+            learn(2, &templates, 40.0).is_some(),
             "within a 40 px radius's half"
         );
 
@@ -335,13 +332,11 @@ pub(crate) mod tests {
                 landmark: p,
                 truth: m,
                 sam: Some(m),
+                cell: 0.0,
             })
             .collect();
-        assert!(learn(2, &templates, 10.0, 0.0).is_none());
-        assert!(
-            learn(2, &templates[..1], 10.0, 0.0).is_none(),
-            "one template"
-        );
+        assert!(learn(2, &templates, 10.0).is_none());
+        assert!(learn(2, &templates[..1], 10.0).is_none(), "one template");
     }
 
     /// A sharp corner is a detail SAM's masks may not hold: a rule on it is refused even
@@ -368,22 +363,23 @@ pub(crate) mod tests {
             direction: [1, -1],
             band: 0.0,
         };
-        let views = |rule: Extreme| -> Vec<TemplateView> {
+        let views = |rule: Extreme, cell: f64| -> Vec<TemplateView> {
             masks
                 .iter()
                 .map(|m| TemplateView {
                     landmark: rule.point(m, TEMPLATES_POSE).unwrap(),
                     truth: m,
                     sam: Some(m),
+                    cell,
                 })
                 .collect()
         };
-        let rule = |detail| learn(1, &views(corner), 10.0, detail).map(|(r, _)| r);
+        let rule = |cell| learn(1, &views(corner, cell), 10.0).map(|(r, _)| r);
         // The tip's end is its lowest lateral pixel and its most lateral one: either rule.
         assert!(rule(0.0).is_some());
         assert_eq!(rule(0.9), rule(0.0), "a disc under a pixel removes nothing");
         assert_eq!(rule(2.0), None);
-        let apex = |detail| learn(1, &views(APEX), 10.0, detail).map(|(r, _)| r);
+        let apex = |cell| learn(1, &views(APEX, cell), 10.0).map(|(r, _)| r);
         assert_eq!(apex(2.0), Some(APEX));
     }
 

@@ -1004,21 +1004,24 @@ fn the_corners_are_finer_than_sams_masks() {
     for name in &ds.landmark_names {
         let v = if name.starts_with("right_") { 1 } else { 2 };
         let truths = truths(v);
-        let views: Vec<_> = cases
-            .iter()
-            .zip(&truths)
-            .map(|(c, m)| {
-                let t = &c.landmarks[name];
-                scout::extremes::TemplateView {
-                    landmark: (t.row, t.column),
-                    truth: m,
-                    sam: Some(m),
-                }
-            })
-            .collect();
         let (rows, cols) = truths[0].dim();
         assert_eq!(sam.mask_cell(rows, cols), 2.0);
-        let rule = |detail| scout::extremes::learn(v, &views, 10.0, detail).map(|(r, _)| r);
+        let rule = |cell| {
+            let views: Vec<_> = cases
+                .iter()
+                .zip(&truths)
+                .map(|(c, m)| {
+                    let t = &c.landmarks[name];
+                    scout::extremes::TemplateView {
+                        landmark: (t.row, t.column),
+                        truth: m,
+                        sam: Some(m),
+                        cell,
+                    }
+                })
+                .collect();
+            scout::extremes::learn(v, &views, 10.0).map(|(r, _)| r)
+        };
         assert!(
             rule(0.0).is_some(),
             "{name}: a rule on the true masks alone"
