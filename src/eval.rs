@@ -1040,9 +1040,8 @@ pub fn left_out_sam_masks(
 /// `templates`), the extreme of a structure SAM redraws that places each landmark
 /// (`extremes::learn`, on each template's true masks, those masks without the detail
 /// finer than the cells of `sam`'s masks, and `left_out`, the SAM masks of
-/// `left_out_sam_masks`;
-/// when several structures have one, the one SAM's masks keep closest). The rules stay
-/// empty when no landmark has one.
+/// `left_out_sam_masks`; when several structures have one, the one SAM's masks keep
+/// closest). The rules stay empty when no landmark has one.
 pub fn learn_extremes(
     landmarks: &mut [Adapter],
     task: &Task,
