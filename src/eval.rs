@@ -1055,15 +1055,19 @@ pub fn learn_extremes(
     let mut drawn: Vec<u8> = left_out.iter().flatten().map(|(v, _)| *v).collect();
     drawn.sort_unstable();
     drawn.dedup();
-    // Per structure, each template's true mask in slice k*.
-    let truths: Vec<Vec<Option<Array2<bool>>>> = drawn
+    // Per structure, each template's true mask in slice k*, and that mask without the
+    // detail finer than a cell of SAM's masks on its image.
+    let truths: Vec<Vec<Option<_>>> = drawn
         .iter()
         .map(|&v| {
             templates
                 .iter()
                 .map(|(case, _)| {
                     let labels = case.slices.get(case.center)?.labels.as_ref()?;
-                    Some(labels.mapv(|x| x == v)).filter(|m| m.iter().any(|x| *x))
+                    let truth = Some(labels.mapv(|x| x == v)).filter(|m| m.iter().any(|x| *x))?;
+                    let (rows, cols) = truth.dim();
+                    let coarse = crate::extremes::open(&truth, sam.mask_cell(rows, cols));
+                    Some((truth, coarse))
                 })
                 .collect()
         })
@@ -1088,13 +1092,12 @@ pub fn learn_extremes(
                                 if t.k.zip(k).is_some_and(|(tk, k)| (tk - k as f64).abs() > 0.5) {
                                     return None;
                                 }
-                                let truth = truth.as_ref()?;
-                                let (rows, cols) = truth.dim();
+                                let (truth, coarse) = truth.as_ref()?;
                                 Some(crate::extremes::TemplateView {
                                     landmark: (t.row, t.column),
                                     truth,
+                                    coarse,
                                     sam: drawn.iter().find(|(s, _)| *s == v)?.1.as_ref(),
-                                    cell: sam.mask_cell(rows, cols),
                                 })
                             })
                             .collect::<Option<Vec<_>>>()?;

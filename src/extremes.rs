@@ -107,17 +107,18 @@ pub struct TemplateView<'a> {
     pub landmark: (f64, f64),
     /// The structure's true mask there.
     pub truth: &'a Array2<bool>,
-    /// SAM's mask drawn from the box of `truth` (None: SAM gave none).
+    /// `truth` without the detail finer than a cell of SAM's masks on the template's
+    /// image: opened by a disc of that radius (`open`, `Sam::mask_cell`).
+    pub coarse: &'a Array2<bool>,
+    /// SAM's mask of the structure, drawn when the template was left out (None: SAM's
+    /// mask was not accepted).
     pub sam: Option<&'a Array2<bool>>,
-    /// Image pixels per cell of SAM's masks on the template's image (`Sam::mask_cell`):
-    /// `truth` is also read without the detail finer than that.
-    pub cell: f64,
 }
 
 /// The rule that gives every template's landmark back within `EXACT_PX` from its true
-/// mask (the closest on average when several do) and from that mask opened by a disc of
-/// the template's `cell`, if SAM's masks keep it within `radius / 2` on average; None
-/// otherwise, or with fewer than two templates.
+/// mask (the closest on average when several do) and from its `coarse` mask, if SAM's
+/// masks keep it within `radius / 2` on average; None otherwise, or with fewer than two
+/// templates.
 pub fn learn(structure: u8, templates: &[TemplateView], radius: f64) -> Option<(Extreme, f64)> {
     if templates.len() < 2 {
         return None;
@@ -126,7 +127,6 @@ pub fn learn(structure: u8, templates: &[TemplateView], radius: f64) -> Option<(
         rule.point(mask, TEMPLATES_POSE)
             .map_or(f64::INFINITY, |q| (q.0 - p.0).hypot(q.1 - p.1))
     };
-    let opened: Vec<Array2<bool>> = templates.iter().map(|t| open(t.truth, t.cell)).collect();
     let (rule, _) = candidates(structure)
         .filter_map(|rule| {
             let errors: Vec<f64> = templates
@@ -137,8 +137,7 @@ pub fn learn(structure: u8, templates: &[TemplateView], radius: f64) -> Option<(
             (errors.iter().all(kept)
                 && templates
                     .iter()
-                    .zip(&opened)
-                    .all(|(t, m)| kept(&error(&rule, m, t.landmark))))
+                    .all(|t| kept(&error(&rule, t.coarse, t.landmark))))
             .then(|| (rule, errors.iter().sum::<f64>() / errors.len() as f64))
         })
         .min_by(|a, b| a.1.total_cmp(&b.1))?;
@@ -286,8 +285,8 @@ pub(crate) mod tests {
             .map(|(m, &p)| TemplateView {
                 landmark: p,
                 truth: m,
+                coarse: m,
                 sam: Some(m),
-                cell: 0.0,
             })
             .collect();
         let (rule, on_sam) = learn(2, &templates, 10.0).expect("a rule");
@@ -314,8 +313,8 @@ pub(crate) mod tests {
             .map(|((m, c), &p)| TemplateView {
                 landmark: p,
                 truth: m,
+                coarse: m,
                 sam: Some(c),
-                cell: 0.0,
             })
             .collect();
         assert!(learn(2, &templates, 10.0).is_none(), "SAM misses the top");
@@ -331,8 +330,8 @@ pub(crate) mod tests {
             .map(|(m, p)| TemplateView {
                 landmark: p,
                 truth: m,
+                coarse: m,
                 sam: Some(m),
-                cell: 0.0,
             })
             .collect();
         assert!(learn(2, &templates, 10.0).is_none());
@@ -363,24 +362,28 @@ pub(crate) mod tests {
             direction: [1, -1],
             band: 0.0,
         };
-        let views = |rule: Extreme, cell: f64| -> Vec<TemplateView> {
-            masks
+        // The rule learned for the landmarks `rule` places, SAM's masks the true ones, each
+        // mask opened by a disc of `cell` pixels.
+        let learned = |rule: Extreme, cell: f64| {
+            let coarse: Vec<Array2<bool>> = masks.iter().map(|m| open(m, cell)).collect();
+            let views: Vec<TemplateView> = masks
                 .iter()
-                .map(|m| TemplateView {
+                .zip(&coarse)
+                .map(|(m, c)| TemplateView {
                     landmark: rule.point(m, TEMPLATES_POSE).unwrap(),
                     truth: m,
+                    coarse: c,
                     sam: Some(m),
-                    cell,
                 })
-                .collect()
+                .collect();
+            learn(1, &views, 10.0).map(|(r, _)| r)
         };
-        let rule = |cell| learn(1, &views(corner, cell), 10.0).map(|(r, _)| r);
+        let rule = |cell| learned(corner, cell);
         // The tip's end is its lowest lateral pixel and its most lateral one: either rule.
         assert!(rule(0.0).is_some());
         assert_eq!(rule(0.9), rule(0.0), "a disc under a pixel removes nothing");
         assert_eq!(rule(2.0), None);
-        let apex = |cell| learn(1, &views(APEX, cell), 10.0).map(|(r, _)| r);
-        assert_eq!(apex(2.0), Some(APEX));
+        assert_eq!(learned(APEX, 2.0), Some(APEX));
     }
 
     #[test]

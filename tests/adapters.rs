@@ -1007,16 +1007,21 @@ fn the_corners_are_finer_than_sams_masks() {
         let (rows, cols) = truths[0].dim();
         assert_eq!(sam.mask_cell(rows, cols), 2.0);
         let rule = |cell| {
+            let coarse: Vec<_> = truths
+                .iter()
+                .map(|m| scout::extremes::open(m, cell))
+                .collect();
             let views: Vec<_> = cases
                 .iter()
                 .zip(&truths)
-                .map(|(c, m)| {
+                .zip(&coarse)
+                .map(|((c, m), coarse)| {
                     let t = &c.landmarks[name];
                     scout::extremes::TemplateView {
                         landmark: (t.row, t.column),
                         truth: m,
+                        coarse,
                         sam: Some(m),
-                        cell,
                     }
                 })
                 .collect();
