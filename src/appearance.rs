@@ -117,17 +117,24 @@ impl Appearance {
         if fm.data.dim() != (self.weights.len(), h, w) {
             return;
         }
-        let mut ratio = Array2::from_elem((h, w), self.bias);
-        for (plane, &k) in fm.data.outer_iter().zip(&self.weights) {
-            ratio.zip_mut_with(&plane, |r, &f| *r += k * f);
-        }
         let total = scores.sum_axis(Axis(0));
+        // Only cells with a score are weighed: outside the window a slice was scored
+        // within (`window`) there are none, so the ratio is taken over their box alone.
+        let scored = total.indexed_iter().filter(|(_, p)| **p > 0.0);
+        let Some([r0, r1, c0, c1]) = crate::window::bounds(scored.map(|(at, _)| at)) else {
+            return;
+        };
+        let cells = ndarray::s![r0..=r1, c0..=c1];
+        let mut ratio = Array2::from_elem((r1 - r0 + 1, c1 - c0 + 1), self.bias);
+        for (plane, &k) in fm.data.outer_iter().zip(&self.weights) {
+            ratio.zip_mut_with(&plane.slice(cells), |r, &f| *r += k * f);
+        }
         for ((r, c), &p) in total.indexed_iter() {
             if p <= 0.0 {
                 continue;
             }
             let sure = p.clamp(1e-6, 1.0 - 1e-6);
-            let odds = (sure / (1.0 - sure)).ln() + ratio[[r, c]];
+            let odds = (sure / (1.0 - sure)).ln() + ratio[[r - r0, c - c0]];
             let weighed = 1.0 / (1.0 + (-odds).exp());
             scores
                 .slice_mut(ndarray::s![.., r, c])
@@ -207,6 +214,59 @@ mod tests {
                 assert!(v < 0.45, "({r}, {c}) {v}");
             }
         }
+    }
+
+    /// Scores taken within a window (0 outside it) are weighed inside it to the same
+    /// bits as the whole slice's scores; scores of 0 everywhere stay 0.
+    #[test]
+    fn a_window_is_weighed_as_the_whole_slice_is_inside_it() {
+        let fm = map(block);
+        let appearance = Appearance::learn(&scores(0.95, 0.02), &fm).expect("learned");
+        let whole = Array3::from_shape_fn((2, GRID, GRID), |(l, r, c)| {
+            0.05 + ((l * 5 + r * 3 + c * 7) % 11) as f32 / 25.0
+        });
+        let inside = |r: usize, c: usize| (6..21).contains(&r) && (9..30).contains(&c);
+        let mut within = whole.clone();
+        within.indexed_iter_mut().for_each(|((_, r, c), v)| {
+            if !inside(r, c) {
+                *v = 0.0;
+            }
+        });
+        // Each cell by the formula, with the same arithmetic in the same order.
+        let mut weighed = whole.clone();
+        for r in 0..GRID {
+            for c in 0..GRID {
+                let mut ratio = appearance.bias;
+                for (k, w) in appearance.weights.iter().enumerate() {
+                    ratio += w * fm.data[[k, r, c]];
+                }
+                let p: f32 = whole.slice(ndarray::s![.., r, c]).sum();
+                let sure = p.clamp(1e-6, 1.0 - 1e-6);
+                let odds = (sure / (1.0 - sure)).ln() + ratio;
+                let weight = 1.0 / (1.0 + (-odds).exp());
+                weighed
+                    .slice_mut(ndarray::s![.., r, c])
+                    .mapv_inplace(|s| s * weight / p);
+            }
+        }
+        let mut all = whole.clone();
+        appearance.weigh(&mut all, &fm);
+        assert!(all
+            .iter()
+            .zip(&weighed)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        appearance.weigh(&mut within, &fm);
+        for ((l, r, c), &v) in within.indexed_iter() {
+            let expected = if inside(r, c) {
+                weighed[[l, r, c]]
+            } else {
+                0.0
+            };
+            assert_eq!(v.to_bits(), expected.to_bits(), "({l}, {r}, {c})");
+        }
+        let mut none = Array3::zeros((2, GRID, GRID));
+        appearance.weigh(&mut none, &fm);
+        assert!(none.iter().all(|v| *v == 0.0));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::patch::{self, LandmarkPatch, TemplateView};
 use crate::postprocess::{self, Finding};
 use crate::sam::{Point, PointLabel, Sam, SamMask};
 use crate::templates::{self, Task};
+use crate::window::Window;
 use ndarray::{Array2, Array3};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -330,6 +331,9 @@ pub struct Timing {
     pub encoder_ms_per_slice: Option<f64>,
     pub train_s: f64,
     pub adapter_ms_per_slice: f64,
+    /// The structures task's share of `adapter_ms_per_slice`: its own mean per slice
+    /// (issue #7's goal is per adapter).
+    pub structures_ms_per_slice: Option<f64>,
     pub sam_ms_per_call: Option<f64>,
     /// Share of SAM masks that passed the acceptance checks.
     pub sam_accepted: Option<f64>,
@@ -801,7 +805,10 @@ fn slice_structures(
     window: &WindowOf,
     named: &[Option<(f64, f64)>],
 ) -> Result<(Vec<Option<Finding>>, Array3<f32>), EvalError> {
-    let mut scores = trained.scores(fm, window)?;
+    // After the centre slice, only the cells its structures' reach needs.
+    let reach = anchor.window(s.pixels.dim(), fm.grid());
+    let narrowed = |a: &Adapter| Window::narrowed(window(a), reach.clone(), fm.grid());
+    let mut scores = trained.scores(fm, &narrowed)?;
     anchor.weigh(&mut scores, fm, trained.adapters.first(), step);
     let (rows, cols) = s.pixels.dim();
     let mut up = postprocess::upsample_scores(&scores, rows, cols);
@@ -1453,6 +1460,7 @@ pub fn evaluate(
         Ok(Trained { adapters })
     };
     let mut adapter_ms = Vec::new();
+    let mut structures_ms = Vec::new();
     let mut sam_ms = Vec::new();
     let mut sam_accepted: Vec<bool> = Vec::new();
     let mut overlays: BTreeMap<String, Overlay> = BTreeMap::new();
@@ -1833,6 +1841,7 @@ pub fn evaluate(
                 let found = if let Some(taken) = taken {
                     anchor = taken.anchor;
                     adapter_ms.push(taken.adapter_ms);
+                    structures_ms.push(taken.adapter_ms);
                     record_sam(taken.sam_ms, &taken.calls);
                     taken.found
                 } else {
@@ -1855,7 +1864,9 @@ pub fn evaluate(
                         &window_of,
                         &named,
                     )?;
-                    adapter_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+                    let ms = t.elapsed().as_secs_f64() * 1000.0;
+                    adapter_ms.push(ms);
+                    structures_ms.push(ms);
                     if let (None, Some(sam), Some(a)) = (&opts.sam, sam, trained.adapters.first()) {
                         let t = Instant::now();
                         let calls = sam.redraw_structures(fm, &mut found, |l| a.redraws(l), &up)?;
@@ -1977,6 +1988,8 @@ pub fn evaluate(
     } else {
         adapter_ms.iter().sum::<f64>() / adapter_ms.len() as f64
     };
+    timing.structures_ms_per_slice = (!structures_ms.is_empty())
+        .then(|| structures_ms.iter().sum::<f64>() / structures_ms.len() as f64);
     timing.sam_ms_per_call =
         (!sam_ms.is_empty()).then(|| sam_ms.iter().sum::<f64>() / sam_ms.len() as f64);
     timing.sam_accepted = (!sam_accepted.is_empty())
@@ -2158,10 +2171,13 @@ pub fn table(r: &Report) -> String {
         }
     }
     out += &format!(
-        "  timing: encoder {} ms/slice, training {:.1} s, adapter {:.1} ms/slice{}\n",
+        "  timing: encoder {} ms/slice, training {:.1} s, adapter {:.1} ms/slice{}{}\n",
         fmt(r.timing.encoder_ms_per_slice),
         r.timing.train_s,
         r.timing.adapter_ms_per_slice,
+        r.timing
+            .structures_ms_per_slice
+            .map_or(String::new(), |v| format!(" (structures {v:.1})")),
         r.timing.sam_ms_per_call.map_or(String::new(), |v| format!(
             ", SAM {v:.0} ms/call, {:.0} % of its masks kept",
             100.0 * r.timing.sam_accepted.unwrap_or(0.0)
@@ -2521,46 +2537,45 @@ mod tests {
         assert_eq!(placed.feature_mean.len(), unplaced.feature_mean.len() + 2);
     }
 
+    /// A slice of a 16 × 20 rectangle (label 1) on 64 × 64 pixels, from row `top`, and
+    /// its feature map: two channels on a 16 × 16 grid, the label at each cell's centre.
+    fn rectangle_slice(top: usize, t: usize) -> (Slice, FeatureMap) {
+        let labels = Array2::from_shape_fn((64, 64), |(r, c)| {
+            u8::from((top..top + 16).contains(&r) && (20..40).contains(&c))
+        });
+        let data = Array3::from_shape_fn((2, 16, 16), |(ch, i, j)| {
+            f32::from(labels[[i * 4 + 2, j * 4 + 2]]) * (ch + 1) as f32
+        });
+        let slice = Slice {
+            pixels: Array2::from_elem((64, 64), t as f32),
+            labels: Some(labels),
+            k: None,
+        };
+        (slice, FeatureMap::new(data, 64, 64))
+    }
+
+    /// Template `t`: a three-slice stack of `rectangle_slice`s, the lateral slices shifted
+    /// down by 2 rows: 10 % of their pixels lie 1 or 2 pixels past the centre's rectangle.
+    fn rectangle_stack(t: usize) -> (Case, Vec<FeatureMap>) {
+        let (slices, fms) = [22, 20, 22]
+            .iter()
+            .map(|&top| rectangle_slice(top, t))
+            .unzip();
+        let case = Case {
+            name: format!("t{t}"),
+            slices,
+            center: 1,
+            landmarks: BTreeMap::new(),
+        };
+        (case, fms)
+    }
+
     /// With `stack_anchor`, a structure adapter learns from the templates' stacks how far
     /// a structure reaches past its section in the centre slice; templates of one slice
     /// teach it nothing.
     #[test]
     fn stack_anchor_learns_the_structures_reach_from_template_stacks() {
-        // Three-slice stacks of a 16 × 20 rectangle, the lateral slices shifted down by 2
-        // rows: 10 % of their pixels lie 1 or 2 pixels past the centre's rectangle.
-        let stack = |t: usize| {
-            let rect = |top: usize| {
-                Array2::from_shape_fn((64, 64), |(r, c)| {
-                    u8::from((top..top + 16).contains(&r) && (20..40).contains(&c))
-                })
-            };
-            let slices: Vec<Slice> = [22, 20, 22]
-                .iter()
-                .map(|&top| Slice {
-                    pixels: Array2::from_elem((64, 64), t as f32),
-                    labels: Some(rect(top)),
-                    k: None,
-                })
-                .collect();
-            let fms = slices
-                .iter()
-                .map(|s| {
-                    let labels = s.labels.clone().unwrap_or_default();
-                    let data = Array3::from_shape_fn((2, 16, 16), |(ch, i, j)| {
-                        f32::from(labels[[i * 4 + 2, j * 4 + 2]]) * (ch + 1) as f32
-                    });
-                    FeatureMap::new(data, 64, 64)
-                })
-                .collect();
-            let case = Case {
-                name: format!("t{t}"),
-                slices,
-                center: 1,
-                landmarks: BTreeMap::new(),
-            };
-            (case, fms)
-        };
-        let templates: Vec<(Case, Vec<FeatureMap>)> = (0..2).map(stack).collect();
+        let templates: Vec<(Case, Vec<FeatureMap>)> = (0..2).map(rectangle_stack).collect();
         let structures = Task::Structures { values: vec![1] };
         let train_with = |templates: &[(Case, Vec<FeatureMap>)], config: TrainConfig| {
             let config = TrainConfig {
@@ -2660,6 +2675,89 @@ mod tests {
             ..all
         };
         assert!(train_with(&single, carried).stack_carry.is_empty());
+    }
+
+    /// After the centre slice, a stack's slices are scored only where the centre slice's
+    /// structures may stay (`stack::Anchor::window`): a look-alike far from them scores
+    /// nothing there, and near them the scores are the whole slice's to the bit.
+    #[test]
+    fn the_stacks_other_slices_are_scored_within_the_centre_structures_reach() {
+        let templates: Vec<(Case, Vec<FeatureMap>)> = (0..2).map(rectangle_stack).collect();
+        let config = TrainConfig {
+            steps: 20,
+            stack_anchor: true,
+            ..TrainConfig::default()
+        };
+        let structures = Task::Structures { values: vec![1] };
+        let adapters = train_task(
+            &structures,
+            Method::Classification,
+            false,
+            &templates,
+            &[],
+            &config,
+            ("test", "0"),
+        )
+        .unwrap();
+        let trained = Trained { adapters };
+        let (centre, centre_fm) = rectangle_slice(20, 0);
+        let mut anchor = crate::stack::Anchor::default();
+        let (found, _) = slice_structures(
+            &trained,
+            &centre_fm,
+            &centre,
+            false,
+            &mut anchor,
+            0,
+            &whole_slices,
+            &[],
+        )
+        .unwrap();
+        assert!(found[0].is_some(), "the centre slice's rectangle");
+        // The next slice out has a second rectangle from row 48, far past the reach.
+        let (mut lateral, _) = rectangle_slice(22, 0);
+        let (far, _) = rectangle_slice(48, 0);
+        let labels = lateral.labels.as_mut().unwrap();
+        labels.zip_mut_with(far.labels.as_ref().unwrap(), |a, b| *a = (*a).max(*b));
+        let data = Array3::from_shape_fn((2, 16, 16), |(ch, i, j)| {
+            f32::from(labels[[i * 4 + 2, j * 4 + 2]]) * (ch + 1) as f32
+        });
+        let lateral_fm = FeatureMap::new(data, 64, 64);
+        let window = anchor
+            .window((64, 64), (16, 16))
+            .expect("the reach's cells");
+        assert!(window.rows.end <= 12, "{window:?}");
+        let whole = postprocess::upsample_scores(
+            &trained.scores(&lateral_fm, &whole_slices).unwrap(),
+            64,
+            64,
+        );
+        let (found, up) = slice_structures(
+            &trained,
+            &lateral_fm,
+            &lateral,
+            false,
+            &mut anchor,
+            1,
+            &whole_slices,
+            &[],
+        )
+        .unwrap();
+        // The far rectangle's pixels the window's cells do not reach.
+        let far_pixels = || (52..64).flat_map(|r| (20..40).map(move |c| (r, c)));
+        assert!(
+            far_pixels().all(|(r, c)| whole[[0, r, c]] > 0.5),
+            "a look-alike"
+        );
+        assert!(far_pixels().all(|(r, c)| up[[0, r, c]] == 0.0), "scored");
+        let near = (20..40).flat_map(|r| (18..42).map(move |c| (r, c)));
+        assert!(near
+            .into_iter()
+            .all(|(r, c)| up[[0, r, c]].to_bits() == whole[[0, r, c]].to_bits()));
+        let region = found[0].as_ref().expect("the lateral rectangle");
+        assert!(
+            region.mask[[30, 30]] && !region.mask.slice(ndarray::s![44.., ..]).iter().any(|m| *m)
+        );
     }
 
     /// Each factor of a change must be finite and above 0, the turn finite.

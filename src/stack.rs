@@ -30,6 +30,7 @@ use crate::align::Prior;
 use crate::appearance::Appearance;
 use crate::backbone::FeatureMap;
 use crate::postprocess::{self, Finding};
+use crate::window::Window;
 
 /// What a stack's centre slice passes on to the structures of its other slices, with
 /// `TrainConfig::stack_anchor`: the layout prior (`prior`) and where
@@ -77,6 +78,42 @@ impl Anchor {
         if let Some(appearance) = &self.appearance {
             appearance.weigh(scores, fm);
         }
+    }
+
+    /// The cells of a `grid` over an `image` (rows × columns, pixels) that a slice after
+    /// the centre one needs scored (issue #7, idea 5): its regions are cut to where their
+    /// structures may stay (`allowed`, `cut`), so the scores of the cells whose upsampling
+    /// (`postprocess::upsample_scores`) reaches none of those pixels could only have
+    /// chosen a component that the cut then takes away. On the spine's stacks that is
+    /// 25–33 % of the slice's cells, where the landmarks' window (`window`) holds 40–54 %.
+    /// None before the centre slice's structures are taken, or while a
+    /// structure may stay anywhere (the centre slice lacks it, or no reach was learned).
+    pub fn window(&self, image: (usize, usize), grid: (usize, usize)) -> Option<Window> {
+        if self.allowed.is_empty() {
+            return None;
+        }
+        let regions = self
+            .allowed
+            .iter()
+            .map(|r| r.as_ref().filter(|r| r.dim() == image))
+            .collect::<Option<Vec<_>>>()?;
+        // The box of every pixel where a region may stay.
+        let [r0, r1, c0, c1] = crate::window::bounds(regions.iter().flat_map(|region| {
+            region
+                .indexed_iter()
+                .filter(|(_, keep)| **keep)
+                .map(|(at, _)| at)
+        }))?;
+        // The cells the pixels from `lo` to `hi` read, as the upsampling reads them.
+        let cells = |lo: usize, hi: usize, pixels: usize, cells: usize| {
+            let taps = crate::image::bilinear_taps(pixels, cells);
+            let (first, last) = (taps.get(lo)?, taps.get(hi)?);
+            Some(first.0.min(first.1)..last.0.max(last.1) + 1)
+        };
+        Some(Window {
+            rows: cells(r0, r1, image.0, grid.0)?,
+            columns: cells(c0, c1, image.1, grid.1)?,
+        })
     }
 
     /// The structures of one slice from its upsampled `scores` (labels × rows × columns,
@@ -1330,6 +1367,91 @@ pub(crate) mod tests {
         })];
         cut(&mut far, &allowed, &scores);
         assert!(far[0].is_none());
+    }
+
+    #[test]
+    fn a_slice_after_the_centre_is_scored_only_where_its_structures_may_stay() {
+        // Two bodies on a 56 × 56 slice over a 32 × 32 grid (1.75 pixels a cell, as the
+        // spine's 224 × 224 slices over the hypercolumn's 128 × 128).
+        let (image, grid) = ((56, 56), (32, 32));
+        let body = |label, centre: (f64, f64)| {
+            Some(Finding {
+                label,
+                mask: disk(image, centre, 5.0),
+                mass: 1.0,
+                point: centre,
+                confidence: 1.0,
+            })
+        };
+        let centre = [body(0, (20.0, 24.0)), body(1, (34.0, 30.0))];
+        let mut anchor = Anchor::default();
+        assert!(
+            anchor.window(image, grid).is_none(),
+            "before the centre slice"
+        );
+        anchor.allowed = allowed(&centre, &[Some(0.5), Some(0.5)], 1.0);
+        let window = anchor.window(image, grid).expect("a window");
+        assert!(
+            window.crops(grid) && window.share_of(grid) < 0.3,
+            "{window:?}"
+        );
+        // Scores zeroed outside the window upsample to the same bits wherever a region
+        // may stay; one cell less on any side changes some of them.
+        let scores = Array3::from_shape_fn((2, grid.0, grid.1), |(l, i, j)| {
+            ((l * 7 + i * 13 + j * 29) % 17) as f32 / 17.0 + 0.01
+        });
+        let kept_in = |w: &Window| {
+            let mut kept = Array3::zeros(scores.dim());
+            kept.slice_mut(ndarray::s![.., w.rows.clone(), w.columns.clone()])
+                .assign(&scores.slice(ndarray::s![.., w.rows.clone(), w.columns.clone()]));
+            postprocess::upsample_scores(&kept, image.0, image.1)
+        };
+        let whole = postprocess::upsample_scores(&scores, image.0, image.1);
+        let where_allowed = |up: &Array3<f32>| {
+            let mut differ = 0;
+            for region in anchor.allowed.iter().flatten() {
+                for ((r, c), _) in region.indexed_iter().filter(|(_, k)| **k) {
+                    for l in 0..2 {
+                        differ +=
+                            usize::from(up[[l, r, c]].to_bits() != whole[[l, r, c]].to_bits());
+                    }
+                }
+            }
+            differ
+        };
+        assert_eq!(where_allowed(&kept_in(&window)), 0);
+        let (rows, columns) = (window.rows.clone(), window.columns.clone());
+        for smaller in [
+            Window {
+                rows: rows.start + 1..rows.end,
+                ..window.clone()
+            },
+            Window {
+                rows: rows.start..rows.end - 1,
+                ..window.clone()
+            },
+            Window {
+                columns: columns.start + 1..columns.end,
+                ..window.clone()
+            },
+            Window {
+                columns: columns.start..columns.end - 1,
+                ..window.clone()
+            },
+        ] {
+            assert!(
+                where_allowed(&kept_in(&smaller)) > 0,
+                "{smaller:?} is enough"
+            );
+        }
+        // A structure the centre slice lacks may stay anywhere; a slice of another size
+        // is not the centre slice's.
+        anchor.allowed = allowed(&[centre[0].clone(), None], &[Some(0.5), Some(0.5)], 1.0);
+        assert!(anchor.window(image, grid).is_none());
+        anchor.allowed = allowed(&centre, &[Some(0.5), None], 1.0);
+        assert!(anchor.window(image, grid).is_none(), "no reach learned");
+        anchor.allowed = allowed(&centre, &[Some(0.5), Some(0.5)], 1.0);
+        assert!(anchor.window((60, 56), grid).is_none());
     }
 
     #[test]

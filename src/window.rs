@@ -27,6 +27,16 @@ pub struct LandmarkWindow {
 /// reach a little further.
 const SAFETY: f64 = 1.25;
 
+/// The box of `cells` (row, column): first row, last row, first column, last column;
+/// None when there are none.
+pub fn bounds(cells: impl Iterator<Item = (usize, usize)>) -> Option<[usize; 4]> {
+    cells.fold(None, |b, (r, c)| {
+        Some(b.map_or([r, r, c, c], |[r0, r1, c0, c1]: [usize; 4]| {
+            [r0.min(r), r1.max(r), c0.min(c), c1.max(c)]
+        }))
+    })
+}
+
 /// Cells of a map's grid: rows × columns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Window {
@@ -46,6 +56,38 @@ impl Window {
     /// The share of a (rows × columns) grid's cells inside the window.
     pub fn share_of(&self, grid: (usize, usize)) -> f64 {
         (self.rows.len() * self.columns.len()) as f64 / (grid.0 * grid.1).max(1) as f64
+    }
+
+    /// Every cell of a (rows × columns) grid.
+    pub fn whole(grid: (usize, usize)) -> Window {
+        Window {
+            rows: 0..grid.0,
+            columns: 0..grid.1,
+        }
+    }
+
+    /// The cells in both windows (empty ranges where they do not meet).
+    pub fn and(&self, other: &Window) -> Window {
+        let meet = |a: &Range<usize>, b: &Range<usize>| {
+            let start = a.start.max(b.start);
+            start..a.end.min(b.end).max(start)
+        };
+        Window {
+            rows: meet(&self.rows, &other.rows),
+            columns: meet(&self.columns, &other.columns),
+        }
+    }
+
+    /// `window` narrowed to `to` where there is one; None where neither is.
+    pub fn narrowed(
+        window: Option<Window>,
+        to: Option<Window>,
+        grid: (usize, usize),
+    ) -> Option<Window> {
+        match (window, to) {
+            (w, None) => w,
+            (w, Some(to)) => Some(w.unwrap_or_else(|| Window::whole(grid)).and(&to)),
+        }
     }
 }
 
@@ -299,6 +341,32 @@ mod tests {
         let names = vec!["x".to_string(), "L1".to_string(), "L0".to_string()];
         let found = [Some((1.0, 2.0)), Some((3.0, 4.0)), None];
         assert_eq!(lw.points_of(&names, &found), vec![None, Some((3.0, 4.0))]);
+    }
+
+    #[test]
+    fn windows_narrow_to_the_cells_in_both() {
+        let w = |rows: Range<usize>, columns: Range<usize>| Window { rows, columns };
+        let grid = (20, 30);
+        assert_eq!(w(2..10, 5..25).and(&w(4..18, 0..12)), w(4..10, 5..12));
+        assert_eq!(
+            w(2..4, 5..8).and(&w(6..9, 10..12)),
+            w(6..6, 10..10),
+            "apart: empty"
+        );
+        assert_eq!(Window::narrowed(None, None, grid), None);
+        assert_eq!(
+            Window::narrowed(Some(w(1..3, 1..3)), None, grid),
+            Some(w(1..3, 1..3))
+        );
+        assert_eq!(
+            Window::narrowed(None, Some(w(15..25, 2..4)), grid),
+            Some(w(15..20, 2..4))
+        );
+        assert_eq!(
+            Window::narrowed(Some(w(1..16, 1..3)), Some(w(15..25, 2..4)), grid),
+            Some(w(15..16, 2..3))
+        );
+        assert!(!Window::whole(grid).crops(grid));
     }
 
     /// The crop holds the window and `reach` cells around it, cut at the grid's edges,

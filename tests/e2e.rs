@@ -1354,6 +1354,31 @@ fn real_spine_stack_carries_a_missed_body_section() {
     );
 }
 
+/// Issue #7, idea 5, in the agent: after the centre slice, a stack's slices are scored
+/// only within the cells where the centre slice's bodies may stay (`stack::Anchor::window`,
+/// about 29 % of the cells on spine-mr, against the landmarks' window's 46 %), as `scout
+/// eval` scores them. On s15 that changes L2 and L3 over the stack: the agent must give
+/// `scout eval`'s first-split figures.
+#[test]
+fn real_spine_stack_is_scored_within_the_centre_bodies_reach() {
+    let t = "real_spine_stack_is_scored_within_the_centre_bodies_reach";
+    let Some((_, stack)) = spine_stack_through_the_agent(t, "s15", None) else {
+        return;
+    };
+    let ious: Vec<f64> = ["L1", "L2", "L3", "L4", "L5"]
+        .iter()
+        .map(|l| over_the_stack(&stack, l))
+        .collect();
+    eprintln!("s15 stack: bodies' IoU over the stack {ious:?}");
+    // Measured: 0.800 / 0.881 / 0.884 / 0.878 / 0.833, `scout eval`'s first-split figures
+    // for s15 to 1e-15; scored within the landmarks' window alone, as before, 0.793 /
+    // 0.867 / 0.896 / 0.878 / 0.831, and this fails.
+    assert!(
+        ious[1] > 0.874 && ious.iter().all(|&i| i >= 0.75),
+        "s15's stack is not scored within the centre bodies' reach: {ious:?}"
+    );
+}
+
 /// Issue #7, idea 3, in the agent: an adapter trained with `align` (templates s01–s05,
 /// like the shipped one, which cannot carry them: the shared data may not be copied into
 /// the repository) aligns its templates to the series' centre slice, so every vertebra is
