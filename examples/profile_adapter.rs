@@ -103,7 +103,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         let window = adapter.window.as_ref().and_then(|w| {
             let (names, points, radius) = found.first()?;
-            w.around(
+            w.cells(
                 &w.points_of(names, points),
                 *radius,
                 (rows, cols),

@@ -9,7 +9,7 @@
 //! to the image. Training is deterministic given the seed.
 
 use crate::backbone::FeatureMap;
-use crate::window::Window;
+use crate::window::{Cells, Window};
 use ndarray::{s, Array1, Array2, Array3, ArrayView2, Axis, ShapeBuilder};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
@@ -885,7 +885,7 @@ fn fine_channels(fm: &FeatureMap) -> Option<Vec<std::ops::Range<usize>>> {
 
 /// `job` of every item, in order: the items are shared out over the machine's cores in
 /// contiguous runs, each thread with its own scratch buffer.
-fn in_parallel<T: Send, R: Send>(
+pub(crate) fn in_parallel<T: Send, R: Send>(
     items: Vec<T>,
     job: impl Fn(&mut Vec<f32>, T) -> R + Sync,
 ) -> Vec<R> {
@@ -1123,9 +1123,11 @@ impl Adapter {
     /// would leave out; 7 for the stack carry, which a build reading only 6 would leave
     /// out; 8 for the patient's appearance, a flag alone, which a build reading only 7
     /// would leave out; 9 for the structures' names from the landmarks, which a build
-    /// reading only 8 would leave out.
+    /// reading only 8 would leave out; 10 for each landmark's reach in the structures'
+    /// window, which a build reading only 9 would leave out.
     pub fn file_format(&self) -> u32 {
         let t = &self.train;
+        let since_9 = self.window.as_ref().is_some_and(|w| w.reach.is_some());
         let since_8 = self.identity.is_some();
         let since_7 = t.appearance;
         let since_6 = self.stack_carry.iter().flatten().any(Option::is_some);
@@ -1147,7 +1149,9 @@ impl Adapter {
             || t.pose
             || t.coarse_landmarks;
         let members = self.members.iter().map(Adapter::file_format).max();
-        let own = if since_8 {
+        let own = if since_9 {
+            10
+        } else if since_8 {
             9
         } else if since_7 {
             8
@@ -1269,7 +1273,7 @@ impl Adapter {
         }
         if self.window.as_ref().is_some_and(|w| !w.is_valid()) {
             return Err(
-                "the landmark window names no landmark, or its share is not finite ≥ 0".into(),
+                "the landmark window names no landmark, or its share or a landmark's reach is not finite ≥ 0, or it holds a reach per landmark too few or many".into(),
             );
         }
         if self.atlas.as_ref().is_some_and(|a| !a.fits(n)) {
@@ -1419,35 +1423,33 @@ impl Adapter {
             rows: 0..h,
             columns: 0..w,
         };
-        self.scores_in(fm, Frame::whole(fm), &all)
+        self.scores_in(fm, Frame::whole(fm), &all, &vec![0..w; h])
     }
 
-    /// `scores` of the cells in `window` (labels × the map's grid), 0 elsewhere; inside it
-    /// the scores are those of the whole map but for rounding, and the models run on the
-    /// window's cells only. A map with coarse channels has its planes taken over the
-    /// window's cells and those they read (`coarse_first_layers`); another is cropped to
-    /// the window and the cells its pools read (`window::crop`). A slice mean
-    /// (`Context::global`) is the whole map's: with it the whole map is scored.
+    /// `scores` of `cells` (labels × the map's grid), 0 elsewhere; there the scores are
+    /// those of the whole map but for rounding, and the models run on those cells only.
+    /// A map with coarse channels has its planes taken over the cells and those they read
+    /// (`coarse_first_layers`); another is cropped to the cells' box and the cells its
+    /// pools read (`window::crop`). A slice mean (`Context::global`) is the whole map's:
+    /// with it the whole map is scored.
     pub fn scores_within(
         &self,
         fm: &FeatureMap,
-        window: &Window,
+        cells: &Cells,
     ) -> Result<Array3<f32>, AdapterError> {
         let (h, w) = fm.grid();
         let ctx = &self.train.context;
-        if ctx.global || !window.crops((h, w)) {
+        // Cells past the grid are cut to it.
+        let cells = cells.and(&Window::whole((h, w)).into());
+        if ctx.global || !cells.crops((h, w)) {
             return self.scores(fm);
         }
         let mut scores = Array3::zeros((self.labels.len(), h, w));
-        // A window past the grid is cut to it.
-        let window = Window {
-            rows: window.rows.start.min(h)..window.rows.end.min(h),
-            columns: window.columns.start.min(w)..window.columns.end.min(w),
-        };
-        let (rows, columns) = (window.rows.clone(), window.columns.clone());
-        if rows.is_empty() || columns.is_empty() {
+        let Some(window) = cells.bounds() else {
             return Ok(scores);
-        }
+        };
+        let spans = cells.within(&window);
+        let (rows, columns) = (window.rows.clone(), window.columns.clone());
         let within = if fm.coarse.is_empty() {
             let reach = ctx.pools.iter().map(|k| k / 2).max().unwrap_or(0);
             let (crop, origin) = crate::window::crop(fm, &window, reach);
@@ -1459,26 +1461,29 @@ impl Adapter {
                 origin,
                 grid: (h, w),
             };
-            self.scores_in(&crop, frame, &inside)?
+            self.scores_in(&crop, frame, &inside, &spans)?
         } else {
-            self.scores_in(fm, Frame::whole(fm), &window)?
+            self.scores_in(fm, Frame::whole(fm), &window, &spans)?
         };
         scores.slice_mut(s![.., rows, columns]).assign(&within);
         Ok(scores)
     }
 
     /// `scores` of `fm`'s cells in `keep` (labels × its rows × its columns), `keep` on
-    /// `fm`'s grid and within it.
+    /// `fm`'s grid and within it; per row of `keep`, the cells of its span in `spans`
+    /// (columns from `keep`'s first), 0 elsewhere.
     fn scores_in(
         &self,
         fm: &FeatureMap,
         frame: Frame,
         keep: &Window,
+        spans: &[Range<usize>],
     ) -> Result<Array3<f32>, AdapterError> {
         let all = || self.members.iter().chain(std::iter::once(self));
         let (_, h, w) = fm.data.dim();
         let cells = h * w;
         let (kh, kw) = (keep.rows.len(), keep.columns.len());
+        let n_labels = self.labels.len();
         // Pooled columns are box means over whole planes: per chunk they would be taken
         // again or copied (the spine's scores, 4096 cells and 770 columns, took 1 ms more
         // either way); on a map with coarse channels they are not columns of the chunks
@@ -1489,12 +1494,21 @@ impl Adapter {
             || all().any(|a| matches!(a.model, Model::Basic { .. }) || !a.shares(self))
         {
             let (scores, _) = self.scores_and_rows_in(fm, frame)?;
-            if kh == h && kw == w {
+            if kh == h && kw == w && spans.iter().all(|s| s.len() == w) {
                 return Ok(scores);
             }
-            return Ok(scores
-                .slice(s![.., keep.rows.clone(), keep.columns.clone()])
-                .to_owned());
+            let mut kept = Array3::zeros((n_labels, kh, kw));
+            for ((r, span), mut line) in keep
+                .rows
+                .clone()
+                .zip(spans)
+                .zip(kept.axis_iter_mut(Axis(1)))
+            {
+                let at = keep.columns.start + span.start..keep.columns.start + span.end;
+                line.slice_mut(s![.., span.clone()])
+                    .assign(&scores.slice(s![.., r, at]));
+            }
+            return Ok(kept);
         }
         let standard = fm.data.as_standard_layout();
         let columns = ContextColumns::new(standard.view(), &self.train.context, frame);
@@ -1504,7 +1518,7 @@ impl Adapter {
                 actual: columns.width(),
             });
         }
-        let split = self.coarse_first_layers(fm, columns.width(), keep);
+        let split = self.coarse_first_layers(fm, columns.width(), keep, spans);
         // With the channels and their pools taken as planes, a chunk needs only the other
         // columns.
         let built: Vec<usize> = match &split {
@@ -1512,22 +1526,38 @@ impl Adapter {
             None => (0..columns.width()).collect(),
         };
         let refs: Vec<_> = all().map(|a| a.reference_terms()).collect();
-        let n_labels = self.labels.len();
-        let mut sum = Array2::zeros((kh * kw, n_labels));
-        // `keep`'s cells in order, `SCORE_CHUNK` at a time; a chunk's cells on `fm`'s grid
-        // are a run per row of `keep` it touches (one run when `keep` spans the grid).
+        // Per row of `keep`, the number of its kept cells before it.
+        let starts: Vec<usize> = spans
+            .iter()
+            .scan(0, |n, s| {
+                let start = *n;
+                *n += s.len();
+                Some(start)
+            })
+            .collect();
+        let kept: usize = spans.iter().map(|s| s.len()).sum();
+        let mut sum = Array2::zeros((kept, n_labels));
+        // The kept cells in order, `SCORE_CHUNK` at a time; a chunk's cells on `fm`'s
+        // grid are a run per row it touches, joined where one ends as the next begins
+        // (one run when `keep` spans the grid).
         let runs_of = |cells: Range<usize>| -> Vec<Range<usize>> {
-            let at = |i: usize| (keep.rows.start + i / kw) * w + keep.columns.start + i % kw;
-            if kw == w {
-                let run = at(cells.start)..at(cells.start) + cells.len();
-                return vec![run];
-            }
-            let mut runs = Vec::new();
-            let mut i = cells.start;
-            while i < cells.end {
-                let end = cells.end.min((i / kw + 1) * kw);
-                runs.push(at(i)..at(i) + (end - i));
-                i = end;
+            let mut runs: Vec<Range<usize>> = Vec::new();
+            let first = starts
+                .partition_point(|&s| s <= cells.start)
+                .saturating_sub(1);
+            for (i, span) in spans.iter().enumerate().skip(first) {
+                let Some(&a) = starts.get(i).filter(|&&a| a < cells.end) else {
+                    break;
+                };
+                let (lo, hi) = (cells.start.max(a), cells.end.min(a + span.len()));
+                if lo >= hi {
+                    continue;
+                }
+                let at = (keep.rows.start + i) * w + keep.columns.start + span.start + lo - a;
+                match runs.last_mut() {
+                    Some(run) if run.end == at => run.end += hi - lo,
+                    _ => runs.push(at..at + hi - lo),
+                }
             }
             runs
         };
@@ -1540,7 +1570,6 @@ impl Adapter {
             .flatten()
             .enumerate()
             .collect();
-        let kept = kh * kw;
         let done = in_parallel(chunks, |_, (i, out)| {
             let chunk = i * SCORE_CHUNK..(i * SCORE_CHUNK + SCORE_CHUNK).min(kept);
             let runs = runs_of(chunk.clone());
@@ -1571,7 +1600,15 @@ impl Adapter {
         });
         done.into_iter().collect::<Result<Vec<()>, _>>()?;
         sum /= (1 + self.members.len()) as f32;
-        Ok(label_planes(&sum, kh, kw))
+        let mut planes = Array3::zeros((n_labels, kh, kw));
+        let cells = spans
+            .iter()
+            .enumerate()
+            .flat_map(|(r, span)| span.clone().map(move |c| (r, c)));
+        for ((r, c), scores) in cells.zip(sum.rows()) {
+            planes.slice_mut(s![.., r, c]).assign(&scores);
+        }
+        Ok(planes)
     }
 
     /// `scores`, and the feature rows they were computed from, standardised as this
@@ -1606,9 +1643,10 @@ impl Adapter {
             rows: 0..h,
             columns: 0..w,
         };
+        let every = vec![0..w; h];
         if let (None, Some((per_cell, layers))) = (
             &raw,
-            self.coarse_first_layers(fm, standard.ncols(), &all_cells),
+            self.coarse_first_layers(fm, standard.ncols(), &all_cells, &every),
         ) {
             let x = standard.slice(s![.., per_cell]);
             for (a, layer) in all().zip(&layers) {
@@ -1740,7 +1778,8 @@ impl Adapter {
     }
 
     /// Per adapter of `scores` (the members, then this one), its `CoarseFirstLayer` on
-    /// `fm`'s cells in `keep` (row by row), with the columns taken per cell among `width`
+    /// `fm`'s cells in `keep`, per row those of its span in `spans` (columns from `keep`'s
+    /// first; row by row, `scores_in`'s order), with the columns taken per cell among `width`
     /// context columns (those after the channels and their pools: position, slice mean;
     /// possibly none); `None` when the map has no coarse channels, a model has no first
     /// layer to split, or `keep` is empty or not within the grid.
@@ -1752,14 +1791,16 @@ impl Adapter {
         fm: &FeatureMap,
         width: usize,
         keep: &Window,
+        spans: &[Range<usize>],
     ) -> Option<(std::ops::Range<usize>, Vec<CoarseFirstLayer>)> {
         let pools = &self.train.context.pools;
         let fine_channels = fine_channels(fm)?;
         let (h, w) = fm.grid();
         let cells = h * w;
         let (kh, kw) = (keep.rows.len(), keep.columns.len());
-        let kept = kh * kw;
-        if keep.rows.end > h || keep.columns.end > w || kept == 0 {
+        let kept: usize = spans.iter().map(|s| s.len()).sum();
+        let within = spans.len() == kh && spans.iter().all(|s| s.end <= kw);
+        if keep.rows.end > h || keep.columns.end > w || kept == 0 || !within {
             return None;
         }
         let channels = fm.channels();
@@ -1818,7 +1859,7 @@ impl Adapter {
         let fine: Vec<usize> = fine_channels.iter().flat_map(|run| run.clone()).collect();
         // Over the whole grid, the channels as they are are read in place (a copy of them
         // cost more than it saved).
-        let built = if kh == h && kw == w { 1 } else { 0 }..blocks;
+        let built = if kept == cells { 1 } else { 0 }..blocks;
         let mut planes = Array2::<f32>::zeros((built.len() * fine.len(), kept));
         let jobs: Vec<_> = planes
             .as_slice_mut()?
@@ -1852,9 +1893,11 @@ impl Adapter {
                 }
                 None => (plane, w, (0, 0)),
             };
-            for (r, line) in keep.rows.clone().zip(out.chunks_exact_mut(kw)) {
-                let at = (r - origin.0) * width + keep.columns.start - origin.1;
-                line.copy_from_slice(&source[at..at + kw]);
+            let mut line = 0;
+            for (r, span) in keep.rows.clone().zip(spans) {
+                let at = (r - origin.0) * width + keep.columns.start + span.start - origin.1;
+                out[line..line + span.len()].copy_from_slice(&source[at..at + span.len()]);
+                line += span.len();
             }
         });
         // The planes (a plane per row) and W/s over them, (adapter, unit) × planes.
@@ -1949,11 +1992,12 @@ impl Adapter {
                 let pooled = (0..pools.len()).map(|p| pooled.row(p * units + unit));
                 for ((columns, ys), xs) in pooled.zip(y_pools).zip(x_pools) {
                     if let Some(columns) = columns.to_slice() {
-                        crate::image::add_spread(columns, *rh, ys, xs, across, out);
+                        let spans = Some(spans);
+                        crate::image::add_spread(columns, *rh, ys, xs, spans, across, out);
                     }
                 }
                 if let Ok(plane) = product.row(unit).to_shape((*rh, *rw)) {
-                    crate::image::add_resized(plane.view(), ys, xs, across, out);
+                    crate::image::add_resized(plane.view(), ys, xs, Some(spans), across, out);
                 }
             }
             out.iter_mut().for_each(|o| *o -= offset);
@@ -2932,7 +2976,9 @@ mod synthetic {
                 rows: 0..h,
                 columns: 0..w,
             };
-            let Some((per_cell, layers)) = adapter.coarse_first_layers(&split, width, &all) else {
+            let every = vec![0..w; h];
+            let Some((per_cell, layers)) = adapter.coarse_first_layers(&split, width, &all, &every)
+            else {
                 panic!("the coarse channels were not split off");
             };
             // Every channel and pooled column is taken as planes: per cell, the position.
@@ -2941,7 +2987,7 @@ mod synthetic {
             assert_eq!(width - (1 + pools) * C, 2);
             assert_eq!(layers.len(), 2);
             assert!(adapter
-                .coarse_first_layers(&one_grid, width, &all)
+                .coarse_first_layers(&one_grid, width, &all, &every)
                 .is_none());
             // Rows that do not fit the layer are refused, each mismatch by its own name.
             let layer = layers.last().expect("the adapter's own layer");
@@ -2982,7 +3028,7 @@ mod synthetic {
     /// is cut to it.
     #[test]
     fn scores_within_a_window_are_the_whole_maps_there() {
-        use crate::window::Window;
+        use crate::window::{Cells, Window};
         let (h, w) = (50, 48);
         let (fm, cells, target) = over_chunks(9, (h, w));
         let training = [TrainingSlice {
@@ -3034,22 +3080,45 @@ mod synthetic {
                 columns: 0..25,
             },
         ];
+        // Cells row by row: a staircase with rows left out between, from row 4 on, and
+        // one row's span past the grid.
+        let stairs = Cells {
+            first_row: 4,
+            spans: (0..40)
+                .map(|i| match i % 9 {
+                    7 => 0..0,
+                    8 => 40..60,
+                    _ => 12 + i / 2..15 + i / 2 + i % 5,
+                })
+                .collect(),
+        };
+        let mut cells: Vec<Cells> = windows.iter().cloned().map(Cells::from).collect();
+        cells.push(stairs);
         for map in [&split, &between, &one_grid] {
             let whole = adapter.scores(map).unwrap();
-            for window in &windows {
-                let within = adapter.scores_within(map, window).unwrap();
+            for cells in &cells {
+                let within = adapter.scores_within(map, cells).unwrap();
                 assert_eq!(within.dim(), whole.dim());
+                let held = |r: usize, c: usize| {
+                    r.checked_sub(cells.first_row)
+                        .and_then(|i| cells.spans.get(i))
+                        .is_some_and(|s| s.contains(&c))
+                };
+                // Within the cells' box the same bits as the box's own cells.
+                let bounds = cells.and(&Window::whole((h, w)).into()).bounds().unwrap();
+                let boxed = adapter.scores_within(map, &Cells::from(bounds)).unwrap();
                 let (mut worst, mut unsure) = (0f32, 0);
                 for ((l, r, c), v) in within.indexed_iter() {
-                    if window.rows.contains(&r) && window.columns.contains(&c) {
+                    if held(r, c) {
                         worst = worst.max((v - whole[[l, r, c]]).abs());
                         unsure += usize::from((0.01..0.99).contains(v));
+                        assert_eq!(v.to_bits(), boxed[[l, r, c]].to_bits(), "({r}, {c})");
                     } else {
-                        assert_eq!(*v, 0.0, "label {l} at ({r}, {c}), outside {window:?}");
+                        assert_eq!(*v, 0.0, "label {l} at ({r}, {c}), outside {cells:?}");
                     }
                 }
-                assert!(worst < 1e-5, "{window:?}: scores differ by up to {worst}");
-                assert!(unsure > 5, "{window:?}: {unsure} scores in 0.01..0.99");
+                assert!(worst < 1e-5, "{cells:?}: scores differ by up to {worst}");
+                assert!(unsure > 5, "{cells:?}: {unsure} scores in 0.01..0.99");
             }
         }
     }
@@ -3213,6 +3282,7 @@ mod synthetic {
                 a.window = Some(crate::window::LandmarkWindow {
                     landmarks: vec!["L1".into()],
                     share: 0.2,
+                    reach: None,
                 })
             },
         ];
@@ -3276,6 +3346,18 @@ mod synthetic {
         assert_eq!(named.file_format(), 9);
         m.members[0].identity = named.identity.clone();
         assert_eq!(m.file_format(), 9);
+        // Each landmark's reach in the structures' window, since 9, over the names too.
+        let mut reached = plain.clone();
+        reached.window = Some(crate::window::LandmarkWindow {
+            landmarks: vec!["L1".into()],
+            share: 0.2,
+            reach: Some(vec![[0.1, 0.2, 0.1, 0.1]]),
+        });
+        assert_eq!(reached.file_format(), 10);
+        reached.identity = named.identity.clone();
+        assert_eq!(reached.file_format(), 10);
+        m.members[0].window = reached.window.clone();
+        assert_eq!(m.file_format(), 10);
         // Flags that stored nothing change nothing.
         let mut unused = plain.clone();
         unused.convex = vec![false, false];

@@ -17,7 +17,7 @@ use crate::series::{Series, Stack};
 use crate::templates::Task;
 use crate::train::Bundle;
 use crate::votes;
-use crate::window::Window;
+use crate::window::Cells;
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -405,20 +405,20 @@ impl Engine {
                                 .map(|n| centre_points.iter().find(|c| &c.0 == n).map(|c| c.1))
                                 .collect();
                             let slack = centre_points.first()?.2;
-                            w.around(&points, slack, (fm.image_rows, fm.image_columns), fm.grid())
+                            w.cells(&points, slack, (fm.image_rows, fm.image_columns), fm.grid())
                         });
                     // After the centre slice, a stack's structures only where the centre
                     // slice's reach lets them stay (`Anchor::window`).
-                    let window = match task {
-                        Task::Structures { .. } if on_centre_grid => Window::narrowed(
+                    let cells = match task {
+                        Task::Structures { .. } if on_centre_grid => Cells::narrowed(
                             window,
                             anchor.window((fm.image_rows, fm.image_columns), fm.grid()),
                             fm.grid(),
                         ),
                         _ => window,
                     };
-                    let (mut scores, rows) = if let Some(window) = &window {
-                        adapter.scores_within(&fm, window).map(|s| (s, None))
+                    let (mut scores, rows) = if let Some(cells) = &cells {
+                        adapter.scores_within(&fm, cells).map(|s| (s, None))
                     } else if adapter.votes.is_empty() {
                         adapter.scores(&fm).map(|s| (s, None))
                     } else {

@@ -13,7 +13,7 @@ use crate::patch::{self, LandmarkPatch, TemplateView};
 use crate::postprocess::{self, Finding};
 use crate::sam::{Point, PointLabel, Sam, SamMask};
 use crate::templates::{self, Task};
-use crate::window::Window;
+use crate::window::Cells;
 use ndarray::{Array2, Array3};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -334,6 +334,9 @@ pub struct Timing {
     /// The structures task's share of `adapter_ms_per_slice`: its own mean per slice
     /// (issue #7's goal is per adapter).
     pub structures_ms_per_slice: Option<f64>,
+    /// Its mean over the localizer slices alone (k*), the one slice the agent analyses by
+    /// default, which also learns the patient's appearance.
+    pub centre_structures_ms: Option<f64>,
     pub sam_ms_per_call: Option<f64>,
     /// Share of SAM masks that passed the acceptance checks.
     pub sam_accepted: Option<f64>,
@@ -425,7 +428,7 @@ impl Trained {
             .adapters
             .iter()
             .map(|a| match window(a) {
-                Some(w) => a.scores_within(fm, &w),
+                Some(cells) => a.scores_within(fm, &cells),
                 None => a.scores(fm),
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -450,10 +453,10 @@ impl Trained {
 }
 
 /// The window an adapter scores a slice within (None: the whole slice).
-type WindowOf<'a> = dyn Fn(&Adapter) -> Option<crate::window::Window> + 'a;
+type WindowOf<'a> = dyn Fn(&Adapter) -> Option<Cells> + 'a;
 
 /// No window: every adapter scores the whole slice.
-fn whole_slices(_: &Adapter) -> Option<crate::window::Window> {
+fn whole_slices(_: &Adapter) -> Option<Cells> {
     None
 }
 
@@ -807,7 +810,7 @@ fn slice_structures(
 ) -> Result<(Vec<Option<Finding>>, Array3<f32>), EvalError> {
     // After the centre slice, only the cells its structures' reach needs.
     let reach = anchor.window(s.pixels.dim(), fm.grid());
-    let narrowed = |a: &Adapter| Window::narrowed(window(a), reach.clone(), fm.grid());
+    let narrowed = |a: &Adapter| Cells::narrowed(window(a), reach.clone(), fm.grid());
     let mut scores = trained.scores(fm, &narrowed)?;
     anchor.weigh(&mut scores, fm, trained.adapters.first(), step);
     let (rows, cols) = s.pixels.dim();
@@ -1461,6 +1464,7 @@ pub fn evaluate(
     };
     let mut adapter_ms = Vec::new();
     let mut structures_ms = Vec::new();
+    let mut centre_ms = Vec::new();
     let mut sam_ms = Vec::new();
     let mut sam_accepted: Vec<bool> = Vec::new();
     let mut overlays: BTreeMap<String, Overlay> = BTreeMap::new();
@@ -1816,7 +1820,7 @@ pub fn evaluate(
                 let window_of = |a: &Adapter| {
                     let (w, points) = (a.window.as_ref()?, points.filter(|_| on_centre_grid)?);
                     let points = w.points_of(&dataset.landmark_names, points);
-                    w.around(&points, opts.landmark_radius, s.pixels.dim(), fm.grid())
+                    w.cells(&points, opts.landmark_radius, s.pixels.dim(), fm.grid())
                 };
                 if let (Some(window), true) = (
                     trained.adapters.first().and_then(window_of),
@@ -1842,6 +1846,7 @@ pub fn evaluate(
                     anchor = taken.anchor;
                     adapter_ms.push(taken.adapter_ms);
                     structures_ms.push(taken.adapter_ms);
+                    centre_ms.push(taken.adapter_ms);
                     record_sam(taken.sam_ms, &taken.calls);
                     taken.found
                 } else {
@@ -1867,6 +1872,9 @@ pub fn evaluate(
                     let ms = t.elapsed().as_secs_f64() * 1000.0;
                     adapter_ms.push(ms);
                     structures_ms.push(ms);
+                    if si == case.center {
+                        centre_ms.push(ms);
+                    }
                     if let (None, Some(sam), Some(a)) = (&opts.sam, sam, trained.adapters.first()) {
                         let t = Instant::now();
                         let calls = sam.redraw_structures(fm, &mut found, |l| a.redraws(l), &up)?;
@@ -1988,8 +1996,9 @@ pub fn evaluate(
     } else {
         adapter_ms.iter().sum::<f64>() / adapter_ms.len() as f64
     };
-    timing.structures_ms_per_slice = (!structures_ms.is_empty())
-        .then(|| structures_ms.iter().sum::<f64>() / structures_ms.len() as f64);
+    let mean = |ms: &[f64]| (!ms.is_empty()).then(|| ms.iter().sum::<f64>() / ms.len() as f64);
+    timing.structures_ms_per_slice = mean(&structures_ms);
+    timing.centre_structures_ms = mean(&centre_ms);
     timing.sam_ms_per_call =
         (!sam_ms.is_empty()).then(|| sam_ms.iter().sum::<f64>() / sam_ms.len() as f64);
     timing.sam_accepted = (!sam_accepted.is_empty())
@@ -2175,9 +2184,11 @@ pub fn table(r: &Report) -> String {
         fmt(r.timing.encoder_ms_per_slice),
         r.timing.train_s,
         r.timing.adapter_ms_per_slice,
-        r.timing
-            .structures_ms_per_slice
-            .map_or(String::new(), |v| format!(" (structures {v:.1})")),
+        r.timing.structures_ms_per_slice.map_or(String::new(), |v| {
+            let centre = r.timing.centre_structures_ms;
+            let centre = centre.map_or(String::new(), |c| format!(", k* {c:.1}"));
+            format!(" (structures {v:.1}{centre})")
+        }),
         r.timing.sam_ms_per_call.map_or(String::new(), |v| format!(
             ", SAM {v:.0} ms/call, {:.0} % of its masks kept",
             100.0 * r.timing.sam_accepted.unwrap_or(0.0)
@@ -2723,10 +2734,10 @@ mod tests {
             f32::from(labels[[i * 4 + 2, j * 4 + 2]]) * (ch + 1) as f32
         });
         let lateral_fm = FeatureMap::new(data, 64, 64);
-        let window = anchor
+        let cells = anchor
             .window((64, 64), (16, 16))
             .expect("the reach's cells");
-        assert!(window.rows.end <= 12, "{window:?}");
+        assert!(cells.first_row + cells.spans.len() <= 12, "{cells:?}");
         let whole = postprocess::upsample_scores(
             &trained.scores(&lateral_fm, &whole_slices).unwrap(),
             64,

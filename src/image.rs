@@ -214,13 +214,16 @@ pub fn bilinear_taps(n_out: usize, n_in: usize) -> Vec<(usize, usize, f64)> {
 }
 
 /// Adds `plane` resized with the taps `ys` and `xs` (`bilinear_taps`, their weights in
-/// f32) to `out` (row-major, `ys.len()` × `xs.len()`): for many planes on one grid, where
-/// `resize_bilinear`'s f64 and allocations would cost more than the products the planes
-/// stand for. `across` is scratch space.
+/// f32) to `out`: for many planes on one grid, where `resize_bilinear`'s f64 and
+/// allocations would cost more than the products the planes stand for. `out` holds
+/// `ys.len()` rows of `xs.len()` cells (row-major), or with `spans` per row only the
+/// cells of its span (`window::Cells::within`), one row after the other. `across` is
+/// scratch space.
 pub fn add_resized(
     plane: ndarray::ArrayView2<f32>,
     ys: &[(usize, usize, f32)],
     xs: &[(usize, usize, f32)],
+    spans: Option<&[Range<usize>]>,
     across: &mut Vec<f32>,
     out: &mut [f32],
 ) {
@@ -232,12 +235,32 @@ pub fn add_resized(
                 .map(|&(x0, x1, fx)| src[x0] * (1.0 - fx) + src[x1] * fx),
         );
     }
-    for (line, &(y0, y1, fy)) in out.chunks_exact_mut(cols).zip(ys) {
-        let top = &across[y0 * cols..(y0 + 1) * cols];
-        let bottom = &across[y1 * cols..(y1 + 1) * cols];
+    let mut at = 0;
+    for (&(y0, y1, fy), span) in ys.iter().zip(row_spans(spans, xs.len())) {
+        let Some(line) = out.get_mut(at..at + span.len()) else {
+            return;
+        };
+        at += span.len();
+        let (Some(top), Some(bottom)) = (
+            across.get(y0 * cols + span.start..y0 * cols + span.end),
+            across.get(y1 * cols + span.start..y1 * cols + span.end),
+        ) else {
+            continue;
+        };
         for ((o, t), b) in line.iter_mut().zip(top).zip(bottom) {
             *o += t * (1.0 - fy) + b * fy;
         }
+    }
+}
+
+/// Per row of an output, the columns it holds: `spans`, or every one of `cols`.
+fn row_spans(
+    spans: Option<&[Range<usize>]>,
+    cols: usize,
+) -> Box<dyn Iterator<Item = Range<usize>> + '_> {
+    match spans {
+        Some(spans) => Box::new(spans.iter().cloned()),
+        None => Box::new(std::iter::repeat(0..cols)),
     }
 }
 
@@ -276,9 +299,27 @@ pub fn add_rows_spread(across: &[f32], ys: &[(usize, Vec<f32>)], out: &mut [f32]
     let Some(cols) = out.len().checked_div(ys.len()).filter(|&c| c > 0) else {
         return;
     };
-    for (line, (first, weights)) in out.chunks_exact_mut(cols).zip(ys) {
+    spread_rows(across, cols, ys, row_spans(None, cols), out);
+}
+
+/// `add_rows_spread` of `across`'s rows, `cols` wide, to the cells of each row's span
+/// (`row_spans`) alone, `out` holding them one row after the other.
+fn spread_rows(
+    across: &[f32],
+    cols: usize,
+    ys: &[(usize, Vec<f32>)],
+    spans: impl Iterator<Item = Range<usize>>,
+    out: &mut [f32],
+) {
+    let mut at = 0;
+    for ((first, weights), span) in ys.iter().zip(spans) {
+        let Some(line) = out.get_mut(at..at + span.len()) else {
+            return;
+        };
+        at += span.len();
         for (k, w) in weights.iter().enumerate() {
-            let Some(src) = across.get((first + k) * cols..(first + k + 1) * cols) else {
+            let row = (first + k) * cols;
+            let Some(src) = across.get(row + span.start..row + span.end) else {
                 continue;
             };
             line.iter_mut().zip(src).for_each(|(o, v)| *o += w * v);
@@ -287,17 +328,18 @@ pub fn add_rows_spread(across: &[f32], ys: &[(usize, Vec<f32>)], out: &mut [f32]
 }
 
 /// Adds a plane spread with the weights `ys` and `xs` (`box_of_bilinear_taps`) to `out`
-/// (row-major, `ys.len()` × `xs.len()`), the plane given transposed: `columns` holds its
-/// columns one after the other, each `rows` cells long. Along the rows each output column
-/// is then a weighted sum of whole input columns, and along the columns each output row
-/// one of whole rows (`add_rows_spread`): both vectorise, where a short weighted sum per
-/// cell did not (and one product for all planes' rows at once wrote and read 17 MB).
-/// `scratch` is scratch space.
+/// (as `add_resized` lays it out, with its `spans`), the plane given transposed:
+/// `columns` holds its columns one after the other, each `rows` cells long. Along the
+/// rows each output column is then a weighted sum of whole input columns, and along the
+/// columns each output row one of whole rows (`add_rows_spread`): both vectorise, where a
+/// short weighted sum per cell did not (and one product for all planes' rows at once
+/// wrote and read 17 MB). `scratch` is scratch space.
 pub fn add_spread(
     columns: &[f32],
     rows: usize,
     ys: &[(usize, Vec<f32>)],
     xs: &[(usize, Vec<f32>)],
+    spans: Option<&[Range<usize>]>,
     scratch: &mut Vec<f32>,
     out: &mut [f32],
 ) {
@@ -312,7 +354,9 @@ pub fn add_spread(
             across[y * cols + c] = *v;
         }
     }
-    add_rows_spread(across, ys, out);
+    if cols > 0 {
+        spread_rows(across, cols, ys, row_spans(spans, cols), out);
+    }
 }
 
 /// The image bilinearly interpolated at (row, column); outside it, the nearest border
@@ -795,6 +839,7 @@ mod tests {
                 plane.view(),
                 &taps(rows, 6),
                 &taps(cols, 5),
+                None,
                 &mut across,
                 &mut out,
             );
@@ -880,6 +925,7 @@ mod tests {
                 plane.view(),
                 &two(h, ph),
                 &two(w, pw),
+                None,
                 &mut Vec::new(),
                 &mut resized,
             );
@@ -890,7 +936,7 @@ mod tests {
             let transposed = plane.t().as_standard_layout().to_owned();
             let transposed = transposed.as_slice().expect("row-major");
             let mut out = vec![0f32; rows.len() * columns.len()];
-            add_spread(transposed, ph, &ys, &xs, &mut Vec::new(), &mut out);
+            add_spread(transposed, ph, &ys, &xs, None, &mut Vec::new(), &mut out);
             let mut worst = 0f32;
             for (y, line) in rows.clone().zip(out.chunks_exact(columns.len())) {
                 for (x, v) in columns.clone().zip(line) {

@@ -30,7 +30,7 @@ use crate::align::Prior;
 use crate::appearance::Appearance;
 use crate::backbone::FeatureMap;
 use crate::postprocess::{self, Finding};
-use crate::window::Window;
+use crate::window::Cells;
 
 /// What a stack's centre slice passes on to the structures of its other slices, with
 /// `TrainConfig::stack_anchor`: the layout prior (`prior`) and where
@@ -84,11 +84,12 @@ impl Anchor {
     /// the centre one needs scored (issue #7, idea 5): its regions are cut to where their
     /// structures may stay (`allowed`, `cut`), so the scores of the cells whose upsampling
     /// (`postprocess::upsample_scores`) reaches none of those pixels could only have
-    /// chosen a component that the cut then takes away. On the spine's stacks that is
-    /// 25–33 % of the slice's cells, where the landmarks' window (`window`) holds 40–54 %.
+    /// chosen a component that the cut then takes away. Per row of cells, from the first
+    /// column such a pixel reads to the last: on the spine's stacks 15–21 % of the
+    /// slice's cells (their box 24–32 %, the landmarks' window, `window`, 40–53 %).
     /// None before the centre slice's structures are taken, or while a
     /// structure may stay anywhere (the centre slice lacks it, or no reach was learned).
-    pub fn window(&self, image: (usize, usize), grid: (usize, usize)) -> Option<Window> {
+    pub fn window(&self, image: (usize, usize), grid: (usize, usize)) -> Option<Cells> {
         if self.allowed.is_empty() {
             return None;
         }
@@ -97,22 +98,41 @@ impl Anchor {
             .iter()
             .map(|r| r.as_ref().filter(|r| r.dim() == image))
             .collect::<Option<Vec<_>>>()?;
-        // The box of every pixel where a region may stay.
-        let [r0, r1, c0, c1] = crate::window::bounds(regions.iter().flat_map(|region| {
-            region
-                .indexed_iter()
-                .filter(|(_, keep)| **keep)
-                .map(|(at, _)| at)
-        }))?;
-        // The cells the pixels from `lo` to `hi` read, as the upsampling reads them.
-        let cells = |lo: usize, hi: usize, pixels: usize, cells: usize| {
-            let taps = crate::image::bilinear_taps(pixels, cells);
-            let (first, last) = (taps.get(lo)?, taps.get(hi)?);
-            Some(first.0.min(first.1)..last.0.max(last.1) + 1)
-        };
-        Some(Window {
-            rows: cells(r0, r1, image.0, grid.0)?,
-            columns: cells(c0, c1, image.1, grid.1)?,
+        // Per row of pixels, its first and last column where a region may stay.
+        let mut ends: Vec<Option<(usize, usize)>> = vec![None; image.0];
+        for region in &regions {
+            for ((r, c), _) in region.indexed_iter().filter(|(_, keep)| **keep) {
+                let e = &mut ends[r];
+                *e = Some(e.map_or((c, c), |(a, z)| (a.min(c), z.max(c))));
+            }
+        }
+        // The cells those pixels read, as the upsampling reads them: the taps rise with
+        // the pixel, so a row's first and last pixels bound the cells it reads.
+        let (ys, xs) = (
+            crate::image::bilinear_taps(image.0, grid.0),
+            crate::image::bilinear_taps(image.1, grid.1),
+        );
+        let mut spans: Vec<Option<(usize, usize)>> = vec![None; grid.0];
+        for (y, (a, z)) in ys.iter().zip(&ends).filter_map(|(y, e)| Some((y, (*e)?))) {
+            let (Some(first), Some(last)) = (xs.get(a), xs.get(z)) else {
+                continue;
+            };
+            let read = (first.0.min(first.1), last.0.max(last.1));
+            for row in [y.0, y.1] {
+                let Some(span) = spans.get_mut(row) else {
+                    continue;
+                };
+                *span = Some(span.map_or(read, |(a, z)| (a.min(read.0), z.max(read.1))));
+            }
+        }
+        let first = spans.iter().position(Option::is_some)?;
+        let last = spans.iter().rposition(Option::is_some)?;
+        Some(Cells {
+            first_row: first,
+            spans: spans[first..=last]
+                .iter()
+                .map(|s| s.map_or(0..0, |(a, z)| a..z + 1))
+                .collect(),
         })
     }
 
@@ -1390,20 +1410,23 @@ pub(crate) mod tests {
             "before the centre slice"
         );
         anchor.allowed = allowed(&centre, &[Some(0.5), Some(0.5)], 1.0);
-        let window = anchor.window(image, grid).expect("a window");
+        let cells = anchor.window(image, grid).expect("a window");
+        let bounds = cells.bounds().expect("cells");
         assert!(
-            window.crops(grid) && window.share_of(grid) < 0.3,
-            "{window:?}"
+            cells.crops(grid) && cells.share_of(grid) < 0.8 * bounds.share_of(grid),
+            "{cells:?}"
         );
-        // Scores zeroed outside the window upsample to the same bits wherever a region
-        // may stay; one cell less on any side changes some of them.
+        // Scores zeroed outside the cells upsample to the same bits wherever a region
+        // may stay; one cell less at either end of any row changes some of them.
         let scores = Array3::from_shape_fn((2, grid.0, grid.1), |(l, i, j)| {
             ((l * 7 + i * 13 + j * 29) % 17) as f32 / 17.0 + 0.01
         });
-        let kept_in = |w: &Window| {
+        let kept_in = |cells: &Cells| {
             let mut kept = Array3::zeros(scores.dim());
-            kept.slice_mut(ndarray::s![.., w.rows.clone(), w.columns.clone()])
-                .assign(&scores.slice(ndarray::s![.., w.rows.clone(), w.columns.clone()]));
+            for (r, span) in cells.rows() {
+                kept.slice_mut(ndarray::s![.., r, span.clone()])
+                    .assign(&scores.slice(ndarray::s![.., r, span.clone()]));
+            }
             postprocess::upsample_scores(&kept, image.0, image.1)
         };
         let whole = postprocess::upsample_scores(&scores, image.0, image.1);
@@ -1419,31 +1442,22 @@ pub(crate) mod tests {
             }
             differ
         };
-        assert_eq!(where_allowed(&kept_in(&window)), 0);
-        let (rows, columns) = (window.rows.clone(), window.columns.clone());
-        for smaller in [
-            Window {
-                rows: rows.start + 1..rows.end,
-                ..window.clone()
-            },
-            Window {
-                rows: rows.start..rows.end - 1,
-                ..window.clone()
-            },
-            Window {
-                columns: columns.start + 1..columns.end,
-                ..window.clone()
-            },
-            Window {
-                columns: columns.start..columns.end - 1,
-                ..window.clone()
-            },
-        ] {
-            assert!(
-                where_allowed(&kept_in(&smaller)) > 0,
-                "{smaller:?} is enough"
-            );
+        assert_eq!(where_allowed(&kept_in(&cells)), 0);
+        let mut smaller = 0;
+        for (i, span) in cells.spans.iter().enumerate() {
+            assert!(!span.is_empty(), "no row between two is left out here");
+            for less in [span.start + 1..span.end, span.start..span.end - 1] {
+                let mut fewer = cells.clone();
+                fewer.spans[i] = less;
+                assert!(where_allowed(&kept_in(&fewer)) > 0, "{fewer:?} is enough");
+                smaller += 1;
+            }
         }
+        assert_eq!(smaller, 2 * bounds.rows.len());
+        assert_eq!(
+            (cells.first_row, cells.spans.len()),
+            (bounds.rows.start, bounds.rows.len())
+        );
         // A structure the centre slice lacks may stay anywhere; a slice of another size
         // is not the centre slice's.
         anchor.allowed = allowed(&[centre[0].clone(), None], &[Some(0.5), Some(0.5)], 1.0);

@@ -21,8 +21,10 @@ use std::path::Path;
 /// stack carry (`Adapter::stack_carry`), which a build reading only 6 would leave out; 8 =
 /// the patient's appearance (`TrainConfig::appearance`), which a build reading only 7
 /// would leave out; 9 = the structures' names from the landmarks (`Adapter::identity`),
-/// which a build reading only 8 would leave out.
-pub const FORMATS: std::ops::RangeInclusive<u32> = 1..=9;
+/// which a build reading only 8 would leave out; 10 = each landmark's own reach in the
+/// structures' window (`LandmarkWindow::reach`), which a build reading only 9 would
+/// leave out.
+pub const FORMATS: std::ops::RangeInclusive<u32> = 1..=10;
 
 /// The least format that holds `tasks`.
 fn format_of(tasks: &[(Task, Adapter)]) -> u32 {

@@ -21,6 +21,12 @@ use crate::backbone::FeatureMap;
 pub struct LandmarkWindow {
     pub landmarks: Vec<String>,
     pub share: f64,
+    /// Per landmark, how far the structures' pixels nearest to it reach from it (up,
+    /// down, left, right), as shares of the same side: where the structures follow their
+    /// landmarks (a spine's bodies along its curve), their boxes hold far fewer cells than
+    /// the one box (`cells`). None in files from before (format 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reach: Option<Vec<[f64; 4]>>,
 }
 
 /// The learned share is the largest over a few templates: a new patient's structures may
@@ -65,43 +71,139 @@ impl Window {
             columns: 0..grid.1,
         }
     }
+}
 
-    /// The cells in both windows (empty ranges where they do not meet).
-    pub fn and(&self, other: &Window) -> Window {
-        let meet = |a: &Range<usize>, b: &Range<usize>| {
-            let start = a.start.max(b.start);
-            start..a.end.min(b.end).max(start)
-        };
-        Window {
-            rows: meet(&self.rows, &other.rows),
-            columns: meet(&self.columns, &other.columns),
+/// Cells of a map's grid row by row: from row `first_row` on, per row the columns of
+/// its span (possibly none). Where a slice's structures may lie follows their shape,
+/// which a box of rows × columns holds with many cells to spare (`stack::Anchor::window`:
+/// the spine's bodies after the centre slice reach 13–20 % of a slice's pixels, the cells
+/// those read 15–21 % of its cells, their box 24–32 %), and a cell's scores cost about the
+/// same wherever it lies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cells {
+    pub first_row: usize,
+    pub spans: Vec<Range<usize>>,
+}
+
+impl From<Window> for Cells {
+    fn from(w: Window) -> Cells {
+        Cells::trimmed(w.rows.start, std::iter::repeat_n(w.columns, w.rows.len()))
+    }
+}
+
+impl Cells {
+    /// Each row of `rows` with its span.
+    pub fn rows(&self) -> impl Iterator<Item = (usize, &Range<usize>)> + '_ {
+        (self.first_row..).zip(&self.spans)
+    }
+
+    /// The number of cells.
+    pub fn count(&self) -> usize {
+        self.spans.iter().map(|s| s.len()).sum()
+    }
+
+    /// The box of the cells, None when there are none.
+    pub fn bounds(&self) -> Option<Window> {
+        let mut held = self.rows().filter(|(_, s)| !s.is_empty());
+        let (first, span) = held.next()?;
+        let (mut last, mut columns) = (first, span.clone());
+        for (r, s) in held {
+            last = r;
+            columns = columns.start.min(s.start)..columns.end.max(s.end);
         }
+        Some(Window {
+            rows: first..last + 1,
+            columns,
+        })
+    }
+
+    /// Whether they leave out any cell of a (rows × columns) grid.
+    pub fn crops(&self, grid: (usize, usize)) -> bool {
+        self.count() < grid.0 * grid.1
+    }
+
+    /// The share of a (rows × columns) grid's cells among them.
+    pub fn share_of(&self, grid: (usize, usize)) -> f64 {
+        self.count() as f64 / (grid.0 * grid.1).max(1) as f64
+    }
+
+    /// The cells also in `other`.
+    pub fn and(&self, other: &Cells) -> Cells {
+        let first = self.first_row.max(other.first_row);
+        let end = (self.first_row + self.spans.len()).min(other.first_row + other.spans.len());
+        let spans = (first..end.max(first)).map(|r| {
+            let (a, b) = (
+                &self.spans[r - self.first_row],
+                &other.spans[r - other.first_row],
+            );
+            a.start.max(b.start)..a.end.min(b.end)
+        });
+        Cells::trimmed(first, spans)
     }
 
     /// `window` narrowed to `to` where there is one; None where neither is.
     pub fn narrowed(
-        window: Option<Window>,
-        to: Option<Window>,
+        window: Option<Cells>,
+        to: Option<Cells>,
         grid: (usize, usize),
-    ) -> Option<Window> {
+    ) -> Option<Cells> {
         match (window, to) {
             (w, None) => w,
-            (w, Some(to)) => Some(w.unwrap_or_else(|| Window::whole(grid)).and(&to)),
+            (w, Some(to)) => Some(to.and(&w.unwrap_or_else(|| Window::whole(grid).into()))),
+        }
+    }
+
+    /// Per row of `window`, the cells also in it, columns from `window`'s first (empty
+    /// where there are none).
+    pub fn within(&self, window: &Window) -> Vec<Range<usize>> {
+        let (a, z) = (window.columns.start, window.columns.end);
+        window
+            .rows
+            .clone()
+            .map(|r| {
+                let span = r
+                    .checked_sub(self.first_row)
+                    .and_then(|i| self.spans.get(i))
+                    .map_or(0..0, |s| s.start.max(a)..s.end.min(z));
+                if span.is_empty() {
+                    0..0
+                } else {
+                    span.start - a..span.end - a
+                }
+            })
+            .collect()
+    }
+
+    /// The rows from `first` on with `spans` (empty ones as 0..0), from the first row
+    /// with cells to the last: one set of cells, one value.
+    fn trimmed(first: usize, spans: impl Iterator<Item = Range<usize>>) -> Cells {
+        let spans: Vec<Range<usize>> = spans.map(|s| if s.is_empty() { 0..0 } else { s }).collect();
+        let Some(a) = spans.iter().position(|s| !s.is_empty()) else {
+            return Cells {
+                first_row: first,
+                spans: Vec::new(),
+            };
+        };
+        let z = spans.iter().rposition(|s| !s.is_empty()).unwrap_or(a);
+        Cells {
+            first_row: first + a,
+            spans: spans[a..=z].to_vec(),
         }
     }
 }
 
 impl LandmarkWindow {
-    /// Learns the share from the templates: per template, its landmarks' points (row,
-    /// column; pixels, in the localizer slice, `None` where it lacks one) and the label
-    /// maps of its slices. A template lacking a landmark, or with a box of less than a
-    /// pixel, teaches nothing; None when no template teaches anything.
+    /// Learns the share and the reach from the templates: per template, its landmarks'
+    /// points (row, column; pixels, in the localizer slice, `None` where it lacks one) and
+    /// the label maps of its slices. A template lacking a landmark, or with a box of less
+    /// than a pixel, teaches nothing; None when no template teaches anything.
     pub fn learn<'a>(
         landmarks: Vec<String>,
         templates: impl Iterator<Item = (Vec<Option<(f64, f64)>>, Vec<&'a Array2<u8>>)>,
         values: &[u8],
     ) -> Option<LandmarkWindow> {
         let mut share: Option<f64> = None;
+        let mut reach: Vec<[f64; 4]> = Vec::new();
         for (points, maps) in templates {
             let Some(points) = points.into_iter().collect::<Option<Vec<_>>>() else {
                 continue;
@@ -109,21 +211,38 @@ impl LandmarkWindow {
             let Some(b) = BoxOf::points(&points) else {
                 continue;
             };
-            let mut reach = 0.0f64;
+            let mut past = 0.0f64;
+            reach.resize(points.len(), [0.0; 4]);
             for map in maps {
                 for ((r, c), v) in map.indexed_iter() {
-                    // Pixel indices, as the landmarks are given.
-                    if *v != 0 && values.contains(v) {
-                        reach = reach.max(b.outside(r as f64, c as f64));
+                    if *v == 0 || !values.contains(v) {
+                        continue;
                     }
+                    // Pixel indices, as the landmarks are given.
+                    let (r, c) = (r as f64, c as f64);
+                    past = past.max(b.outside(r, c));
+                    let nearest = points
+                        .iter()
+                        .map(|&(pr, pc)| (pr - r).powi(2) + (pc - c).powi(2))
+                        .enumerate()
+                        .fold(
+                            (0, f64::INFINITY),
+                            |m, (i, d)| if d < m.1 { (i, d) } else { m },
+                        )
+                        .0;
+                    let (pr, pc) = points[nearest];
+                    let far = [pr - r, r - pr, pc - c, c - pc].map(|d| d / b.side());
+                    let e = &mut reach[nearest];
+                    *e = [0, 1, 2, 3].map(|k| e[k].max(far[k]));
                 }
             }
-            let s = reach / b.side();
+            let s = past / b.side();
             share = Some(share.map_or(s, |m: f64| m.max(s)));
         }
         Some(LandmarkWindow {
             landmarks,
             share: share?,
+            reach: Some(reach),
         })
     }
 
@@ -143,9 +262,14 @@ impl LandmarkWindow {
             .collect()
     }
 
-    /// Whether the share can be used (finite, ≥ 0) and names landmarks.
+    /// Whether the share can be used (finite, ≥ 0) and names landmarks, with a reach
+    /// (where learned) per landmark, finite and ≥ 0.
     pub fn is_valid(&self) -> bool {
-        self.share.is_finite() && self.share >= 0.0 && !self.landmarks.is_empty()
+        let reach = self.reach.as_ref().is_none_or(|r| {
+            r.len() == self.landmarks.len()
+                && r.iter().flatten().all(|v| v.is_finite() && *v >= 0.0)
+        });
+        self.share.is_finite() && self.share >= 0.0 && !self.landmarks.is_empty() && reach
     }
 
     /// The window, in cells of a `grid` over an `image` (rows × columns, pixels), around
@@ -166,20 +290,62 @@ impl LandmarkWindow {
         let points: Vec<(f64, f64)> = points.iter().copied().collect::<Option<_>>()?;
         let b = BoxOf::points(&points)?;
         let grow = SAFETY * self.share * b.side() + slack.max(0.0);
-        // The cells of the pixels (indices) from lo − grow to hi + grow; pixel i's centre
-        // lies at i + 0.5 on the cells' scale, as `postprocess::upsample_scores` places it.
-        let span = |lo: f64, hi: f64, pixels: usize, cells: usize| -> Range<usize> {
-            let per = pixels as f64 / cells.max(1) as f64;
-            let cell = |i: f64| ((i + 0.5) / per).floor().clamp(0.0, cells as f64) as usize;
-            let a = cell(lo - grow);
-            let z = (cell(hi + grow) + 1).min(cells);
-            a..z.max(a)
-        };
         Some(Window {
-            rows: span(b.rows.0, b.rows.1, image.0, grid.0),
-            columns: span(b.columns.0, b.columns.1, image.1, grid.1),
+            rows: cells_of(b.rows.0 - grow, b.rows.1 + grow, image.0, grid.0),
+            columns: cells_of(b.columns.0 - grow, b.columns.1 + grow, image.1, grid.1),
         })
     }
+
+    /// The cells to score around the landmarks found at `points`: `around`'s window, and
+    /// where a reach was learned only the cells of each landmark's own box within it, the
+    /// landmark grown by `SAFETY` × its reach × the side of the landmarks' box, plus
+    /// `slack` pixels, per row from the first of the boxes there to the last. On spine-mr's
+    /// localizer slices 34–39 % of the cells, where the window holds 40–53 % (`scout
+    /// eval`, first split).
+    pub fn cells(
+        &self,
+        points: &[Option<(f64, f64)>],
+        slack: f64,
+        image: (usize, usize),
+        grid: (usize, usize),
+    ) -> Option<Cells> {
+        let window = Cells::from(self.around(points, slack, image, grid)?);
+        let Some(reach) = &self.reach else {
+            return Some(window);
+        };
+        let points: Vec<(f64, f64)> = points.iter().copied().collect::<Option<_>>()?;
+        let side = BoxOf::points(&points)?.side();
+        let grow = |share: f64| SAFETY * share * side + slack.max(0.0);
+        let mut spans: Vec<Range<usize>> = vec![0..0; grid.0];
+        for (&(r, c), [up, down, left, right]) in points.iter().zip(reach) {
+            let columns = cells_of(c - grow(*left), c + grow(*right), image.1, grid.1);
+            if columns.is_empty() {
+                continue;
+            }
+            for row in cells_of(r - grow(*up), r + grow(*down), image.0, grid.0) {
+                let Some(span) = spans.get_mut(row) else {
+                    continue;
+                };
+                *span = if span.start >= span.end {
+                    columns.clone()
+                } else {
+                    span.start.min(columns.start)..span.end.max(columns.end)
+                };
+            }
+        }
+        Some(Cells::trimmed(0, spans.into_iter()).and(&window))
+    }
+}
+
+/// The cells of a line of `cells` over `pixels` that hold the pixels from `lo` to `hi`;
+/// pixel i's centre lies at i + 0.5 on the cells' scale, as
+/// `postprocess::upsample_scores` places it.
+fn cells_of(lo: f64, hi: f64, pixels: usize, cells: usize) -> Range<usize> {
+    let per = pixels as f64 / cells.max(1) as f64;
+    let cell = |i: f64| ((i + 0.5) / per).floor().clamp(0.0, cells as f64) as usize;
+    let a = cell(lo);
+    let z = (cell(hi) + 1).min(cells);
+    a..z.max(a)
 }
 
 /// An axis-aligned box of points (pixels).
@@ -286,12 +452,69 @@ mod tests {
             "{}",
             learnt.share
         );
+        // Both labelled pixels lie nearest the second landmark (50, 30): 5 below it and 5
+        // left, then 20 above and 11 right, over the side 40 (up, down, left, right).
+        assert_eq!(
+            learnt.reach,
+            Some(vec![
+                [0.0; 4],
+                [20.0 / 40.0, 5.0 / 40.0, 5.0 / 40.0, 11.0 / 40.0]
+            ])
+        );
         let none = LandmarkWindow::learn(
             named(2),
             [(vec![Some((1.0, 1.0)), None], vec![&a])].into_iter(),
             &[1],
         );
         assert!(none.is_none());
+    }
+
+    /// With a reach per landmark, the cells of each landmark's own box, grown by 1.25 ×
+    /// its reach × the side plus the slack, per row from the first box there to the last,
+    /// within the window; rows between two boxes have none. Without one, the window.
+    #[test]
+    fn the_cells_are_each_landmarks_own_box() {
+        let mut lw = LandmarkWindow {
+            landmarks: named(2),
+            share: 0.1,
+            reach: Some(vec![[0.1, 0.1, 0.1, 0.1], [0.2, 0.0, 0.0, 0.3]]),
+        };
+        // Side 80 (see the window's test: rows 21..50, columns 11..30). The first box
+        // grows by 1.25 × 0.1 × 80 + 6 = 16 px each way: pixels 84..=116 and 44..=76,
+        // cells 21..30 and 11..20. The second: 26 px up, 6 down and left, 36 right:
+        // pixels 154..=186 and 94..=136, cells 38..47 and 23..35, cut to the window's
+        // columns, 23..30.
+        let points = [Some((100.0, 60.0)), Some((180.0, 100.0))];
+        let cells = lw.cells(&points, 6.0, (256, 256), (64, 64)).unwrap();
+        let mut spans = vec![11..20; 9];
+        spans.extend(vec![0..0; 8]);
+        spans.extend(vec![23..30; 9]);
+        assert_eq!(
+            cells,
+            Cells {
+                first_row: 21,
+                spans
+            }
+        );
+        assert_eq!(cells.count(), 9 * 9 + 9 * 7);
+        // Boxes that overlap in a row join there.
+        let close = [Some((100.0, 60.0)), Some((112.0, 100.0))];
+        let joined = lw.cells(&close, 6.0, (256, 256), (64, 64)).unwrap();
+        let window = lw.around(&close, 6.0, (256, 256), (64, 64)).unwrap();
+        assert!(joined.spans.iter().all(|s| !s.is_empty()));
+        assert!(joined.count() < Cells::from(window.clone()).count());
+        lw.reach = None;
+        assert_eq!(
+            lw.cells(&close, 6.0, (256, 256), (64, 64)),
+            Some(Cells::from(window))
+        );
+        assert!(lw
+            .cells(&[points[0], None], 6.0, (256, 256), (64, 64))
+            .is_none());
+        lw.reach = Some(vec![[0.1; 4]]);
+        assert!(!lw.is_valid(), "a reach for each landmark");
+        lw.reach = Some(vec![[0.1; 4], [0.1, f64::NAN, 0.1, 0.1]]);
+        assert!(!lw.is_valid());
     }
 
     /// The window is the cells of the pixels in the found landmarks' box grown by 1.25 ×
@@ -301,6 +524,7 @@ mod tests {
         let lw = LandmarkWindow {
             landmarks: named(2),
             share: 0.1,
+            reach: None,
         };
         // Box rows 100..180, columns 60..100 on a 256 × 256 image, 64 × 64 cells (4 px):
         // grown by 1.25 × 0.1 × 80 + 6 = 16 px, pixels 84..=196 and 44..=116, whose
@@ -347,26 +571,70 @@ mod tests {
     fn windows_narrow_to_the_cells_in_both() {
         let w = |rows: Range<usize>, columns: Range<usize>| Window { rows, columns };
         let grid = (20, 30);
-        assert_eq!(w(2..10, 5..25).and(&w(4..18, 0..12)), w(4..10, 5..12));
+        let cells = |w: Window| Some(Cells::from(w));
+        assert_eq!(Cells::narrowed(None, None, grid), None);
         assert_eq!(
-            w(2..4, 5..8).and(&w(6..9, 10..12)),
-            w(6..6, 10..10),
-            "apart: empty"
-        );
-        assert_eq!(Window::narrowed(None, None, grid), None);
-        assert_eq!(
-            Window::narrowed(Some(w(1..3, 1..3)), None, grid),
-            Some(w(1..3, 1..3))
+            Cells::narrowed(cells(w(1..3, 1..3)), None, grid),
+            cells(w(1..3, 1..3))
         );
         assert_eq!(
-            Window::narrowed(None, Some(w(15..25, 2..4)), grid),
-            Some(w(15..20, 2..4))
+            Cells::narrowed(None, cells(w(15..25, 2..4)), grid),
+            cells(w(15..20, 2..4))
         );
         assert_eq!(
-            Window::narrowed(Some(w(1..16, 1..3)), Some(w(15..25, 2..4)), grid),
-            Some(w(15..16, 2..3))
+            Cells::narrowed(cells(w(1..16, 1..3)), cells(w(15..25, 2..4)), grid),
+            cells(w(15..16, 2..3))
+        );
+        assert_eq!(
+            Cells::narrowed(cells(w(2..4, 5..8)), cells(w(6..9, 10..12)), grid).map(|c| c.count()),
+            Some(0),
+            "apart: none"
         );
         assert!(!Window::whole(grid).crops(grid));
+    }
+
+    /// Cells row by row: their count, box and share, and the cells also in a window.
+    #[test]
+    fn cells_are_taken_row_by_row() {
+        let stairs = Cells {
+            first_row: 3,
+            spans: vec![2..5, 0..0, 4..9, 6..7, 0..0],
+        };
+        assert_eq!(stairs.count(), 9);
+        assert_eq!(
+            stairs.bounds(),
+            Some(Window {
+                rows: 3..7,
+                columns: 2..9
+            })
+        );
+        assert!((stairs.share_of((10, 10)) - 0.09).abs() < 1e-12);
+        assert!(stairs.crops((10, 10)));
+        let rows: Vec<_> = stairs.rows().map(|(r, s)| (r, s.clone())).collect();
+        assert_eq!(rows[2], (5, 4..9));
+        let window = Window {
+            rows: 2..6,
+            columns: 3..8,
+        };
+        // The spans cut to the window's columns, from the first row that has one.
+        assert_eq!(
+            stairs.and(&window.clone().into()),
+            Cells {
+                first_row: 3,
+                spans: vec![3..5, 0..0, 4..8],
+            }
+        );
+        // Relative to the window's first column.
+        assert_eq!(stairs.within(&window), vec![0..0, 0..2, 0..0, 1..5]);
+        let apart = Window {
+            rows: 0..3,
+            columns: 0..10,
+        };
+        let apart = Cells::from(apart);
+        assert_eq!(stairs.and(&apart).bounds(), None);
+        assert_eq!(stairs.and(&apart).count(), 0);
+        let whole = Cells::from(Window::whole((4, 5)));
+        assert!(!whole.crops((4, 5)) && whole.count() == 20);
     }
 
     /// The crop holds the window and `reach` cells around it, cut at the grid's edges,

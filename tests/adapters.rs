@@ -241,6 +241,9 @@ fn a_window_around_the_landmarks_keeps_the_structures() {
             .collect();
         let window = w.around(&points, 10.0, (256, 256), grid).unwrap();
         assert!(window.crops(grid), "{name}: {window:?}");
+        // Each landmark's own box, learned from the templates, holds a new case's too.
+        let cells = w.cells(&points, 10.0, (256, 256), grid).unwrap();
+        assert!(cells.count() < window.rows.len() * window.columns.len());
         let labels = case.slices[0].labels.as_ref().unwrap();
         let (per_row, per_column) = (256 / grid.0, 256 / grid.1);
         for ((r, c), v) in labels.indexed_iter() {
@@ -249,6 +252,14 @@ fn a_window_around_the_landmarks_keeps_the_structures() {
                 assert!(
                     window.rows.contains(&cell.0) && window.columns.contains(&cell.1),
                     "{name}: pixel ({r}, {c}) outside {window:?}"
+                );
+                let held = cell
+                    .0
+                    .checked_sub(cells.first_row)
+                    .and_then(|i| cells.spans.get(i));
+                assert!(
+                    held.is_some_and(|s| s.contains(&cell.1)),
+                    "{name}: pixel ({r}, {c}) outside {cells:?}"
                 );
             }
         }
@@ -333,9 +344,10 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
     )
     .unwrap();
     assert_eq!(bundle.tasks.len(), 2, "landmarks and structures");
-    // Ensembles need format 2 and the steps since (votes, atlas, stack anchor, ...) 3: a
-    // build that reads less refuses the file instead of scoring or placing without them.
-    assert_eq!(bundle.format, 3);
+    // Ensembles need format 2, the steps since (votes, atlas, stack anchor, ...) 3 and the
+    // window's reach per landmark 10: a build that reads less refuses the file instead of
+    // scoring or placing without them.
+    assert_eq!(bundle.format, 10);
     assert!(bundle.tasks.iter().all(|(_, a)| a.members.len() == 1));
     let (landmarks, structures) = (&bundle.tasks[0].1, &bundle.tasks[1].1);
     assert_eq!(landmarks.patches.len(), landmarks.labels.len());
@@ -421,11 +433,17 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
         assert_eq!(fa.len(), fb.len());
         assert!(fa.iter().zip(&fb).all(|(x, y)| (x - y).abs() < 1e-9));
     }
-    // The file edited by `edit` is refused at load; the error.
+    // The file edited by `edit` is refused at load; the error. Edited from the file
+    // without the window's reach per landmark, format 3, so that each step below is
+    // refused for its own format.
     let broken = tmp.path().join("broken.adapter");
     let refused = |edit: &dyn Fn(&mut serde_json::Value)| -> String {
         let mut json: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        if let Some(window) = json["tasks"][1][1]["window"].as_object_mut() {
+            window.remove("reach");
+        }
+        json["format"] = serde_json::json!(3);
         edit(&mut json);
         std::fs::write(&broken, json.to_string()).unwrap();
         scout::train::Bundle::load(&broken, backbone())
@@ -540,6 +558,27 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
             serde_json::json!({"landmarks": [landmark.clone(), "elsewhere"], "share": 0.1});
     });
     assert!(err.contains("landmark elsewhere"), "{err}");
+    // Each landmark's reach in the window: one per landmark, none below 0; and in a file
+    // of format 9, which a build that reads only 9 would load and score the whole box with.
+    for reach in [
+        serde_json::json!([[0.1, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.1]]),
+        serde_json::json!([[0.1, -0.1, 0.1, 0.1]]),
+    ] {
+        let err = refused(&|json| {
+            json["format"] = serde_json::json!(10);
+            json["tasks"][1][1]["window"] = serde_json::json!(
+                {"landmarks": [landmark.clone()], "share": 0.1, "reach": reach.clone()}
+            );
+        });
+        assert!(err.contains("landmark window"), "{err}");
+    }
+    let err = refused(&|json| {
+        json["format"] = serde_json::json!(9);
+        json["tasks"][1][1]["window"] = serde_json::json!(
+            {"landmarks": [landmark.clone()], "share": 0.1, "reach": [[0.1, 0.1, 0.1, 0.1]]}
+        );
+    });
+    assert!(err.contains("format 10 at least"), "{err}");
     // Structures named by a landmark the file does not find, by none, or for another
     // number of structures; and named in a file of format 8, which a build that reads only
     // 8 would load and not name them with.
@@ -593,8 +632,8 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
     });
     assert!(err.contains("ensemble member"), "{err}");
     // A format this build does not know.
-    let err = refused(&|json| json["format"] = serde_json::json!(10));
-    assert!(err.contains("format 10"), "{err}");
+    let err = refused(&|json| json["format"] = serde_json::json!(11));
+    assert!(err.contains("format 11"), "{err}");
     // A format too old for what the file holds.
     for old in [1, 2] {
         let err = refused(&|json| json["format"] = serde_json::json!(old));
