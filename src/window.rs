@@ -51,19 +51,6 @@ pub struct Window {
 }
 
 impl Window {
-    /// Whether the window leaves out any cell of a (rows × columns) grid.
-    pub fn crops(&self, grid: (usize, usize)) -> bool {
-        self.rows.start > 0
-            || self.columns.start > 0
-            || self.rows.end < grid.0
-            || self.columns.end < grid.1
-    }
-
-    /// The share of a (rows × columns) grid's cells inside the window.
-    pub fn share_of(&self, grid: (usize, usize)) -> f64 {
-        (self.rows.len() * self.columns.len()) as f64 / (grid.0 * grid.1).max(1) as f64
-    }
-
     /// Every cell of a (rows × columns) grid.
     pub fn whole(grid: (usize, usize)) -> Window {
         Window {
@@ -533,8 +520,9 @@ mod tests {
         let w = lw.around(&points, 6.0, (256, 256), (64, 64)).unwrap();
         assert_eq!(w.rows, 21..50);
         assert_eq!(w.columns, 11..30);
-        assert!(w.crops((64, 64)));
-        assert!((w.share_of((64, 64)) - (29.0 * 19.0) / 4096.0).abs() < 1e-12);
+        let cells = Cells::from(w.clone());
+        assert!(cells.crops((64, 64)));
+        assert!((cells.share_of((64, 64)) - (29.0 * 19.0) / 4096.0).abs() < 1e-12);
         // Past a cell's edge: (183 + 16.375 + 0.5) / 4 = 49.97 lies in cell 49,
         // (184 + 16.5 + 0.5) / 4 = 50.25 in cell 50.
         let past = |row: f64| {
@@ -590,7 +578,7 @@ mod tests {
             Some(0),
             "apart: none"
         );
-        assert!(!Window::whole(grid).crops(grid));
+        assert!(!Cells::from(Window::whole(grid)).crops(grid));
     }
 
     /// Cells row by row: their count, box and share, and the cells also in a window.

@@ -240,7 +240,10 @@ fn a_window_around_the_landmarks_keeps_the_structures() {
             .map(|n| case.landmarks.get(n).map(|t| (t.row, t.column)))
             .collect();
         let window = w.around(&points, 10.0, (256, 256), grid).unwrap();
-        assert!(window.crops(grid), "{name}: {window:?}");
+        assert!(
+            window.rows.len() * window.columns.len() < grid.0 * grid.1,
+            "{name}: {window:?}"
+        );
         // Each landmark's own box, learned from the templates, holds a new case's too.
         let cells = w.cells(&points, 10.0, (256, 256), grid).unwrap();
         assert!(cells.count() < window.rows.len() * window.columns.len());
