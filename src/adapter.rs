@@ -345,6 +345,14 @@ impl Linear {
         }
         y
     }
+
+    /// `add_bias`, then the ReLU, in one pass over `y`.
+    fn add_bias_relu(&self, mut y: Array2<f32>) -> Array2<f32> {
+        for (mut col, &b) in y.columns_mut().into_iter().zip(&self.b) {
+            col.mapv_inplace(|v| (v + b).max(0.0));
+        }
+        y
+    }
 }
 
 /// Feed-forward net with ReLU between layers (none after the last).
@@ -380,16 +388,15 @@ impl Mlp {
 
     /// `forward` from the first layer's product x·W₁ᵀ, computed by the caller.
     fn forward_from_product(&self, product: Array2<f32>) -> Array2<f32> {
-        let mut layers = self.layers.iter();
-        let Some(first) = layers.next() else {
+        let Some(last) = self.layers.last() else {
             return product;
         };
-        let mut h = first.add_bias(product);
-        for l in layers {
-            h.mapv_inplace(|v| v.max(0.0));
-            h = l.forward(h.view());
+        // A layer's product is its bias and the ReLU away from the next layer's input.
+        let mut h = product;
+        for pair in self.layers.windows(2) {
+            h = pair[0].add_bias_relu(h).dot(&pair[1].w.t());
         }
-        h
+        last.add_bias(h)
     }
 
     pub fn forward_traced(&self, x: ArrayView2<f32>) -> (Array2<f32>, Trace) {

@@ -153,8 +153,8 @@ pub fn learn(structure: u8, templates: &[TemplateView], radius: f64) -> Option<(
 /// distance): what is left where the disc fits, so parts narrower than its diameter go.
 /// The image's edge is not the structure's. Under 1 pixel: `mask` as it is.
 pub fn open(mask: &Array2<bool>, radius: f64) -> Array2<bool> {
-    let inner = crate::stack::distance_outside(&mask.mapv(|m| !m)).mapv(|d| f64::from(d) > radius);
-    crate::stack::distance_outside(&inner).mapv(|d| f64::from(d) <= radius)
+    let inner = crate::stack::depth_inside(mask).mapv(|d| f64::from(d) > radius);
+    crate::stack::within_reach(&inner, radius)
 }
 
 /// Moves each landmark of `found` whose rule's structure has a mask in `masks` (label

@@ -919,8 +919,7 @@ pub fn allowed(
             if area == 0 {
                 return None;
             }
-            let grow = r * equivalent_radius(area) + slack;
-            Some(distance_outside(&f.mask).mapv(|d| f64::from(d) <= grow))
+            Some(within_reach(&f.mask, r * equivalent_radius(area) + slack))
         })
         .collect()
 }
@@ -962,6 +961,29 @@ pub fn cut(found: &mut [Option<Finding>], allowed: &[Option<Array2<bool>>], scor
             postprocess::measure(finding, scores);
         }
     }
+}
+
+/// The pixels within `reach` pixels (Euclidean) of `mask`: `distance_outside` of it at
+/// most `reach`, computed over the mask's box grown by `reach` alone (`SectionBox`), as
+/// no pixel past it is that near. Over the whole slice the transform took most of the
+/// centre slice's `allowed` (spine-mr: 5.7 of 8 ms for its five bodies).
+pub fn within_reach(mask: &Array2<bool>, reach: f64) -> Array2<bool> {
+    let mut out = Array2::from_elem(mask.dim(), false);
+    let Some(b) = SectionBox::of(mask) else {
+        return out;
+    };
+    // A reach that is not a finite number of pixels is taken over the whole slice.
+    let b = match reach.ceil() {
+        r if r.is_finite() && r >= 0.0 && r < (mask.nrows() + mask.ncols()) as f64 => {
+            b.grown(r as usize, mask.dim())
+        }
+        _ => b.grown(mask.nrows().max(mask.ncols()), mask.dim()),
+    };
+    let window = ndarray::s![b.rows.clone(), b.cols.clone()];
+    let distance = distance_outside(&mask.slice(window).to_owned());
+    out.slice_mut(window)
+        .zip_mut_with(&distance, |o, &d| *o = f64::from(d) <= reach);
+    out
 }
 
 /// Euclidean distance in pixels from every pixel to the nearest one of `mask` (0 on it;
@@ -1281,6 +1303,32 @@ pub(crate) mod tests {
         ] {
             let want = distance_outside(&section.mapv(|m| !m));
             assert_eq!(depth_inside(&section), want);
+        }
+    }
+
+    /// Over the mask's grown box, as over the whole slice: masks inside, on the edges, in a
+    /// corner, filling the slice, and none; reaches of none, part of a pixel, a few, more
+    /// than the slice and not a number.
+    #[test]
+    fn within_reach_is_the_distance_over_the_whole_slice() {
+        let dim = (23, 31);
+        let ring = disk(dim, (11.0, 15.0), 9.0) & !disk(dim, (11.0, 15.0), 3.0);
+        let corner = Array2::from_shape_fn(dim, |(r, c)| r < 7 && c + r < 12);
+        let edges = Array2::from_shape_fn(dim, |(r, _)| (5..9).contains(&r));
+        for mask in [
+            ring,
+            corner,
+            edges,
+            disk(dim, (22.0, 30.0), 4.0),
+            disk(dim, (3.0, 20.0), 1.5),
+            Array2::from_elem(dim, true),
+            Array2::from_elem(dim, false),
+        ] {
+            let distance = distance_outside(&mask);
+            for reach in [0.0, 0.5, 1.0, 2.9, 3.0, 4.2, 7.5, 40.0, -1.0, f64::NAN] {
+                let want = distance.mapv(|d| f64::from(d) <= reach);
+                assert_eq!(within_reach(&mask, reach), want, "reach {reach}");
+            }
         }
     }
 
