@@ -1285,45 +1285,35 @@ pub(crate) mod tests {
             .all(|d| d.is_infinite()));
     }
 
-    /// Over the section's box, as over the whole slice: sections inside, on the edges, in a
-    /// corner, filling the slice, and none.
-    #[test]
-    fn depth_inside_is_the_distance_to_the_outside() {
+    /// Sections of a 23 × 31 slice whose boxes are a part of it, or all of it: inside
+    /// (a ring, a small disk), on the edges, in a corner, filling the slice, and none.
+    fn sections() -> Vec<Array2<bool>> {
         let dim = (23, 31);
-        let ring = disk(dim, (11.0, 15.0), 9.0) & !disk(dim, (11.0, 15.0), 3.0);
-        let corner = Array2::from_shape_fn(dim, |(r, c)| r < 7 && c + r < 12);
-        let edges = Array2::from_shape_fn(dim, |(r, _)| (5..9).contains(&r));
-        for section in [
-            ring,
-            corner,
-            edges,
+        vec![
+            disk(dim, (11.0, 15.0), 9.0) & !disk(dim, (11.0, 15.0), 3.0),
+            Array2::from_shape_fn(dim, |(r, c)| r < 7 && c + r < 12),
+            Array2::from_shape_fn(dim, |(r, _)| (5..9).contains(&r)),
             disk(dim, (22.0, 30.0), 4.0),
+            disk(dim, (3.0, 20.0), 1.5),
             Array2::from_elem(dim, true),
             Array2::from_elem(dim, false),
-        ] {
+        ]
+    }
+
+    /// Over the section's box, as over the whole slice.
+    #[test]
+    fn depth_inside_is_the_distance_to_the_outside() {
+        for section in sections() {
             let want = distance_outside(&section.mapv(|m| !m));
             assert_eq!(depth_inside(&section), want);
         }
     }
 
-    /// Over the mask's grown box, as over the whole slice: masks inside, on the edges, in a
-    /// corner, filling the slice, and none; reaches of none, part of a pixel, a few, more
-    /// than the slice and not a number.
+    /// Over the mask's grown box, as over the whole slice, for reaches of none, part of a
+    /// pixel, a few, more than the slice, below none and not a number.
     #[test]
     fn within_reach_is_the_distance_over_the_whole_slice() {
-        let dim = (23, 31);
-        let ring = disk(dim, (11.0, 15.0), 9.0) & !disk(dim, (11.0, 15.0), 3.0);
-        let corner = Array2::from_shape_fn(dim, |(r, c)| r < 7 && c + r < 12);
-        let edges = Array2::from_shape_fn(dim, |(r, _)| (5..9).contains(&r));
-        for mask in [
-            ring,
-            corner,
-            edges,
-            disk(dim, (22.0, 30.0), 4.0),
-            disk(dim, (3.0, 20.0), 1.5),
-            Array2::from_elem(dim, true),
-            Array2::from_elem(dim, false),
-        ] {
+        for mask in sections() {
             let distance = distance_outside(&mask);
             for reach in [0.0, 0.5, 1.0, 2.9, 3.0, 4.2, 7.5, 40.0, -1.0, f64::NAN] {
                 let want = distance.mapv(|d| f64::from(d) <= reach);
