@@ -215,8 +215,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 scout::convex::fill(&mut f, &adapter.convex, &taken);
                 std::hint::black_box(f);
             });
+            // The atlas's weighing alone, on the structures found without it, less the
+            // copy of the scores each run weighs.
+            let atlas_alone = adapter.atlas.as_ref().map(|a| {
+                let first = postprocess::structure_findings(&up, adapter.shape.as_ref(), None);
+                let copy = time(&mut || {
+                    std::hint::black_box(up.clone());
+                });
+                let weigh = time(&mut || {
+                    let mut s = up.clone();
+                    a.apply(&mut s, &first);
+                    std::hint::black_box(s);
+                });
+                format!(", the atlas's weighing alone {:.2} ms", weigh - copy)
+            });
             format!(
-                ", structures {plain:.1} ms, with the atlas {weighed:.1} ms, the enclosed {enclosed:.1} ms, fragments {fragments:.1} ms, and convex {full:.1} ms (the convex step alone {alone:.2} ms)"
+                ", structures {plain:.1} ms, with the atlas {weighed:.1} ms, the enclosed {enclosed:.1} ms, fragments {fragments:.1} ms, and convex {full:.1} ms (the convex step alone {alone:.2} ms{})",
+                atlas_alone.unwrap_or_default()
             )
         } else {
             String::new()

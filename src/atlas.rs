@@ -6,7 +6,7 @@
 //! and of columns) of the union of the structures — found well where the large ones are
 //! (the lungs) — so one structure's place and extent come from the others'.
 
-use ndarray::{Array2, Array3};
+use ndarray::{Array1, Array2, Array3, Axis, Zip};
 use serde::{Deserialize, Serialize};
 
 use crate::postprocess::Finding;
@@ -36,22 +36,19 @@ struct Frame {
 }
 
 impl Frame {
-    /// The frame of the pixels where `inside` holds; None when it covers under 2 pixels
-    /// along either axis.
-    fn of(dim: (usize, usize), inside: impl Fn(usize, usize) -> bool) -> Option<Frame> {
-        let (rows, cols) = dim;
-        let mut per_row = vec![0usize; rows];
-        let mut per_col = vec![0usize; cols];
-        for (r, n_r) in per_row.iter_mut().enumerate() {
-            for (c, n_c) in per_col.iter_mut().enumerate() {
-                if inside(r, c) {
-                    *n_r += 1;
-                    *n_c += 1;
-                }
-            }
+    /// The frame of the pixels set in `inside`; None when it covers under 2 pixels along
+    /// either axis.
+    fn of(inside: &Array2<bool>) -> Option<Frame> {
+        let mut per_row = vec![0usize; inside.nrows()];
+        let mut per_col = Array1::<usize>::zeros(inside.ncols());
+        for (row, n_r) in inside.outer_iter().zip(&mut per_row) {
+            Zip::from(&mut per_col)
+                .and(&row)
+                .for_each(|n_c, &v| *n_c += v as usize);
+            *n_r = row.iter().filter(|v| **v).count();
         }
         let (r0, r1) = percentiles(&per_row)?;
-        let (c0, c1) = percentiles(&per_col)?;
+        let (c0, c1) = percentiles(&per_col.to_vec())?;
         (r1 - r0 >= 2.0 && c1 - c0 >= 2.0).then_some(Frame { r0, r1, c0, c1 })
     }
 
@@ -111,8 +108,7 @@ impl StructureAtlas {
         let mut slices = 0usize;
         for labels in label_maps {
             let (rows, cols) = labels.dim();
-            let Some(frame) = Frame::of((rows, cols), |r, c| values.contains(&labels[[r, c]]))
-            else {
+            let Some(frame) = Frame::of(&labels.mapv(|v| values.contains(&v))) else {
                 continue;
             };
             slices += 1;
@@ -176,14 +172,36 @@ impl StructureAtlas {
         }
     }
 
-    /// The share of templates with a label at bin column position (j, fy) of the row whose
-    /// `row_weights` are `upper` and `lower`: bilinear between bin centres, 0 outside.
-    fn share(upper: &[f32], lower: &[f32], (j, fy): (i64, f32)) -> f32 {
-        // Bin columns j and j + 1 at k and k + 1; any other j is outside the atlas.
-        let Some(k) = usize::try_from(j + 1).ok().filter(|k| k + 1 < upper.len()) else {
-            return 0.0;
-        };
+    /// The share of templates with a label at bin column position (k − 1, fy) of the row
+    /// whose `row_weights` are `upper` and `lower`: bilinear between bin centres; 0 for
+    /// k = None, a column outside the atlas (`column`).
+    fn share(upper: &[f32], lower: &[f32], (k, fy): (Option<usize>, f32)) -> f32 {
+        let Some(k) = k else { return 0.0 };
         upper[k] * (1.0 - fy) + lower[k] * (1.0 - fy) + upper[k + 1] * fy + lower[k + 1] * fy
+    }
+
+    /// `share` at each of the row's column positions `ys` (`column`), into `out`. Only
+    /// columns that reach a bin with a share in this row are interpolated: elsewhere the
+    /// share is 0, as the formula gives, and most of a slice lies outside each structure.
+    fn row_shares(upper: &[f32], lower: &[f32], ys: &[(Option<usize>, f32)], out: &mut [f32]) {
+        let held = |(u, l): (&f32, &f32)| *u != 0.0 || *l != 0.0;
+        let first = upper.iter().zip(lower).position(held);
+        let last = upper.iter().zip(lower).rposition(held);
+        for (o, &y) in out.iter_mut().zip(ys) {
+            *o = match (y.0, first, last) {
+                (Some(k), Some(a), Some(b)) if k + 1 >= a && k <= b => Self::share(upper, lower, y),
+                _ => 0.0,
+            };
+        }
+    }
+
+    /// Bin column position (j, fy) as `share` takes it: k = j + 1 (bin columns j and j + 1
+    /// at k and k + 1 of the row weights), None where either lies outside them.
+    fn column(&self, (j, fy): (i64, f32)) -> (Option<usize>, f32) {
+        let k = usize::try_from(j + 1)
+            .ok()
+            .filter(|k| k + 1 < self.bins + 2);
+        (k, fy)
     }
 
     /// Weighs the scores by the prior in the frame of `found` (the structures found
@@ -196,8 +214,15 @@ impl StructureAtlas {
     /// stay.
     pub fn apply(&self, scores: &mut Array3<f32>, found: &[Option<Finding>]) {
         let (n, rows, cols) = scores.dim();
-        let masks: Vec<&Array2<bool>> = found.iter().flatten().map(|f| &f.mask).collect();
-        let Some(frame) = Frame::of((rows, cols), |r, c| masks.iter().any(|m| m[[r, c]])) else {
+        let mut union = Array2::from_elem((rows, cols), false);
+        for f in found
+            .iter()
+            .flatten()
+            .filter(|f| f.mask.dim() == (rows, cols))
+        {
+            Zip::from(&mut union).and(&f.mask).for_each(|u, &m| *u |= m);
+        }
+        let Some(frame) = Frame::of(&union) else {
             return;
         };
         // Bin positions of every row and column: the frame is axis-aligned.
@@ -209,25 +234,42 @@ impl StructureAtlas {
             .map(|r| bin(frame.to_frame(r as f64, 0.0).0))
             .collect();
         let ys: Vec<_> = (0..cols)
-            .map(|c| bin(frame.to_frame(0.0, c as f64).1))
+            .map(|c| self.column(bin(frame.to_frame(0.0, c as f64).1)))
             .collect();
-        // The row's half of the interpolation once per row: per pixel it was most of the
-        // time this takes, for every label over the whole slice.
+        // The row's half of the interpolation once per row, then each column's prior (NaN
+        // in the band where the templates differ) before the scores are weighed by it in
+        // one branch-free pass: per pixel and label over the whole slice, the
+        // interpolation and the weighing were most of the time this takes.
         let (mut upper, mut lower) = (vec![0f32; self.bins + 2], vec![0f32; self.bins + 2]);
+        let mut prior = vec![0f32; cols];
         for l in 0..n.min(self.maps.len()) {
-            for (r, &x) in xs.iter().enumerate() {
+            let mut plane = scores.index_axis_mut(Axis(0), l);
+            for (mut row, &x) in plane.outer_iter_mut().zip(&xs) {
                 self.row_weights(l, x, &mut upper, &mut lower);
-                for (c, &y) in ys.iter().enumerate() {
-                    let share = Self::share(&upper, &lower, y);
-                    let p = if share <= AGREE {
+                Self::row_shares(&upper, &lower, &ys, &mut prior);
+                for p in prior.iter_mut() {
+                    *p = if *p <= AGREE {
                         EPS
-                    } else if share >= 1.0 - AGREE {
+                    } else if *p >= 1.0 - AGREE {
                         1.0 - EPS
                     } else {
-                        continue;
+                        f32::NAN
                     };
-                    let s = &mut scores[[l, r, c]];
-                    *s = weigh(*s, p);
+                }
+                let weigh_row = |s: &mut f32, &p: &f32| {
+                    let weighed = weigh(*s, p);
+                    *s = if p.is_nan() { *s } else { weighed };
+                };
+                // Over slices, where the compiler vectorises it.
+                match row.as_slice_mut() {
+                    Some(row) => row
+                        .iter_mut()
+                        .zip(&prior)
+                        .for_each(|(s, p)| weigh_row(s, p)),
+                    None => row
+                        .iter_mut()
+                        .zip(&prior)
+                        .for_each(|(s, p)| weigh_row(s, p)),
                 }
             }
         }
@@ -352,49 +394,133 @@ mod tests {
         }
     }
 
+    /// The bilinear share between bin centres of an n×n `map` at bin position (i, fx),
+    /// (j, fy), pixel by pixel (0 outside the atlas).
+    fn per_pixel(map: &[f32], n: usize, (i, fx): (i64, f32), (j, fy): (i64, f32)) -> f32 {
+        let n = n as i64;
+        let at = |i: i64, j: i64| {
+            if i < 0 || j < 0 || i >= n || j >= n {
+                0.0
+            } else {
+                map[(i * n + j) as usize]
+            }
+        };
+        at(i, j) * (1.0 - fx) * (1.0 - fy)
+            + at(i + 1, j) * fx * (1.0 - fy)
+            + at(i, j + 1) * (1.0 - fx) * fy
+            + at(i + 1, j + 1) * fx * fy
+    }
+
     /// Interpolated in two halves (per row, then per pixel), a share has the bits of the
-    /// bilinear formula evaluated per pixel, inside the atlas, on its edges and outside.
+    /// bilinear formula evaluated per pixel, inside the atlas, on its edges and outside,
+    /// beside and between bins with no share.
     #[test]
     fn shares_interpolated_row_by_row_equal_the_per_pixel_formula() {
-        let bins = 6usize;
+        let bins = 8usize;
         let mut rng = crate::adapter::Rng::new(4);
-        let map: Vec<f32> = (0..bins * bins).map(|_| rng.uniform()).collect();
-        let per_pixel = |(i, fx): (i64, f32), (j, fy): (i64, f32)| {
-            let n = bins as i64;
-            let at = |i: i64, j: i64| {
-                if i < 0 || j < 0 || i >= n || j >= n {
+        // Zero in bin rows 0 and 5, bin columns 0, 1 and 6, and at random cells.
+        let map: Vec<f32> = (0..bins * bins)
+            .map(|k| {
+                let (i, j) = (k / bins, k % bins);
+                let v = rng.uniform();
+                let empty = [0, 5].contains(&i) || [0, 1, 6].contains(&j) || v < 0.2;
+                if empty {
                     0.0
                 } else {
-                    map[(i * n + j) as usize]
+                    v
                 }
-            };
-            at(i, j) * (1.0 - fx) * (1.0 - fy)
-                + at(i + 1, j) * fx * (1.0 - fy)
-                + at(i, j + 1) * (1.0 - fx) * fy
-                + at(i + 1, j + 1) * fx * fy
-        };
+            })
+            .collect();
+        let per_pixel = |i, j| per_pixel(&map, bins, i, j);
         let atlas = StructureAtlas {
             bins,
             maps: vec![map.clone()],
         };
         let (mut upper, mut lower) = (vec![0f32; bins + 2], vec![0f32; bins + 2]);
         let fractions = [0.0, 0.37, 0.5, 0.999];
+        let positions: Vec<(i64, f32)> = (-3..bins as i64 + 3)
+            .flat_map(|j| fractions.map(|fy| (j, fy)))
+            .collect();
+        let ys: Vec<_> = positions.iter().map(|&y| atlas.column(y)).collect();
+        let mut shares = vec![0f32; ys.len()];
+        let mut nonzero = 0;
         for i in -3..bins as i64 + 3 {
             for fx in fractions {
                 atlas.row_weights(0, (i, fx), &mut upper, &mut lower);
-                for j in -3..bins as i64 + 3 {
-                    for fy in fractions {
-                        let two_halves = StructureAtlas::share(&upper, &lower, (j, fy));
-                        let formula = per_pixel((i, fx), (j, fy));
-                        assert_eq!(
-                            two_halves.to_bits(),
-                            formula.to_bits(),
-                            "{i}+{fx}, {j}+{fy}"
-                        );
-                    }
+                StructureAtlas::row_shares(&upper, &lower, &ys, &mut shares);
+                for (&two_halves, &(j, fy)) in shares.iter().zip(&positions) {
+                    let formula = per_pixel((i, fx), (j, fy));
+                    assert_eq!(
+                        two_halves.to_bits(),
+                        formula.to_bits(),
+                        "{i}+{fx}, {j}+{fy}"
+                    );
+                    nonzero += (formula != 0.0) as usize;
                 }
             }
         }
+        assert!(nonzero > 0);
+    }
+
+    /// Weighed a row at a time (the frame from the union of the masks, each column's
+    /// prior, then one pass over the row), the scores have the bits of the rule applied
+    /// pixel by pixel: the frame from the pixels in any mask, the bilinear share at the
+    /// pixel, the score weighed by `EPS` or 1 − `EPS` where the templates agree and kept
+    /// where they differ.
+    #[test]
+    fn weighed_row_by_row_the_scores_have_the_bits_of_the_per_pixel_rule() {
+        let maps: Vec<Array2<u8>> = (0..3).map(template).collect();
+        let atlas = StructureAtlas::fit(maps.iter(), &[1, 2, 3]).expect("an atlas");
+        let mut rng = crate::adapter::Rng::new(11);
+        let scores = Array3::from_shape_fn((3, 64, 64), |_| rng.uniform());
+        // The structures as found in a patient lying lower than the templates.
+        let truth = template(7);
+        let found: Vec<Option<Finding>> = (1..=3u8)
+            .map(|v| {
+                Some(Finding {
+                    label: v as usize - 1,
+                    mask: truth.mapv(|x| x == v),
+                    mass: 1.0,
+                    point: (0.0, 0.0),
+                    confidence: 1.0,
+                })
+            })
+            .collect();
+        let mut weighed = scores.clone();
+        atlas.apply(&mut weighed, &found);
+        let (mut per_row, mut per_col) = (vec![0usize; 64], vec![0usize; 64]);
+        for ((r, c), v) in truth.indexed_iter() {
+            if *v > 0 {
+                per_row[r] += 1;
+                per_col[c] += 1;
+            }
+        }
+        let (r0, r1) = percentiles(&per_row).expect("rows");
+        let (c0, c1) = percentiles(&per_col).expect("columns");
+        let frame = Frame { r0, r1, c0, c1 };
+        let bin = |t: f64| {
+            let x = (t - LO) / (HI - LO) * atlas.bins as f64 - 0.5;
+            (x.floor() as i64, (x - x.floor()) as f32)
+        };
+        let mut cases = [0usize; 3];
+        for ((l, r, c), &s) in scores.indexed_iter() {
+            let (u, v) = frame.to_frame(r as f64, c as f64);
+            let share = per_pixel(&atlas.maps[l], atlas.bins, bin(u), bin(v));
+            let (case, expected) = if share <= AGREE {
+                (0, weigh(s, EPS))
+            } else if share >= 1.0 - AGREE {
+                (1, weigh(s, 1.0 - EPS))
+            } else {
+                (2, s)
+            };
+            cases[case] += 1;
+            assert_eq!(
+                weighed[[l, r, c]].to_bits(),
+                expected.to_bits(),
+                "label {l} at {r},{c}"
+            );
+        }
+        assert!(cases.iter().all(|&n| n > 0), "every case met: {cases:?}");
     }
 
     #[test]

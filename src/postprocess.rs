@@ -200,40 +200,87 @@ fn neighbours(
 }
 
 /// Connected components (8-neighbour) of a binary mask, as pixel lists: in the order of
-/// their first pixel row by row, each component's pixels in the order of a depth-first
-/// fill that visits a pixel's neighbours row by row.
+/// their first pixel row by row, each component's pixels row by row.
 ///
-/// Over flat indices of one "still to visit" buffer: it runs several times per label and
-/// slice on 512 × 512 masks, where 2-D indexing and a separate "seen" map cost ~2× more.
+/// Over runs of set pixels rather than pixels: it runs several times per label and slice
+/// on 512 × 512 masks, where a pixel-by-pixel fill spent ~40 % of the structures' time.
+/// Each run is joined (union-find) with the runs of the row above that it touches; the
+/// components are numbered as their first runs come. The pixels' order within a component
+/// is not a fill's: the masses and centroids summed over it in f64 are exact, so the same
+/// in any order, for scores from 0.25 to 1 on slices up to 512 × 512 (the eval's results
+/// on both data sets are the same to the bit as with a fill's order).
 pub fn components(mask: &Array2<bool>) -> Vec<Vec<(usize, usize)>> {
     let (rows, cols) = mask.dim();
-    let mut todo: Vec<bool> = match mask.as_slice() {
-        Some(flat) => flat.to_vec(),
-        None => mask.iter().copied().collect(),
+    if rows == 0 || cols == 0 {
+        return Vec::new();
+    }
+    let owned;
+    let flat: &[bool] = match mask.as_slice() {
+        Some(flat) => flat,
+        None => {
+            owned = mask.iter().copied().collect::<Vec<bool>>();
+            &owned
+        }
     };
-    let mut out = Vec::new();
-    let mut stack = Vec::new();
-    let mut from = 0;
-    while let Some(first) = next_true(&todo, from) {
-        from = first + 1;
-        todo[first] = false;
-        stack.push(first);
-        let mut comp = Vec::new();
-        while let Some(i) = stack.pop() {
-            let (r, c) = (i / cols, i % cols);
-            comp.push((r, c));
-            let (c0, c1) = (c.saturating_sub(1), (c + 2).min(cols));
-            for nr in r.saturating_sub(1)..(r + 2).min(rows) {
-                let left = nr * cols + c0;
-                for (q, t) in todo[left..nr * cols + c1].iter_mut().enumerate() {
-                    if *t {
-                        *t = false;
-                        stack.push(left + q);
-                    }
-                }
+    // Runs as (row, first column, one past the last), in row-major order; `first[r]` is
+    // the index of row r's first run.
+    let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+    let mut first = Vec::with_capacity(rows + 1);
+    for (r, row) in flat.chunks(cols).enumerate() {
+        first.push(runs.len());
+        let mut c = 0;
+        while let Some(start) = next_true(row, c) {
+            let end = row[start..]
+                .iter()
+                .position(|&f| !f)
+                .map_or(cols, |n| start + n);
+            runs.push((r, start, end));
+            c = end;
+        }
+    }
+    first.push(runs.len());
+    let mut parent: Vec<usize> = (0..runs.len()).collect();
+    fn root(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            parent[i] = parent[parent[i]];
+            i = parent[i];
+        }
+        i
+    }
+    for r in 1..rows {
+        let above = first[r - 1]..first[r];
+        let mut a = above.start;
+        for b in first[r]..first[r + 1] {
+            let (_, start, end) = runs[b];
+            // Runs above that end left of this one's diagonal neighbour touch neither it
+            // nor the runs right of it.
+            while a < above.end && runs[a].2 < start {
+                a += 1;
+            }
+            let mut k = a;
+            while k < above.end && runs[k].1 <= end {
+                let (x, y) = (root(&mut parent, k), root(&mut parent, b));
+                parent[x.max(y)] = x.min(y);
+                k += 1;
             }
         }
-        out.push(comp);
+    }
+    // A component's index by its root, and its pixel count, in the order of its first
+    // run.
+    let mut index = vec![usize::MAX; runs.len()];
+    let mut sizes = Vec::new();
+    for (i, &(_, start, end)) in runs.iter().enumerate() {
+        let k = root(&mut parent, i);
+        if index[k] == usize::MAX {
+            index[k] = sizes.len();
+            sizes.push(0);
+        }
+        sizes[index[k]] += end - start;
+    }
+    let mut out: Vec<Vec<(usize, usize)>> = sizes.iter().map(|&n| Vec::with_capacity(n)).collect();
+    for (i, &(r, start, end)) in runs.iter().enumerate() {
+        let k = index[root(&mut parent, i)];
+        out[k].extend((start..end).map(|c| (r, c)));
     }
     out
 }
@@ -486,12 +533,12 @@ pub fn vote(candidates: &[(f64, [f64; 3])]) -> Option<[f64; 3]> {
 mod tests {
     use super::*;
 
-    /// `components` finds what a plain flood fill over 2-D indices finds, in the same
-    /// order pixel for pixel (the masses and centroids are sums in that order), on masks
-    /// from empty to full, with blocks of 64 pixels that hold nothing and runs that cross
-    /// rows, and on masks not in row-major memory order.
+    /// `components` finds what a plain flood fill over 2-D indices finds: the same
+    /// components in the same order, each with the same pixels, listed row by row; on
+    /// masks from empty to full, with blocks of 64 pixels that hold nothing, runs that
+    /// cross rows, U shapes whose arms join below, and masks not in row-major memory order.
     #[test]
-    fn components_equal_a_plain_flood_fill_pixel_for_pixel() {
+    fn components_equal_a_plain_flood_fill() {
         fn plain(mask: &Array2<bool>) -> Vec<Vec<(usize, usize)>> {
             let (rows, cols) = mask.dim();
             let mut seen = Array2::from_elem((rows, cols), false);
@@ -513,6 +560,7 @@ mod tests {
                             }
                         }
                     }
+                    comp.sort_unstable();
                     out.push(comp);
                 }
             }
@@ -527,6 +575,11 @@ mod tests {
             (70, 90, 0.45),
             (64, 64, 1.0),
             (130, 1, 0.5),
+            (0, 5, 0.5),
+            (5, 0, 0.5),
+            // Near 8-neighbour percolation: large components that branch and merge.
+            (200, 300, 0.4),
+            (200, 300, 0.6),
         ] {
             let mask = Array2::from_shape_fn((rows, cols), |_| rng.uniform() < density);
             assert_eq!(
@@ -536,9 +589,29 @@ mod tests {
             );
             // Transposed: the copy keeps the transposed memory order (not row-major).
             let turned = mask.t().to_owned();
-            assert!(turned.as_slice().is_none() || rows == 1 || cols == 1);
+            assert!(turned.as_slice().is_none() || rows <= 1 || cols <= 1);
             assert_eq!(components(&turned), plain(&turned), "{cols}×{rows}, turned");
         }
+        // Arms that meet only rows below their tops (a U, a W), runs that touch only at
+        // a corner, and a spiral.
+        for picture in [
+            &["#...#", "#...#", "#####"][..],
+            &["#.#.#", "#.#.#", "#.#.#", ".#.#."],
+            &["##...", "..##.", "....#", "...#."],
+            &[
+                "#######", "#.....#", "#.###.#", "#.#.#.#", "#.#...#", "#.#####",
+            ],
+        ] {
+            let mask = Array2::from_shape_fn((picture.len(), picture[0].len()), |(r, c)| {
+                picture[r].as_bytes()[c] == b'#'
+            });
+            assert_eq!(components(&mask), plain(&mask), "{picture:?}");
+        }
+        let u = components(&Array2::from_shape_fn((3, 5), |(r, c)| {
+            r == 2 || c == 0 || c == 4
+        }));
+        assert_eq!(u.len(), 1);
+        assert_eq!(u[0][..3], [(0, 0), (0, 4), (1, 0)]);
     }
 
     #[test]
@@ -1452,11 +1525,17 @@ fn choose_by_layout(
         .map(|l| {
             let plane = scores.index_axis(Axis(0), l);
             let mask = plane.mapv(|s| s >= SHAPE_THRESHOLD);
-            let mut found: Vec<Finding> = components(&mask)
+            let mut found: Vec<(f64, Vec<(usize, usize)>)> = components(&mask)
                 .into_iter()
                 .filter(|c| c.len() >= MIN_COMPONENT_PIXELS)
-                .map(|c| {
-                    let mass: f64 = c.iter().map(|&(r, cc)| plane[[r, cc]] as f64).sum();
+                .map(|c| (c.iter().map(|&(r, cc)| plane[[r, cc]] as f64).sum(), c))
+                .collect();
+            found.sort_by(|a, b| b.0.total_cmp(&a.0));
+            found.truncate(SHAPE_CANDIDATES);
+            // Masks only for the candidates kept: each is a whole image.
+            found
+                .into_iter()
+                .map(|(mass, c)| {
                     let mut m = Array2::from_elem((rows, cols), false);
                     let (mut sr, mut sc) = (0.0, 0.0);
                     for &(r, cc) in &c {
@@ -1473,10 +1552,7 @@ fn choose_by_layout(
                         confidence: mass / c.len() as f64,
                     }
                 })
-                .collect();
-            found.sort_by(|a, b| b.mass.total_cmp(&a.mass));
-            found.truncate(SHAPE_CANDIDATES);
-            found
+                .collect()
         })
         .collect();
     let cands = match look_alikes {
