@@ -475,17 +475,7 @@ mod tests {
         let scores = Array3::from_shape_fn((3, 64, 64), |_| rng.uniform());
         // The structures as found in a patient lying lower than the templates.
         let truth = template(7);
-        let found: Vec<Option<Finding>> = (1..=3u8)
-            .map(|v| {
-                Some(Finding {
-                    label: v as usize - 1,
-                    mask: truth.mapv(|x| x == v),
-                    mass: 1.0,
-                    point: (0.0, 0.0),
-                    confidence: 1.0,
-                })
-            })
-            .collect();
+        let found = Finding::regions_of(&truth, 3);
         let mut weighed = scores.clone();
         atlas.apply(&mut weighed, &found);
         let (mut per_row, mut per_col) = (vec![0usize; 64], vec![0usize; 64]);

@@ -33,6 +33,23 @@ impl Finding {
     pub fn is_placed(&self) -> bool {
         !self.mask.iter().any(|m| *m)
     }
+
+    /// Labels 1..=`count` of a label map as found regions (mass, point and confidence
+    /// not set): the structures found in a test's slice.
+    #[cfg(test)]
+    pub(crate) fn regions_of(labels: &Array2<u8>, count: u8) -> Vec<Option<Finding>> {
+        (1..=count)
+            .map(|v| {
+                Some(Finding {
+                    label: v as usize - 1,
+                    mask: labels.mapv(|x| x == v),
+                    mass: 1.0,
+                    point: (0.0, 0.0),
+                    confidence: 1.0,
+                })
+            })
+            .collect()
+    }
 }
 
 /// Sets a finding's mass, point and confidence from its mask and its label's plane of
