@@ -6,7 +6,7 @@
 //! and of columns) of the union of the structures — found well where the large ones are
 //! (the lungs) — so one structure's place and extent come from the others'.
 
-use ndarray::{Array1, Array2, Array3, Axis, Zip};
+use ndarray::{Array1, Array2, Array3, ArrayViewMut1, Axis, Zip};
 use serde::{Deserialize, Serialize};
 
 use crate::postprocess::Finding;
@@ -244,7 +244,7 @@ impl StructureAtlas {
         let mut prior = vec![0f32; cols];
         for l in 0..n.min(self.maps.len()) {
             let mut plane = scores.index_axis_mut(Axis(0), l);
-            for (mut row, &x) in plane.outer_iter_mut().zip(&xs) {
+            for (row, &x) in plane.outer_iter_mut().zip(&xs) {
                 self.row_weights(l, x, &mut upper, &mut lower);
                 Self::row_shares(&upper, &lower, &ys, &mut prior);
                 for p in prior.iter_mut() {
@@ -256,23 +256,22 @@ impl StructureAtlas {
                         f32::NAN
                     };
                 }
-                let weigh_row = |s: &mut f32, &p: &f32| {
-                    let weighed = weigh(*s, p);
-                    *s = if p.is_nan() { *s } else { weighed };
-                };
-                // Over slices, where the compiler vectorises it.
-                match row.as_slice_mut() {
-                    Some(row) => row
-                        .iter_mut()
-                        .zip(&prior)
-                        .for_each(|(s, p)| weigh_row(s, p)),
-                    None => row
-                        .iter_mut()
-                        .zip(&prior)
-                        .for_each(|(s, p)| weigh_row(s, p)),
-                }
+                weigh_row(row, &prior);
             }
         }
+    }
+}
+
+/// A row of scores, each weighed (`weigh`) by its column's prior, kept where the prior is
+/// NaN: one pass without branches, which the compiler vectorises over a contiguous row.
+pub(crate) fn weigh_row(mut row: ArrayViewMut1<f32>, prior: &[f32]) {
+    let one = |s: &mut f32, &p: &f32| {
+        let weighed = weigh(*s, p);
+        *s = if p.is_nan() { *s } else { weighed };
+    };
+    match row.as_slice_mut() {
+        Some(row) => row.iter_mut().zip(prior).for_each(|(s, p)| one(s, p)),
+        None => row.iter_mut().zip(prior).for_each(|(s, p)| one(s, p)),
     }
 }
 

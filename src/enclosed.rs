@@ -145,9 +145,9 @@ impl EnclosedModel {
                 )
             });
             let mut plane = scores.index_axis_mut(Axis(0), l);
-            for (r, mut row) in plane.outer_iter_mut().enumerate() {
-                // A row's prior first, then the scores weighed by it in one pass over the
-                // row, which the compiler vectorises (as the atlas's).
+            for (r, row) in plane.outer_iter_mut().enumerate() {
+                // A row's prior first (never NaN here), then the scores weighed by it in
+                // one pass, as the atlas's.
                 prior.fill(EPS);
                 if (r0..r1).contains(&r) {
                     let y = (r as f32 + 0.5) / rows as f32;
@@ -158,11 +158,7 @@ impl EnclosedModel {
                         *p = sample(&frame.share, self.grid, u, v).clamp(EPS, 1.0 - EPS);
                     }
                 }
-                let weigh = |s: &mut f32, &p: &f32| *s = crate::atlas::weigh(*s, p);
-                match row.as_slice_mut() {
-                    Some(row) => row.iter_mut().zip(&prior).for_each(|(s, p)| weigh(s, p)),
-                    None => row.iter_mut().zip(&prior).for_each(|(s, p)| weigh(s, p)),
-                }
+                crate::atlas::weigh_row(row, &prior);
             }
             changed = true;
         }
