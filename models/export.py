@@ -229,6 +229,14 @@ file = "{encoder.name}"
 sha256 = "{sha256(encoder)}"
 extra_outputs = ["/layers.1/downsample/Transpose_output_0"]
 {lite}
+# The same hypercolumn of the slice after CLAHE (4 x 4 tiles, histograms clipped at twice
+# their mean): the chest adapter's landmarks, whose costophrenic recess is a faint detail.
+[backbones.litemedsam-hyper-eq]
+file = "{encoder.name}"
+sha256 = "{sha256(encoder)}"
+extra_outputs = ["/layers.1/downsample/Transpose_output_0"]
+equalise = {{ tiles = 4, clip = 2.0 }}
+{lite}
 [backbones.tiny-dinov2-test]
 file = "testdata/{dino.name}"
 sha256 = "{sha256(dino)}"

@@ -64,6 +64,9 @@ pub struct BackboneEntry {
     /// beside the output, every map resized bilinearly to the finest grid among them.
     #[serde(default)]
     pub extra_outputs: Vec<String>,
+    /// CLAHE of the normalised slice before it is resized for the model.
+    #[serde(default)]
+    pub equalise: Option<image::Equalise>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -117,6 +120,9 @@ impl Manifest {
                 return Err(err(format!(
                     "backbone {id}: std and input_size must be positive"
                 )));
+            }
+            if let Some(e) = &b.equalise {
+                e.check().map_err(|d| err(format!("backbone {id}: {d}")))?;
             }
         }
         Ok(m)
@@ -461,11 +467,25 @@ fn feature_map(t: &ndarray::ArrayViewD<f32>) -> Result<Array3<f32>, String> {
         .map_err(|e| e.to_string())
 }
 
+/// What an entry's features are keyed by: the model file's SHA-256, plus a digest of
+/// whatever else changes them (extra outputs, equalisation). An entry with neither keeps
+/// the bare SHA-256, and one with extra outputs alone the digest of their names, so the
+/// caches and adapters made before equalisation existed stay valid.
+fn identity(entry: &BackboneEntry) -> String {
+    if entry.extra_outputs.is_empty() && entry.equalise.is_none() {
+        return entry.sha256.clone();
+    }
+    let mut what = entry.extra_outputs.join("\n");
+    if let Some(e) = &entry.equalise {
+        what.push_str(&format!("\n#equalise tiles {} clip {}", e.tiles, e.clip));
+    }
+    format!("{}-x{}", entry.sha256, &hex(&Sha256::digest(what))[..12])
+}
+
 /// A loaded image encoder.
 pub struct Backbone {
     id: String,
-    /// What features are keyed by: the model file's SHA-256, plus a digest of the extra
-    /// outputs when there are any (same file, other features).
+    /// What features are keyed by (`identity`).
     identity: String,
     entry: BackboneEntry,
     model: Runnable,
@@ -477,12 +497,7 @@ impl Backbone {
         let bytes = read_verified(&manifest.dir.join(&entry.file), &entry.sha256)?;
         let [h, w] = entry.input_size;
         let model = load_onnx(id, &bytes, &[(0, vec![1, 3, h, w])], &entry.extra_outputs)?;
-        let identity = if entry.extra_outputs.is_empty() {
-            entry.sha256.clone()
-        } else {
-            let names = entry.extra_outputs.join("\n");
-            format!("{}-x{}", entry.sha256, &hex(&Sha256::digest(names))[..12])
-        };
+        let identity = identity(&entry);
         Ok(Backbone {
             id: id.to_string(),
             identity,
@@ -495,8 +510,7 @@ impl Backbone {
         &self.id
     }
 
-    /// What adapters and feature caches are keyed by: the model file's SHA-256 (with a
-    /// digest of `extra_outputs` appended when the entry has any).
+    /// What adapters and feature caches are keyed by (see `identity`).
     pub fn checksum(&self) -> &str {
         &self.identity
     }
@@ -509,7 +523,10 @@ impl Backbone {
     pub fn input_tensor(&self, normalized: &Array2<f32>) -> Result<Array4<f32>, BackboneError> {
         image::validate(normalized)?;
         let [h, w] = self.entry.input_size;
-        let resized = image::resize_bilinear(normalized, h, w);
+        let resized = match &self.entry.equalise {
+            Some(e) => image::resize_bilinear(&e.apply(normalized), h, w),
+            None => image::resize_bilinear(normalized, h, w),
+        };
         let (mean, std) = (self.entry.mean, self.entry.std);
         Ok(Array4::from_shape_fn((1, 3, h, w), |(_, c, y, x)| {
             (resized[[y, x]] - mean[c]) / std[c]
@@ -596,6 +613,48 @@ mod tests {
         let one = FeatureMap::stacked(vec![fine.clone()], 32, 40);
         assert!(one.coarse.is_empty());
         assert_eq!(one.parts(), [fine.view()]);
+    }
+
+    /// Caches and adapters made before equalisation existed keep their key; an entry
+    /// that equalises gets a key of its own, and the manifest refuses a setting it
+    /// cannot use.
+    #[test]
+    fn equalised_features_have_a_key_of_their_own() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/models.toml");
+        let manifest = Manifest::load(&path).unwrap();
+        let key = |id: &str| identity(&manifest.backbones[id]);
+        let sha = "e214fc3c6cf225caf22ed006e51d134d22acd37467cf7cf74e6137c0233efbae";
+        assert_eq!(key("litemedsam"), sha);
+        assert_eq!(key("litemedsam-hyper"), format!("{sha}-xb31e47739e3b"));
+        let eq = key("litemedsam-hyper-eq");
+        assert!(eq.starts_with(sha) && eq != key("litemedsam-hyper"), "{eq}");
+        let mut plain = manifest.backbones["litemedsam"].clone();
+        plain.equalise = Some(image::Equalise {
+            tiles: 4,
+            clip: 2.0,
+        });
+        let other = identity(&plain);
+        assert!(
+            other.starts_with(sha) && other != sha && other != eq,
+            "{other}"
+        );
+
+        let text = std::fs::read_to_string(&path).unwrap().replace(
+            "equalise = { tiles = 4, clip = 2.0 }",
+            "equalise = { tiles = 0, clip = 2.0 }",
+        );
+        let dir = std::env::temp_dir().join(format!("scout-eq-manifest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("models.toml"), text).unwrap();
+        let e = Manifest::load(&dir.join("models.toml"))
+            .err()
+            .map(|e| e.to_string());
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            e.as_deref()
+                .is_some_and(|e| e.contains("litemedsam-hyper-eq") && e.contains("tiles")),
+            "{e:?}"
+        );
     }
 
     #[test]
