@@ -230,7 +230,8 @@ sha256 = "{sha256(encoder)}"
 extra_outputs = ["/layers.1/downsample/Transpose_output_0"]
 {lite}
 # The same hypercolumn of the slice after CLAHE (4 x 4 tiles, histograms clipped at twice
-# their mean): the chest adapter's landmarks, whose costophrenic recess is a faint detail.
+# their mean): faint local details such as the chest's costophrenic recess. No shipped
+# adapter uses it (README, issue #7: Landmarks on an equalised slice).
 [backbones.litemedsam-hyper-eq]
 file = "{encoder.name}"
 sha256 = "{sha256(encoder)}"

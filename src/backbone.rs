@@ -523,10 +523,8 @@ impl Backbone {
     pub fn input_tensor(&self, normalized: &Array2<f32>) -> Result<Array4<f32>, BackboneError> {
         image::validate(normalized)?;
         let [h, w] = self.entry.input_size;
-        let resized = match &self.entry.equalise {
-            Some(e) => image::resize_bilinear(&e.apply(normalized), h, w),
-            None => image::resize_bilinear(normalized, h, w),
-        };
+        let equalised = self.entry.equalise.map(|e| e.apply(normalized));
+        let resized = image::resize_bilinear(equalised.as_ref().unwrap_or(normalized), h, w);
         let (mean, std) = (self.entry.mean, self.entry.std);
         Ok(Array4::from_shape_fn((1, 3, h, w), |(_, c, y, x)| {
             (resized[[y, x]] - mean[c]) / std[c]

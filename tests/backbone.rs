@@ -277,6 +277,29 @@ fn bad_images_are_errors_not_panics() {
     assert!(b.features_of_input(wrong, (10, 10)).is_err());
 }
 
+/// An entry with `equalise` feeds the model the equalised slice: its input is the plain
+/// entry's input for the slice after `Equalise::apply`, to the bit, and not the plain
+/// slice's; its features are keyed apart from the plain entry's.
+#[test]
+fn an_equalising_entry_feeds_the_model_the_equalised_slice() {
+    let m = manifest();
+    let eq = Backbone::load(&m, "litemedsam-hyper-eq").expect("load equalising entry");
+    let setting = m.backbones["litemedsam-hyper-eq"]
+        .equalise
+        .expect("equalise set");
+    let plain = litemedsam();
+    let slice = slice_input();
+    let fed = eq.input_tensor(&slice).unwrap();
+    let want = plain.input_tensor(&setting.apply(&slice)).unwrap();
+    assert!(fed == want, "not the equalised slice");
+    let unequalised = plain.input_tensor(&slice).unwrap();
+    assert!(
+        max_abs_diff(fed.iter().copied(), unequalised.iter().copied()) > 0.05,
+        "equalising changed nothing: the check has no teeth"
+    );
+    assert!(eq.checksum().starts_with(plain.checksum()) && eq.checksum() != plain.checksum());
+}
+
 /// The hypercolumn entry (same file, `extra_outputs`): the encoder's output upsampled to
 /// the stage-2 grid, then the stage-2 output, from one run, keyed apart from the plain
 /// features; a name that is no tensor of the graph is a clear error at load.
