@@ -230,8 +230,8 @@ sha256 = "{sha256(encoder)}"
 extra_outputs = ["/layers.1/downsample/Transpose_output_0"]
 {lite}
 # The same hypercolumn of the slice after CLAHE (4 x 4 tiles, histograms clipped at twice
-# their mean): faint local details such as the chest's costophrenic recess. No shipped
-# adapter uses it (README, issue #7: Landmarks on an equalised slice).
+# their mean): faint local details such as the chest's costophrenic recess. The shipped
+# chest-landmarks adapter's backbone (README, issue #7: The equalised landmarks shipped).
 [backbones.litemedsam-hyper-eq]
 file = "{encoder.name}"
 sha256 = "{sha256(encoder)}"

@@ -14,7 +14,7 @@ use crate::postprocess;
 use crate::results::{Landmark, LandmarkPoint, SeriesResult, SourceImage, StackResult, Structure};
 use crate::rules::{Candidate, Rule, Slices};
 use crate::series::{Series, Stack};
-use crate::templates::Task;
+use crate::templates::{Task, TaskKind};
 use crate::train::Bundle;
 use crate::votes;
 use crate::window::Cells;
@@ -45,7 +45,8 @@ pub enum AnalysisError {
 }
 
 /// A rule's adapter bundle, checked against the rule's backbone and codes.
-/// `decoders`: SAM decoders loaded so far, by backbone id, shared by the rules on it.
+/// `decoders`: SAM decoders loaded so far, by decoder id, shared by the rules on backbones
+/// that run the same encoder.
 fn load_rule(
     rule: &Rule,
     store: Arc<FeatureStore>,
@@ -64,8 +65,15 @@ fn load_rule(
     })?;
     let bytes = std::fs::read(&rule.adapter)
         .map_err(|e| err(format!("{}: {e}", rule.adapter.display())))?;
+    let kinds: Vec<TaskKind> = bundle.tasks.iter().map(|(t, _)| t.kind()).collect();
+    if let Some(k) = rule.tasks.iter().find(|k| !kinds.contains(k)) {
+        return Err(err(format!(
+            "tasks names the {}, which the adapter does not have",
+            k.name()
+        )));
+    }
     let mut missing = Vec::new();
-    for (task, _) in &bundle.tasks {
+    for (task, _) in bundle.tasks.iter().filter(|(t, _)| rule.reports(t.kind())) {
         match task {
             Task::Landmarks { names, .. } => missing.extend(
                 names
@@ -87,8 +95,14 @@ fn load_rule(
             missing.join(", ")
         )));
     }
+    let reports = if rule.tasks.is_empty() {
+        String::new()
+    } else {
+        let names: Vec<&str> = rule.tasks.iter().map(|k| k.name()).collect();
+        format!("; reports its {} only", names.join(" and "))
+    };
     log::info!(
-        "rule {}: adapter {} ({})",
+        "rule {}: adapter {} ({}{reports})",
         rule.name,
         rule.adapter.display(),
         bundle.summary()
@@ -100,21 +114,30 @@ fn load_rule(
         .iter()
         .any(|(_, a)| a.sam_redraw.contains(&true))
     {
-        match decoders.iter().find(|(id, _)| id == bb.id()) {
+        let redraw = |e: BackboneError| err(format!("the adapter has SAM redraw structures: {e}"));
+        let id = crate::sam::Sam::decoder_for(manifest, bb.id()).map_err(redraw)?;
+        match decoders.iter().find(|(d, _)| *d == id) {
             Some((_, sam)) => Some(sam.clone()),
             None => {
-                let sam = crate::sam::Sam::for_backbone(manifest, bb.id())
-                    .map_err(|e| err(format!("the adapter has SAM redraw structures: {e}")))?;
-                let sam = Arc::new(sam);
-                decoders.push((bb.id().to_string(), sam.clone()));
+                let sam = Arc::new(crate::sam::Sam::load(manifest, &id).map_err(redraw)?);
+                decoders.push((id, sam.clone()));
                 Some(sam)
             }
         }
     } else {
         None
     };
+    // A task's results leave the box only with their codes: those of a task the rule does
+    // not report are dropped, so that nothing of it is reported.
+    let mut rule = rule.clone();
+    if !rule.reports(TaskKind::Landmarks) {
+        rule.landmarks.clear();
+    }
+    if !rule.reports(TaskKind::Structures) {
+        rule.structures.clear();
+    }
     Ok(LoadedRule {
-        rule: rule.clone(),
+        rule,
         bundle,
         bundle_sha: backbone::hex(&Sha256::digest(&bytes))[..16].to_string(),
         store,
@@ -176,18 +199,21 @@ impl Engine {
             }
             let store = match stores.iter().find(|s| s.backbone().id() == id) {
                 Some(s) => s.clone(),
-                None => match Backbone::load(&manifest, id) {
-                    Ok(bb) => {
-                        let s = Arc::new(FeatureStore::new(Arc::new(bb)));
-                        stores.push(s.clone());
-                        s
+                None => {
+                    match Backbone::load_sharing(&manifest, id, stores.iter().map(|s| s.backbone()))
+                    {
+                        Ok(bb) => {
+                            let s = Arc::new(FeatureStore::new(Arc::new(bb)));
+                            stores.push(s.clone());
+                            s
+                        }
+                        Err(e) => {
+                            problems.push(format!("rule {}: backbone {id}: {e}", rule.name));
+                            failed.push((id.clone(), e.to_string()));
+                            continue;
+                        }
                     }
-                    Err(e) => {
-                        problems.push(format!("rule {}: backbone {id}: {e}", rule.name));
-                        failed.push((id.clone(), e.to_string()));
-                        continue;
-                    }
-                },
+                }
             };
             match load_rule(rule, store, &manifest, &mut decoders) {
                 Ok(r) => rules.push(r),
@@ -342,6 +368,24 @@ impl Engine {
             let windowed = tasks.iter().any(|(t, a)| {
                 matches!(t, Task::Structures { .. }) && (a.window.is_some() || a.identity.is_some())
             });
+            // SAM's masks are kept only for a landmark adapter with extremes to read.
+            let keep_drawn = tasks
+                .iter()
+                .any(|(_, a)| a.extremes.iter().any(Option::is_some));
+            // A task the rule does not report runs only in the localizer slice, and only
+            // when a reported task reads it there.
+            let runs = |t: &Task, ii: usize| {
+                rule.reports(t.kind())
+                    || ii == center
+                        && match t {
+                            Task::Structures { .. } => {
+                                keep_drawn && rule.reports(TaskKind::Landmarks)
+                            }
+                            Task::Landmarks { .. } => {
+                                windowed && rule.reports(TaskKind::Structures)
+                            }
+                        }
+            };
             for ii in order {
                 let img = &images[ii];
                 let inst_err =
@@ -383,10 +427,7 @@ impl Engine {
                         .chain((0..tasks.len()).filter(|t| !is_structures(t)))
                         .collect()
                 };
-                // SAM's masks are kept only for a landmark adapter with extremes to read.
-                let keep_drawn = tasks
-                    .iter()
-                    .any(|(_, a)| a.extremes.iter().any(Option::is_some));
+                let task_order = task_order.into_iter().filter(|t| runs(&tasks[*t].0, ii));
                 let mut drawn: Vec<(u8, ndarray::Array2<bool>)> = Vec::new();
                 for ti in task_order {
                     let ((task, adapter), prior) = (&tasks[ti], &priors[ti]);

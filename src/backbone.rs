@@ -493,10 +493,31 @@ pub struct Backbone {
 
 impl Backbone {
     pub fn load(manifest: &Manifest, id: &str) -> Result<Backbone, BackboneError> {
+        Backbone::load_sharing(manifest, id, std::iter::empty())
+    }
+
+    /// `load`, taking the model of one of `loaded` that runs the same graph (file, extra
+    /// outputs, input size): entries that differ only in how the slice is prepared
+    /// (`equalise`, `mean`, `std`) then hold one copy of the weights between them.
+    pub fn load_sharing<'a>(
+        manifest: &Manifest,
+        id: &str,
+        loaded: impl IntoIterator<Item = &'a Backbone>,
+    ) -> Result<Backbone, BackboneError> {
         let entry = manifest.backbone(id)?.clone();
-        let bytes = read_verified(&manifest.dir.join(&entry.file), &entry.sha256)?;
-        let [h, w] = entry.input_size;
-        let model = load_onnx(id, &bytes, &[(0, vec![1, 3, h, w])], &entry.extra_outputs)?;
+        let same_graph = |b: &&Backbone| {
+            b.entry.sha256.eq_ignore_ascii_case(&entry.sha256)
+                && b.entry.extra_outputs == entry.extra_outputs
+                && b.entry.input_size == entry.input_size
+        };
+        let model = match loaded.into_iter().find(same_graph) {
+            Some(b) => b.model.clone(),
+            None => {
+                let bytes = read_verified(&manifest.dir.join(&entry.file), &entry.sha256)?;
+                let [h, w] = entry.input_size;
+                load_onnx(id, &bytes, &[(0, vec![1, 3, h, w])], &entry.extra_outputs)?
+            }
+        };
         let identity = identity(&entry);
         Ok(Backbone {
             id: id.to_string(),
@@ -653,6 +674,28 @@ mod tests {
                 .is_some_and(|e| e.contains("litemedsam-hyper-eq") && e.contains("tiles")),
             "{e:?}"
         );
+    }
+
+    /// Entries that run the same graph and differ only in how the slice is prepared hold
+    /// one model between them, each keeping its own preparation and key.
+    #[test]
+    fn entries_of_one_graph_share_its_model() {
+        let manifest =
+            Manifest::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/models.toml"))
+                .unwrap();
+        let hyper = Backbone::load(&manifest, "litemedsam-hyper").unwrap();
+        let load = |id: &str| Backbone::load_sharing(&manifest, id, [&hyper]).unwrap();
+        let eq = load("litemedsam-hyper-eq");
+        assert!(std::sync::Arc::ptr_eq(&eq.model, &hyper.model));
+        assert_eq!(eq.id(), "litemedsam-hyper-eq");
+        assert!(eq.entry().equalise.is_some() && eq.checksum() != hyper.checksum());
+        // Not the same graph: other outputs (the plain encoder), other weights (int8).
+        for id in ["litemedsam", "litemedsam-int8"] {
+            assert!(
+                !std::sync::Arc::ptr_eq(&load(id).model, &hyper.model),
+                "{id}"
+            );
+        }
     }
 
     #[test]

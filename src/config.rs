@@ -492,6 +492,74 @@ mod tests {
         }
     }
 
+    /// The shipped chest rules each report one task of their adapter; a rule cannot write
+    /// an output of a task it leaves out, nor name a task that does not exist.
+    #[test]
+    fn a_rule_reports_the_tasks_it_names_and_writes_only_their_outputs() {
+        use crate::templates::TaskKind::{Landmarks, Structures};
+        let c = Config::embedded().unwrap();
+        let rule = |name: &str| c.rules.iter().find(|r| r.name == name).unwrap();
+        let reports = |name: &str| {
+            (
+                rule(name).reports(Landmarks),
+                rule(name).reports(Structures),
+            )
+        };
+        assert_eq!(reports("spine"), (true, true));
+        assert_eq!(reports("chest"), (false, true));
+        assert_eq!(reports("chest-landmarks"), (true, false));
+        assert_ne!(rule("chest").backbone, rule("chest-landmarks").backbone);
+
+        let text = DEFAULT_CONFIG_TOML
+            .replace(
+                "outputs = [\"seg\"]",
+                "outputs = [\"seg\", \"sr\", \"json\"]",
+            )
+            .replace(
+                "tasks = [\"landmarks\"]\nslices = \"center\"\noutputs = [\"sr\", \"json\"]",
+                "tasks = [\"landmarks\"]\nslices = \"center\"\noutputs = [\"sr\", \"seg\"]",
+            );
+        let line = |from: usize| {
+            let at = text
+                .lines()
+                .skip(from)
+                .position(|l| l.starts_with("outputs = "));
+            format!("line {}:", from + at.unwrap() + 1)
+        };
+        let start = |name: &str| {
+            let at = text.find(&format!("name = \"{name}\"")).unwrap();
+            text[..at].lines().count()
+        };
+        let err = Config::from_toml(&text, "test").unwrap_err().to_string();
+        for (name, what) in [
+            (
+                "chest",
+                "outputs has \"sr\", but tasks leaves out the landmarks",
+            ),
+            (
+                "chest",
+                "outputs has \"json\", but tasks leaves out the landmarks",
+            ),
+            (
+                "chest-landmarks",
+                "outputs has \"seg\", but tasks leaves out the structures",
+            ),
+        ] {
+            let l = line(start(name));
+            assert!(
+                err.lines().any(|x| x.contains(&l)
+                    && x.contains(what)
+                    && x.contains(&format!("({name})"))),
+                "{name}: {what} not at {l}:\n{err}"
+            );
+        }
+        assert_eq!(err.matches("tasks leaves out").count(), 3, "{err}");
+
+        let text = DEFAULT_CONFIG_TOML.replace("tasks = [\"landmarks\"]", "tasks = [\"points\"]");
+        let err = Config::from_toml(&text, "test").unwrap_err().to_string();
+        assert!(err.contains("unknown variant `points`"), "{err}");
+    }
+
     #[test]
     fn uid_validation() {
         assert!(is_valid_uid("1.2.840.10008.1.2"));

@@ -59,12 +59,7 @@ pub struct EvalOptions {
     pub localizer_only: bool,
 }
 
-/// A kind of task of a data set, for `EvalOptions::only`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
-pub enum TaskKind {
-    Landmarks,
-    Structures,
-}
+pub use crate::templates::TaskKind;
 
 /// A change of pose and protocol applied to test images (robustness check) or to copies of
 /// the templates (`TrainConfig::augment`), with their label maps and landmarks:

@@ -5,6 +5,7 @@
 
 use crate::geometry::Plane;
 use crate::instance::InstanceMeta;
+use crate::templates::TaskKind;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -130,6 +131,13 @@ pub struct Rule {
     #[serde(rename = "match")]
     pub criteria: Match,
     pub slices: Slices,
+    /// Which of the adapter's tasks the rule reports; empty: every one it has. Two rules
+    /// on one series may take its landmarks and its structures from different adapters
+    /// (and backbones). A task left out still runs in the localizer slice where a
+    /// reported one reads it: the structures SAM drew, where the landmarks lie on their
+    /// extremes; the landmarks, where the structures are scored around them.
+    #[serde(default)]
+    pub tasks: Vec<TaskKind>,
     pub outputs: Vec<Output>,
     /// Names of `[[destinations]]`; empty: results are only kept under `data_dir/results`.
     #[serde(default)]
@@ -140,6 +148,12 @@ pub struct Rule {
     /// Segment description per structure label value of the adapter ("1", "2", ...).
     #[serde(default)]
     pub structures: BTreeMap<String, StructureCode>,
+}
+
+impl Rule {
+    pub fn reports(&self, kind: TaskKind) -> bool {
+        self.tasks.is_empty() || self.tasks.contains(&kind)
+    }
 }
 
 /// What is known of a series (or of one instance of it) for matching.
@@ -246,6 +260,19 @@ pub fn problems(rules: &[Rule], destinations: &[Destination]) -> Vec<String> {
             p.push(format!(
                 "{at}.outputs is empty: the rule would produce nothing"
             ));
+        }
+        // An SR or sidecar without landmarks, or a SEG without segments, would be empty.
+        for (output, kind, key) in [
+            (Output::Sr, TaskKind::Landmarks, "sr"),
+            (Output::Json, TaskKind::Landmarks, "json"),
+            (Output::Seg, TaskKind::Structures, "seg"),
+        ] {
+            if r.outputs.contains(&output) && !r.reports(kind) {
+                p.push(format!(
+                    "{at}.outputs has \"{key}\", but tasks leaves out the {}",
+                    kind.name()
+                ));
+            }
         }
         for d in &r.destinations {
             if !destinations.iter().any(|x| &x.name == d) {

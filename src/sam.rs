@@ -62,13 +62,18 @@ impl Sam {
     /// same model file (a map of several outputs keeps that model's embedding as its
     /// coarsest part, which `mask` reads).
     pub fn for_backbone(manifest: &Manifest, backbone: &str) -> Result<Sam, BackboneError> {
+        Sam::load(manifest, &Sam::decoder_for(manifest, backbone)?)
+    }
+
+    /// The manifest id of the decoder `for_backbone` loads.
+    pub fn decoder_for(manifest: &Manifest, backbone: &str) -> Result<String, BackboneError> {
         let sha = manifest.backbones.get(backbone).map(|b| &b.sha256);
         let same_model = |d: &crate::backbone::DecoderEntry| {
             d.backbone == backbone
                 || (sha.is_some() && manifest.backbones.get(&d.backbone).map(|b| &b.sha256) == sha)
         };
         match manifest.decoders.iter().find(|(_, d)| same_model(d)) {
-            Some((id, _)) => Sam::load(manifest, id),
+            Some((id, _)) => Ok(id.clone()),
             None => Err(BackboneError::Unknown {
                 id: format!("SAM decoder for backbone {backbone}"),
                 known: manifest
@@ -429,6 +434,11 @@ mod tests {
         for id in ["litemedsam", "litemedsam-hyper"] {
             assert_eq!(Sam::for_backbone(&m, id).unwrap().backbone(), "litemedsam");
         }
+        // The same decoder id: the agent loads it once for both chest rules.
+        assert_eq!(
+            Sam::decoder_for(&m, "litemedsam-hyper-eq").unwrap(),
+            "litemedsam"
+        );
         let err = Sam::for_backbone(&m, "tiny-dinov2-test").err().unwrap();
         assert!(
             err.to_string().contains("litemedsam (backbone litemedsam)"),

@@ -17,7 +17,32 @@ pub enum Task {
     Structures { values: Vec<u8> },
 }
 
+/// A kind of task: what `scout eval --only` measures and what a rule reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskKind {
+    Landmarks,
+    Structures,
+}
+
+impl TaskKind {
+    /// As the configuration spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskKind::Landmarks => "landmarks",
+            TaskKind::Structures => "structures",
+        }
+    }
+}
+
 impl Task {
+    pub fn kind(&self) -> TaskKind {
+        match self {
+            Task::Landmarks { .. } => TaskKind::Landmarks,
+            Task::Structures { .. } => TaskKind::Structures,
+        }
+    }
+
     /// Label names in adapter order.
     pub fn label_names(&self) -> Vec<String> {
         match self {

@@ -1202,7 +1202,9 @@ fn shipped_adapters_match_their_manifest_and_backbone() {
     let manifest: toml::Table =
         toml::from_str(&std::fs::read_to_string(dir.join("adapters.toml")).unwrap()).unwrap();
     let adapters = manifest["adapters"].as_table().unwrap();
-    assert!(adapters.contains_key("spine") && adapters.contains_key("chest"));
+    for name in ["spine", "chest", "chest-landmarks"] {
+        assert!(adapters.contains_key(name), "{name}");
+    }
     let models =
         Manifest::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/models.toml")).unwrap();
     for (name, entry) in adapters {

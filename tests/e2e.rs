@@ -345,16 +345,19 @@ fn localizer_in_sr_and_seg_out_valid_and_on_the_right_pixels() {
     for s in &segs {
         check_seg(s, &series);
     }
-    // The chest rule (coronal) did not match this sagittal series.
-    assert!(!sidecar(&run.data, &series, "chest").exists());
+    // The chest rules (coronal) did not match this sagittal series.
+    assert!(!sidecar(&run.data, &series, "chest-landmarks").exists());
 }
 
 /// A rule on a second backbone (the tiny DINOv2 fixture, an adapter trained on synthetic
 /// images) beside the default rules: both rules answer the same localizer, each from its
 /// own backbone's features (the tiny rule analyses every slice, so its store is filled
-/// while the series arrives); a rule whose adapter was made on another backbone, that
-/// names a backbone the manifest lacks, or whose adapter has SAM redraw a structure on a
-/// backbone with no SAM decoder, is refused at load with the rule's name.
+/// while the series arrives). The tiny adapter's two tasks are split over two rules
+/// (`tasks`): the tiny rule reports its landmarks, a third rule its structures and writes
+/// the SEG; neither reports the other's task, though both have every label's code. A rule whose adapter was made on another backbone, that names a backbone
+/// the manifest lacks, whose adapter has SAM redraw a structure on a backbone with no
+/// SAM decoder, or whose `tasks` names one its adapter lacks, is refused at load with
+/// the rule's name.
 #[test]
 fn rules_on_two_backbones_answer_the_same_localizer() {
     let t = "rules_on_two_backbones_answer_the_same_localizer";
@@ -393,7 +396,14 @@ fn rules_on_two_backbones_answer_the_same_localizer() {
     redrawn.format = 3;
     let redrawn_adapter = work.path().join("tiny-sam.adapter");
     redrawn.save(&redrawn_adapter).unwrap();
-    let rule = |adapter: &Path, backbone: &str| {
+    // The same adapter without its structures: a rule reporting them has nothing to report.
+    let mut points_only = bundle.clone();
+    points_only.tasks.truncate(1);
+    let points_adapter = work.path().join("tiny-points.adapter");
+    points_only.save(&points_adapter).unwrap();
+    // Every label coded: the rule reports the task its name says (`tasks`), its codes
+    // of the other task notwithstanding.
+    let rule_of = |name: &str, task: &str, outputs: &str, adapter: &Path, backbone: &str| {
         let code =
             |v: &str| format!("{{ scheme = \"99SCOUT\", value = \"{v}\", meaning = \"{v}\" }}");
         let segment = |v: &str| {
@@ -404,8 +414,8 @@ fn rules_on_two_backbones_answer_the_same_localizer() {
             )
         };
         format!(
-            "\n[[rules]]\nname = \"tiny\"\nadapter = {:?}\nbackbone = \"{backbone}\"\nslices = \"all\"\n\
-             outputs = [\"sr\", \"json\"]\ndestinations = [\"dest\"]\n[rules.match]\nmodalities = [\"MR\"]\n\
+            "\n[[rules]]\nname = \"{name}\"\nadapter = {:?}\nbackbone = \"{backbone}\"\nslices = \"all\"\n\
+             tasks = [\"{task}\"]\noutputs = [{outputs}]\ndestinations = [\"dest\"]\n[rules.match]\nmodalities = [\"MR\"]\n\
              localizer = true\nplanes = [\"sagittal\"]\n[rules.landmarks]\nsquare = {}\ndisk = {}\n\
              [rules.structures]\n1 = {}\n2 = {}\n",
             adapter.display().to_string(),
@@ -413,6 +423,18 @@ fn rules_on_two_backbones_answer_the_same_localizer() {
             code("DISK"),
             segment("SQUARE"),
             segment("DISK"),
+        )
+    };
+    let rule = |adapter: &Path, backbone: &str| {
+        rule_of("tiny", "landmarks", "\"sr\", \"json\"", adapter, backbone)
+    };
+    let structures_rule = |adapter: &Path| {
+        rule_of(
+            "tiny-seg",
+            "structures",
+            "\"seg\"",
+            adapter,
+            "tiny-dinov2-test",
         )
     };
 
@@ -430,9 +452,19 @@ fn rules_on_two_backbones_answer_the_same_localizer() {
             "tiny-dinov2-test",
             "rule tiny: the adapter has SAM redraw structures",
         ),
+        (
+            points_adapter.as_path(),
+            "tiny-dinov2-test",
+            "rule tiny-seg: tasks names the structures, which the adapter does not have",
+        ),
     ] {
         let run = setup(&[]);
-        let mut text = std::fs::read_to_string(&run.cfg).unwrap() + &rule(adapter, backbone);
+        let mut text = std::fs::read_to_string(&run.cfg).unwrap();
+        if adapter == points_adapter {
+            text += &structures_rule(adapter);
+        } else {
+            text += &rule(adapter, backbone);
+        }
         if backbone == "no-such-backbone" {
             // A second rule on the same missing backbone is reported too (loaded once):
             // the first rule that names a backbone, spine.
@@ -467,14 +499,16 @@ fn rules_on_two_backbones_answer_the_same_localizer() {
     }
 
     let run = setup(&[]);
-    let text = std::fs::read_to_string(&run.cfg).unwrap() + &rule(&adapter, "tiny-dinov2-test");
+    let text = std::fs::read_to_string(&run.cfg).unwrap()
+        + &rule(&adapter, "tiny-dinov2-test")
+        + &structures_rule(&adapter);
     std::fs::write(&run.cfg, text).unwrap();
     let dest = Storescp::start(run.dest_port, &run.out);
     let agent = Daemon::start(&run.cfg, run.port);
     assert!(
         agent
             .wait_log(
-                &["analysis: backbone litemedsam-hyper, tiny-dinov2-test,"],
+                &["analysis: backbone litemedsam-hyper, litemedsam-hyper-eq, tiny-dinov2-test,"],
                 Duration::from_secs(30)
             )
             .is_some(),
@@ -505,6 +539,36 @@ fn rules_on_two_backbones_answer_the_same_localizer() {
     names.sort();
     assert_eq!(names[0], ["L1", "L2", "L3", "L4", "L5"]);
     assert_eq!(names[1], ["disk", "square"]);
+    // One SEG from the spine rule, one from the structures-only rule (the tiny adapter,
+    // trained on squares and disks, finds what it finds in a spine).
+    let segs = dest.wait_for("SG", 2, Duration::from_secs(30));
+    assert_eq!(segs.len(), 2, "{segs:?}");
+    let mut tiny = 0;
+    for s in &segs {
+        check_seg(s, &series);
+        let labels: std::collections::BTreeSet<String> =
+            seg_frames(s).into_iter().map(|(l, _, _)| l).collect();
+        let of =
+            |set: &[&str]| !labels.is_empty() && labels.iter().all(|l| set.contains(&l.as_str()));
+        if of(&["SQUARE", "DISK"]) {
+            tiny += 1;
+        } else {
+            assert!(of(&["L1", "L2", "L3", "L4", "L5"]), "{labels:?}");
+        }
+    }
+    assert_eq!(tiny, 1, "one SEG of the tiny adapter's structures");
+    for (rule, what) in [
+        ("rule tiny: series", "/2 landmarks, 0 structure masks"),
+        ("rule tiny-seg: series", ": 0/0 landmarks, "),
+    ] {
+        assert!(
+            agent
+                .wait_log(&[rule, what], Duration::from_secs(5))
+                .is_some(),
+            "{rule} … {what}: {:?}",
+            agent.log_lines()
+        );
+    }
 }
 
 /// Real images as one localizer series (one stack in `plane`) through the agent with
@@ -750,13 +814,16 @@ fn assert_all_found_and_most_within_10px(errors: &[Option<[f64; 2]>]) {
     );
 }
 
-/// The shipped chest adapter (on the multi-layer backbone) through the agent: a chest
-/// radiograph that is not one of its templates, sent as a one-image coronal localizer,
-/// comes back as an SR with all four lung landmarks on their pixels (SR point = sidecar
-/// pixel, checked by `check_sr`) and a valid SEG of the lungs and heart. The data set's
-/// PNGs are negatives (air bright) and the adapter learned from their positives
-/// (`scout train --negatives`): the image goes out with its stored values as MONOCHROME1,
-/// which the agent must read inverted to find the lungs.
+/// The shipped chest rules through the agent: a chest radiograph that is not one of the
+/// adapters' templates, sent as a one-image coronal localizer, comes back as an SR with all
+/// four lung landmarks on their pixels (SR point = sidecar pixel, checked by `check_sr`)
+/// and a valid SEG of the lungs and heart. The SEG is the structures of the chest adapter
+/// on the multi-layer features (rule `chest`), the SR the landmarks of the chest
+/// landmark adapter on those of the equalised slice (rule `chest-landmarks`); each rule
+/// reports only its own task. The data set's PNGs are negatives (air bright) and the
+/// adapters learned from their positives (`scout train --negatives`): the image goes out
+/// with its stored values as MONOCHROME1, which the agent must read inverted to find the
+/// lungs.
 #[test]
 fn real_chest_landmarks_through_the_multi_layer_backbone() {
     let t = "real_chest_landmarks_through_the_multi_layer_backbone";
@@ -776,9 +843,11 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         true,
         scout::geometry::Plane::Coronal,
         "CHEST LOCALIZER",
-        "chest",
+        "chest-landmarks",
         &[],
     );
+    // The structures' rule writes no sidecar: it holds landmarks, which that rule leaves out.
+    assert!(!sidecar(&run.data, &series, "chest").exists());
     let geometry = scout::spool::read_meta(&series.files[0]).unwrap().geometry;
     let errors: Vec<Option<f64>> = ds
         .landmark_names
@@ -809,8 +878,7 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
     let bundle =
         scout::train::Bundle::load(&root.join("models/adapters/chest.adapter"), &backbone).unwrap();
     // `scout train` writes the landmark task first, then the structures.
-    let (landmarks, adapter) = (&bundle.tasks[0].1, &bundle.tasks[1].1);
-    assert_eq!(landmarks.labels, ds.landmark_names);
+    let adapter = &bundle.tasks[1].1;
     assert!(
         adapter.train.guided,
         "the shipped chest adapter refines its edges"
@@ -850,18 +918,26 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
     );
     // A build from before SAM redrew refuses the file rather than draw the lungs without it.
     assert_eq!(bundle.format, 3);
-    let mut edged = plain.clone();
     let guide = scout::image::normalize(&slice.pixels).unwrap();
-    scout::postprocess::refine_to_edges(&mut edged, &guide, fm.grid().0);
-    let mut refined = scout::postprocess::structures(
-        &mut edged,
-        adapter.shape.as_ref(),
-        adapter.atlas.as_ref(),
-        adapter.enclosed.as_ref(),
-        adapter.train.fragments,
-        &adapter.convex,
-        None,
-    );
+    let edged_regions = |adapter: &scout::adapter::Adapter, fm: &scout::backbone::FeatureMap| {
+        let mut edged = scout::postprocess::upsample_scores(
+            &adapter.scores(fm).unwrap(),
+            fm.image_rows,
+            fm.image_columns,
+        );
+        scout::postprocess::refine_to_edges(&mut edged, &guide, fm.grid().0);
+        let refined = scout::postprocess::structures(
+            &mut edged,
+            adapter.shape.as_ref(),
+            adapter.atlas.as_ref(),
+            adapter.enclosed.as_ref(),
+            adapter.train.fragments,
+            &adapter.convex,
+            None,
+        );
+        (edged, refined)
+    };
+    let (edged, mut refined) = edged_regions(adapter, &fm);
     let manifest = scout::backbone::Manifest::load(&root.join("models/models.toml")).unwrap();
     let sam = scout::sam::Sam::for_backbone(&manifest, backbone.id()).unwrap();
     let truth = slice.labels.as_ref().unwrap();
@@ -917,11 +993,32 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         assert!(to_refined >= 0.99 && to_refined > to_plain, "{name}");
     }
 
-    // Landmarks: the agent's points are where `scout eval`'s steps put them — the
+    // Landmarks: the agent's points are where `scout eval --backbone
+    // litemedsam-hyper-eq`'s steps put them, on the equalised slice's features — the
     // layout's choice of regions, the layout fill, then the region votes.
+    let (eq_backbone, eq_cache) = shipped_backbone("litemedsam-hyper-eq");
+    let eq_bundle = scout::train::Bundle::load(
+        &root.join("models/adapters/chest-landmarks.adapter"),
+        &eq_backbone,
+    )
+    .unwrap();
+    let (landmarks, eq_adapter) = (&eq_bundle.tasks[0].1, &eq_bundle.tasks[1].1);
+    assert_eq!(landmarks.labels, ds.landmark_names);
+    assert_eq!(
+        eq_adapter.sam_redraw, adapter.sam_redraw,
+        "trained as the chest adapter"
+    );
+    let (fm, _) = eq_cache.features(&eq_backbone, &slice.pixels).unwrap();
+    // The lungs the landmark adapter's own structures draw there (not reported), for the
+    // apices.
+    let (eq_edged, mut eq_lungs) = edged_regions(eq_adapter, &fm);
+    let eq_sam = scout::sam::Sam::for_backbone(&manifest, eq_backbone.id()).unwrap();
+    eq_sam
+        .redraw_structures(&fm, &mut eq_lungs, |l| eq_adapter.redraws(l), &eq_edged)
+        .unwrap();
     assert!(
         !landmarks.votes.is_empty(),
-        "the shipped chest adapter votes"
+        "the shipped chest landmark adapter votes"
     );
     let scores = landmarks.scores(&fm).unwrap();
     let up = scout::postprocess::upsample_scores(&scores, fm.image_rows, fm.image_columns);
@@ -950,11 +1047,11 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
     assert_eq!(
         on_extremes,
         [Some((1, [-1, 0])), None, Some((2, [-1, 0])), None],
-        "the shipped chest adapter places the apices on the lungs' tops, not the costophrenic angles on their corners"
+        "the shipped chest landmark adapter places the apices on the lungs' tops, not the costophrenic angles on their corners"
     );
     let mut placed = voted.clone();
     let lungs: Vec<(u8, &ndarray::Array2<bool>)> = (0..2)
-        .map(|l| (l as u8 + 1, &refined[l].as_ref().unwrap().mask))
+        .map(|l| (l as u8 + 1, &eq_lungs[l].as_ref().unwrap().mask))
         .collect();
     scout::extremes::refine_findings(
         &mut placed,
@@ -995,17 +1092,17 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         "the lungs' tops moved no apex past the check's tolerance: it has no teeth"
     );
 
-    // An adapter trained with `--calibrate` (the shipped one is not): the same bundle with
+    // An adapter trained with `--calibrate` (the shipped ones are not): the same bundle with
     // offsets, which the agent takes off after the extremes, turned into the layout's pose.
     assert!(landmarks.calibration.is_empty());
-    let mut calibrated = bundle.clone();
+    let mut calibrated = eq_bundle.clone();
     let offsets = vec![Some([0.0, -3.0]), None, Some([2.0, 1.5]), None];
     calibrated.tasks[0].1.calibration = offsets.clone();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("chest-calibrated.adapter");
     calibrated.save(&file).unwrap();
     let shipped_line = format!(
-        "adapter = \"{}/models/adapters/chest.adapter\"",
+        "adapter = \"{}/models/adapters/chest-landmarks.adapter\"",
         root.display()
     );
     let calibrated_line = format!("adapter = {:?}", file.display().to_string());
@@ -1014,7 +1111,7 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         true,
         scout::geometry::Plane::Coronal,
         "CHEST LOCALIZER",
-        "chest",
+        "chest-landmarks",
         &[(&shipped_line, &calibrated_line)],
     );
     let geometry = scout::spool::read_meta(&series.files[0]).unwrap().geometry;
