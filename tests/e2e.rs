@@ -354,10 +354,10 @@ fn localizer_in_sr_and_seg_out_valid_and_on_the_right_pixels() {
 /// own backbone's features (the tiny rule analyses every slice, so its store is filled
 /// while the series arrives). The tiny adapter's two tasks are split over two rules
 /// (`tasks`): the tiny rule reports its landmarks, a third rule its structures and writes
-/// the SEG; neither reports the other's task, though both have every label's code. A rule whose adapter was made on another backbone, that names a backbone
-/// the manifest lacks, whose adapter has SAM redraw a structure on a backbone with no
-/// SAM decoder, or whose `tasks` names one its adapter lacks, is refused at load with
-/// the rule's name.
+/// the SEG; neither reports the other's task, though both have every label's code. A
+/// rule whose adapter was made on another backbone, that names a backbone the manifest
+/// lacks, whose adapter has SAM redraw a structure on a backbone with no SAM decoder, or
+/// whose `tasks` names one its adapter lacks, is refused at load with the rule's name.
 #[test]
 fn rules_on_two_backbones_answer_the_same_localizer() {
     let t = "rules_on_two_backbones_answer_the_same_localizer";
