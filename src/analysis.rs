@@ -66,7 +66,7 @@ fn load_rule(
     let bytes = std::fs::read(&rule.adapter)
         .map_err(|e| err(format!("{}: {e}", rule.adapter.display())))?;
     let kinds: Vec<TaskKind> = bundle.tasks.iter().map(|(t, _)| t.kind()).collect();
-    if let Some(k) = rule.tasks.iter().find(|k| !kinds.contains(k)) {
+    if let Some(k) = rule.tasks.iter().flatten().find(|k| !kinds.contains(k)) {
         return Err(err(format!(
             "tasks names the {}, which the adapter does not have",
             k.name()
@@ -95,11 +95,12 @@ fn load_rule(
             missing.join(", ")
         )));
     }
-    let reports = if rule.tasks.is_empty() {
-        String::new()
-    } else {
-        let names: Vec<&str> = rule.tasks.iter().map(|k| k.name()).collect();
-        format!("; reports its {} only", names.join(" and "))
+    let reports = match &rule.tasks {
+        None => String::new(),
+        Some(tasks) => {
+            let names: Vec<&str> = tasks.iter().map(|k| k.name()).collect();
+            format!("; reports its {} only", names.join(" and "))
+        }
     };
     log::info!(
         "rule {}: adapter {} ({}{reports})",

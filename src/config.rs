@@ -558,6 +558,15 @@ mod tests {
         let text = DEFAULT_CONFIG_TOML.replace("tasks = [\"landmarks\"]", "tasks = [\"points\"]");
         let err = Config::from_toml(&text, "test").unwrap_err().to_string();
         assert!(err.contains("unknown variant `points`"), "{err}");
+        // Written out empty: nothing to report, not "every task".
+        let text = DEFAULT_CONFIG_TOML.replace("tasks = [\"landmarks\"]", "tasks = []");
+        let err = Config::from_toml(&text, "test").unwrap_err().to_string();
+        let l = text.lines().position(|l| l == "tasks = []").unwrap() + 1;
+        assert!(
+            err.lines().any(|x| x.contains(&format!("line {l}:"))
+                && x.contains("(chest-landmarks).tasks is empty")),
+            "{err}"
+        );
     }
 
     #[test]

@@ -131,13 +131,14 @@ pub struct Rule {
     #[serde(rename = "match")]
     pub criteria: Match,
     pub slices: Slices,
-    /// Which of the adapter's tasks the rule reports; empty: every one it has. Two rules
+    /// Which of the adapter's tasks the rule reports; absent: every one it has (an empty
+    /// list would report nothing, and is refused). Two rules
     /// on one series may take its landmarks and its structures from different adapters
     /// (and backbones). A task left out still runs in the localizer slice where a
     /// reported one reads it: the structures SAM drew, where the landmarks lie on their
     /// extremes; the landmarks, where the structures are scored around them.
     #[serde(default)]
-    pub tasks: Vec<TaskKind>,
+    pub tasks: Option<Vec<TaskKind>>,
     pub outputs: Vec<Output>,
     /// Names of `[[destinations]]`; empty: results are only kept under `data_dir/results`.
     #[serde(default)]
@@ -152,7 +153,7 @@ pub struct Rule {
 
 impl Rule {
     pub fn reports(&self, kind: TaskKind) -> bool {
-        self.tasks.is_empty() || self.tasks.contains(&kind)
+        self.tasks.as_ref().is_none_or(|t| t.contains(&kind))
     }
 }
 
@@ -259,6 +260,11 @@ pub fn problems(rules: &[Rule], destinations: &[Destination]) -> Vec<String> {
         if r.outputs.is_empty() {
             p.push(format!(
                 "{at}.outputs is empty: the rule would produce nothing"
+            ));
+        }
+        if r.tasks.as_ref().is_some_and(Vec::is_empty) {
+            p.push(format!(
+                "{at}.tasks is empty: the rule would report nothing (leave it out to report every task)"
             ));
         }
         // An SR or sidecar without landmarks, or a SEG without segments, would be empty.
