@@ -220,6 +220,12 @@ pub struct TrainConfig {
     /// cut by the image's edge is still one; the landmarks are trained without them.
     #[serde(default)]
     pub augment_shift: bool,
+    /// Structures, with `augment`: trained also on copies of the templates with the rows
+    /// scaled by 0.9 and by 1.1 and the columns not (`eval::STRETCH_AUGMENTS`), a flatter
+    /// and a taller body; the landmarks are trained without them (on the chest they cost
+    /// the landmarks' worst folds, where the heart gained).
+    #[serde(default)]
+    pub augment_stretch: bool,
     /// With `context.position`: the position columns for the landmark adapters only; the
     /// structure adapters are trained without them (their `context.position` cleared). The
     /// position tells a vertebra from its look-alike neighbours, but it also teaches the
@@ -283,6 +289,7 @@ impl Default for TrainConfig {
             window: false,
             identity: false,
             augment_shift: false,
+            augment_stretch: false,
             landmark_position: false,
         }
     }

@@ -244,18 +244,37 @@ pub const SHIFT_AUGMENTS: [Augment; 2] = [
     },
 ];
 
-/// The templates changed by each of `TEMPLATE_AUGMENTS`, then with `shift` by each of
-/// `SHIFT_AUGMENTS`, template by template, with their features (cached).
+/// The body's proportions the templates are also copied with for the structures
+/// (`TrainConfig::augment_stretch`): the robustness check's `--stretch` both ways.
+pub const STRETCH_AUGMENTS: [Augment; 2] = [
+    Augment {
+        stretch: 0.9,
+        ..Augment::NONE
+    },
+    Augment {
+        stretch: 1.1,
+        ..Augment::NONE
+    },
+];
+
+/// The copies of each template the structures are trained on beyond `TEMPLATE_AUGMENTS`
+/// (the landmarks are not), in `augmented_templates`' order.
+pub fn structure_augments(config: &TrainConfig) -> Vec<Augment> {
+    let shift = SHIFT_AUGMENTS.iter().filter(|_| config.augment_shift);
+    let stretch = STRETCH_AUGMENTS.iter().filter(|_| config.augment_stretch);
+    shift.chain(stretch).copied().collect()
+}
+
+/// The templates changed by each of `TEMPLATE_AUGMENTS`, then by each of
+/// `structure_augments`, template by template, with their features (cached).
 pub fn augmented_templates(
     templates: &[(Case, Vec<FeatureMap>)],
     backbone: &Backbone,
     cache: &FeatureCache,
-    shift: bool,
+    config: &TrainConfig,
 ) -> Result<Vec<(Case, Vec<FeatureMap>)>, BackboneError> {
-    let augments: Vec<&Augment> = TEMPLATE_AUGMENTS
-        .iter()
-        .chain(SHIFT_AUGMENTS.iter().filter(|_| shift))
-        .collect();
+    let extra = structure_augments(config);
+    let augments: Vec<&Augment> = TEMPLATE_AUGMENTS.iter().chain(&extra).collect();
     let progress = Progress::new(
         (templates.len() * augments.len()) as u64,
         "augmented templates",
@@ -498,11 +517,13 @@ pub fn train_task<C: std::borrow::Borrow<(Case, Vec<FeatureMap>)>>(
     // A landmark's region is a disk drawn around a point, its edge no edge in the image:
     // negatives just outside it would teach the adapter an edge that is not there.
     let landmarks = matches!(task, Task::Landmarks { .. });
-    // The landmarks without the shifted copies (`augmented_templates`' order): trained on
-    // them, the spine's landmark adapter lost the cue that held s08's run of vertebrae in
-    // place (first split: acc 1.00 → 0.87, s08's five landmarks a whole vertebra off).
-    let per = TEMPLATE_AUGMENTS.len() + SHIFT_AUGMENTS.len();
-    let augmented: Vec<&(Case, Vec<FeatureMap>)> = if landmarks && config.augment_shift {
+    // The landmarks without the structures' own copies (`augmented_templates`' order):
+    // trained on the shifted ones, the spine's landmark adapter lost the cue that held
+    // s08's run of vertebrae in place (first split: acc 1.00 → 0.87, s08's five landmarks
+    // a whole vertebra off).
+    let extra = structure_augments(config).len();
+    let per = TEMPLATE_AUGMENTS.len() + extra;
+    let augmented: Vec<&(Case, Vec<FeatureMap>)> = if landmarks && extra > 0 {
         augmented
             .chunks(per)
             .flat_map(|copies| copies.iter().take(TEMPLATE_AUGMENTS.len()))
@@ -1424,7 +1445,7 @@ pub fn evaluate(
         cases: BTreeMap::new(),
     };
     let augmented = if opts.train.augment {
-        augmented_templates(templ, backbone, cache, opts.train.augment_shift)?
+        augmented_templates(templ, backbone, cache, &opts.train)?
     } else {
         Vec::new()
     };
@@ -2412,10 +2433,10 @@ mod tests {
 
     /// With `identity`, a structure adapter learns which landmark lies inside each of its
     /// structures in every template; a landmark adapter learns nothing of it. With
-    /// `augment_shift`, a landmark adapter is trained as without the shifted copies, a
-    /// structure adapter on them too.
+    /// `augment_shift` or `augment_stretch`, a landmark adapter is trained as without the
+    /// shifted or stretched copies, a structure adapter on them too.
     #[test]
-    fn identity_and_shifted_copies_are_the_structures_own() {
+    fn identity_shifted_and_stretched_copies_are_the_structures_own() {
         let mut templates = two_grid_templates();
         for (case, _) in &mut templates {
             // Inside the labelled square (rows 36..52, columns 8..28).
@@ -2456,55 +2477,67 @@ mod tests {
         .unwrap();
         assert!(unlinked[0].identity.is_none());
 
-        // Copies per template in `augmented_templates`' order, each of its own features.
-        let per = TEMPLATE_AUGMENTS.len() + SHIFT_AUGMENTS.len();
-        let copies: Vec<(Case, Vec<FeatureMap>)> = templates
-            .iter()
-            .flat_map(|(case, fms)| {
-                (0..per).map(move |k| {
-                    let fms = fms
-                        .iter()
-                        .map(|fm| {
-                            let mut fm = fm.clone();
-                            fm.data.mapv_inplace(|v| v + k as f32);
-                            fm
-                        })
-                        .collect();
-                    (case.clone(), fms)
-                })
-            })
-            .collect();
-        let unshifted: Vec<(Case, Vec<FeatureMap>)> = copies
-            .chunks(per)
-            .flat_map(|c| c[..TEMPLATE_AUGMENTS.len()].to_vec())
-            .collect();
-        let shift = TrainConfig {
-            augment: true,
-            augment_shift: true,
-            ..config.clone()
-        };
+        // Copies per template in `augmented_templates`' order, each of its own features;
+        // the structures' own copies with shifts, stretches or both.
         let plain = TrainConfig {
-            augment_shift: false,
-            ..shift.clone()
+            augment: true,
+            ..config.clone()
         };
         let landmark_mean = |augmented: &[_], config: &TrainConfig| {
             train(&landmarks, augmented, config).feature_mean
         };
-        assert_eq!(
-            landmark_mean(&copies, &shift),
-            landmark_mean(&unshifted, &plain)
-        );
-        assert_ne!(
-            landmark_mean(&copies, &plain),
-            landmark_mean(&unshifted, &plain)
-        );
         let structure_mean = |augmented: &[_], config: &TrainConfig| {
             train(&structures, augmented, config).feature_mean
         };
-        assert_eq!(
-            structure_mean(&copies, &shift),
-            structure_mean(&copies, &plain)
-        );
+        for (shift, stretch) in [(true, false), (false, true), (true, true)] {
+            let own = TrainConfig {
+                augment_shift: shift,
+                augment_stretch: stretch,
+                ..plain.clone()
+            };
+            let extra = structure_augments(&own);
+            let expected: Vec<Augment> = SHIFT_AUGMENTS
+                .iter()
+                .filter(|_| shift)
+                .chain(STRETCH_AUGMENTS.iter().filter(|_| stretch))
+                .copied()
+                .collect();
+            assert_eq!(extra, expected);
+            let per = TEMPLATE_AUGMENTS.len() + extra.len();
+            let copies: Vec<(Case, Vec<FeatureMap>)> = templates
+                .iter()
+                .flat_map(|(case, fms)| {
+                    (0..per).map(move |k| {
+                        let fms = fms
+                            .iter()
+                            .map(|fm| {
+                                let mut fm = fm.clone();
+                                fm.data.mapv_inplace(|v| v + k as f32);
+                                fm
+                            })
+                            .collect();
+                        (case.clone(), fms)
+                    })
+                })
+                .collect();
+            let common: Vec<(Case, Vec<FeatureMap>)> = copies
+                .chunks(per)
+                .flat_map(|c| c[..TEMPLATE_AUGMENTS.len()].to_vec())
+                .collect();
+            assert_eq!(
+                landmark_mean(&copies, &own),
+                landmark_mean(&common, &plain),
+                "{extra:?}"
+            );
+            assert_ne!(
+                landmark_mean(&copies, &plain),
+                landmark_mean(&common, &plain)
+            );
+            assert_eq!(
+                structure_mean(&copies, &own),
+                structure_mean(&copies, &plain)
+            );
+        }
     }
 
     /// With `landmark_position` the landmark adapter reads the position columns and the

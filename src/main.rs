@@ -274,6 +274,11 @@ struct ContextArgs {
     /// landmarks are trained without these copies.
     #[arg(long, requires = "augment")]
     augment_shift: bool,
+    /// Structures, with --augment: train also on copies of the templates with the rows
+    /// scaled by 0.9 and 1.1 and the columns not (a flatter and a taller body); the
+    /// landmarks are trained without these copies.
+    #[arg(long, requires = "augment")]
+    augment_stretch: bool,
     /// Structures: draw part of the negatives from just outside each region, where its
     /// edge lies.
     #[arg(long)]
@@ -394,6 +399,7 @@ impl ContextArgs {
             patches: self.patches,
             augment: self.augment,
             augment_shift: self.augment_shift,
+            augment_stretch: self.augment_stretch,
             borders: self.borders,
             ensemble: self.ensemble.clone(),
             layout_fill: self.layout_fill,
@@ -992,7 +998,7 @@ mod tests {
     #[test]
     fn each_flag_sets_its_own_training_option() {
         type Set = fn(&mut TrainConfig);
-        let cases: [(&[&str], Set); 31] = [
+        let cases: [(&[&str], Set); 32] = [
             (&[], |_| {}),
             (&["--shape"], |c| c.shape = true),
             (&["--patches"], |c| c.patches = true),
@@ -1040,6 +1046,10 @@ mod tests {
                 c.augment = true;
                 c.augment_shift = true
             }),
+            (&["--augment", "--augment-stretch"], |c| {
+                c.augment = true;
+                c.augment_stretch = true
+            }),
             (&["--hidden", "64"], |c| c.hidden = 64),
             (&["--pools", "3,9", "--position"], |c| {
                 c.context.pools = vec![3, 9];
@@ -1072,6 +1082,14 @@ mod tests {
             .expect("refused")
             .to_string();
         assert!(e.contains("--landmark-position"), "{e}");
+        // The structures' own copies are copies of the augmented templates.
+        for flag in ["--augment-shift", "--augment-stretch"] {
+            let e = Cli::try_parse_from(["scout", "train", "ds", "--out", "a", flag])
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(e.lines().any(|l| l.trim() == "--augment"), "{flag}: {e}");
+        }
     }
 
     /// The robustness check's image changes take factors above 0, or a clear error.

@@ -223,7 +223,7 @@ pub fn train_dataset(
         templates.push((case, fms));
     }
     let augmented = if config.augment {
-        crate::eval::augmented_templates(&templates, backbone, cache, config.augment_shift)?
+        crate::eval::augmented_templates(&templates, backbone, cache, config)?
     } else {
         Vec::new()
     };
@@ -305,6 +305,7 @@ pub fn train_dataset(
         (config.patches, " --patches"),
         (config.augment, " --augment"),
         (config.augment_shift, " --augment-shift"),
+        (config.augment_stretch, " --augment-stretch"),
         (config.borders, " --borders"),
         (config.layout_fill, " --layout-fill"),
         (config.stack_anchor, " --stack-anchor"),

@@ -557,10 +557,19 @@ fn rules_on_two_backbones_answer_the_same_localizer() {
         }
     }
     assert_eq!(tiny, 1, "one SEG of the tiny adapter's structures");
-    for (rule, what) in [
-        ("rule tiny: series", "/2 landmarks, 0 structure masks"),
-        ("rule tiny-seg: series", ": 0/0 landmarks, "),
-    ] {
+    expect_logged(
+        &agent,
+        &[
+            ("rule tiny: series", "/2 landmarks, 0 structure masks"),
+            ("rule tiny-seg: series", ": 0/0 landmarks, "),
+        ],
+    );
+}
+
+/// Each rule's line about the series, with what it must say (waited for briefly: the
+/// results are in by now).
+fn expect_logged(agent: &Daemon, lines: &[(&str, &str)]) {
+    for (rule, what) in lines {
         assert!(
             agent
                 .wait_log(&[rule, what], Duration::from_secs(5))
@@ -573,8 +582,8 @@ fn rules_on_two_backbones_answer_the_same_localizer() {
 
 /// Real images as one localizer series (one stack in `plane`) through the agent with
 /// `edits` to its configuration: waits for the rule's SR and checks it and every SEG.
-/// Returns the run (its folder holds the series' files), the series and the SR's points
-/// (`three_d`: voted over a stack).
+/// Returns the run (its folder holds the series' files), the series, the SR's points
+/// (`three_d`: voted over a stack) and the agent, still running (its log).
 fn real_images_through_the_agent(
     images: Vec<ndarray::Array2<u16>>,
     negatives: bool,
@@ -582,7 +591,7 @@ fn real_images_through_the_agent(
     description: &str,
     rule: &str,
     edits: &[(&str, &str)],
-) -> (Run, SynthSeries, BTreeMap<String, Option<[f64; 3]>>) {
+) -> (Run, SynthSeries, BTreeMap<String, Option<[f64; 3]>>, Daemon) {
     let (rows, cols) = images[0].dim();
     // The series carries Images in Acquisition, so the agent takes it as complete when its
     // last instance is in. The tests' short idle time (500 ms) would also end it early
@@ -594,7 +603,7 @@ fn real_images_through_the_agent(
     edits.push(("idle_ms = 500", "idle_ms = 30000"));
     let run = setup(&edits);
     let dest = Storescp::start(run.dest_port, &run.out);
-    let _agent = Daemon::start(&run.cfg, run.port);
+    let agent = Daemon::start(&run.cfg, run.port);
     let series = write_series(
         &run.data.with_file_name("series"),
         SynthSpec {
@@ -624,7 +633,7 @@ fn real_images_through_the_agent(
     for s in &segs {
         check_seg(s, &series);
     }
-    (run, series, points)
+    (run, series, points, agent)
 }
 
 /// Sends the shared stack `name` (s06, s08: not one of the adapters' templates s01–s05)
@@ -641,7 +650,7 @@ fn spine_through_the_agent(
 ) -> (Vec<Option<[f64; 2]>>, Vec<f64>, StackMasks) {
     let ds = scout::dataset::Dataset::open(&shared.join("spine-mr")).unwrap();
     let case = ds.load_case(name).unwrap();
-    let (run, series, points) = real_images_through_the_agent(
+    let (run, series, points, _agent) = real_images_through_the_agent(
         case.slices
             .iter()
             .map(|s| s.pixels.mapv(|v| v.clamp(0.0, 65535.0) as u16))
@@ -838,16 +847,40 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         .mapv(|v| (v * 255.0).round().clamp(0.0, 255.0) as u16);
     let ds = stored.inverted(true);
     let case = ds.load_case("JPCLN020").unwrap();
-    let (run, series, points) = real_images_through_the_agent(
+    // The landmarks' rule given codes for the structures too: its structures run in the
+    // localizer slice (SAM's lungs place the apices) and are still not reported.
+    let lcpa = "left_costophrenic_angle = { scheme = \"99SCOUT\", value = \"LCPA\", meaning = \"Left costophrenic angle\" }";
+    let code = |v: &str| format!("{{ scheme = \"99SCOUT\", value = \"{v}\", meaning = \"{v}\" }}");
+    let coded = format!(
+        "{lcpa}\n[rules.structures]\n{}",
+        ["1", "2", "3"]
+            .map(|v| format!(
+                "{v} = {{ label = \"S{v}\", category = {}, type = {} }}\n",
+                code("T"),
+                code(v)
+            ))
+            .concat()
+    );
+    let (run, series, points, agent) = real_images_through_the_agent(
         vec![grey.clone()],
         true,
         scout::geometry::Plane::Coronal,
         "CHEST LOCALIZER",
         "chest-landmarks",
-        &[],
+        &[(lcpa, &coded)],
     );
     // The structures' rule writes no sidecar: it holds landmarks, which that rule leaves out.
     assert!(!sidecar(&run.data, &series, "chest").exists());
+    expect_logged(
+        &agent,
+        &[
+            (
+                "rule chest-landmarks: series",
+                ": 4/4 landmarks, 0 structure masks",
+            ),
+            ("rule chest: series", ": 0/0 landmarks, 3 structure masks"),
+        ],
+    );
     let geometry = scout::spool::read_meta(&series.files[0]).unwrap().geometry;
     let errors: Vec<Option<f64>> = ds
         .landmark_names
@@ -1106,7 +1139,7 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         root.display()
     );
     let calibrated_line = format!("adapter = {:?}", file.display().to_string());
-    let (_run, series, offset_points) = real_images_through_the_agent(
+    let (_run, series, offset_points, _agent) = real_images_through_the_agent(
         vec![grey],
         true,
         scout::geometry::Plane::Coronal,
