@@ -261,20 +261,24 @@ impl Engine {
         self.rules.iter().any(|r| r.rule.slices == Slices::All)
     }
 
-    /// One result per matching rule. Features of the series are released afterwards.
-    pub fn analyze(&self, series: &Series) -> Vec<Result<SeriesResult, AnalysisError>> {
-        let out = self
-            .rules
-            .iter()
-            .filter_map(|r| {
-                let stacks = matching_stacks(&r.rule, series);
-                (!stacks.is_empty()).then(|| self.analyze_rule(r, series, &stacks))
-            })
-            .collect();
+    /// One result per matching rule, in the configuration's order, each handed to `each`
+    /// as soon as its rule is done: a rule's results need not wait for the rules after it
+    /// (the chest's landmarks go out before its structures are drawn on the other
+    /// backbone). Features of the series are released afterwards.
+    pub fn analyze(
+        &self,
+        series: &Series,
+        mut each: impl FnMut(Result<SeriesResult, AnalysisError>),
+    ) {
+        for r in &self.rules {
+            let stacks = matching_stacks(&r.rule, series);
+            if !stacks.is_empty() {
+                each(self.analyze_rule(r, series, &stacks));
+            }
+        }
         for store in &self.stores {
             store.forget(series.instances().map(|r| r.meta.sop_instance_uid.as_str()));
         }
-        out
     }
 
     fn analyze_rule(

@@ -347,8 +347,74 @@ pub struct E2eFigures {
     pub burst_s: f64,
     pub paced_runs: Vec<f64>,
     pub burst_runs: Vec<f64>,
+    /// Last image acknowledged → both an SR and a SEG stored (the shipped chest rules
+    /// send one each, from two rules); None when a round's SEG did not follow its SR
+    /// within `SEG_WAIT`.
+    pub paced_both_s: Option<f64>,
+    pub burst_both_s: Option<f64>,
     /// Peak resident memory of the agent process (VmHWM).
     pub peak_rss_mb: f64,
+}
+
+/// How long after its SR a round waits for a SEG before it counts the round as one
+/// without (the phantom may show no structure).
+const SEG_WAIT: Duration = Duration::from_secs(10);
+
+/// Real images for `e2e` to send as one localizer series.
+#[derive(Debug, Clone)]
+pub struct BenchImages {
+    /// One per slice, of one plane.
+    pub images: Vec<ndarray::Array2<u16>>,
+    pub plane: crate::geometry::Plane,
+    pub series_description: String,
+    /// Stored as negatives (air bright): sent as MONOCHROME1.
+    pub negatives: bool,
+}
+
+impl BenchImages {
+    /// A data set's case as a scanner would send it: a volume's stack as a sagittal
+    /// localizer, as the spine rule expects; a 2D data set's image as a coronal chest
+    /// localizer, as the chest rules expect, its grey levels back to integers (a PNG is
+    /// read as 0..1: ×65535 keeps 8- and 16-bit levels exact).
+    pub fn of_case(
+        layout: crate::dataset::Layout,
+        case: &crate::dataset::Case,
+        negatives: bool,
+    ) -> BenchImages {
+        use crate::dataset::Layout;
+        use crate::geometry::Plane;
+        let scale = match layout {
+            Layout::Volume => 1.0,
+            Layout::Image
+                if case
+                    .slices
+                    .iter()
+                    .all(|s| s.pixels.iter().all(|v| (0.0..=1.0).contains(v))) =>
+            {
+                65535.0
+            }
+            Layout::Image => 1.0,
+        };
+        BenchImages {
+            images: case
+                .slices
+                .iter()
+                .map(|s| {
+                    s.pixels
+                        .mapv(|v| (v * scale).round().clamp(0.0, 65535.0) as u16)
+                })
+                .collect(),
+            plane: match layout {
+                Layout::Volume => Plane::Sagittal,
+                Layout::Image => Plane::Coronal,
+            },
+            series_description: match layout {
+                Layout::Volume => SynthSpec::default().series_description,
+                Layout::Image => "CHEST LOCALIZER".into(),
+            },
+            negatives,
+        }
+    }
 }
 
 /// The configuration `text` with the shipped spine rule's adapter and backbone replaced
@@ -366,13 +432,13 @@ fn with_spine_adapter(text: &str, adapter: &str, backbone: &str) -> Option<Strin
 
 /// Runs the agent (`scout serve`, a child process on the embedded configuration with
 /// `slices` and a destination in this process) and a scanner simulation in this process.
-/// The series is a localizer-like stack: slices of `case` when given, else the phantom.
+/// The series is a localizer: `images` when given, else the phantom's stack.
 pub fn e2e(
     work: &Path,
     rounds: usize,
     gap: Duration,
     slices: crate::rules::Slices,
-    case: Option<&crate::dataset::Case>,
+    images: Option<&BenchImages>,
     spine_adapter: Option<&Path>,
 ) -> Result<E2eFigures, BenchError> {
     use crate::scu::{self, Outgoing, Peer};
@@ -468,18 +534,17 @@ pub fn e2e(
             calling_ae_title: "SCANNER".into(),
             timeout: Duration::from_secs(30),
         };
-        let spec = match case {
-            Some(c) => {
-                let (rows, cols) = c.slices[0].pixels.dim();
+        let spec = match images {
+            Some(b) => {
+                let (rows, cols) = b.images.first().map_or((0, 0), |i| i.dim());
                 SynthSpec {
-                    slices: c.slices.len(),
+                    slices: b.images.len(),
                     rows: rows as u16,
                     columns: cols as u16,
-                    images: c
-                        .slices
-                        .iter()
-                        .map(|s| s.pixels.mapv(|v| v.clamp(0.0, 65535.0) as u16))
-                        .collect(),
+                    planes: vec![b.plane],
+                    series_description: b.series_description.clone(),
+                    images: b.images.clone(),
+                    negatives: b.negatives,
                     images_in_acquisition: true,
                     ..SynthSpec::default()
                 }
@@ -489,11 +554,14 @@ pub fn e2e(
                 ..SynthSpec::default()
             },
         };
-        let mut paced = Vec::new();
-        let mut burst = Vec::new();
+        let (mut paced, mut burst) = (Vec::new(), Vec::new());
+        let (mut paced_both, mut burst_both) = (Vec::new(), Vec::new());
         // Round 0 is a warm-up burst (first inference allocates).
         for round in 0..=rounds {
-            for (is_paced, times) in [(false, &mut burst), (true, &mut paced)] {
+            for (is_paced, times, both) in [
+                (false, &mut burst, &mut burst_both),
+                (true, &mut paced, &mut paced_both),
+            ] {
                 if round == 0 && is_paced {
                     continue;
                 }
@@ -515,25 +583,38 @@ pub fn e2e(
                         "agent refused images: {results:?}"
                     )));
                 }
-                let sr_at = loop {
-                    let (t, class) =
-                        arrived
-                            .recv_timeout(Duration::from_secs(120))
-                            .map_err(|_| {
-                                BenchError::Setup(format!(
-                                    "no SR within 120 s; see {}",
-                                    work.join("agent.log").display()
-                                ))
-                            })?;
-                    if class == crate::sr::COMPREHENSIVE_3D_SR {
-                        break t;
+                // The SR, and a SEG before or after it (two rules may send them).
+                let (mut sr_at, mut seg_at): (Option<Instant>, Option<Instant>) = (None, None);
+                let started = Instant::now();
+                let both_at = loop {
+                    let wait = match sr_at {
+                        None => Duration::from_secs(120).saturating_sub(started.elapsed()),
+                        Some(t) => SEG_WAIT.saturating_sub(t.elapsed()),
+                    };
+                    match arrived.recv_timeout(wait) {
+                        Ok((t, class)) if class == crate::sr::COMPREHENSIVE_3D_SR => {
+                            sr_at = sr_at.or(Some(t))
+                        }
+                        Ok((t, class)) if class == crate::seg::SEGMENTATION => {
+                            seg_at = seg_at.or(Some(t))
+                        }
+                        Ok(_) => {}
+                        Err(_) if sr_at.is_some() => break None,
+                        Err(_) => {
+                            return Err(BenchError::Setup(format!(
+                                "no SR within 120 s; see {}",
+                                work.join("agent.log").display()
+                            )))
+                        }
+                    }
+                    if let (Some(a), Some(b)) = (sr_at, seg_at) {
+                        break Some(a.max(b));
                     }
                 };
-                if round > 0 {
+                if let (Some(sr_at), true) = (sr_at, round > 0) {
                     times.push(sr_at.saturating_duration_since(last_ack).as_secs_f64());
+                    both.push(both_at.map(|t| t.saturating_duration_since(last_ack).as_secs_f64()));
                 }
-                // Let the SEG follow before the next series starts.
-                std::thread::sleep(Duration::from_millis(500));
             }
         }
         let rss = vm_hwm_mib(&agent.id().to_string());
@@ -545,6 +626,14 @@ pub fn e2e(
             burst_s: median(burst.clone()),
             paced_runs: paced,
             burst_runs: burst,
+            paced_both_s: paced_both
+                .into_iter()
+                .collect::<Option<Vec<f64>>>()
+                .map(median),
+            burst_both_s: burst_both
+                .into_iter()
+                .collect::<Option<Vec<f64>>>()
+                .map(median),
             peak_rss_mb: rss,
         })
     })();
@@ -557,6 +646,64 @@ pub fn e2e(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A 2D data set's image goes out as a coronal chest localizer that both shipped chest
+    /// rules pick up, its 8-bit grey levels exact; a volume's stack as a sagittal one that
+    /// the spine rule picks up, its values as read.
+    #[test]
+    fn a_data_sets_case_goes_out_as_the_localizer_its_rules_expect() {
+        use crate::dataset::{Case, Layout, Slice};
+        let grey = ndarray::Array2::from_shape_fn((32, 24), |(r, c)| ((r * 7 + c) % 256) as f32);
+        let case = |pixels: Vec<ndarray::Array2<f32>>| Case {
+            name: "c".into(),
+            center: pixels.len() / 2,
+            slices: pixels
+                .into_iter()
+                .map(|pixels| Slice {
+                    pixels,
+                    labels: None,
+                    k: None,
+                })
+                .collect(),
+            landmarks: Default::default(),
+        };
+        let config = Config::embedded().expect("embedded");
+        let work = tempfile::tempdir().expect("tempdir");
+        let matched = |b: &BenchImages, dir: &str| -> Vec<String> {
+            let (rows, columns) = b.images[0].dim();
+            let spec = SynthSpec {
+                slices: b.images.len(),
+                rows: rows as u16,
+                columns: columns as u16,
+                planes: vec![b.plane],
+                series_description: b.series_description.clone(),
+                images: b.images.clone(),
+                negatives: b.negatives,
+                ..SynthSpec::default()
+            };
+            let series = synth::write_series(&work.path().join(dir), &spec).expect("written");
+            let meta = crate::spool::read_meta(&series.files[0]).expect("meta");
+            let c = crate::rules::Candidate::of_instance(&meta, &config.series.localizer_patterns);
+            config
+                .rules
+                .iter()
+                .filter(|r| r.criteria.matches(&c))
+                .map(|r| r.name.clone())
+                .collect()
+        };
+
+        let png = case(vec![grey.mapv(|v| v / 255.0)]);
+        let chest = BenchImages::of_case(Layout::Image, &png, true);
+        assert_eq!(chest.images.len(), 1);
+        assert_eq!(chest.images[0], grey.mapv(|v| v as u16 * 257));
+        assert!(chest.negatives);
+        assert_eq!(matched(&chest, "chest"), ["chest", "chest-landmarks"]);
+
+        let stack = case(vec![grey.mapv(|v| v * 100.0); 3]);
+        let spine = BenchImages::of_case(Layout::Volume, &stack, false);
+        assert_eq!(spine.images, vec![grey.mapv(|v| (v * 100.0) as u16); 3]);
+        assert_eq!(matched(&spine, "spine"), ["spine"]);
+    }
 
     /// `--spine-adapter` changes the spine rule's adapter and backbone, nothing else.
     #[test]

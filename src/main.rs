@@ -195,10 +195,16 @@ enum BenchCmd {
         /// Slices the rules analyse (overrides the configuration's "center").
         #[arg(long, value_enum, default_value_t = SlicesArg::Center)]
         slices: SlicesArg,
-        /// A volume data set (e.g. ../shared/data/spine-mr): its 6th case's 9-slice
-        /// stack is the series; default: the synthetic phantom.
+        /// A data set's 6th case as the series: a volume data set's 9-slice stack as a
+        /// sagittal localizer (e.g. ../shared/data/spine-mr), a 2D data set's image as a
+        /// coronal chest localizer (e.g. ../shared/data/chest-xr, with --negatives);
+        /// default: the synthetic phantom.
         #[arg(long)]
         dataset: Option<PathBuf>,
+        /// The data set's images are negatives (air bright, as chest-xr's): sent as
+        /// MONOCHROME1.
+        #[arg(long, requires = "dataset")]
+        negatives: bool,
         /// Adapter file of the spine rule (default: the shipped one), e.g. one trained
         /// with `scout train --align`.
         #[arg(long)]
@@ -826,6 +832,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     gap_ms,
                     slices,
                     dataset,
+                    negatives,
                     spine_adapter,
                     work,
                 },
@@ -833,7 +840,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let work = work.unwrap_or_else(|| {
                 std::env::temp_dir().join(format!("scout-bench-e2e-{}", std::process::id()))
             });
-            let case = match &dataset {
+            let images = match &dataset {
                 Some(d) => {
                     let ds = scout::dataset::Dataset::open(d).map_err(|e| e.to_string())?;
                     let name = ds
@@ -841,7 +848,10 @@ fn run(cli: Cli) -> Result<(), String> {
                         .get(5)
                         .ok_or("the data set has fewer than 6 cases")?
                         .clone();
-                    Some(ds.load_case(&name).map_err(|e| e.to_string())?)
+                    let case = ds.load_case(&name).map_err(|e| e.to_string())?;
+                    Some(scout::bench::BenchImages::of_case(
+                        ds.layout, &case, negatives,
+                    ))
                 }
                 None => None,
             };
@@ -854,7 +864,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 rounds,
                 Duration::from_millis(gap_ms),
                 slices,
-                case.as_ref(),
+                images.as_ref(),
                 spine_adapter.as_deref(),
             )
             .map_err(|e| e.to_string());
@@ -872,12 +882,21 @@ fn run(cli: Cli) -> Result<(), String> {
                 "  burst               {:.2} s  {:?}",
                 f.burst_s, f.burst_runs
             );
+            let both =
+                |s: Option<f64>| s.map_or("no SEG in every round".into(), |s| format!("{s:.2} s"));
+            println!(
+                "  → SR and SEG        paced {}, burst {}",
+                both(f.paced_both_s),
+                both(f.burst_both_s)
+            );
             println!("  agent peak RSS      {:.0} MiB", f.peak_rss_mb);
             println!(
                 "{}",
                 serde_json::json!({
                     "paced_s": f.paced_s,
                     "burst_s": f.burst_s,
+                    "paced_both_s": f.paced_both_s,
+                    "burst_both_s": f.burst_both_s,
                     "peak_rss_mb": f.peak_rss_mb,
                     "slices": f.slices,
                     "images": f.images,

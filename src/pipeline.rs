@@ -238,7 +238,7 @@ pub fn serve(config: &Config) -> Result<(), PipelineError> {
                     };
                     let finished = match &engine {
                         None => true,
-                        Some(e) => analyze_and_publish(e, &config, &outbox, &s),
+                        Some(e) => analyze_and_publish(e, &config, &outbox, &s, &wake_tx),
                     };
                     if finished {
                         if let Err(e) =
@@ -302,27 +302,33 @@ pub fn serve(config: &Config) -> Result<(), PipelineError> {
 /// is finished with: results queued, or it matched no rule, or its images cannot be
 /// analysed (logged; trying again would fail the same way). False when writing results
 /// failed (e.g. disk full): the series stays unfinished and is analysed again at start.
-fn analyze_and_publish(engine: &Engine, config: &Config, outbox: &Outbox, s: &Series) -> bool {
+/// The sender is woken after each rule's results are queued, not after the last rule's.
+fn analyze_and_publish(
+    engine: &Engine,
+    config: &Config,
+    outbox: &Outbox,
+    s: &Series,
+    wake: &crossbeam_channel::Sender<()>,
+) -> bool {
     let t = Instant::now();
     let mut finished = true;
-    let results = engine.analyze(s);
-    crate::metrics::METRICS
-        .analysis_seconds
-        .observe(t.elapsed());
-    for result in results {
+    engine.analyze(s, |result| {
         match result {
             Ok(r) => {
                 crate::metrics::inc(&crate::metrics::METRICS.series_analysed);
                 let found = r.landmarks.iter().filter(|l| l.found.is_some()).count();
                 match publish(&r, config, outbox) {
-                    Ok(queued) => log::info!(
-                        "rule {}: series {}: {found}/{} landmarks, {} structure masks, {:.2} s; {queued}",
-                        r.rule,
-                        s.series_instance_uid,
-                        r.landmarks.len(),
-                        r.stacks.iter().map(|st| st.structures.len()).sum::<usize>(),
-                        t.elapsed().as_secs_f64()
-                    ),
+                    Ok(queued) => {
+                        let _ = wake.try_send(());
+                        log::info!(
+                            "rule {}: series {}: {found}/{} landmarks, {} structure masks, {:.2} s; {queued}",
+                            r.rule,
+                            s.series_instance_uid,
+                            r.landmarks.len(),
+                            r.stacks.iter().map(|st| st.structures.len()).sum::<usize>(),
+                            t.elapsed().as_secs_f64()
+                        )
+                    }
                     Err(e) => {
                         log::error!("rule {}: series {}: results not written: {e}", r.rule, s.series_instance_uid);
                         finished = false;
@@ -334,7 +340,10 @@ fn analyze_and_publish(engine: &Engine, config: &Config, outbox: &Outbox, s: &Se
                 log::error!("series {}: {e}", s.series_instance_uid)
             }
         }
-    }
+    });
+    crate::metrics::METRICS
+        .analysis_seconds
+        .observe(t.elapsed());
     finished
 }
 

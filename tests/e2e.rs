@@ -881,6 +881,26 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
             ("rule chest: series", ": 0/0 landmarks, 3 structure masks"),
         ],
     );
+    // The landmarks' rule comes first and its SR leaves as soon as it is done, while the
+    // structures' rule still runs (its encoder alone takes over a second).
+    let srs = received_in(&run.out, "SR");
+    assert_eq!(srs.len(), 1, "{srs:?}");
+    let sr_uid = open_file(&srs[0])
+        .unwrap()
+        .element(tags::SOP_INSTANCE_UID)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_end_matches('\0')
+        .to_string();
+    let lines = agent.log_lines();
+    let at = |what: &str| lines.iter().position(|l| l.contains(what));
+    let sent = at(&format!("send: dest accepted {sr_uid}")).expect("the SR's delivery logged");
+    let structures = at("rule chest: series").expect("the structures' rule logged");
+    assert!(
+        sent < structures,
+        "the SR waited for the structures' rule: {lines:?}"
+    );
     let geometry = scout::spool::read_meta(&series.files[0]).unwrap().geometry;
     let errors: Vec<Option<f64>> = ds
         .landmark_names
