@@ -231,7 +231,7 @@ impl Probe {
         );
         m.analysis_seconds.render(
             "scout_analysis_seconds",
-            "Series analysis latency (features and adapters of all matching rules)",
+            "Series analysis latency (features, adapters and written results of all matching rules)",
             &mut out,
         );
         out
