@@ -415,6 +415,23 @@ impl BenchImages {
             negatives,
         }
     }
+
+    /// The series to write: these images, with Images in Acquisition (so the agent takes
+    /// it as complete when its last image is in).
+    fn spec(&self) -> SynthSpec {
+        let (rows, columns) = self.images.first().map_or((0, 0), |i| i.dim());
+        SynthSpec {
+            slices: self.images.len(),
+            rows: rows as u16,
+            columns: columns as u16,
+            planes: vec![self.plane],
+            series_description: self.series_description.clone(),
+            images: self.images.clone(),
+            negatives: self.negatives,
+            images_in_acquisition: true,
+            ..SynthSpec::default()
+        }
+    }
 }
 
 /// The configuration `text` with the shipped spine rule's adapter and backbone replaced
@@ -535,20 +552,7 @@ pub fn e2e(
             timeout: Duration::from_secs(30),
         };
         let spec = match images {
-            Some(b) => {
-                let (rows, cols) = b.images.first().map_or((0, 0), |i| i.dim());
-                SynthSpec {
-                    slices: b.images.len(),
-                    rows: rows as u16,
-                    columns: cols as u16,
-                    planes: vec![b.plane],
-                    series_description: b.series_description.clone(),
-                    images: b.images.clone(),
-                    negatives: b.negatives,
-                    images_in_acquisition: true,
-                    ..SynthSpec::default()
-                }
-            }
+            Some(b) => b.spec(),
             None => SynthSpec {
                 images_in_acquisition: true,
                 ..SynthSpec::default()
@@ -670,18 +674,7 @@ mod tests {
         let config = Config::embedded().expect("embedded");
         let work = tempfile::tempdir().expect("tempdir");
         let matched = |b: &BenchImages, dir: &str| -> Vec<String> {
-            let (rows, columns) = b.images[0].dim();
-            let spec = SynthSpec {
-                slices: b.images.len(),
-                rows: rows as u16,
-                columns: columns as u16,
-                planes: vec![b.plane],
-                series_description: b.series_description.clone(),
-                images: b.images.clone(),
-                negatives: b.negatives,
-                ..SynthSpec::default()
-            };
-            let series = synth::write_series(&work.path().join(dir), &spec).expect("written");
+            let series = synth::write_series(&work.path().join(dir), &b.spec()).expect("written");
             let meta = crate::spool::read_meta(&series.files[0]).expect("meta");
             let c = crate::rules::Candidate::of_instance(&meta, &config.series.localizer_patterns);
             config
@@ -697,7 +690,8 @@ mod tests {
         assert_eq!(chest.images.len(), 1);
         assert_eq!(chest.images[0], grey.mapv(|v| v as u16 * 257));
         assert!(chest.negatives);
-        assert_eq!(matched(&chest, "chest"), ["chest", "chest-landmarks"]);
+        // In the configuration's order: the landmarks' rule first (its SR plans the scans).
+        assert_eq!(matched(&chest, "chest"), ["chest-landmarks", "chest"]);
 
         let stack = case(vec![grey.mapv(|v| v * 100.0); 3]);
         let spine = BenchImages::of_case(Layout::Volume, &stack, false);

@@ -883,7 +883,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 f.burst_s, f.burst_runs
             );
             let both =
-                |s: Option<f64>| s.map_or("no SEG in every round".into(), |s| format!("{s:.2} s"));
+                |s: Option<f64>| s.map_or("a round without a SEG".into(), |s| format!("{s:.2} s"));
             println!(
                 "  → SR and SEG        paced {}, burst {}",
                 both(f.paced_both_s),
