@@ -587,10 +587,11 @@ pub fn e2e(
                         "agent refused images: {results:?}"
                     )));
                 }
-                // The SR, and a SEG before or after it (two rules may send them).
+                // The SR, and a SEG before or after it (two rules may send them): when the
+                // SR came, and when both were in (None: no SEG within `SEG_WAIT` of the SR).
                 let (mut sr_at, mut seg_at): (Option<Instant>, Option<Instant>) = (None, None);
                 let started = Instant::now();
-                let both_at = loop {
+                let (sr_at, both_at) = loop {
                     let wait = match sr_at {
                         None => Duration::from_secs(120).saturating_sub(started.elapsed()),
                         Some(t) => SEG_WAIT.saturating_sub(t.elapsed()),
@@ -603,21 +604,24 @@ pub fn e2e(
                             seg_at = seg_at.or(Some(t))
                         }
                         Ok(_) => {}
-                        Err(_) if sr_at.is_some() => break None,
-                        Err(_) => {
-                            return Err(BenchError::Setup(format!(
-                                "no SR within 120 s; see {}",
-                                work.join("agent.log").display()
-                            )))
-                        }
+                        Err(_) => match sr_at {
+                            Some(sr) => break (sr, None),
+                            None => {
+                                return Err(BenchError::Setup(format!(
+                                    "no SR within 120 s; see {}",
+                                    work.join("agent.log").display()
+                                )))
+                            }
+                        },
                     }
-                    if let (Some(a), Some(b)) = (sr_at, seg_at) {
-                        break Some(a.max(b));
+                    if let (Some(sr), Some(seg)) = (sr_at, seg_at) {
+                        break (sr, Some(sr.max(seg)));
                     }
                 };
-                if let (Some(sr_at), true) = (sr_at, round > 0) {
-                    times.push(sr_at.saturating_duration_since(last_ack).as_secs_f64());
-                    both.push(both_at.map(|t| t.saturating_duration_since(last_ack).as_secs_f64()));
+                if round > 0 {
+                    let since = |t: Instant| t.saturating_duration_since(last_ack).as_secs_f64();
+                    times.push(since(sr_at));
+                    both.push(both_at.map(since));
                 }
             }
         }

@@ -132,11 +132,11 @@ pub struct Rule {
     pub criteria: Match,
     pub slices: Slices,
     /// Which of the adapter's tasks the rule reports; absent: every one it has (an empty
-    /// list would report nothing, and is refused). Two rules
-    /// on one series may take its landmarks and its structures from different adapters
-    /// (and backbones). A task left out still runs in the localizer slice where a
-    /// reported one reads it: the structures SAM drew, where the landmarks lie on their
-    /// extremes; the landmarks, where the structures are scored around them.
+    /// list would report nothing, and is refused). Two rules on one series may take its
+    /// landmarks and its structures from different adapters (and backbones). A task left
+    /// out still runs in the localizer slice where a reported one reads it: the
+    /// structures SAM drew, where the landmarks lie on their extremes; the landmarks,
+    /// where the structures are scored around them.
     #[serde(default)]
     pub tasks: Option<Vec<TaskKind>>,
     pub outputs: Vec<Output>,
