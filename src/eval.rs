@@ -74,7 +74,8 @@ pub struct Augment {
     pub stretch: f64,
     pub gamma: f64,
     /// The content moved down by this share of the rows (negative: up), after the turn
-    /// and the scale: the field of view placed higher or lower on the body.
+    /// and the scale: the field of view placed higher (towards the head, content down) or
+    /// lower on the body.
     pub shift: f64,
 }
 

@@ -1126,7 +1126,8 @@ mod tests {
                 assert!(e.contains(flag) && e.contains(bad), "{flag} {bad}: {e}");
             }
         }
-        // A field of view placed higher moves the content up: a negative share.
+        // A field of view placed lower on the body (towards the feet) moves the content up:
+        // a negative share.
         let Cmd::Eval { shift, .. } = parse("--shift", "-0.1").unwrap().command else {
             unreachable!()
         };
