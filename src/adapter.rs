@@ -1138,9 +1138,12 @@ impl Adapter {
     /// out; 8 for the patient's appearance, a flag alone, which a build reading only 7
     /// would leave out; 9 for the structures' names from the landmarks, which a build
     /// reading only 8 would leave out; 10 for each landmark's reach in the structures'
-    /// window, which a build reading only 9 would leave out.
+    /// window, which a build reading only 9 would leave out; 11 for a structure's extreme
+    /// that places a landmark only where the adapter found none, which a build reading
+    /// only 10 would average with the adapter's point.
     pub fn file_format(&self) -> u32 {
         let t = &self.train;
+        let since_10 = self.extremes.iter().flatten().any(|e| e.fallback);
         let since_9 = self.window.as_ref().is_some_and(|w| w.reach.is_some());
         let since_8 = self.identity.is_some();
         let since_7 = t.appearance;
@@ -1163,7 +1166,9 @@ impl Adapter {
             || t.pose
             || t.coarse_landmarks;
         let members = self.members.iter().map(Adapter::file_format).max();
-        let own = if since_9 {
+        let own = if since_10 {
+            11
+        } else if since_9 {
             10
         } else if since_8 {
             9
@@ -3283,6 +3288,7 @@ mod synthetic {
                         structure: 1,
                         direction: [-1, 0],
                         band: 2.0,
+                        fallback: false,
                     }),
                 ]
             },
@@ -3372,6 +3378,19 @@ mod synthetic {
         assert_eq!(reached.file_format(), 10);
         m.members[0].window = reached.window.clone();
         assert_eq!(m.file_format(), 10);
+        // A structure's extreme as a fallback, since 10: a build reading only 10 would
+        // average it with the adapter's point.
+        let mut fallback = plain.clone();
+        let rule = crate::extremes::Extreme {
+            structure: 1,
+            direction: [1, 1],
+            band: 0.0,
+            fallback: true,
+        };
+        fallback.extremes = vec![None, Some(rule)];
+        assert_eq!(fallback.file_format(), 11);
+        m.members[0].extremes = fallback.extremes.clone();
+        assert_eq!(m.file_format(), 11);
         // Flags that stored nothing change nothing.
         let mut unused = plain.clone();
         unused.convex = vec![false, false];

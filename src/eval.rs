@@ -1133,10 +1133,11 @@ pub fn learn_extremes(
                     .min_by(|a, b| a.1.total_cmp(&b.1))
                     .map(|(rule, on_sam)| {
                         log::info!(
-                            "landmark {name}: at structure {}'s extreme {:?} (band {} px); SAM's masks of the left-out templates keep it {on_sam:.1} px off",
+                            "landmark {name}: at structure {}'s extreme {:?} (band {} px{}); SAM's masks of the left-out templates keep it {on_sam:.1} px off",
                             rule.structure,
                             rule.direction,
-                            rule.band
+                            rule.band,
+                            if rule.fallback { ", where the adapter finds none" } else { "" }
                         );
                         rule
                     })

@@ -18,7 +18,16 @@
 //!
 //! At inference, a landmark with a rule is placed at the mean of the adapter's point and
 //! the rule's point on SAM's mask of the structure, when SAM's mask was accepted on that
-//! image: two estimates, one from the landmark's surroundings, one from the outline. The
+//! image: two estimates, one from the landmark's surroundings, one from the outline.
+//!
+//! A rule that fails the second or third check but still passes the first, with SAM's
+//! masks keeping it within the landmark radius on average, is kept as a fallback: it
+//! places the landmark only where the adapter found none (`Extreme::fallback`). The
+//! costophrenic angles are such rules: SAM rounds the recess's tip off, so its corner
+//! lies 7–8 px above the truth's (median, chest-xr), too far to average with the
+//! adapter's point, which is better where it has one, but an answer where it has none
+//! (session 62, where the adapter on the equalised slice left 9 of 285 left angles out).
+//! Any rule places a landmark the adapter left out. The
 //! rule's direction is turned into the target's pose as the landmarks' layout sees it
 //! (`ShapeModel::turn`): a lung's apex is its top in the patient's frame, and read in the
 //! image's frame it cost the apices of test images turned by ±10° 0.06–0.21 of their
@@ -46,6 +55,10 @@ pub struct Extreme {
     pub direction: [i8; 2],
     /// Pixels within this depth of the extreme count (in units of the direction's steps).
     pub band: f64,
+    /// The rule places the landmark only where the adapter found none (it failed the
+    /// checks for the mean, not those for a fallback: see the module).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fallback: bool,
 }
 
 impl Extreme {
@@ -97,6 +110,7 @@ fn candidates(structure: u8) -> impl Iterator<Item = Extreme> {
                 structure,
                 direction,
                 band,
+                fallback: false,
             })
         })
 }
@@ -117,8 +131,10 @@ pub struct TemplateView<'a> {
 
 /// The rule that gives every template's landmark back within `EXACT_PX` from its true
 /// mask (the closest on average when several do) and from its `coarse` mask, if SAM's
-/// masks keep it within `radius / 2` on average; None otherwise, or with fewer than two
-/// templates.
+/// masks keep it within `radius / 2` on average; else, as a `fallback`, the rule that
+/// gives every landmark back from the true masks alone, if SAM's masks keep it within
+/// `radius` on average. With the mean error on SAM's masks; None otherwise, or with fewer
+/// than two templates.
 pub fn learn(structure: u8, templates: &[TemplateView], radius: f64) -> Option<(Extreme, f64)> {
     if templates.len() < 2 {
         return None;
@@ -127,26 +143,44 @@ pub fn learn(structure: u8, templates: &[TemplateView], radius: f64) -> Option<(
         rule.point(mask, TEMPLATES_POSE)
             .map_or(f64::INFINITY, |q| (q.0 - p.0).hypot(q.1 - p.1))
     };
-    let (rule, _) = candidates(structure)
-        .filter_map(|rule| {
-            let errors: Vec<f64> = templates
-                .iter()
-                .map(|t| error(&rule, t.truth, t.landmark))
-                .collect();
-            let kept = |e: &f64| *e <= EXACT_PX;
-            (errors.iter().all(kept)
-                && templates
+    let kept = |e: f64| e <= EXACT_PX;
+    // The closest rule on the true masks among those `also` keeps, with its error on
+    // SAM's masks.
+    let best = |also: &dyn Fn(&Extreme) -> bool| {
+        let (rule, _) = candidates(structure)
+            .filter_map(|rule| {
+                let errors: Vec<f64> = templates
                     .iter()
-                    .all(|t| kept(&error(&rule, t.coarse, t.landmark))))
-            .then(|| (rule, errors.iter().sum::<f64>() / errors.len() as f64))
+                    .map(|t| error(&rule, t.truth, t.landmark))
+                    .collect();
+                (errors.iter().all(|e| kept(*e)) && also(&rule))
+                    .then(|| (rule, errors.iter().sum::<f64>() / errors.len() as f64))
+            })
+            .min_by(|a, b| a.1.total_cmp(&b.1))?;
+        let on_sam = templates
+            .iter()
+            .map(|t| t.sam.map_or(f64::INFINITY, |m| error(&rule, m, t.landmark)))
+            .sum::<f64>()
+            / templates.len() as f64;
+        Some((rule, on_sam))
+    };
+    let coarse = |rule: &Extreme| {
+        templates
+            .iter()
+            .all(|t| kept(error(rule, t.coarse, t.landmark)))
+    };
+    if let Some(found) = best(&coarse).filter(|(_, on_sam)| *on_sam <= radius / 2.0) {
+        return Some(found);
+    }
+    best(&|_| true)
+        .filter(|(_, on_sam)| *on_sam <= radius)
+        .map(|(rule, on_sam)| {
+            let rule = Extreme {
+                fallback: true,
+                ..rule
+            };
+            (rule, on_sam)
         })
-        .min_by(|a, b| a.1.total_cmp(&b.1))?;
-    let on_sam = templates
-        .iter()
-        .map(|t| t.sam.map_or(f64::INFINITY, |m| error(&rule, m, t.landmark)))
-        .sum::<f64>()
-        / templates.len() as f64;
-    (on_sam <= radius / 2.0).then_some((rule, on_sam))
 }
 
 /// `mask` opened by a disc of `radius` pixels (erosion, then dilation, by Euclidean
@@ -158,9 +192,10 @@ pub fn open(mask: &Array2<bool>, radius: f64) -> Array2<bool> {
 }
 
 /// Moves each landmark of `found` whose rule's structure has a mask in `masks` (label
-/// value, SAM's accepted mask on this image) to the mean of its point and the rule's.
-/// `layout`: the landmarks' layout, whose pose turns the rules' directions (the
-/// templates' own pose without one).
+/// value, SAM's accepted mask on this image) to the mean of its point and the rule's
+/// (not a `fallback` rule's), and places one the adapter left out at the rule's point
+/// (no region of its own, as the layout places one). `layout`: the landmarks' layout,
+/// whose pose turns the rules' directions (the templates' own pose without one).
 pub fn refine_findings(
     found: &mut [Option<Finding>],
     rules: &[Option<Extreme>],
@@ -174,18 +209,24 @@ pub fn refine_findings(
     let points: Vec<Option<(f64, f64)>> =
         found.iter().map(|f| f.as_ref().map(|f| f.point)).collect();
     let turn = layout.map_or(TEMPLATES_POSE, |s| s.turn(&points));
-    for (f, rule) in found.iter_mut().zip(rules) {
-        let (Some(f), Some(rule)) = (f.as_mut(), rule) else {
+    for (label, (f, rule)) in found.iter_mut().zip(rules).enumerate() {
+        let Some(rule) = rule else {
             continue;
         };
-        let Some(q) = masks
+        let Some((q, mask)) = masks
             .iter()
             .find(|(v, _)| *v == rule.structure)
-            .and_then(|(_, m)| rule.point(m, turn))
+            .and_then(|(_, m)| Some((rule.point(m, turn)?, m)))
         else {
             continue;
         };
-        f.point = ((f.point.0 + q.0) / 2.0, (f.point.1 + q.1) / 2.0);
+        match f {
+            Some(f) if !rule.fallback => {
+                f.point = ((f.point.0 + q.0) / 2.0, (f.point.1 + q.1) / 2.0);
+            }
+            Some(_) => {}
+            None => *f = crate::postprocess::placed(label, q, mask.dim()),
+        }
     }
 }
 
@@ -208,6 +249,7 @@ pub(crate) mod tests {
         structure: 1,
         direction: [-1, 0],
         band: 2.0,
+        fallback: false,
     };
 
     /// A landmark found at `point` (no region of its own).
@@ -224,11 +266,7 @@ pub(crate) mod tests {
     #[test]
     fn a_rule_takes_the_centroid_of_the_band_at_the_extreme() {
         let mask = lung(5, 20);
-        let up = Extreme {
-            structure: 1,
-            direction: [-1, 0],
-            band: 2.0,
-        };
+        let up = APEX;
         // Rows 5–7: columns 30–32 each (r / 3 = 0).
         assert_eq!(up.point(&mask, TEMPLATES_POSE), Some((6.0, 31.0)));
         let down_left = Extreme {
@@ -272,8 +310,7 @@ pub(crate) mod tests {
             .collect();
         let up = Extreme {
             structure: 2,
-            direction: [-1, 0],
-            band: 2.0,
+            ..APEX
         };
         let apices: Vec<(f64, f64)> = masks
             .iter()
@@ -294,8 +331,7 @@ pub(crate) mod tests {
         assert_eq!(rule.structure, 2);
         assert_eq!(on_sam, 0.0);
 
-        // SAM's masks lose their top 6 rows: the rule would place the apex 6 px low, more
-        // than half of a 10 px radius.
+        // SAM's masks lose every row above row 16: the rule places the apices 7–13 px low.
         let cut: Vec<Array2<bool>> = masks
             .iter()
             .map(|m| {
@@ -317,11 +353,23 @@ pub(crate) mod tests {
                 sam: Some(c),
             })
             .collect();
-        assert!(learn(2, &templates, 10.0).is_none(), "SAM misses the top");
-        assert!(
-            learn(2, &templates, 40.0).is_some(),
-            "within a 40 px radius's half"
+        let fallback = Extreme {
+            fallback: true,
+            ..rule
+        };
+        let (_, off) = learn(2, &templates, 40.0).expect("within a 40 px radius's half");
+        assert!((7.0..13.0).contains(&off), "{off}");
+        assert_eq!(
+            learn(2, &templates, 1.5 * off),
+            Some((fallback, off)),
+            "off by more than half the radius, less than all of it: a fallback"
         );
+        assert_eq!(
+            learn(2, &templates, 0.9 * off),
+            None,
+            "by more than the radius"
+        );
+        assert_eq!(learn(2, &templates, 2.0 * off), Some((rule, off)));
 
         // Landmarks no rule gives back: none.
         let templates: Vec<TemplateView> = masks
@@ -338,10 +386,11 @@ pub(crate) mod tests {
         assert!(learn(2, &templates[..1], 10.0).is_none(), "one template");
     }
 
-    /// A sharp corner is a detail SAM's masks may not hold: a rule on it is refused even
-    /// where SAM's masks of the templates keep it, while the rounded top keeps its rule.
+    /// A sharp corner is a detail SAM's masks may not hold: a rule on it is only a
+    /// fallback even where SAM's masks of the templates keep it, while the rounded top
+    /// keeps its rule.
     #[test]
-    fn a_rule_on_a_detail_finer_than_sams_cells_is_refused() {
+    fn a_rule_on_a_detail_finer_than_sams_cells_is_only_a_fallback() {
         // A lung with an 11-pixel top and a recess: a tip 2 pixels wide, 8 long, running
         // down and out from its lower lateral corner.
         let tipped = |top: usize, left: usize| {
@@ -358,9 +407,9 @@ pub(crate) mod tests {
             .map(|&(t, l)| tipped(t, l))
             .collect();
         let corner = Extreme {
-            structure: 1,
             direction: [1, -1],
             band: 0.0,
+            ..APEX
         };
         // The rule learned for the landmarks `rule` places, SAM's masks the true ones, each
         // mask opened by a disc of `cell` pixels.
@@ -380,9 +429,16 @@ pub(crate) mod tests {
         };
         let rule = |cell| learned(corner, cell);
         // The tip's end is its lowest lateral pixel and its most lateral one: either rule.
-        assert!(rule(0.0).is_some());
+        let sharp = rule(0.0).expect("a rule on the true masks");
+        assert!(!sharp.fallback);
         assert_eq!(rule(0.9), rule(0.0), "a disc under a pixel removes nothing");
-        assert_eq!(rule(2.0), None);
+        assert_eq!(
+            rule(2.0),
+            Some(Extreme {
+                fallback: true,
+                ..sharp
+            })
+        );
         assert_eq!(learned(APEX, 2.0), Some(APEX));
     }
 
@@ -495,6 +551,32 @@ pub(crate) mod tests {
             (40.0, 40.0),
             "its structure has no mask here"
         );
-        assert!(found[2].is_none());
+        // Left out by the adapter: placed at the rule's point, with no region of its own.
+        let placed = found[2].as_ref().expect("placed by its rule");
+        assert_eq!((placed.label, placed.point), (2, (6.0, 31.0)));
+        assert_eq!(placed.confidence, 0.0);
+        assert_eq!(placed.mask.dim(), mask.dim());
+        assert!(!placed.mask.iter().any(|m| *m));
+    }
+
+    /// A fallback rule places only a landmark the adapter left out, and leaves a found one
+    /// where the adapter put it; with no mask of its structure, nothing.
+    #[test]
+    fn a_fallback_rule_places_only_what_the_adapter_left_out() {
+        let mask = lung(5, 20);
+        let corner = Extreme {
+            direction: [1, -1],
+            band: 0.0,
+            fallback: true,
+            ..APEX
+        };
+        let rules = [Some(corner), Some(corner)];
+        let mut found = vec![Some(finding((20.0, 25.0))), None];
+        refine_findings(&mut found, &rules, &[(1, &mask)], None);
+        assert_eq!(found[0].as_ref().unwrap().point, (20.0, 25.0));
+        assert_eq!(found[1].as_ref().unwrap().point, (34.0, 21.0));
+        let mut found = vec![Some(finding((20.0, 25.0))), None];
+        refine_findings(&mut found, &rules, &[(2, &mask)], None);
+        assert!(found[1].is_none(), "no mask of structure 1");
     }
 }

@@ -30,7 +30,8 @@ pub struct LandmarkPoint {
     pub row: f64,
     pub column: f64,
     /// Mean adapter score over the found region (0.25..1); 0 for a landmark placed by
-    /// the aligned templates or the layout alone (no region found).
+    /// the aligned templates, the layout or a structure's outline alone (no region
+    /// found).
     pub confidence: f64,
     /// Index of the stack in `SeriesResult::stacks`.
     #[serde(skip)]
@@ -38,8 +39,8 @@ pub struct LandmarkPoint {
 }
 
 impl LandmarkPoint {
-    /// Placed from the other landmarks' layout or the aligned templates: no region of
-    /// its own was found (confidence 0).
+    /// Placed from the other landmarks' layout, the aligned templates or a structure's
+    /// outline: no region of its own was found (confidence 0).
     pub fn estimated(&self) -> bool {
         self.confidence <= 0.0
     }

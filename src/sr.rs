@@ -2,8 +2,9 @@
 //! Report": one Measurement Group per landmark with its tracking identifier and UID, the
 //! configured Finding Site, the algorithm, and the point as an SCOORD3D POINT in patient
 //! coordinates; a landmark that was not found is a group with Finding = Absent. A point
-//! placed without a region of its own (from the other landmarks' layout or the aligned
-//! templates) carries Derivation = [`estimated_code`], so a planning system can tell it apart.
+//! placed without a region of its own (from the other landmarks' layout, the aligned
+//! templates or a structure's outline) carries Derivation = [`estimated_code`], so a
+//! planning system can tell it apart.
 
 use crate::derived::{self, code_item, int_el, seq, str_el, DerivedError};
 use crate::results::SeriesResult;
@@ -22,7 +23,7 @@ pub fn estimated_code() -> Code {
     Code::new(
         "99SCOUT",
         "ESTIMATED",
-        "Estimated from the other landmarks, no region of its own",
+        "Estimated, no region of its own",
     )
 }
 

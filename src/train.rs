@@ -23,8 +23,9 @@ use std::path::Path;
 /// would leave out; 9 = the structures' names from the landmarks (`Adapter::identity`),
 /// which a build reading only 8 would leave out; 10 = each landmark's own reach in the
 /// structures' window (`LandmarkWindow::reach`), which a build reading only 9 would
-/// leave out.
-pub const FORMATS: std::ops::RangeInclusive<u32> = 1..=10;
+/// leave out; 11 = a structure's extreme as a fallback (`extremes::Extreme::fallback`),
+/// which a build reading only 10 would average with the adapter's point.
+pub const FORMATS: std::ops::RangeInclusive<u32> = 1..=11;
 
 /// The least format that holds `tasks`.
 fn format_of(tasks: &[(Task, Adapter)]) -> u32 {

@@ -1091,16 +1091,22 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         &fm,
         scores.view(),
     );
-    // Then the apices, halfway to the centroid of the top rows of SAM's lung.
-    let on_extremes: Vec<Option<(u8, [i8; 2])>> = landmarks
+    // Then the apices, halfway to the centroid of the top rows of SAM's lung; the
+    // costophrenic angles on the lungs' corners only where the adapter finds none.
+    let on_extremes: Vec<Option<(u8, [i8; 2], bool)>> = landmarks
         .extremes
         .iter()
-        .map(|e| e.map(|e| (e.structure, e.direction)))
+        .map(|e| e.map(|e| (e.structure, e.direction, e.fallback)))
         .collect();
     assert_eq!(
         on_extremes,
-        [Some((1, [-1, 0])), None, Some((2, [-1, 0])), None],
-        "the shipped chest landmark adapter places the apices on the lungs' tops, not the costophrenic angles on their corners"
+        [
+            Some((1, [-1, 0], false)),
+            Some((1, [1, -1], true)),
+            Some((2, [-1, 0], false)),
+            Some((2, [1, 1], true))
+        ],
+        "the shipped chest landmark adapter places the apices on the lungs' tops, the costophrenic angles on their corners as a fallback"
     );
     let mut placed = voted.clone();
     let lungs: Vec<(u8, &ndarray::Array2<bool>)> = (0..2)
