@@ -1402,8 +1402,9 @@ pub fn fill_from_prior(found: &mut [Option<Finding>], prior: &Prior, dim: (usize
 }
 
 /// A landmark placed without a region of its own (by the aligned templates, the layout
-/// or a structure's extreme, `extremes::refine_findings`): no mask, the least mass there is (a region found in another slice of the
-/// stack outweighs it in `landmark_3d`), confidence 0; None outside the image.
+/// or a structure's extreme, `extremes::refine_findings`): no mask, the least mass there
+/// is (a region found in another slice of the stack outweighs it in `landmark_3d`),
+/// confidence 0; None outside the image.
 pub(crate) fn placed(label: usize, point: (f64, f64), dim: (usize, usize)) -> Option<Finding> {
     let (r, c) = point;
     let inside = r >= -0.5 && c >= -0.5 && r <= dim.0 as f64 - 0.5 && c <= dim.1 as f64 - 0.5;

@@ -20,11 +20,7 @@ const SERIES_NUMBER: i64 = 9901;
 /// The Derivation of an estimated point. A local code: DICOM's own "Estimated" (DCM
 /// 121427) is retired.
 pub fn estimated_code() -> Code {
-    Code::new(
-        "99SCOUT",
-        "ESTIMATED",
-        "Estimated, no region of its own",
-    )
+    Code::new("99SCOUT", "ESTIMATED", "Estimated, no region of its own")
 }
 
 fn dcm(value: &str, meaning: &str) -> Code {
