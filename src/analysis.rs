@@ -489,11 +489,20 @@ impl Engine {
                         postprocess::refine_to_edges(&mut up, guide, fm.grid().0);
                     }
                     let mut found = match task {
-                        Task::Landmarks { .. } => postprocess::shaped_findings(
-                            &up,
-                            adapter.shape.as_ref(),
-                            prior.as_ref(),
-                        ),
+                        Task::Landmarks { radius, .. } => {
+                            // As `scout eval` chooses them: in the localizer slice, the
+                            // structures' extremes on SAM's masks rank the regions.
+                            let masks: Vec<(u8, &ndarray::Array2<bool>)> =
+                                drawn.iter().map(|(v, m)| (*v, m)).collect();
+                            let on_masks = (ii == center)
+                                .then(|| crate::extremes::prior(&adapter.extremes, &masks, *radius))
+                                .flatten();
+                            postprocess::shaped_findings(
+                                &up,
+                                adapter.shape.as_ref(),
+                                on_masks.as_ref().or(prior.as_ref()),
+                            )
+                        }
                         Task::Structures { .. } => {
                             // The centre slice's structures reach the others by pixel: a
                             // slice off its grid is taken on its own.

@@ -1586,12 +1586,54 @@ pub fn evaluate(
                     per_slice.push(none);
                     continue;
                 }
+                // With `extremes`, slice k*'s structures as the structures task takes them
+                // (their time is not the landmarks'), first: SAM's accepted masks rank the
+                // landmarks' regions (fallback rules) and place landmarks on their extremes.
+                let mut taken = None;
+                if let (Some((_, structures, sam)), true) = (&extremes, si == case.center) {
+                    let whole = &fms_whole[si];
+                    let t = Instant::now();
+                    let mut anchor = crate::stack::Anchor::default();
+                    let (mut drawn, up) = slice_structures(
+                        structures,
+                        whole,
+                        s,
+                        opts.train.guided,
+                        &mut anchor,
+                        0,
+                        &whole_slices,
+                        &[],
+                    )?;
+                    let structures_ms = t.elapsed().as_secs_f64() * 1000.0;
+                    let t = Instant::now();
+                    let redraws = |l| structures.adapters.first().is_some_and(|a| a.redraws(l));
+                    let calls = sam.redraw_structures(whole, &mut drawn, redraws, &up)?;
+                    let sam_ms = t.elapsed().as_secs_f64() * 1000.0;
+                    taken = Some(CentreStructures {
+                        found: drawn,
+                        anchor,
+                        calls,
+                        adapter_ms: structures_ms,
+                        sam_ms,
+                    });
+                }
+                let masks: Vec<(u8, &Array2<bool>)> = taken.as_ref().map_or(Vec::new(), |c| {
+                    c.calls
+                        .iter()
+                        .filter(|c| c.1)
+                        .filter_map(|&(l, _)| Some((*values.get(l)?, &c.found[l].as_ref()?.mask)))
+                        .collect()
+                });
                 let t = Instant::now();
                 let (scores, feature_rows) = trained.scores_and_rows(fm)?;
                 let (rows, cols) = s.pixels.dim();
                 let up = postprocess::upsample_scores(&scores, rows, cols);
                 let shape = trained.adapters.first().and_then(|a| a.shape.as_ref());
-                let mut found = postprocess::shaped_findings(&up, shape, prior.as_ref());
+                let on_masks = extremes.as_ref().and_then(|(rules, ..)| {
+                    crate::extremes::prior(rules, &masks, opts.landmark_radius)
+                });
+                let mut found =
+                    postprocess::shaped_findings(&up, shape, on_masks.as_ref().or(prior.as_ref()));
                 if let (Some(AlignMode::Fill), Some(prior), true) =
                     (opts.align, &prior, si == case.center)
                 {
@@ -1626,47 +1668,16 @@ pub fn evaluate(
                     patch::refine_findings(&mut found, &patches, &pixels, fm);
                 }
                 adapter_ms.push(t.elapsed().as_secs_f64() * 1000.0);
-                if let (Some((rules, structures, sam)), true) = (&extremes, si == case.center) {
-                    // The structures of slice k* as the structures task takes them (their
-                    // time is not the landmarks'), SAM's accepted masks placing the
-                    // landmarks on their extremes.
-                    let whole = &fms_whole[si];
-                    let t = Instant::now();
-                    let mut anchor = crate::stack::Anchor::default();
-                    let (mut drawn, up) = slice_structures(
-                        structures,
-                        whole,
-                        s,
-                        opts.train.guided,
-                        &mut anchor,
-                        0,
-                        &whole_slices,
-                        &[],
-                    )?;
-                    let structures_ms = t.elapsed().as_secs_f64() * 1000.0;
-                    let t = Instant::now();
-                    let redraws = |l| structures.adapters.first().is_some_and(|a| a.redraws(l));
-                    let calls = sam.redraw_structures(whole, &mut drawn, redraws, &up)?;
-                    let sam_ms = t.elapsed().as_secs_f64() * 1000.0;
-                    let masks: Vec<(u8, &Array2<bool>)> = calls
-                        .iter()
-                        .filter(|c| c.1)
-                        .filter_map(|&(l, _)| Some((*values.get(l)?, &drawn[l].as_ref()?.mask)))
-                        .collect();
+                if let (Some((rules, ..)), true) = (&extremes, taken.is_some()) {
                     crate::extremes::refine_findings(&mut found, rules, &masks, shape);
-                    // What the structures task, when it runs, would take again to the bit
-                    // (it redraws with SAM's decoder only where `--sam` does not refine
-                    // instead).
-                    if opts.sam.is_none() && opts.only != Some(TaskKind::Landmarks) {
-                        let taken = CentreStructures {
-                            found: drawn,
-                            anchor,
-                            calls,
-                            adapter_ms: structures_ms,
-                            sam_ms,
-                        };
-                        centre_structures.insert(case.name.clone(), taken);
-                    }
+                }
+                // What the structures task, when it runs, would take again to the bit (it
+                // redraws with SAM's decoder only where `--sam` does not refine instead).
+                if let (Some(taken), true) = (
+                    taken,
+                    opts.sam.is_none() && opts.only != Some(TaskKind::Landmarks),
+                ) {
+                    centre_structures.insert(case.name.clone(), taken);
                 }
                 if let (Some(a), true) = (trained.adapters.first(), si == case.center) {
                     crate::calibration::refine_findings(&mut found, &a.calibration, shape);

@@ -1075,7 +1075,14 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
     );
     let scores = landmarks.scores(&fm).unwrap();
     let up = scout::postprocess::upsample_scores(&scores, fm.image_rows, fm.image_columns);
-    let mut centroids = scout::postprocess::shaped_findings(&up, landmarks.shape.as_ref(), None);
+    // The regions ranked by the costophrenic angles' fallback rules on SAM's lungs.
+    let lungs: Vec<(u8, &ndarray::Array2<bool>)> = (0..2)
+        .map(|l| (l as u8 + 1, &eq_lungs[l].as_ref().unwrap().mask))
+        .collect();
+    let on_lungs = scout::extremes::prior(&landmarks.extremes, &lungs, 10.0);
+    assert!(on_lungs.is_some(), "the angles' rules rank the regions");
+    let mut centroids =
+        scout::postprocess::shaped_findings(&up, landmarks.shape.as_ref(), on_lungs.as_ref());
     scout::postprocess::fill_from_layout(
         &mut centroids,
         landmarks.shape.as_ref().unwrap(),
@@ -1109,9 +1116,6 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         "the shipped chest landmark adapter places the apices on the lungs' tops, the costophrenic angles on their corners as a fallback"
     );
     let mut placed = voted.clone();
-    let lungs: Vec<(u8, &ndarray::Array2<bool>)> = (0..2)
-        .map(|l| (l as u8 + 1, &eq_lungs[l].as_ref().unwrap().mask))
-        .collect();
     scout::extremes::refine_findings(
         &mut placed,
         &landmarks.extremes,
