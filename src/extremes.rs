@@ -286,6 +286,14 @@ pub(crate) mod tests {
         fallback: false,
     };
 
+    /// Lung 1's lower lateral corner, as a fallback.
+    const CORNER: Extreme = Extreme {
+        direction: [1, -1],
+        band: 0.0,
+        fallback: true,
+        ..APEX
+    };
+
     /// A landmark found at `point` (no region of its own).
     fn finding(point: (f64, f64)) -> Finding {
         Finding {
@@ -598,13 +606,7 @@ pub(crate) mod tests {
     #[test]
     fn fallback_rules_on_masks_make_a_prior() {
         let mask = lung(5, 20);
-        let corner = Extreme {
-            direction: [1, -1],
-            band: 0.0,
-            fallback: true,
-            ..APEX
-        };
-        let rules = [Some(APEX), Some(corner), None];
+        let rules = [Some(APEX), Some(CORNER), None];
         let ranked = prior(&rules, &[(1, &mask)], 10.0).expect("a prior");
         assert_eq!(
             ranked.points,
@@ -629,13 +631,7 @@ pub(crate) mod tests {
     #[test]
     fn a_fallback_rule_places_only_what_the_adapter_left_out() {
         let mask = lung(5, 20);
-        let corner = Extreme {
-            direction: [1, -1],
-            band: 0.0,
-            fallback: true,
-            ..APEX
-        };
-        let rules = [Some(corner), Some(corner)];
+        let rules = [Some(CORNER), Some(CORNER)];
         let mut found = vec![Some(finding((20.0, 25.0))), None];
         refine_findings(&mut found, &rules, &[(1, &mask)], None);
         assert_eq!(found[0].as_ref().unwrap().point, (20.0, 25.0));
