@@ -494,13 +494,20 @@ impl Engine {
                             // structures' extremes on SAM's masks rank the regions.
                             let masks: Vec<(u8, &ndarray::Array2<bool>)> =
                                 drawn.iter().map(|(v, m)| (*v, m)).collect();
-                            let on_masks = (ii == center)
-                                .then(|| crate::extremes::prior(&adapter.extremes, &masks, *radius))
-                                .flatten();
+                            let ranked = if ii == center {
+                                crate::extremes::prior(
+                                    &adapter.extremes,
+                                    &masks,
+                                    *radius,
+                                    prior.as_ref(),
+                                )
+                            } else {
+                                prior.clone()
+                            };
                             postprocess::shaped_findings(
                                 &up,
                                 adapter.shape.as_ref(),
-                                on_masks.as_ref().or(prior.as_ref()),
+                                ranked.as_ref(),
                             )
                         }
                         Task::Structures { .. } => {

@@ -1629,11 +1629,13 @@ pub fn evaluate(
                 let (rows, cols) = s.pixels.dim();
                 let up = postprocess::upsample_scores(&scores, rows, cols);
                 let shape = trained.adapters.first().and_then(|a| a.shape.as_ref());
-                let on_masks = extremes.as_ref().and_then(|(rules, ..)| {
-                    crate::extremes::prior(rules, &masks, opts.landmark_radius)
-                });
-                let mut found =
-                    postprocess::shaped_findings(&up, shape, on_masks.as_ref().or(prior.as_ref()));
+                let ranked = match &extremes {
+                    Some((rules, ..)) => {
+                        crate::extremes::prior(rules, &masks, opts.landmark_radius, prior.as_ref())
+                    }
+                    None => prior.clone(),
+                };
+                let mut found = postprocess::shaped_findings(&up, shape, ranked.as_ref());
                 if let (Some(AlignMode::Fill), Some(prior), true) =
                     (opts.align, &prior, si == case.center)
                 {

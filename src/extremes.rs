@@ -191,30 +191,36 @@ pub fn learn(structure: u8, templates: &[TemplateView], radius: f64) -> Option<(
 /// mask on this image), each with a spread of `radius`: a prior that ranks the adapter's
 /// candidate regions (`postprocess::shaped_findings`), so that where the layout would
 /// take a region far from the structure's extreme while another lies near it, the near
-/// one wins. Read in the templates' pose, as no landmark is placed yet. None without a
-/// fallback rule placed on a mask. (chest-xr, second split: the left angle's chosen
-/// region lay 38–99 px below the lung in six cases, a region 4–12 px from the truth among
-/// the candidates in each.)
+/// one wins. Read in the templates' pose, as no landmark is placed yet. A landmark
+/// without such a point keeps `aligned`'s (the aligned templates' prior, when there is
+/// one). None when neither places any landmark. (chest-xr, second split: the left
+/// angle's chosen region lay 38–99 px below the lung in six cases, a region 4–12 px from
+/// the truth among the candidates in each.)
 pub fn prior(
     rules: &[Option<Extreme>],
     masks: &[(u8, &Array2<bool>)],
     radius: f64,
+    aligned: Option<&crate::align::Prior>,
 ) -> Option<crate::align::Prior> {
     let points: Vec<Option<crate::align::PriorPoint>> = rules
         .iter()
-        .map(|rule| {
-            let rule = rule.as_ref().filter(|r| r.fallback)?;
-            let (_, mask) = masks.iter().find(|(v, _)| *v == rule.structure)?;
-            Some(crate::align::PriorPoint {
-                point: rule.point(mask, TEMPLATES_POSE)?,
-                spread: radius,
-            })
+        .enumerate()
+        .map(|(l, rule)| {
+            let on_mask = || {
+                let rule = rule.as_ref().filter(|r| r.fallback)?;
+                let (_, mask) = masks.iter().find(|(v, _)| *v == rule.structure)?;
+                Some(crate::align::PriorPoint {
+                    point: rule.point(mask, TEMPLATES_POSE)?,
+                    spread: radius,
+                })
+            };
+            on_mask().or_else(|| *aligned?.points.get(l)?)
         })
         .collect();
-    points
-        .iter()
-        .any(Option::is_some)
-        .then_some(crate::align::Prior { points })
+    if !points.iter().any(Option::is_some) {
+        return None;
+    }
+    Some(crate::align::Prior { points })
 }
 
 /// `mask` opened by a disc of `radius` pixels (erosion, then dilation, by Euclidean
@@ -607,7 +613,7 @@ pub(crate) mod tests {
     fn fallback_rules_on_masks_make_a_prior() {
         let mask = lung(5, 20);
         let rules = [Some(APEX), Some(CORNER), None];
-        let ranked = prior(&rules, &[(1, &mask)], 10.0).expect("a prior");
+        let ranked = prior(&rules, &[(1, &mask)], 10.0, None).expect("a prior");
         assert_eq!(
             ranked.points,
             vec![
@@ -619,11 +625,28 @@ pub(crate) mod tests {
                 None
             ]
         );
-        assert!(prior(&rules, &[(2, &mask)], 10.0).is_none(), "no mask");
         assert!(
-            prior(&[Some(APEX)], &[(1, &mask)], 10.0).is_none(),
+            prior(&rules, &[(2, &mask)], 10.0, None).is_none(),
+            "no mask"
+        );
+        assert!(
+            prior(&[Some(APEX)], &[(1, &mask)], 10.0, None).is_none(),
             "a mean rule"
         );
+        // The aligned templates' prior for the landmarks the rules do not place; the
+        // rule's point where it does.
+        let at = |point| Some(crate::align::PriorPoint { point, spread: 4.0 });
+        let aligned = crate::align::Prior {
+            points: vec![at((1.0, 2.0)), at((3.0, 4.0)), None],
+        };
+        let both = prior(&rules, &[(1, &mask)], 10.0, Some(&aligned)).unwrap();
+        assert_eq!(
+            both.points,
+            vec![at((1.0, 2.0)), ranked.points[1], None],
+            "merged per landmark"
+        );
+        let alone = prior(&rules, &[(2, &mask)], 10.0, Some(&aligned)).unwrap();
+        assert_eq!(alone, aligned, "no mask: the aligned templates' alone");
     }
 
     /// A fallback rule places only a landmark the adapter left out, and leaves a found one

@@ -1079,7 +1079,7 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
     let lungs: Vec<(u8, &ndarray::Array2<bool>)> = (0..2)
         .map(|l| (l as u8 + 1, &eq_lungs[l].as_ref().unwrap().mask))
         .collect();
-    let on_lungs = scout::extremes::prior(&landmarks.extremes, &lungs, 10.0);
+    let on_lungs = scout::extremes::prior(&landmarks.extremes, &lungs, 10.0, None);
     assert!(on_lungs.is_some(), "the angles' rules rank the regions");
     let mut centroids =
         scout::postprocess::shaped_findings(&up, landmarks.shape.as_ref(), on_lungs.as_ref());
