@@ -202,12 +202,12 @@ pub fn prior(
     radius: f64,
     aligned: Option<&crate::align::Prior>,
 ) -> Option<crate::align::Prior> {
-    let points: Vec<Option<crate::align::PriorPoint>> = rules
-        .iter()
-        .enumerate()
-        .map(|(l, rule)| {
+    // An adapter without rules has none stored (`Adapter::extremes` empty).
+    let n = rules.len().max(aligned.map_or(0, |a| a.points.len()));
+    let points: Vec<Option<crate::align::PriorPoint>> = (0..n)
+        .map(|l| {
             let on_mask = || {
-                let rule = rule.as_ref().filter(|r| r.fallback)?;
+                let rule = rules.get(l)?.as_ref().filter(|r| r.fallback)?;
                 let (_, mask) = masks.iter().find(|(v, _)| *v == rule.structure)?;
                 Some(crate::align::PriorPoint {
                     point: rule.point(mask, TEMPLATES_POSE)?,
@@ -647,6 +647,11 @@ pub(crate) mod tests {
         );
         let alone = prior(&rules, &[(2, &mask)], 10.0, Some(&aligned)).unwrap();
         assert_eq!(alone, aligned, "no mask: the aligned templates' alone");
+        assert_eq!(
+            prior(&[], &[(1, &mask)], 10.0, Some(&aligned)),
+            Some(aligned),
+            "an adapter with no rules"
+        );
     }
 
     /// A fallback rule places only a landmark the adapter left out, and leaves a found one
