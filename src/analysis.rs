@@ -492,9 +492,9 @@ impl Engine {
                         Task::Landmarks { radius, .. } => {
                             // As `scout eval` chooses them: in the localizer slice, the
                             // structures' extremes on SAM's masks rank the regions.
-                            let masks: Vec<(u8, &ndarray::Array2<bool>)> =
-                                drawn.iter().map(|(v, m)| (*v, m)).collect();
                             let ranked = if ii == center {
+                                let masks: Vec<(u8, &ndarray::Array2<bool>)> =
+                                    drawn.iter().map(|(v, m)| (*v, m)).collect();
                                 crate::extremes::prior(
                                     &adapter.extremes,
                                     &masks,
