@@ -826,6 +826,141 @@ fn assert_all_found_and_most_within_10px(errors: &[Option<[f64; 2]>]) {
     );
 }
 
+/// The regions of `adapter`'s structures on `fm` as `scout eval` draws them: scores
+/// refined to the edges of `guide` (the slice normalised), then the structure steps (atlas,
+/// the heart placed through the lungs, fragments, convex hulls); the refined scores too.
+fn edged_regions(
+    adapter: &scout::adapter::Adapter,
+    fm: &scout::backbone::FeatureMap,
+    guide: &ndarray::Array2<f32>,
+) -> (
+    ndarray::Array3<f32>,
+    Vec<Option<scout::postprocess::Finding>>,
+) {
+    let mut edged = scout::postprocess::upsample_scores(
+        &adapter.scores(fm).unwrap(),
+        fm.image_rows,
+        fm.image_columns,
+    );
+    scout::postprocess::refine_to_edges(&mut edged, guide, fm.grid().0);
+    let refined = scout::postprocess::structures(
+        &mut edged,
+        adapter.shape.as_ref(),
+        adapter.atlas.as_ref(),
+        adapter.enclosed.as_ref(),
+        adapter.train.fragments,
+        &adapter.convex,
+        None,
+    );
+    (edged, refined)
+}
+
+/// `scout eval --backbone litemedsam-hyper-eq`'s landmark steps with the shipped chest
+/// landmark adapter, each stage's findings.
+struct ChestLandmarkSteps {
+    bundle: scout::train::Bundle,
+    landmarks: scout::adapter::Adapter,
+    /// The regions the layout chooses without the costophrenic angles' prior.
+    unranked: Vec<Option<scout::postprocess::Finding>>,
+    /// The regions it chooses with that prior, read on SAM's lungs.
+    ranked: Vec<Option<scout::postprocess::Finding>>,
+    /// `ranked` after the layout fill.
+    filled: Vec<Option<scout::postprocess::Finding>>,
+    /// `filled` after the region votes.
+    voted: Vec<Option<scout::postprocess::Finding>>,
+    /// `voted` after the lungs' extremes: the apices halfway to the top of SAM's lung, an
+    /// angle the adapter leaves out on the lung's corner.
+    placed: Vec<Option<scout::postprocess::Finding>>,
+}
+
+/// `ChestLandmarkSteps` on a chest radiograph's `pixels` (positives, as the adapter learned).
+fn chest_landmark_steps(pixels: &ndarray::Array2<f32>, names: &[String]) -> ChestLandmarkSteps {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest = scout::backbone::Manifest::load(&root.join("models/models.toml")).unwrap();
+    let (backbone, cache) = shipped_backbone("litemedsam-hyper-eq");
+    let bundle = scout::train::Bundle::load(
+        &root.join("models/adapters/chest-landmarks.adapter"),
+        &backbone,
+    )
+    .unwrap();
+    let (landmarks, adapter) = (&bundle.tasks[0].1, &bundle.tasks[1].1);
+    assert_eq!(landmarks.labels, names);
+    assert_eq!(
+        adapter.sam_redraw,
+        [true, true, false],
+        "trained as the chest adapter"
+    );
+    assert!(
+        !landmarks.votes.is_empty(),
+        "the shipped chest landmark adapter votes"
+    );
+    let on_extremes: Vec<Option<(u8, [i8; 2], bool)>> = landmarks
+        .extremes
+        .iter()
+        .map(|e| e.map(|e| (e.structure, e.direction, e.fallback)))
+        .collect();
+    assert_eq!(
+        on_extremes,
+        [
+            Some((1, [-1, 0], false)),
+            Some((1, [1, -1], true)),
+            Some((2, [-1, 0], false)),
+            Some((2, [1, 1], true))
+        ],
+        "the shipped chest landmark adapter places the apices on the lungs' tops, the costophrenic angles on their corners as a fallback"
+    );
+    let (fm, _) = cache.features(&backbone, pixels).unwrap();
+    // The lungs the landmark adapter's own structures draw there (not reported).
+    let guide = scout::image::normalize(pixels).unwrap();
+    let (edged, mut regions) = edged_regions(adapter, &fm, &guide);
+    scout::sam::Sam::for_backbone(&manifest, backbone.id())
+        .unwrap()
+        .redraw_structures(&fm, &mut regions, |l| adapter.redraws(l), &edged)
+        .unwrap();
+    let lungs: Vec<(u8, &ndarray::Array2<bool>)> = (0..2)
+        .map(|l| (l as u8 + 1, &regions[l].as_ref().unwrap().mask))
+        .collect();
+    let scores = landmarks.scores(&fm).unwrap();
+    let up = scout::postprocess::upsample_scores(&scores, fm.image_rows, fm.image_columns);
+    let prior = scout::extremes::prior(&landmarks.extremes, &lungs, 10.0, None);
+    assert!(prior.is_some(), "the angles' rules rank the regions");
+    let unranked = scout::postprocess::shaped_findings(&up, landmarks.shape.as_ref(), None);
+    let ranked = scout::postprocess::shaped_findings(&up, landmarks.shape.as_ref(), prior.as_ref());
+    let mut filled = ranked.clone();
+    scout::postprocess::fill_from_layout(
+        &mut filled,
+        landmarks.shape.as_ref().unwrap(),
+        10.0,
+        (fm.image_rows, fm.image_columns),
+    );
+    let mut voted = filled.clone();
+    let rows = landmarks.standardized_rows(&fm).unwrap();
+    scout::votes::refine_findings(
+        &mut voted,
+        &landmarks.votes,
+        rows.view(),
+        &fm,
+        scores.view(),
+    );
+    let mut placed = voted.clone();
+    scout::extremes::refine_findings(
+        &mut placed,
+        &landmarks.extremes,
+        &lungs,
+        landmarks.shape.as_ref(),
+    );
+    let landmarks = landmarks.clone();
+    ChestLandmarkSteps {
+        bundle,
+        landmarks,
+        unranked,
+        ranked,
+        filled,
+        voted,
+        placed,
+    }
+}
+
 /// The shipped chest rules through the agent: a chest radiograph that is not one of the
 /// adapters' templates, sent as a one-image coronal localizer, comes back as an SR with all
 /// four lung landmarks on their pixels (SR point = sidecar pixel, checked by `check_sr`)
@@ -845,10 +980,13 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
     }
     let stored = scout::dataset::Dataset::open(&shared.join("chest-xr")).unwrap();
     // The data set's reader gives the 8-bit PNG as 0..1: back to its grey values.
-    let grey = stored.load_case("JPCLN020").unwrap().slices[0]
-        .pixels
-        .mapv(|v| (v * 255.0).round().clamp(0.0, 255.0) as u16);
-    let ds = stored.inverted(true);
+    let grey_of = |name: &str| {
+        stored.load_case(name).unwrap().slices[0]
+            .pixels
+            .mapv(|v| (v * 255.0).round().clamp(0.0, 255.0) as u16)
+    };
+    let grey = grey_of("JPCLN020");
+    let ds = stored.clone().inverted(true);
     let case = ds.load_case("JPCLN020").unwrap();
     // The landmarks' rule given codes for the structures too: its structures run in the
     // localizer slice (SAM's lungs place the apices) and are still not reported.
@@ -865,7 +1003,7 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
             .concat()
     );
     let (run, series, points, agent) = real_images_through_the_agent(
-        vec![grey.clone()],
+        vec![grey],
         true,
         scout::geometry::Plane::Coronal,
         "CHEST LOCALIZER",
@@ -975,25 +1113,7 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
     // A build from before SAM redrew refuses the file rather than draw the lungs without it.
     assert_eq!(bundle.format, 3);
     let guide = scout::image::normalize(&slice.pixels).unwrap();
-    let edged_regions = |adapter: &scout::adapter::Adapter, fm: &scout::backbone::FeatureMap| {
-        let mut edged = scout::postprocess::upsample_scores(
-            &adapter.scores(fm).unwrap(),
-            fm.image_rows,
-            fm.image_columns,
-        );
-        scout::postprocess::refine_to_edges(&mut edged, &guide, fm.grid().0);
-        let refined = scout::postprocess::structures(
-            &mut edged,
-            adapter.shape.as_ref(),
-            adapter.atlas.as_ref(),
-            adapter.enclosed.as_ref(),
-            adapter.train.fragments,
-            &adapter.convex,
-            None,
-        );
-        (edged, refined)
-    };
-    let (edged, mut refined) = edged_regions(adapter, &fm);
+    let (edged, mut refined) = edged_regions(adapter, &fm, &guide);
     let manifest = scout::backbone::Manifest::load(&root.join("models/models.toml")).unwrap();
     let sam = scout::sam::Sam::for_backbone(&manifest, backbone.id()).unwrap();
     let truth = slice.labels.as_ref().unwrap();
@@ -1050,81 +1170,10 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
     }
 
     // Landmarks: the agent's points are where `scout eval --backbone
-    // litemedsam-hyper-eq`'s steps put them, on the equalised slice's features — the
-    // layout's choice of regions, the layout fill, then the region votes.
-    let (eq_backbone, eq_cache) = shipped_backbone("litemedsam-hyper-eq");
-    let eq_bundle = scout::train::Bundle::load(
-        &root.join("models/adapters/chest-landmarks.adapter"),
-        &eq_backbone,
-    )
-    .unwrap();
-    let (landmarks, eq_adapter) = (&eq_bundle.tasks[0].1, &eq_bundle.tasks[1].1);
-    assert_eq!(landmarks.labels, ds.landmark_names);
-    assert_eq!(
-        eq_adapter.sam_redraw, adapter.sam_redraw,
-        "trained as the chest adapter"
-    );
-    let (fm, _) = eq_cache.features(&eq_backbone, &slice.pixels).unwrap();
-    // The lungs the landmark adapter's own structures draw there (not reported), for the
-    // apices.
-    let (eq_edged, mut eq_lungs) = edged_regions(eq_adapter, &fm);
-    let eq_sam = scout::sam::Sam::for_backbone(&manifest, eq_backbone.id()).unwrap();
-    eq_sam
-        .redraw_structures(&fm, &mut eq_lungs, |l| eq_adapter.redraws(l), &eq_edged)
-        .unwrap();
-    assert!(
-        !landmarks.votes.is_empty(),
-        "the shipped chest landmark adapter votes"
-    );
-    let scores = landmarks.scores(&fm).unwrap();
-    let up = scout::postprocess::upsample_scores(&scores, fm.image_rows, fm.image_columns);
-    // The regions ranked by the costophrenic angles' fallback rules on SAM's lungs.
-    let lungs: Vec<(u8, &ndarray::Array2<bool>)> = (0..2)
-        .map(|l| (l as u8 + 1, &eq_lungs[l].as_ref().unwrap().mask))
-        .collect();
-    let on_lungs = scout::extremes::prior(&landmarks.extremes, &lungs, 10.0, None);
-    assert!(on_lungs.is_some(), "the angles' rules rank the regions");
-    let mut centroids =
-        scout::postprocess::shaped_findings(&up, landmarks.shape.as_ref(), on_lungs.as_ref());
-    scout::postprocess::fill_from_layout(
-        &mut centroids,
-        landmarks.shape.as_ref().unwrap(),
-        10.0,
-        (fm.image_rows, fm.image_columns),
-    );
-    let mut voted = centroids.clone();
-    let rows = landmarks.standardized_rows(&fm).unwrap();
-    scout::votes::refine_findings(
-        &mut voted,
-        &landmarks.votes,
-        rows.view(),
-        &fm,
-        scores.view(),
-    );
-    // Then the apices, halfway to the centroid of the top rows of SAM's lung; the
-    // costophrenic angles on the lungs' corners only where the adapter finds none.
-    let on_extremes: Vec<Option<(u8, [i8; 2], bool)>> = landmarks
-        .extremes
-        .iter()
-        .map(|e| e.map(|e| (e.structure, e.direction, e.fallback)))
-        .collect();
-    assert_eq!(
-        on_extremes,
-        [
-            Some((1, [-1, 0], false)),
-            Some((1, [1, -1], true)),
-            Some((2, [-1, 0], false)),
-            Some((2, [1, 1], true))
-        ],
-        "the shipped chest landmark adapter places the apices on the lungs' tops, the costophrenic angles on their corners as a fallback"
-    );
-    let mut placed = voted.clone();
-    scout::extremes::refine_findings(
-        &mut placed,
-        &landmarks.extremes,
-        &lungs,
-        landmarks.shape.as_ref(),
-    );
+    // litemedsam-hyper-eq`'s steps put them (`chest_landmark_steps`).
+    let steps = chest_landmark_steps(&slice.pixels, &ds.landmark_names);
+    let (landmarks, placed) = (&steps.landmarks, &steps.placed);
+    let (voted, filled) = (&steps.voted, &steps.filled);
     let mut moved = 0.0f64;
     let mut to_extreme = 0.0f64;
     for (l, name) in ds.landmark_names.iter().enumerate() {
@@ -1132,7 +1181,7 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         let (e, v, p) = (
             placed[l].as_ref().unwrap().point,
             voted[l].as_ref().unwrap().point,
-            centroids[l].as_ref().unwrap().point,
+            filled[l].as_ref().unwrap().point,
         );
         let truth = &case.landmarks[name];
         eprintln!(
@@ -1160,8 +1209,28 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
 
     // An adapter trained with `--calibrate` (the shipped ones are not): the same bundle with
     // offsets, which the agent takes off after the extremes, turned into the layout's pose.
+    // Sent JPCLN089, the one image of the 95 left out of the shipped adapter's templates
+    // whose regions the angles' prior ranks otherwise (its right angle's region, 29 px
+    // away; JPCLN020's are the same either way): an agent that chose regions without the
+    // prior would miss eval's steps here.
     assert!(landmarks.calibration.is_empty());
-    let mut calibrated = eq_bundle.clone();
+    let ranked_case = ds.load_case("JPCLN089").unwrap();
+    let steps = chest_landmark_steps(&ranked_case.slices[0].pixels, &ds.landmark_names);
+    let reranked = steps
+        .ranked
+        .iter()
+        .zip(&steps.unranked)
+        .filter(|(a, b)| match (a, b) {
+            (Some(a), Some(b)) => (a.point.0 - b.point.0).hypot(a.point.1 - b.point.1) > 1.0,
+            (a, b) => a.is_some() != b.is_some(),
+        })
+        .count();
+    assert!(
+        reranked > 0,
+        "the angles' prior chose no other region: the check has no teeth"
+    );
+    let placed = &steps.placed;
+    let mut calibrated = steps.bundle.clone();
     let offsets = vec![Some([0.0, -3.0]), None, Some([2.0, 1.5]), None];
     calibrated.tasks[0].1.calibration = offsets.clone();
     let dir = tempfile::tempdir().unwrap();
@@ -1173,7 +1242,7 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
     );
     let calibrated_line = format!("adapter = {:?}", file.display().to_string());
     let (_run, series, offset_points, _agent) = real_images_through_the_agent(
-        vec![grey],
+        vec![grey_of("JPCLN089")],
         true,
         scout::geometry::Plane::Coronal,
         "CHEST LOCALIZER",
@@ -1182,7 +1251,11 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
     );
     let geometry = scout::spool::read_meta(&series.files[0]).unwrap().geometry;
     let mut calibrated_steps = placed.clone();
-    scout::calibration::refine_findings(&mut calibrated_steps, &offsets, landmarks.shape.as_ref());
+    scout::calibration::refine_findings(
+        &mut calibrated_steps,
+        &offsets,
+        steps.landmarks.shape.as_ref(),
+    );
     for (l, name) in ds.landmark_names.iter().enumerate() {
         let (r, c) = geometry
             .patient_to_pixel(offset_points[name].unwrap())
