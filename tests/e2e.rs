@@ -856,10 +856,8 @@ fn edged_regions(
 }
 
 /// `scout eval --backbone litemedsam-hyper-eq`'s landmark steps with the shipped chest
-/// landmark adapter, each stage's findings.
+/// landmark adapter on one image, each stage's findings.
 struct ChestLandmarkSteps {
-    bundle: scout::train::Bundle,
-    landmarks: scout::adapter::Adapter,
     /// The regions the layout chooses without the costophrenic angles' prior.
     unranked: Vec<Option<scout::postprocess::Finding>>,
     /// The regions it chooses with that prior, read on SAM's lungs.
@@ -873,8 +871,12 @@ struct ChestLandmarkSteps {
     placed: Vec<Option<scout::postprocess::Finding>>,
 }
 
-/// `ChestLandmarkSteps` on a chest radiograph's `pixels` (positives, as the adapter learned).
-fn chest_landmark_steps(pixels: &ndarray::Array2<f32>, names: &[String]) -> ChestLandmarkSteps {
+/// The shipped chest landmark adapter's bundle, and its `ChestLandmarkSteps` on each chest
+/// radiograph of `images` (positives, as the adapter learned).
+fn chest_landmark_steps(
+    images: &[&ndarray::Array2<f32>],
+    names: &[String],
+) -> (scout::train::Bundle, Vec<ChestLandmarkSteps>) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let manifest = scout::backbone::Manifest::load(&root.join("models/models.toml")).unwrap();
     let (backbone, cache) = shipped_backbone("litemedsam-hyper-eq");
@@ -909,56 +911,54 @@ fn chest_landmark_steps(pixels: &ndarray::Array2<f32>, names: &[String]) -> Ches
         ],
         "the shipped chest landmark adapter places the apices on the lungs' tops, the costophrenic angles on their corners as a fallback"
     );
-    let (fm, _) = cache.features(&backbone, pixels).unwrap();
-    // The lungs the landmark adapter's own structures draw there (not reported).
-    let guide = scout::image::normalize(pixels).unwrap();
-    let (edged, mut regions) = edged_regions(adapter, &fm, &guide);
-    scout::sam::Sam::for_backbone(&manifest, backbone.id())
-        .unwrap()
-        .redraw_structures(&fm, &mut regions, |l| adapter.redraws(l), &edged)
-        .unwrap();
-    let lungs: Vec<(u8, &ndarray::Array2<bool>)> = (0..2)
-        .map(|l| (l as u8 + 1, &regions[l].as_ref().unwrap().mask))
+    let sam = scout::sam::Sam::for_backbone(&manifest, backbone.id()).unwrap();
+    let steps = images
+        .iter()
+        .map(|pixels| {
+            let (fm, _) = cache.features(&backbone, pixels).unwrap();
+            // The lungs the landmark adapter's own structures draw there (not reported).
+            let guide = scout::image::normalize(pixels).unwrap();
+            let (edged, mut regions) = edged_regions(adapter, &fm, &guide);
+            sam.redraw_structures(&fm, &mut regions, |l| adapter.redraws(l), &edged)
+                .unwrap();
+            let lungs: Vec<(u8, &ndarray::Array2<bool>)> = (0..2)
+                .map(|l| (l as u8 + 1, &regions[l].as_ref().unwrap().mask))
+                .collect();
+            let scores = landmarks.scores(&fm).unwrap();
+            let up = scout::postprocess::upsample_scores(&scores, fm.image_rows, fm.image_columns);
+            let prior = scout::extremes::prior(&landmarks.extremes, &lungs, 10.0, None);
+            assert!(prior.is_some(), "the angles' rules rank the regions");
+            let shape = landmarks.shape.as_ref();
+            let unranked = scout::postprocess::shaped_findings(&up, shape, None);
+            let ranked = scout::postprocess::shaped_findings(&up, shape, prior.as_ref());
+            let mut filled = ranked.clone();
+            scout::postprocess::fill_from_layout(
+                &mut filled,
+                shape.unwrap(),
+                10.0,
+                (fm.image_rows, fm.image_columns),
+            );
+            let mut voted = filled.clone();
+            let rows = landmarks.standardized_rows(&fm).unwrap();
+            scout::votes::refine_findings(
+                &mut voted,
+                &landmarks.votes,
+                rows.view(),
+                &fm,
+                scores.view(),
+            );
+            let mut placed = voted.clone();
+            scout::extremes::refine_findings(&mut placed, &landmarks.extremes, &lungs, shape);
+            ChestLandmarkSteps {
+                unranked,
+                ranked,
+                filled,
+                voted,
+                placed,
+            }
+        })
         .collect();
-    let scores = landmarks.scores(&fm).unwrap();
-    let up = scout::postprocess::upsample_scores(&scores, fm.image_rows, fm.image_columns);
-    let prior = scout::extremes::prior(&landmarks.extremes, &lungs, 10.0, None);
-    assert!(prior.is_some(), "the angles' rules rank the regions");
-    let unranked = scout::postprocess::shaped_findings(&up, landmarks.shape.as_ref(), None);
-    let ranked = scout::postprocess::shaped_findings(&up, landmarks.shape.as_ref(), prior.as_ref());
-    let mut filled = ranked.clone();
-    scout::postprocess::fill_from_layout(
-        &mut filled,
-        landmarks.shape.as_ref().unwrap(),
-        10.0,
-        (fm.image_rows, fm.image_columns),
-    );
-    let mut voted = filled.clone();
-    let rows = landmarks.standardized_rows(&fm).unwrap();
-    scout::votes::refine_findings(
-        &mut voted,
-        &landmarks.votes,
-        rows.view(),
-        &fm,
-        scores.view(),
-    );
-    let mut placed = voted.clone();
-    scout::extremes::refine_findings(
-        &mut placed,
-        &landmarks.extremes,
-        &lungs,
-        landmarks.shape.as_ref(),
-    );
-    let landmarks = landmarks.clone();
-    ChestLandmarkSteps {
-        bundle,
-        landmarks,
-        unranked,
-        ranked,
-        filled,
-        voted,
-        placed,
-    }
+    (bundle, steps)
 }
 
 /// The shipped chest rules through the agent: a chest radiograph that is not one of the
@@ -1170,10 +1170,15 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
     }
 
     // Landmarks: the agent's points are where `scout eval --backbone
-    // litemedsam-hyper-eq`'s steps put them (`chest_landmark_steps`).
-    let steps = chest_landmark_steps(&slice.pixels, &ds.landmark_names);
-    let (landmarks, placed) = (&steps.landmarks, &steps.placed);
-    let (voted, filled) = (&steps.voted, &steps.filled);
+    // litemedsam-hyper-eq`'s steps put them (`chest_landmark_steps`); JPCLN089's steps for
+    // the calibrated run below.
+    let ranked_case = ds.load_case("JPCLN089").unwrap();
+    let (eq_bundle, steps) = chest_landmark_steps(
+        &[&slice.pixels, &ranked_case.slices[0].pixels],
+        &ds.landmark_names,
+    );
+    let landmarks = &eq_bundle.tasks[0].1;
+    let (placed, voted, filled) = (&steps[0].placed, &steps[0].voted, &steps[0].filled);
     let mut moved = 0.0f64;
     let mut to_extreme = 0.0f64;
     for (l, name) in ds.landmark_names.iter().enumerate() {
@@ -1214,8 +1219,7 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
     // away; JPCLN020's are the same either way): an agent that chose regions without the
     // prior would miss eval's steps here.
     assert!(landmarks.calibration.is_empty());
-    let ranked_case = ds.load_case("JPCLN089").unwrap();
-    let steps = chest_landmark_steps(&ranked_case.slices[0].pixels, &ds.landmark_names);
+    let steps = &steps[1];
     let reranked = steps
         .ranked
         .iter()
@@ -1230,7 +1234,7 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         "the angles' prior chose no other region: the check has no teeth"
     );
     let placed = &steps.placed;
-    let mut calibrated = steps.bundle.clone();
+    let mut calibrated = eq_bundle.clone();
     let offsets = vec![Some([0.0, -3.0]), None, Some([2.0, 1.5]), None];
     calibrated.tasks[0].1.calibration = offsets.clone();
     let dir = tempfile::tempdir().unwrap();
@@ -1251,11 +1255,7 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
     );
     let geometry = scout::spool::read_meta(&series.files[0]).unwrap().geometry;
     let mut calibrated_steps = placed.clone();
-    scout::calibration::refine_findings(
-        &mut calibrated_steps,
-        &offsets,
-        steps.landmarks.shape.as_ref(),
-    );
+    scout::calibration::refine_findings(&mut calibrated_steps, &offsets, landmarks.shape.as_ref());
     for (l, name) in ds.landmark_names.iter().enumerate() {
         let (r, c) = geometry
             .patient_to_pixel(offset_points[name].unwrap())
