@@ -1219,11 +1219,11 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
     // away; JPCLN020's are the same either way): an agent that chose regions without the
     // prior would miss eval's steps here.
     assert!(landmarks.calibration.is_empty());
-    let steps = &steps[1];
-    let reranked = steps
+    let jpcln089 = &steps[1];
+    let reranked = jpcln089
         .ranked
         .iter()
-        .zip(&steps.unranked)
+        .zip(&jpcln089.unranked)
         .filter(|(a, b)| match (a, b) {
             (Some(a), Some(b)) => (a.point.0 - b.point.0).hypot(a.point.1 - b.point.1) > 1.0,
             (a, b) => a.is_some() != b.is_some(),
@@ -1233,7 +1233,7 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         reranked > 0,
         "the angles' prior chose no other region: the check has no teeth"
     );
-    let placed = &steps.placed;
+    let placed = &jpcln089.placed;
     let mut calibrated = eq_bundle.clone();
     let offsets = vec![Some([0.0, -3.0]), None, Some([2.0, 1.5]), None];
     calibrated.tasks[0].1.calibration = offsets.clone();
