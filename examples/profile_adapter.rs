@@ -163,7 +163,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 || adapter.train.fragments
                 || !adapter.convex.is_empty())
         {
-            let with = |atlas, enclosed, fragments, convex: &[bool]| {
+            let with = |atlas, enclosed, fragments, outlines: scout::convex::Outlines| {
                 time(&mut || {
                     let mut s = up.clone();
                     let f = postprocess::structures(
@@ -172,31 +172,32 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         atlas,
                         enclosed,
                         fragments,
-                        convex,
+                        outlines,
                         None,
                     );
                     std::hint::black_box(f);
                 })
             };
-            let plain = with(None, None, false, &[]);
-            let weighed = with(adapter.atlas.as_ref(), None, false, &[]);
+            let none = scout::convex::Outlines::default();
+            let plain = with(None, None, false, none);
+            let weighed = with(adapter.atlas.as_ref(), None, false, none);
             let enclosed = with(
                 adapter.atlas.as_ref(),
                 adapter.enclosed.as_ref(),
                 false,
-                &[],
+                none,
             );
             let fragments = with(
                 adapter.atlas.as_ref(),
                 adapter.enclosed.as_ref(),
                 adapter.train.fragments,
-                &[],
+                none,
             );
             let full = with(
                 adapter.atlas.as_ref(),
                 adapter.enclosed.as_ref(),
                 adapter.train.fragments,
-                &adapter.convex,
+                adapter.outlines(),
             );
             // The convex step alone, on what the steps before it found: its cost is below
             // the spread of the whole chain's.
@@ -207,12 +208,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 adapter.atlas.as_ref(),
                 adapter.enclosed.as_ref(),
                 adapter.train.fragments,
-                &[],
+                none,
                 None,
             );
             let alone = time(&mut || {
                 let mut f = found.clone();
-                scout::convex::fill(&mut f, &adapter.convex, &taken);
+                scout::convex::fill(&mut f, adapter.outlines(), &taken);
                 std::hint::black_box(f);
             });
             // The atlas's weighing alone, on the structures found without it, less the

@@ -176,6 +176,11 @@ pub struct TrainConfig {
     /// convex hull of its region, less the other structures' regions (`convex`).
     #[serde(default)]
     pub convex: bool,
+    /// Structures, with `convex`: give each convex structure its moments' ellipse too, at
+    /// the largest scale the templates' own masks fill (`convex::learn_ellipse`), less the
+    /// other structures' regions: a top or bottom the hull left flat is rounded.
+    #[serde(default)]
+    pub ellipse: bool,
     /// Structures: let SAM's decoder redraw, from its region's box, each structure it
     /// redraws faithfully from the templates' own boxes (`sam::Sam::learn_redraws`).
     #[serde(default)]
@@ -280,6 +285,7 @@ impl Default for TrainConfig {
             atlas: false,
             enclosed: false,
             convex: false,
+            ellipse: false,
             sam_redraw: false,
             extremes: false,
             calibrate: false,
@@ -578,6 +584,10 @@ pub struct Adapter {
     /// shows it convex), when trained with `convex` and some structure is.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub convex: Vec<bool>,
+    /// Structures: per structure, the scale of the moments' ellipse a convex one is given
+    /// (`convex::learn_ellipse`), when trained with `ellipse` and some structure has one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ellipse: Vec<Option<f64>>,
     /// Structures: per structure, whether SAM's decoder redraws it (`sam::Sam::redraw`),
     /// when trained with `sam_redraw` and SAM redraws some structure faithfully.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -1113,6 +1123,7 @@ impl Adapter {
             atlas: None,
             enclosed: None,
             convex: Vec::new(),
+            ellipse: Vec::new(),
             sam_redraw: Vec::new(),
             extremes: Vec::new(),
             calibration: Vec::new(),
@@ -1140,9 +1151,11 @@ impl Adapter {
     /// reading only 8 would leave out; 10 for each landmark's reach in the structures'
     /// window, which a build reading only 9 would leave out; 11 for a structure's extreme
     /// that places a landmark only where the adapter found none, which a build reading
-    /// only 10 would average with the adapter's point.
+    /// only 10 would average with the adapter's point; 12 for a convex structure's ellipse,
+    /// which a build reading only 11 would leave out.
     pub fn file_format(&self) -> u32 {
         let t = &self.train;
+        let since_11 = self.ellipse.iter().any(Option::is_some);
         let since_10 = self.extremes.iter().flatten().any(|e| e.fallback);
         let since_9 = self.window.as_ref().is_some_and(|w| w.reach.is_some());
         let since_8 = self.identity.is_some();
@@ -1166,7 +1179,9 @@ impl Adapter {
             || t.pose
             || t.coarse_landmarks;
         let members = self.members.iter().map(Adapter::file_format).max();
-        let own = if since_10 {
+        let own = if since_11 {
+            12
+        } else if since_10 {
             11
         } else if since_9 {
             10
@@ -1302,6 +1317,27 @@ impl Adapter {
         }
         if !self.convex.is_empty() && self.convex.len() != n {
             return Err(format!("{} convex flags for {n} labels", self.convex.len()));
+        }
+        if !self.ellipse.is_empty() && self.ellipse.len() != n {
+            return Err(format!(
+                "{} ellipse scales for {n} labels",
+                self.ellipse.len()
+            ));
+        }
+        if let Some(bad) = self
+            .ellipse
+            .iter()
+            .flatten()
+            .find(|s| !(s.is_finite() && **s > 0.0 && **s <= 2.0))
+        {
+            return Err(format!("ellipse scale {bad} outside (0, 2]"));
+        }
+        if let Some(l) = (0..self.ellipse.len())
+            .find(|&l| self.ellipse[l].is_some() && !self.convex.get(l).copied().unwrap_or(false))
+        {
+            return Err(format!(
+                "an ellipse scale for label {l}, which is not drawn convex"
+            ));
         }
         if !self.sam_redraw.is_empty() && self.sam_redraw.len() != n {
             return Err(format!(
@@ -1780,6 +1816,14 @@ impl Adapter {
                 ReferenceTerms { terms, exp }
             })
             .collect()
+    }
+
+    /// How its structures' outlines are drawn (`convex::fill`).
+    pub fn outlines(&self) -> crate::convex::Outlines<'_> {
+        crate::convex::Outlines {
+            convex: &self.convex,
+            ellipse: &self.ellipse,
+        }
     }
 
     /// Whether SAM's decoder redraws structure `l` (`sam_redraw`).

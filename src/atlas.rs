@@ -376,13 +376,14 @@ mod tests {
             let spill = (55..62).any(|r| (28..34).any(|c| m[[r, c]]));
             (hole, spill)
         };
-        let plain = structures(&mut scores.clone(), None, None, None, false, &[], None);
+        let none = crate::convex::Outlines::default();
+        let plain = structures(&mut scores.clone(), None, None, None, false, none, None);
         assert_eq!(
             heart(&plain),
             (false, true),
             "the hole and the spill are there"
         );
-        let with = structures(&mut scores, None, Some(&atlas), None, false, &[], None);
+        let with = structures(&mut scores, None, Some(&atlas), None, false, none, None);
         assert_eq!(heart(&with), (true, false), "filled and cut");
         // The lungs the adapter was sure of stay as they were.
         for l in 0..2 {

@@ -535,14 +535,15 @@ mod tests {
             let spill = (72..80).any(|r| (37..44).any(|c| h[[r, c]]));
             (bottom, spill)
         };
-        let plain = structures(&mut scores.clone(), None, None, None, false, &[], None);
+        let none = crate::convex::Outlines::default();
+        let plain = structures(&mut scores.clone(), None, None, None, false, none, None);
         assert_eq!(
             heart(&plain),
             (false, true),
             "the test's scores miss and spill"
         );
         let mut weighed = scores.clone();
-        let with = structures(&mut weighed, None, None, Some(&m), false, &[], None);
+        let with = structures(&mut weighed, None, None, Some(&m), false, none, None);
         assert_eq!(heart(&with), (true, false));
         // The lungs' scores are not touched.
         assert!(crate::same_bits(
@@ -553,7 +554,7 @@ mod tests {
         let mut alone = scores.clone();
         alone.slice_mut(ndarray::s![..2, .., ..]).fill(0.0);
         let before = alone.clone();
-        let found = structures(&mut alone.clone(), None, None, None, false, &[], None);
+        let found = structures(&mut alone.clone(), None, None, None, false, none, None);
         assert!(!m.apply(&mut alone, &found));
         assert!(crate::same_bits(alone.iter(), before.iter()));
     }

@@ -772,9 +772,27 @@ pub fn train_task<C: std::borrow::Borrow<(Case, Vec<FeatureMap>)>>(
             let maps = templates.iter().filter_map(|(case, _)| {
                 case.slices.get(case.center).and_then(|s| s.labels.as_ref())
             });
-            let convex = crate::convex::learn(maps, &values);
+            let convex = crate::convex::learn(maps.clone(), &values);
             // None convex: the file stays as it was.
             if convex.iter().any(|c| *c) {
+                if config.ellipse {
+                    let ellipse = crate::convex::learn_ellipse(maps, &values, &convex);
+                    log::info!(
+                        "convex structures' ellipses: {}",
+                        values
+                            .iter()
+                            .zip(&ellipse)
+                            .map(|(v, e)| match e {
+                                Some(s) => format!("{v} at scale {s:.2}"),
+                                None => format!("{v} none"),
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                    if ellipse.iter().any(Option::is_some) {
+                        a.ellipse = ellipse;
+                    }
+                }
                 a.convex = convex;
             }
         }
@@ -1335,10 +1353,18 @@ pub fn evaluate(
     opts: &EvalOptions,
 ) -> Result<Report, EvalError> {
     let n_templates = opts.templates.max(1);
-    if dataset.cases.len() <= n_templates + opts.template_offset {
+    // A fold's templates may be the last cases: its test cases are all the others.
+    let n_cases = dataset.cases.len();
+    if opts.template_offset + n_templates > n_cases {
         return Err(EvalError::Setup(format!(
-            "{} cases: none left to test with {n_templates} templates",
-            dataset.cases.len()
+            "{n_cases} cases: no templates {}–{} among them",
+            opts.template_offset + 1,
+            opts.template_offset + n_templates
+        )));
+    }
+    if n_cases <= n_templates {
+        return Err(EvalError::Setup(format!(
+            "{n_cases} cases: none left to test with {n_templates} templates"
         )));
     }
     let a = &opts.augment;

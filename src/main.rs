@@ -350,6 +350,11 @@ struct ContextArgs {
     /// convex hull of its region, less the other structures' regions.
     #[arg(long)]
     convex: bool,
+    /// Structures, with --convex: give each convex structure its moments' ellipse too, as
+    /// large as the templates' own masks fill it, less the other structures' regions (a
+    /// heart whose faint top or bottom the hull left flat is rounded).
+    #[arg(long, requires = "convex")]
+    ellipse: bool,
     /// Structures: let SAM's decoder redraw, from its region's box, each structure that
     /// SAM redraws from the templates' own boxes at IoU 0.85 or more (the lungs, not the
     /// heart); its mask is kept where SAM's predicted IoU is 0.8 or more and it overlaps the
@@ -420,6 +425,7 @@ impl ContextArgs {
             atlas: self.atlas,
             enclosed: self.enclosed,
             convex: self.convex,
+            ellipse: self.ellipse,
             sam_redraw: self.sam_redraw,
             extremes: self.extremes,
             calibrate: self.calibrate,
@@ -1017,7 +1023,7 @@ mod tests {
     #[test]
     fn each_flag_sets_its_own_training_option() {
         type Set = fn(&mut TrainConfig);
-        let cases: [(&[&str], Set); 32] = [
+        let cases: [(&[&str], Set); 33] = [
             (&[], |_| {}),
             (&["--shape"], |c| c.shape = true),
             (&["--patches"], |c| c.patches = true),
@@ -1050,6 +1056,10 @@ mod tests {
             (&["--atlas"], |c| c.atlas = true),
             (&["--enclosed"], |c| c.enclosed = true),
             (&["--convex"], |c| c.convex = true),
+            (&["--convex", "--ellipse"], |c| {
+                c.convex = true;
+                c.ellipse = true
+            }),
             (&["--sam-redraw"], |c| c.sam_redraw = true),
             (&["--sam-redraw", "--extremes"], |c| {
                 c.sam_redraw = true;

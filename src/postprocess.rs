@@ -389,15 +389,15 @@ pub fn structure_findings(
 /// the scores are weighed and the structures found again), and the `enclosed` ones by the
 /// templates' share of them in a frame placed by the structures found around them (the
 /// same first structures), with `fragments` given the foreground fragments that touch
-/// them (`merge_fragments`), and the `convex` ones (per structure; none when empty) drawn
-/// as their hulls (`convex::fill`).
+/// them (`merge_fragments`), and the convex ones drawn as their hulls, with their ellipses
+/// where the adapter has them (`convex::fill`).
 pub fn structures(
     scores: &mut Array3<f32>,
     shape: Option<&ShapeModel>,
     atlas: Option<&crate::atlas::StructureAtlas>,
     enclosed: Option<&crate::enclosed::EnclosedModel>,
     fragments: bool,
-    convex: &[bool],
+    outlines: crate::convex::Outlines,
     prior: Option<&Prior>,
 ) -> Vec<Option<Finding>> {
     let mut found = structure_findings(scores, shape, prior);
@@ -411,7 +411,7 @@ pub fn structures(
     if fragments {
         merge_fragments(scores, &mut found);
     }
-    crate::convex::fill(&mut found, convex, scores);
+    crate::convex::fill(&mut found, outlines, scores);
     found
 }
 

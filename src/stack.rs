@@ -157,7 +157,7 @@ impl Anchor {
             adapter.and_then(|a| a.atlas.as_ref()),
             adapter.and_then(|a| a.enclosed.as_ref()),
             adapter.is_some_and(|a| a.train.fragments),
-            adapter.map_or(&[][..], |a| &a.convex[..]),
+            adapter.map(Adapter::outlines).unwrap_or_default(),
             self.prior.as_ref(),
         );
         if step == 0 && named.iter().any(Option::is_some) {

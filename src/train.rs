@@ -24,8 +24,9 @@ use std::path::Path;
 /// which a build reading only 8 would leave out; 10 = each landmark's own reach in the
 /// structures' window (`LandmarkWindow::reach`), which a build reading only 9 would
 /// leave out; 11 = a structure's extreme as a fallback (`extremes::Extreme::fallback`),
-/// which a build reading only 10 would average with the adapter's point.
-pub const FORMATS: std::ops::RangeInclusive<u32> = 1..=11;
+/// which a build reading only 10 would average with the adapter's point; 12 = a convex
+/// structure's ellipse (`Adapter::ellipse`), which a build reading only 11 would leave out.
+pub const FORMATS: std::ops::RangeInclusive<u32> = 1..=12;
 
 /// The least format that holds `tasks`.
 fn format_of(tasks: &[(Task, Adapter)]) -> u32 {
@@ -320,6 +321,7 @@ pub fn train_dataset(
         (config.atlas, " --atlas"),
         (config.enclosed, " --enclosed"),
         (config.convex, " --convex"),
+        (config.ellipse, " --ellipse"),
         (config.sam_redraw, " --sam-redraw"),
         (config.extremes, " --extremes"),
         (config.calibrate, " --calibrate"),

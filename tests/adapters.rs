@@ -279,6 +279,33 @@ fn a_window_around_the_landmarks_keeps_the_structures() {
     );
 }
 
+/// `--folds`: a fold's templates may be the data set's last cases, tested on all the
+/// others (the cases before them); templates past the last case are an error.
+#[test]
+fn the_last_fold_is_tested_on_the_cases_before_its_templates() {
+    let tmp = tempfile::tempdir().unwrap();
+    common::synthetic_image_dataset(tmp.path(), 4);
+    let ds = Dataset::open(tmp.path()).unwrap();
+    let fold = |template_offset: usize| EvalOptions {
+        templates: 2,
+        template_offset,
+        only: Some(TaskKind::Landmarks),
+        train: TrainConfig {
+            steps: 100,
+            ..TrainConfig::default()
+        },
+        ..options(Method::Classification)
+    };
+    let report = evaluate(&ds, backbone(), &cache(), None, &fold(2)).unwrap();
+    assert_eq!(report.templates, ["case02", "case03"]);
+    assert_eq!(
+        report.cases.keys().collect::<Vec<_>>(),
+        ["case00", "case01"]
+    );
+    let err = evaluate(&ds, backbone(), &cache(), None, &fold(3)).expect_err("past the last");
+    assert!(err.to_string().contains("no templates 4–5"), "{err}");
+}
+
 /// `--only` a kind of task the data set lacks is an error, not an empty report.
 #[test]
 fn only_a_missing_task_kind_is_an_error() {
@@ -339,6 +366,7 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
             atlas: true,
             enclosed: true,
             convex: true,
+            ellipse: true,
             fragments: true,
             pose: true,
             window: true,
@@ -347,10 +375,10 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
     )
     .unwrap();
     assert_eq!(bundle.tasks.len(), 2, "landmarks and structures");
-    // Ensembles need format 2, the steps since (votes, atlas, stack anchor, ...) 3 and the
-    // window's reach per landmark 10: a build that reads less refuses the file instead of
-    // scoring or placing without them.
-    assert_eq!(bundle.format, 10);
+    // Ensembles need format 2, the steps since (votes, atlas, stack anchor, ...) 3, the
+    // window's reach per landmark 10 and the convex structures' ellipses 12: a build that
+    // reads less refuses the file instead of scoring or placing without them.
+    assert_eq!(bundle.format, 12);
     assert!(bundle.tasks.iter().all(|(_, a)| a.members.len() == 1));
     let (landmarks, structures) = (&bundle.tasks[0].1, &bundle.tasks[1].1);
     assert_eq!(landmarks.patches.len(), landmarks.labels.len());
@@ -373,6 +401,18 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
     // The square and the disk are convex in every template; landmarks have no regions.
     assert_eq!(structures.convex, vec![true, true]);
     assert!(landmarks.convex.is_empty());
+    // Each fills its moments' ellipse to some scale (the disk to the full one, the square
+    // to less: the ellipse reaches past its sides).
+    assert!(
+        structures.ellipse.len() == 2
+            && structures
+                .ellipse
+                .iter()
+                .all(|s| s.is_some_and(|s| (0.9..=1.0).contains(&s))),
+        "{:?}",
+        structures.ellipse
+    );
+    assert!(landmarks.ellipse.is_empty());
     // Border negatives are for structures only.
     assert!(!landmarks.train.borders && structures.train.borders);
     assert!(
@@ -385,6 +425,7 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
             && bundle.provenance.contains("--atlas")
             && bundle.provenance.contains("--enclosed")
             && bundle.provenance.contains("--convex")
+            && bundle.provenance.contains("--ellipse")
             && bundle.provenance.contains("--fragments")
             && bundle.provenance.contains("--pose"),
         "{}",
@@ -406,7 +447,7 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
         );
         let enclosed = |x: &scout::adapter::Adapter| serde_json::to_string(&x.enclosed).unwrap();
         assert_eq!(enclosed(a), enclosed(b));
-        assert_eq!(a.convex, b.convex);
+        assert_eq!((&a.convex, &a.ellipse), (&b.convex, &b.ellipse));
         // JSON keeps the share to the last digit or so (serde_json's float parser).
         let window = |w: &Option<scout::window::LandmarkWindow>| {
             w.as_ref()
@@ -445,6 +486,10 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         if let Some(window) = json["tasks"][1][1]["window"].as_object_mut() {
             window.remove("reach");
+        }
+        // What format 3 cannot hold either.
+        if let Some(structures) = json["tasks"][1][1].as_object_mut() {
+            structures.remove("ellipse");
         }
         json["format"] = serde_json::json!(3);
         edit(&mut json);
@@ -662,9 +707,14 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
         err.contains("no adapter of the file has SAM redraw"),
         "{err}"
     );
-    // The same rule on a structure the structures' adapter redraws is taken.
+    // The same rule on a structure the structures' adapter redraws is taken (the file's
+    // ellipses, of format 12, are left out until the formats below are checked).
     let mut json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    json["tasks"][1][1]
+        .as_object_mut()
+        .unwrap()
+        .remove("ellipse");
     json["tasks"][1][1]["sam_redraw"] = serde_json::json!(vec![true; labels]);
     json["tasks"][0][1]["extremes"] = extremes(landmark_count);
     // Not beside the structures' window, which needs the landmarks first.
@@ -692,6 +742,31 @@ fn trained_adapters_round_trip_through_an_adapter_file() {
     std::fs::write(&broken, json.to_string()).unwrap();
     let taken = scout::train::Bundle::load(&broken, backbone()).unwrap();
     assert!(taken.tasks[0].1.extremes[0].is_some_and(|e| e.fallback));
+    // A convex structure's ellipse: a scale per label, each within (0, 2] and for a
+    // structure drawn convex; a build reading only format 11 would leave it out.
+    let scales = |scale: f64, n: usize| serde_json::json!(vec![Some(scale); n]);
+    json["tasks"][1][1]["convex"] = serde_json::json!(vec![true; labels]);
+    for (convex, ellipse, says) in [
+        (true, scales(0.95, labels + 1), "ellipse scales"),
+        (true, scales(-1.0, labels), "ellipse scale -1"),
+        (true, scales(2.5, labels), "ellipse scale 2.5"),
+        (false, scales(0.95, labels), "not drawn convex"),
+    ] {
+        let err = refused(&|json| {
+            json["format"] = serde_json::json!(12);
+            json["tasks"][1][1]["convex"] = serde_json::json!(vec![convex; labels]);
+            json["tasks"][1][1]["ellipse"] = ellipse.clone();
+        });
+        assert!(err.contains(says), "{err}");
+    }
+    json["tasks"][1][1]["ellipse"] = scales(0.95, labels);
+    std::fs::write(&broken, json.to_string()).unwrap();
+    let err = scout::train::Bundle::load(&broken, backbone()).unwrap_err();
+    assert!(err.to_string().contains("format 12 at least"), "{err}");
+    json["format"] = serde_json::json!(12);
+    std::fs::write(&broken, json.to_string()).unwrap();
+    let taken = scout::train::Bundle::load(&broken, backbone()).unwrap();
+    assert_eq!(taken.tasks[1].1.ellipse, vec![Some(0.95); labels]);
     // An adapter made for another backbone is refused with a clear error.
     let m =
         Manifest::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/models.toml")).unwrap();

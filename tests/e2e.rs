@@ -828,7 +828,8 @@ fn assert_all_found_and_most_within_10px(errors: &[Option<[f64; 2]>]) {
 
 /// The regions of `adapter`'s structures on `fm` as `scout eval` draws them: scores
 /// refined to the edges of `guide` (the slice normalised), then the structure steps (atlas,
-/// the heart placed through the lungs, fragments, convex hulls); the refined scores too.
+/// the heart placed through the lungs, fragments, convex hulls and their ellipses); the
+/// refined scores too.
 fn edged_regions(
     adapter: &scout::adapter::Adapter,
     fm: &scout::backbone::FeatureMap,
@@ -849,7 +850,7 @@ fn edged_regions(
         adapter.atlas.as_ref(),
         adapter.enclosed.as_ref(),
         adapter.train.fragments,
-        &adapter.convex,
+        adapter.outlines(),
         None,
     );
     (edged, refined)
@@ -1085,7 +1086,8 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         fm.image_columns,
     );
     // `scout eval`'s steps: edges, then the atlas, the heart placed through the lungs,
-    // the fragments, the heart drawn convex, and the lungs redrawn by SAM.
+    // the fragments, the heart drawn convex and rounded by its ellipse, and the lungs
+    // redrawn by SAM.
     assert!(
         adapter.atlas.is_some(),
         "the shipped chest adapter has an atlas"
@@ -1110,8 +1112,17 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         [true, true, false],
         "the shipped chest adapter has SAM redraw the lungs, not the heart"
     );
-    // A build from before SAM redrew refuses the file rather than draw the lungs without it.
-    assert_eq!(bundle.format, 3);
+    assert_eq!(
+        adapter
+            .ellipse
+            .iter()
+            .map(Option::is_some)
+            .collect::<Vec<_>>(),
+        [false, false, true],
+        "the shipped chest adapter rounds the heart, and only the heart, by its ellipse"
+    );
+    // A build from before the ellipses refuses the file rather than draw the heart without.
+    assert_eq!(bundle.format, 12);
     let guide = scout::image::normalize(&slice.pixels).unwrap();
     let (edged, mut refined) = edged_regions(adapter, &fm, &guide);
     let manifest = scout::backbone::Manifest::load(&root.join("models/models.toml")).unwrap();
