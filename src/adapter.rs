@@ -172,6 +172,11 @@ pub struct TrainConfig {
     /// it place on the target (`enclosed`).
     #[serde(default)]
     pub enclosed: bool,
+    /// Structures, with `enclosed`: each template's enclosed structure enters the frame's
+    /// share at the scales of `enclosed::SIZES` (0.8 to 1.2) about its centroid, so that
+    /// a heart larger or smaller against the lungs than the templates' is not cut to theirs.
+    #[serde(default)]
+    pub enclosed_sizes: bool,
     /// Structures: draw a structure that every template shows convex (the heart) as the
     /// convex hull of its region, less the other structures' regions (`convex`).
     #[serde(default)]
@@ -284,6 +289,7 @@ impl Default for TrainConfig {
             votes: false,
             atlas: false,
             enclosed: false,
+            enclosed_sizes: false,
             convex: false,
             ellipse: false,
             sam_redraw: false,

@@ -765,7 +765,12 @@ pub fn train_task<C: std::borrow::Borrow<(Case, Vec<FeatureMap>)>>(
             let maps = templates.iter().filter_map(|(case, _)| {
                 case.slices.get(case.center).and_then(|s| s.labels.as_ref())
             });
-            a.enclosed = crate::enclosed::EnclosedModel::fit(maps, &values);
+            let sizes: &[f32] = if config.enclosed_sizes {
+                &crate::enclosed::SIZES
+            } else {
+                &[1.0]
+            };
+            a.enclosed = crate::enclosed::EnclosedModel::fit(maps, &values, sizes);
         }
         if let (Task::Structures { values }, true) = (task, config.convex) {
             let values: Vec<u8> = group.iter().map(|&l| values[l]).collect();

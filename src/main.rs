@@ -346,6 +346,11 @@ struct ContextArgs {
     /// that the structures found around it place (affine fit of their outlines).
     #[arg(long)]
     enclosed: bool,
+    /// Structures, with --enclosed: take each template's enclosed structure at scales 0.8
+    /// to 1.2 about its centroid into the frame's share, so that a heart larger or smaller
+    /// against the lungs than every template's is not cut to their size.
+    #[arg(long, requires = "enclosed")]
+    enclosed_sizes: bool,
     /// Structures: draw a structure that every template shows convex (the heart) as the
     /// convex hull of its region, less the other structures' regions.
     #[arg(long)]
@@ -424,6 +429,7 @@ impl ContextArgs {
             votes: self.votes,
             atlas: self.atlas,
             enclosed: self.enclosed,
+            enclosed_sizes: self.enclosed_sizes,
             convex: self.convex,
             ellipse: self.ellipse,
             sam_redraw: self.sam_redraw,
@@ -1023,7 +1029,7 @@ mod tests {
     #[test]
     fn each_flag_sets_its_own_training_option() {
         type Set = fn(&mut TrainConfig);
-        let cases: [(&[&str], Set); 33] = [
+        let cases: [(&[&str], Set); 34] = [
             (&[], |_| {}),
             (&["--shape"], |c| c.shape = true),
             (&["--patches"], |c| c.patches = true),
@@ -1055,6 +1061,10 @@ mod tests {
             (&["--votes"], |c| c.votes = true),
             (&["--atlas"], |c| c.atlas = true),
             (&["--enclosed"], |c| c.enclosed = true),
+            (&["--enclosed", "--enclosed-sizes"], |c| {
+                c.enclosed = true;
+                c.enclosed_sizes = true
+            }),
             (&["--convex"], |c| c.convex = true),
             (&["--convex", "--ellipse"], |c| {
                 c.convex = true;
@@ -1111,13 +1121,19 @@ mod tests {
             .expect("refused")
             .to_string();
         assert!(e.contains("--landmark-position"), "{e}");
-        // The structures' own copies are copies of the augmented templates.
-        for flag in ["--augment-shift", "--augment-stretch"] {
+        // The structures' own copies are copies of the augmented templates; the ellipse
+        // is a convex structure's, the sizes an enclosed structure's.
+        for (flag, needs) in [
+            ("--augment-shift", "--augment"),
+            ("--augment-stretch", "--augment"),
+            ("--ellipse", "--convex"),
+            ("--enclosed-sizes", "--enclosed"),
+        ] {
             let e = Cli::try_parse_from(["scout", "train", "ds", "--out", "a", flag])
                 .err()
                 .expect("refused")
                 .to_string();
-            assert!(e.lines().any(|l| l.trim() == "--augment"), "{flag}: {e}");
+            assert!(e.lines().any(|l| l.trim() == needs), "{flag}: {e}");
         }
     }
 

@@ -320,6 +320,7 @@ pub fn train_dataset(
         (config.votes, " --votes"),
         (config.atlas, " --atlas"),
         (config.enclosed, " --enclosed"),
+        (config.enclosed_sizes, " --enclosed-sizes"),
         (config.convex, " --convex"),
         (config.ellipse, " --ellipse"),
         (config.sam_redraw, " --sam-redraw"),

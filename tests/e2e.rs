@@ -1102,6 +1102,17 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         [false, false, true],
         "the shipped chest adapter places the heart through the lungs"
     );
+    // ...at the templates' hearts scaled from 0.8 to 1.2: some shares under the fifth
+    // that one of the 5 templates gives alone.
+    assert!(adapter.train.enclosed_sizes);
+    let share = &adapter.enclosed.as_ref().unwrap().frames[2]
+        .as_ref()
+        .unwrap()
+        .share;
+    assert!(
+        share.iter().any(|v| *v > 0.0 && *v < 0.2),
+        "the shipped chest adapter's heart frame tapers off past the templates' hearts"
+    );
     assert_eq!(
         adapter.convex,
         [false, false, true],
