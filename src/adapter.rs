@@ -177,6 +177,12 @@ pub struct TrainConfig {
     /// a heart larger or smaller against the lungs than the templates' is not cut to theirs.
     #[serde(default)]
     pub enclosed_sizes: bool,
+    /// Structures, with `enclosed`: an enclosed structure takes the background between it
+    /// and a structure around it where that gap is at most `enclosed::GAP_CELLS` cells
+    /// wide along a row or a column (`EnclosedModel::close_gaps`): a heart whose faint
+    /// edge fell short of a lung reaches it, and is drawn by its outline rule again.
+    #[serde(default)]
+    pub enclosed_gaps: bool,
     /// Structures: draw a structure that every template shows convex (the heart) as the
     /// convex hull of its region, less the other structures' regions (`convex`).
     #[serde(default)]
@@ -290,6 +296,7 @@ impl Default for TrainConfig {
             atlas: false,
             enclosed: false,
             enclosed_sizes: false,
+            enclosed_gaps: false,
             convex: false,
             ellipse: false,
             sam_redraw: false,
@@ -1158,9 +1165,11 @@ impl Adapter {
     /// window, which a build reading only 9 would leave out; 11 for a structure's extreme
     /// that places a landmark only where the adapter found none, which a build reading
     /// only 10 would average with the adapter's point; 12 for a convex structure's ellipse,
-    /// which a build reading only 11 would leave out.
+    /// which a build reading only 11 would leave out; 13 for an enclosed structure's gaps
+    /// closed, a flag alone, which a build reading only 12 would leave out.
     pub fn file_format(&self) -> u32 {
         let t = &self.train;
+        let since_12 = t.enclosed_gaps && self.enclosed.is_some();
         let since_11 = self.ellipse.iter().any(Option::is_some);
         let since_10 = self.extremes.iter().flatten().any(|e| e.fallback);
         let since_9 = self.window.as_ref().is_some_and(|w| w.reach.is_some());
@@ -1185,7 +1194,9 @@ impl Adapter {
             || t.pose
             || t.coarse_landmarks;
         let members = self.members.iter().map(Adapter::file_format).max();
-        let own = if since_11 {
+        let own = if since_12 {
+            13
+        } else if since_11 {
             12
         } else if since_10 {
             11
@@ -1829,6 +1840,25 @@ impl Adapter {
         crate::convex::Outlines {
             convex: &self.convex,
             ellipse: &self.ellipse,
+        }
+    }
+
+    /// With `enclosed_gaps`, gives the enclosed structures among the structures `found`
+    /// in a slice the narrow gaps between them and those around them, and draws a convex
+    /// one by its outline rule again (`EnclosedModel::close_gaps`; `cell`: a grid cell's
+    /// height and width in pixels, `scores`: per label at image resolution). Whether any
+    /// changed.
+    pub fn close_gaps(
+        &self,
+        found: &mut [Option<crate::postprocess::Finding>],
+        cell: (f64, f64),
+        scores: &Array3<f32>,
+    ) -> bool {
+        match (&self.enclosed, self.train.enclosed_gaps) {
+            (Some(model), true) => model
+                .close_gaps(found, cell, scores, self.outlines())
+                .contains(&true),
+            _ => false,
         }
     }
 
@@ -3441,6 +3471,22 @@ mod synthetic {
         assert_eq!(fallback.file_format(), 11);
         m.members[0].extremes = fallback.extremes.clone();
         assert_eq!(m.file_format(), 11);
+        // A convex structure's ellipse, since 11; an enclosed structure's gaps closed, a
+        // flag alone since 12, which a frame must be there to close them towards.
+        let mut rounded = fallback.clone();
+        rounded.ellipse = vec![None, Some(0.95)];
+        assert_eq!(rounded.file_format(), 12);
+        let mut closed = rounded.clone();
+        closed.train.enclosed_gaps = true;
+        assert_eq!(closed.file_format(), 12, "no frame: nothing to close");
+        closed.enclosed = Some(crate::enclosed::EnclosedModel {
+            grid: 2,
+            frames: vec![None, None],
+        });
+        assert_eq!(closed.file_format(), 13);
+        m.members[0].train.enclosed_gaps = true;
+        m.members[0].enclosed = closed.enclosed.clone();
+        assert_eq!(m.file_format(), 13);
         // Flags that stored nothing change nothing.
         let mut unused = plain.clone();
         unused.convex = vec![false, false];

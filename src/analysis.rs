@@ -544,6 +544,10 @@ impl Engine {
                                     }
                                 }
                             }
+                            // Against the structures as drawn last, SAM's included.
+                            let cell =
+                                crate::patch::cell_px((fm.image_rows, fm.image_columns), fm.grid());
+                            adapter.close_gaps(&mut found, cell, &up);
                             found
                         }
                     };

@@ -869,6 +869,16 @@ fn slice_structures(
     Ok((found, up))
 }
 
+/// The structures' last step, after SAM's redraws, as the agent takes it
+/// (`Adapter::close_gaps`): `found` in a slice read as `fm`, `up` its scores at image
+/// resolution.
+fn close_gaps(trained: &Trained, fm: &FeatureMap, found: &mut [Option<Finding>], up: &Array3<f32>) {
+    if let Some(a) = trained.adapters.first() {
+        let cell = crate::patch::cell_px((fm.image_rows, fm.image_columns), fm.grid());
+        a.close_gaps(found, cell, up);
+    }
+}
+
 /// Slice k*'s structures as the landmarks task took them for `extremes` (SAM's redraws
 /// included), with what they cost: the structures task would take them again to the bit.
 struct CentreStructures {
@@ -1640,6 +1650,7 @@ pub fn evaluate(
                     let redraws = |l| structures.adapters.first().is_some_and(|a| a.redraws(l));
                     let calls = sam.redraw_structures(whole, &mut drawn, redraws, &up)?;
                     let sam_ms = t.elapsed().as_secs_f64() * 1000.0;
+                    close_gaps(structures, whole, &mut drawn, &up);
                     taken = Some(CentreStructures {
                         found: drawn,
                         anchor,
@@ -1942,6 +1953,7 @@ pub fn evaluate(
                         let calls = sam.redraw_structures(fm, &mut found, |l| a.redraws(l), &up)?;
                         record_sam(t.elapsed().as_secs_f64() * 1000.0, &calls);
                     }
+                    close_gaps(&trained, fm, &mut found, &up);
                     found
                 };
                 let mut pred_masks: Vec<Option<Array2<bool>>> = Vec::with_capacity(values.len());

@@ -351,6 +351,12 @@ struct ContextArgs {
     /// against the lungs than every template's is not cut to their size.
     #[arg(long, requires = "enclosed")]
     enclosed_sizes: bool,
+    /// Structures, with --enclosed: give an enclosed structure the background between it
+    /// and a structure around it where that gap is at most two cells of the structures'
+    /// grid along a row or a column (a heart whose faint edge fell short of a lung), then
+    /// draw it convex again where --convex does.
+    #[arg(long, requires = "enclosed")]
+    enclosed_gaps: bool,
     /// Structures: draw a structure that every template shows convex (the heart) as the
     /// convex hull of its region, less the other structures' regions.
     #[arg(long)]
@@ -430,6 +436,7 @@ impl ContextArgs {
             atlas: self.atlas,
             enclosed: self.enclosed,
             enclosed_sizes: self.enclosed_sizes,
+            enclosed_gaps: self.enclosed_gaps,
             convex: self.convex,
             ellipse: self.ellipse,
             sam_redraw: self.sam_redraw,
@@ -1029,7 +1036,7 @@ mod tests {
     #[test]
     fn each_flag_sets_its_own_training_option() {
         type Set = fn(&mut TrainConfig);
-        let cases: [(&[&str], Set); 34] = [
+        let cases: [(&[&str], Set); 35] = [
             (&[], |_| {}),
             (&["--shape"], |c| c.shape = true),
             (&["--patches"], |c| c.patches = true),
@@ -1064,6 +1071,10 @@ mod tests {
             (&["--enclosed", "--enclosed-sizes"], |c| {
                 c.enclosed = true;
                 c.enclosed_sizes = true
+            }),
+            (&["--enclosed", "--enclosed-gaps"], |c| {
+                c.enclosed = true;
+                c.enclosed_gaps = true
             }),
             (&["--convex"], |c| c.convex = true),
             (&["--convex", "--ellipse"], |c| {
@@ -1122,12 +1133,13 @@ mod tests {
             .to_string();
         assert!(e.contains("--landmark-position"), "{e}");
         // The structures' own copies are copies of the augmented templates; the ellipse
-        // is a convex structure's, the sizes an enclosed structure's.
+        // is a convex structure's, the sizes and gaps an enclosed structure's.
         for (flag, needs) in [
             ("--augment-shift", "--augment"),
             ("--augment-stretch", "--augment"),
             ("--ellipse", "--convex"),
             ("--enclosed-sizes", "--enclosed"),
+            ("--enclosed-gaps", "--enclosed"),
         ] {
             let e = Cli::try_parse_from(["scout", "train", "ds", "--out", "a", flag])
                 .err()

@@ -26,7 +26,7 @@ use std::path::Path;
 /// leave out; 11 = a structure's extreme as a fallback (`extremes::Extreme::fallback`),
 /// which a build reading only 10 would average with the adapter's point; 12 = a convex
 /// structure's ellipse (`Adapter::ellipse`), which a build reading only 11 would leave out.
-pub const FORMATS: std::ops::RangeInclusive<u32> = 1..=12;
+pub const FORMATS: std::ops::RangeInclusive<u32> = 1..=13;
 
 /// The least format that holds `tasks`.
 fn format_of(tasks: &[(Task, Adapter)]) -> u32 {
@@ -321,6 +321,7 @@ pub fn train_dataset(
         (config.atlas, " --atlas"),
         (config.enclosed, " --enclosed"),
         (config.enclosed_sizes, " --enclosed-sizes"),
+        (config.enclosed_gaps, " --enclosed-gaps"),
         (config.convex, " --convex"),
         (config.ellipse, " --ellipse"),
         (config.sam_redraw, " --sam-redraw"),

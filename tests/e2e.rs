@@ -1132,8 +1132,10 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         [false, false, true],
         "the shipped chest adapter rounds the heart, and only the heart, by its ellipse"
     );
-    // A build from before the ellipses refuses the file rather than draw the heart without.
-    assert_eq!(bundle.format, 12);
+    // A build from before the heart's gaps were closed refuses the file rather than leave
+    // them open.
+    assert!(adapter.train.enclosed_gaps);
+    assert_eq!(bundle.format, 13);
     let guide = scout::image::normalize(&slice.pixels).unwrap();
     let (edged, mut refined) = edged_regions(adapter, &fm, &guide);
     let manifest = scout::backbone::Manifest::load(&root.join("models/models.toml")).unwrap();
@@ -1175,6 +1177,21 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
         iou(&heart, &label),
         iou(after, &label)
     );
+    // Then the heart reaches the lungs across gaps of at most two of the grid's cells and
+    // is drawn by its outline rule again.
+    let open = after.clone();
+    let cell = scout::patch::cell_px((fm.image_rows, fm.image_columns), fm.grid());
+    assert!(
+        adapter.close_gaps(&mut refined, cell, &edged),
+        "the heart has no gap to the lungs to close: no teeth"
+    );
+    let closed = &refined[2].as_ref().unwrap().mask;
+    eprintln!(
+        "Heart: its gaps to the lungs closed and drawn convex again, {} pixels more; against the truth {:.3} -> {:.3}",
+        closed.iter().filter(|m| **m).count() as i64 - open.iter().filter(|m| **m).count() as i64,
+        iou(&open, &label),
+        iou(closed, &label)
+    );
     let plain = scout::postprocess::structure_findings(&plain, adapter.shape.as_ref(), None);
     for (l, name) in ["Right lung", "Left lung", "Heart"].iter().enumerate() {
         let got = &masks[*name];
@@ -1189,6 +1206,12 @@ fn real_chest_landmarks_through_the_multi_layer_backbone() {
             "{name}: {to_truth}"
         );
         assert!(to_refined >= 0.99 && to_refined > to_plain, "{name}");
+        if l == 2 {
+            assert!(
+                to_refined > iou(got, &open),
+                "the agent left the heart's gaps open"
+            );
+        }
     }
 
     // Landmarks: the agent's points are where `scout eval --backbone
